@@ -1,0 +1,36 @@
+"""Typed engine errors. The API layer maps them to HTTP statuses in OpenAI's error shape."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+    http_status = 500
+    error_type = "internal_error"
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The client's fault: bad parameters, empty or over-long prompt, unknown token ids (HTTP 400)."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class EngineOverloadedError(EngineError):
+    """Too many requests queued; retry later (HTTP 503)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class EngineDeadError(EngineError):
+    """The engine loop stopped after an internal failure (HTTP 503)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
