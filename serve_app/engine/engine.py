@@ -1,0 +1,267 @@
+"""LLMEngine: the synchronous core. step() = schedule, execute, update.
+
+A request with n > 1 is fanned out into n child sequences that share the prompt's KV blocks
+through the prefix cache; their outputs are merged back per step under the parent's id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, GenerationConfig
+
+from serve_app.engine.block_hash import root_hash
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.detokenizer import IncrementalDetokenizer
+from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
+from serve_app.engine.kv_cache_manager import KVCacheManager
+from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
+from serve_app.engine.outputs import CompletionOutput, RequestOutput
+from serve_app.engine.platform import num_kv_blocks, resolve_device, resolve_dtype
+from serve_app.engine.request import Request, RequestStatus, SamplingParams
+from serve_app.engine.scheduler import Scheduler, SchedulerConfig
+from serve_app.model.config import load_model_spec
+from serve_app.model.digest import model_digest
+from serve_app.model.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+
+@dataclass(slots=True)
+class _Child:
+    parent: _Parent
+    index: int
+    detok: IncrementalDetokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.spec = load_model_spec(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
+        self.model = load_model(config.model, self.device, self.dtype, self.spec)
+        num_blocks = num_kv_blocks(
+            config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
+        )
+        self.num_kv_blocks = num_blocks
+        limit = config.max_model_len or self.spec.max_position_embeddings
+        self.max_model_len = min(limit, num_blocks * config.block_size)
+        self.model_digest = model_digest(
+            config.model, dtype=str(self.dtype), block_size=config.block_size, kv_dtype="model"
+        )
+        self.kv = KVCacheManager(
+            num_blocks,
+            config.block_size,
+            root_hash(config.prefix_hash_seed, self.model_digest),
+            config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                self.max_model_len,
+                config.enable_chunked_prefill,
+            ),
+            self.kv,
+        )
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, self.device, self.dtype
+        )
+        self._parents: dict[str, _Parent] = {}
+        self._children: dict[str, _Child] = {}
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
+            self.spec.architecture,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        vocab = self.spec.vocab_size
+        bad = [
+            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt contains token ids outside [0, {vocab}): {bad[:5]}", "prompt"
+            )
+        return ids
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> list[int]:
+        """Validate and queue a request; returns its prompt token ids."""
+        if request_id in self._parents:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", "request_id")
+        if self.scheduler.num_waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError("too many requests waiting; retry later")
+        ids = self.encode_prompt(prompt)
+        max_tokens = self._resolve_max_tokens(len(ids), params)
+        parent = _Parent(request_id, ids, [])
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = _with_seed(params, params.seed + i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, child_params, self.eos_token_ids, max_tokens)
+            parent.children.append(req)
+            self._children[rid] = _Child(
+                parent, i, IncrementalDetokenizer(self.tokenizer, child_params, ids)
+            )
+            self.scheduler.add_request(req)
+        self._parents[request_id] = parent
+        return ids
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {num_prompt} tokens, which leaves no room for output.",
+                "prompt",
+            )
+        if params.max_tokens is None:
+            return limit - num_prompt
+        if num_prompt + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
+                f"{params.max_tokens} in the completion). Reduce the length.",
+                "max_tokens",
+            )
+        return params.max_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort every unfinished choice of a request; returns its final output."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return None
+        live = [r.request_id for r in parent.children if not r.is_finished]
+        self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+        outs = []
+        for req in parent.children:
+            child = self._children.pop(req.request_id)
+            if req.request_id in live:
+                outs.append(CompletionOutput(child.index, finish_reason="abort"))
+        return RequestOutput(request_id, parent.prompt_token_ids, outs, True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        block_ids = {r.request_id: self.kv.block_ids(r.request_id) for r in sched.requests}
+        result = self.runner.execute(sched, block_ids)
+        sampled = dict(zip((r.request_id for r in result.requests), result.sampled.token_ids))
+        logprobs = dict(zip((r.request_id for r in result.requests), result.sampled.logprobs))
+        advanced, _ = self.scheduler.update_from_output(sched, sampled)
+        return self._process_outputs(advanced, logprobs)
+
+    def _process_outputs(self, advanced: list[Request], logprobs: dict) -> list[RequestOutput]:
+        by_parent: dict[str, RequestOutput] = {}
+        for req in advanced:
+            child = self._children[req.request_id]
+            token = req.output_token_ids[-1]
+            stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
+            stop_str = child.detok.update([token], stop_terminated)
+            if stop_str is not None and not req.is_finished:
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = stop_str
+            if req.is_finished and not child.detok.finished:
+                child.detok.finish()
+            lp = logprobs.get(req.request_id)
+            out = CompletionOutput(
+                index=child.index,
+                text=child.detok.get_delta(),
+                token_ids=[token],
+                logprobs=[lp] if lp is not None else None,
+                finish_reason=req.status.finish_reason,
+                stop_reason=req.stop_reason,
+            )
+            parent = child.parent
+            ro = by_parent.get(parent.request_id)
+            if ro is None:
+                ro = by_parent[parent.request_id] = RequestOutput(
+                    parent.request_id,
+                    parent.prompt_token_ids,
+                    [],
+                    False,
+                    max(req.num_cached_tokens, 0),
+                )
+            ro.outputs.append(out)
+        for ro in by_parent.values():
+            parent = self._parents[ro.request_id]
+            if all(r.is_finished for r in parent.children):
+                ro.finished = True
+                del self._parents[ro.request_id]
+                for r in parent.children:
+                    self._children.pop(r.request_id, None)
+        return list(by_parent.values())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_blocks_total=self.num_kv_blocks,
+            kv_blocks_used=self.num_kv_blocks - self.kv.num_free_blocks,
+            prefix_queried_tokens=self.kv.num_queried_tokens,
+            prefix_hit_tokens=self.kv.num_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed, n=1)
+
+
+def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,116 @@
+"""Turns a SchedulerOutput into tensors, runs the model over the paged KV cache, samples.
+
+Shapes: T scheduled tokens, Bd decoding sequences (one new token each), N KV blocks,
+B block size, Hkv KV heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve_app.engine.outputs import SamplerOutput
+from serve_app.engine.request import Request
+from serve_app.engine.sampler import Sampler
+from serve_app.engine.scheduler import SchedulerOutput
+from serve_app.model.config import ModelSpec
+from serve_app.model.decoder import CausalLM
+from serve_app.model.layers.attention import AttentionMetadata, PrefillSeq
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Requests that reached the end of their known tokens this step, and what they sampled."""
+
+    requests: list[Request]
+    sampled: SamplerOutput
+
+
+def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        spec = model.spec
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(spec.num_layers)
+        ]
+        self.sampler = Sampler()
+        self._block_offsets = torch.arange(block_size, device=device)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepResult:
+        bs = self.block_size
+        # Decodes (one new token) first: attention batches them in one call.
+        order = sorted(range(len(sched.requests)), key=lambda i: sched.num_new_tokens[i] != 1)
+        ids: list[int] = []
+        pos_starts: list[tuple[int, int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSeq] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        slot_parts: list[torch.Tensor] = []
+        for i in order:
+            req, n = sched.requests[i], sched.num_new_tokens[i]
+            start = req.num_computed_tokens - n  # scheduler already advanced it
+            end = start + n
+            table = block_ids[req.request_id]
+            tok_off = len(ids)
+            ids.extend(req.all_token_ids[start:end])
+            pos_starts.append((start, n))
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                bt = torch.tensor(table, device=self.device)
+                ctx = (bt[:, None] * bs + self._block_offsets).reshape(-1)[:end]
+                slot_parts.append(ctx[start:end])
+                prefills.append(PrefillSeq(tok_off, n, end, ctx if start > 0 else None))
+            if end == req.num_tokens:
+                sample_rows.append(tok_off + n - 1)
+                sample_reqs.append(req)
+
+        positions = torch.cat([torch.arange(s, s + n) for s, n in pos_starts]).to(self.device)
+        decode_slots = decode_ctx = None
+        nd = len(decode_lens)
+        if nd:
+            max_blocks = max(len(t) for t in decode_tables)
+            bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables])
+            bt = bt.to(self.device)
+            all_slots = (bt[:, :, None] * bs + self._block_offsets).reshape(nd, -1)
+            decode_ctx = torch.tensor(decode_lens, device=self.device)
+            decode_slots = all_slots[:, : max(decode_lens)]
+            last = all_slots.gather(1, (decode_ctx - 1)[:, None]).squeeze(1)
+            slot_parts.insert(0, last)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts),
+            num_decodes=nd,
+            decode_slots=decode_slots,
+            decode_ctx_lens=decode_ctx,
+            prefills=prefills,
+        )
+        input_ids = torch.tensor(ids, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sample_reqs:
+            return StepResult([], SamplerOutput([], []))
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return StepResult(sample_reqs, self.sampler(logits, sample_reqs))

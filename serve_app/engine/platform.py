@@ -1,0 +1,40 @@
+"""Run-time choice of device, dtype and KV-pool size. Never assumes CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.engine.config import EngineConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def num_kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int) -> int:
+    """Explicit count, else a memory budget: fixed GiB on CPU, free memory x utilisation on GPU."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1.0 - config.gpu_memory_utilization)
+    else:
+        budget = config.kv_cache_memory_gb * (1 << 30)
+    n = int(budget // block_bytes)
+    if n < 2:
+        raise ValueError(f"KV cache budget fits only {n} blocks; give it more memory")
+    return n

@@ -1,0 +1,108 @@
+"""One decoder-only transformer that covers every supported architecture.
+
+Llama, Qwen3, Qwen3-MoE, Qwen2-MoE and Mixtral differ only in traits (q/k norm, q/k/v bias,
+MoE or dense MLP, shared expert, sliding window), which ModelSpec carries. Module names mirror
+the HF checkpoints so dense weights load by name; expert weights go to an ExpertExecutor.
+Shapes: T tokens of the flattened batch, H / Hkv heads, D head_dim, M hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from serve_app.model.config import ModelSpec
+from serve_app.model.layers.attention import AttentionMetadata, paged_attention
+from serve_app.model.layers.mlp import GatedMLP
+from serve_app.model.layers.moe import SparseMoeBlock
+from serve_app.model.layers.norm import RMSNorm
+from serve_app.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        m, h, hkv, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.q_proj = nn.Linear(m, h * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(m, hkv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(m, hkv * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * d, m, bias=spec.o_bias)
+        self.qk_norm = spec.traits.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.window = spec.sliding_windows[layer_idx]
+        self.scale = d**-0.5
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(spec, layer_idx)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if spec.moe_layers[layer_idx]:
+            ffn: nn.Module = SparseMoeBlock(spec, layer_idx)
+        else:
+            ffn = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias)
+        # Registered under the checkpoint's own name (mlp / block_sparse_moe).
+        self.ffn_name = spec.traits.moe_module if spec.moe_layers[layer_idx] else "mlp"
+        self.add_module(self.ffn_name, ffn)
+
+    def forward(self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = RotaryEmbedding(spec.hf_config, spec.head_dim)
+
+
+class CausalLM(nn.Module):
+    """forward() runs the flattened batch; compute_logits() only the rows that sample."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos_sin = self.model.rotary.cos_sin(positions, x.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos_sin, kv, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,129 @@
+"""Paged attention: K/V live in a block pool and are read through per-request block tables.
+
+Shapes: T scheduled tokens (flattened batch), H query heads, Hkv KV heads (GQA), D head_dim,
+N blocks, B block size, S context length (cached + new tokens) of a sequence.
+The KV cache of one layer is a pair of tensors [N, B, Hkv, D]; a token at position p of a
+request lives in slot block_table[p // B] * B + p % B of the flattened [N * B, Hkv, D] view.
+
+This is the plain-torch path (CPU, and a fallback on GPU). Decoding sequences are batched into
+one SDPA call over padded contexts; prefill chunks run one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    """A sequence computing q_len > 1 tokens (a prompt chunk, or a recompute)."""
+
+    token_start: int  # offset in the flattened batch
+    q_len: int
+    ctx_len: int  # tokens of context after this chunk (cached + new)
+    ctx_slots: torch.Tensor | None  # [S] slots of the whole context; None if nothing cached
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Built once per step by the model runner, shared by every layer.
+
+    NOTE: decode tokens come first in the flattened batch: tokens [0, num_decodes).
+    """
+
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [Bd, Smax] context slots, padded with slot 0
+    decode_ctx_lens: torch.Tensor | None  # [Bd]
+    prefills: list[PrefillSeq]
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[Bd, 1, 1, Smax] bool: inside the context and, if set, the sliding window."""
+        key = ("decode", window)
+        if key not in self._masks:
+            assert self.decode_slots is not None and self.decode_ctx_lens is not None
+            j = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            lens = self.decode_ctx_lens[:, None]
+            mask = j[None, :] < lens
+            if window is not None:
+                mask &= j[None, :] > lens - 1 - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """[q_len, S] bool causal (+ window) mask; None when plain is_causal suffices."""
+        seq = self.prefills[i]
+        if window is None and seq.ctx_len == seq.q_len:
+            return None
+        key = (i, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=device)[:, None]
+            j = torch.arange(seq.ctx_len, device=device)[None, :]
+            mask = j <= pos
+            if window is not None:
+                mask &= j > pos - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
+) -> None:
+    """Scatter the new tokens' K/V [T, Hkv, D] into their slots."""
+    n, b, hkv, d = k_cache.shape
+    k_cache.view(n * b, hkv, d).index_copy_(0, slots, k)
+    v_cache.view(n * b, hkv, d).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """q [T, H, D], new k/v [T, Hkv, D] -> [T, H, D]. Writes k/v to the cache first, so any
+    sequence in the batch may read blocks another one fills in this very step."""
+    k_cache, v_cache = kv_cache
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    n, b, hkv, d = k_cache.shape
+    k_flat, v_flat = k_cache.view(n * b, hkv, d), v_cache.view(n * b, hkv, d)
+    out = torch.empty_like(q)
+
+    nd = meta.num_decodes
+    if nd:
+        slots = meta.decode_slots
+        smax = slots.shape[1]
+        kd = k_flat.index_select(0, slots.reshape(-1)).view(nd, smax, hkv, d).transpose(1, 2)
+        vd = v_flat.index_select(0, slots.reshape(-1)).view(nd, smax, hkv, d).transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [Bd, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
+        )
+        out[:nd] = o.squeeze(2)
+
+    for i, seq in enumerate(meta.prefills):
+        s, e = seq.token_start, seq.token_start + seq.q_len
+        if seq.ctx_slots is None:  # nothing cached before this chunk: use the fresh K/V
+            kp, vp = k[s:e], v[s:e]
+        else:
+            kp, vp = k_flat.index_select(0, seq.ctx_slots), v_flat.index_select(0, seq.ctx_slots)
+        mask = meta.prefill_mask(i, window)
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1),
+            kp.transpose(0, 1),
+            vp.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,55 @@
+"""Sparse MoE block: gate + top-k routing here, expert execution behind an ExpertExecutor.
+
+Routing follows the architectures' own code: softmax over all experts in float32, top-k, and a
+renormalisation of the k weights when the config says so (always for Mixtral). Qwen2-MoE adds a
+shared expert for every token, scaled by a sigmoid gate (the DeepSeek-MoE idea).
+Shapes: T tokens, D hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve_app.experts.base import ExpertExecutor
+from serve_app.model.config import ModelSpec
+from serve_app.model.layers.mlp import GatedMLP
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_ids [T, K], topk_weights [T, K] in the logits' dtype)."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(router_logits.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.top_k = spec.top_k
+        self.renormalize = spec.norm_topk_prob
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.shared_expert: GatedMLP | None = None
+        if spec.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(
+                spec.hidden_size, spec.shared_expert_intermediate_size, spec.hidden_act
+            )
+            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+        self.experts: ExpertExecutor | None = None  # attached after weights are loaded
+        # Per-expert routed-token counts since the last reset (for load metrics).
+        self.register_buffer("expert_counts", torch.zeros(spec.num_experts, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = route(self.gate(x), self.top_k, self.renormalize)
+        self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.numel())
+        assert self.experts is not None, "experts not attached"
+        out = self.experts.forward(self.layer_idx, x, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -1,0 +1,125 @@
+"""Load an HF checkpoint directory (config.json + *.safetensors) into a CausalLM.
+
+Dense weights load by name. Expert weights (per-expert `experts.N.gate_proj` / `w1` tensors, or
+the fused `experts.gate_up_proj` layout of newer transformers) are stacked per layer into
+ExpertWeights and handed to an ExpertExecutor, so a caller can keep only the experts it owns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from serve_app.experts.local import ExpertWeights, LocalExperts
+from serve_app.model.config import ModelSpec, load_model_spec
+from serve_app.model.decoder import CausalLM
+
+_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    spec: ModelSpec | None = None,
+) -> CausalLM:
+    """Build the model on `device` with experts held in-process (LocalExperts)."""
+    spec = spec or load_model_spec(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    model.to_empty(device=device)
+    dense, experts = split_weights(spec, iter_weights(model_dir))
+    if spec.tie_word_embeddings or "lm_head.weight" not in dense:
+        dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+    params = dict(model.named_parameters())
+    missing = set(params) - set(dense)
+    unexpected = set(dense) - set(params)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match {spec.architecture}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(dense[name].to(dtype))
+    model.to(dtype)
+    _reset_buffers(model, spec, device)
+    layers = stack_experts(spec, experts, device, dtype)
+    executor = LocalExperts(layers)
+    for block in model.moe_blocks():
+        block.experts = executor
+    return model.eval()
+
+
+def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):
+    """Separate dense tensors from expert tensors: ({name: t}, {(layer, expert|None, proj): t})."""
+    dense: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, int | None, str], torch.Tensor] = {}
+    for name, t in weights:
+        m = _EXPERT_RE.match(name)
+        if m and spec.is_moe:
+            layer, _, expert, proj = m.groups()
+            experts[(int(layer), None if expert is None else int(expert), proj)] = t
+        else:
+            dense[name] = t
+    return dense, experts
+
+
+def stack_experts(
+    spec: ModelSpec,
+    experts: dict[tuple[int, int | None, str], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    owned: list[int] | None = None,
+) -> dict[int, ExpertWeights]:
+    """Per MoE layer: w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I]."""
+    gate, up, down = spec.traits.expert_names
+    ids = list(range(spec.num_experts)) if owned is None else sorted(owned)
+    by_layer: dict[int, dict] = defaultdict(dict)
+    for (layer, expert, proj), t in experts.items():
+        by_layer[layer][(expert, proj)] = t
+    out = {}
+    for layer, is_moe in enumerate(spec.moe_layers):
+        if not is_moe:
+            continue
+        w = by_layer.get(layer)
+        if not w:
+            raise ValueError(f"no expert weights for MoE layer {layer}")
+        if (None, "gate_up_proj") in w:  # fused layout
+            w13 = w[(None, "gate_up_proj")][ids]
+            w2 = w[(None, "down_proj")][ids]
+        else:
+            w13 = torch.stack([torch.cat([w[(e, gate)], w[(e, up)]]) for e in ids])
+            w2 = torch.stack([w[(e, down)] for e in ids])
+        out[layer] = ExpertWeights(w13.to(device, dtype), w2.to(device, dtype), ids)
+    return out
+
+
+def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> None:
+    """to_empty() leaves buffers uninitialised: rebuild them."""
+    from serve_app.model.layers.rotary import rope_frequencies
+
+    inv_freq, scaling = rope_frequencies(spec.hf_config, spec.head_dim)
+    model.model.rotary.inv_freq = inv_freq.to(device)
+    model.model.rotary.scaling = scaling
+    for block in model.moe_blocks():
+        block.expert_counts = torch.zeros(spec.num_experts, dtype=torch.long, device=device)
