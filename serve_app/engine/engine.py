@@ -190,8 +190,9 @@ class LLMEngine:
             return []
         block_ids = {r.request_id: self.kv.block_ids(r.request_id) for r in sched.requests}
         result = self.runner.execute(sched, block_ids)
-        sampled = dict(zip((r.request_id for r in result.requests), result.sampled.token_ids))
-        logprobs = dict(zip((r.request_id for r in result.requests), result.sampled.logprobs))
+        ids = [r.request_id for r in result.requests]
+        sampled = dict(zip(ids, result.sampled.token_ids, strict=True))
+        logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
         advanced, _ = self.scheduler.update_from_output(sched, sampled)
         return self._process_outputs(advanced, logprobs)
 
