@@ -7,7 +7,7 @@ through the prefix cache; their outputs are merged back per step under the paren
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -26,6 +26,15 @@ from serve_app.model.digest import model_digest
 from serve_app.model.loader import load_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A validated, tokenized request, fanned out into its n child sequences."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    children: list[Request]
 
 
 @dataclass(slots=True)
@@ -121,30 +130,42 @@ class LLMEngine:
             )
         return ids
 
+    def prepare_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> PreparedRequest:
+        """Validate and tokenize without touching engine state (safe from any thread)."""
+        ids = self.encode_prompt(prompt)
+        max_tokens = self._resolve_max_tokens(len(ids), params)
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + i, n=1)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(rid, ids, child_params, self.eos_token_ids, max_tokens))
+        return PreparedRequest(request_id, ids, children)
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        if prepared.request_id in self._parents:
+            raise InvalidRequestError(f"duplicate request id {prepared.request_id!r}", "request_id")
+        if self.scheduler.num_waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError("too many requests waiting; retry later")
+        parent = _Parent(prepared.request_id, prepared.prompt_token_ids, prepared.children)
+        for i, req in enumerate(prepared.children):
+            detok = IncrementalDetokenizer(
+                self.tokenizer, req.sampling_params, req.prompt_token_ids
+            )
+            self._children[req.request_id] = _Child(parent, i, detok)
+            self.scheduler.add_request(req)
+        self._parents[prepared.request_id] = parent
+
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids."""
-        if request_id in self._parents:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}", "request_id")
-        if self.scheduler.num_waiting >= self.config.max_waiting_requests:
-            raise EngineOverloadedError("too many requests waiting; retry later")
-        ids = self.encode_prompt(prompt)
-        max_tokens = self._resolve_max_tokens(len(ids), params)
-        parent = _Parent(request_id, ids, [])
-        for i in range(params.n):
-            child_params = params
-            if params.n > 1 and params.seed is not None:
-                child_params = _with_seed(params, params.seed + i)
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child_params, self.eos_token_ids, max_tokens)
-            parent.children.append(req)
-            self._children[rid] = _Child(
-                parent, i, IncrementalDetokenizer(self.tokenizer, child_params, ids)
-            )
-            self.scheduler.add_request(req)
-        self._parents[request_id] = parent
-        return ids
+        prepared = self.prepare_request(request_id, prompt, params)
+        self.add_prepared(prepared)
+        return prepared.prompt_token_ids
 
     def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
         limit = self.max_model_len
@@ -247,12 +268,6 @@ class LLMEngine:
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed, n=1)
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:

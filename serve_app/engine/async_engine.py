@@ -1,0 +1,162 @@
+"""AsyncLLMEngine: an asyncio face on LLMEngine, with the step loop on its own thread.
+
+The model step is blocking torch work; running it on a dedicated thread keeps the event loop
+(HTTP, streaming) responsive. Requests and aborts reach the loop through an inbox that the
+thread drains between steps, so LLMEngine itself is only ever touched by that thread.
+Validation and tokenization run on the caller's side, so bad input raises at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine import EngineStats, LLMEngine, PreparedRequest
+from serve_app.engine.errors import EngineDeadError, EngineError, EngineOverloadedError
+from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_FAILED = object()  # queue sentinel: the engine loop died
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[PreparedRequest, asyncio.Queue, asyncio.AbstractEventLoop]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stopped = False
+        self.dead_error: BaseException | None = None
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+        return cls(LLMEngine(config))
+
+    # ---- public API -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream incremental outputs. Leaving the loop early (or cancellation) aborts."""
+        stream = self.add_request(prompt, params, request_id)
+        async for out in stream:
+            yield out
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate now (raising InvalidRequestError etc.), then return the output stream."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error}")
+        rid = request_id or uuid.uuid4().hex
+        prepared = self.engine.prepare_request(rid, prompt, params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if len(self._streams) + len(self._inbox) >= self.engine.config.max_waiting_requests:
+                raise EngineOverloadedError("too many requests in flight; retry later")
+            if rid in self._streams or any(p.request_id == rid for p, _, _ in self._inbox):
+                raise EngineError(f"duplicate request id {rid}")
+            self._inbox.append((prepared, queue, loop))
+            self._wake.notify()
+        return self._stream(rid, queue)
+
+    async def _stream(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out is _FAILED:
+                    raise EngineDeadError(f"engine loop died: {self.dead_error}")
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    def stats(self) -> EngineStats:
+        """Refreshed by the engine thread after every step (no locking of engine internals)."""
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams) + len(self._inbox)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (
+                        self._stopped
+                        or self._inbox
+                        or self._aborts
+                        or self.engine.has_unfinished_requests()
+                    ):
+                        self._wake.wait()
+                    if self._stopped:
+                        return
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                for prepared, queue, loop in inbox:
+                    try:
+                        self.engine.add_prepared(prepared)
+                    except EngineError as e:
+                        loop.call_soon_threadsafe(queue.put_nowait, _error_output(prepared, e))
+                        continue
+                    self._streams[prepared.request_id] = (queue, loop)
+                for rid in aborts:
+                    self.engine.abort_request(rid)
+                    self._streams.pop(rid, None)
+                for out in self.engine.step():
+                    target = self._streams.get(out.request_id)
+                    if target is None:
+                        continue
+                    if out.finished:
+                        del self._streams[out.request_id]
+                    queue, loop = target
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                self._stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
+            log.exception("engine loop died")
+            self.dead_error = e
+            for queue, loop in self._streams.values():
+                loop.call_soon_threadsafe(queue.put_nowait, _FAILED)
+            self._streams.clear()
+
+
+def _error_output(prepared: PreparedRequest, error: EngineError) -> RequestOutput:
+    """A request refused inside the loop finishes at once with finish_reason 'abort'."""
+    from serve_app.engine.outputs import CompletionOutput
+
+    log.warning("request %s refused: %s", prepared.request_id, error)
+    outs = [CompletionOutput(i, finish_reason="abort") for i in range(len(prepared.children))]
+    return RequestOutput(prepared.request_id, prepared.prompt_token_ids, outs, True)

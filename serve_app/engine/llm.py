@@ -1,0 +1,64 @@
+"""LLM: offline batch generation on top of LLMEngine (all prompts submitted at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine import LLMEngine
+from serve_app.engine.outputs import RequestOutput, TokenLogprob
+from serve_app.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """The whole result of one prompt: its n choices, accumulated from the deltas."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+    num_cached_tokens: int = 0
+
+    def add(self, delta: RequestOutput) -> None:
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        for out in delta.outputs:
+            c = self.choices[out.index]
+            c.text += out.text
+            c.token_ids.extend(out.token_ids)
+            c.logprobs.extend(out.logprobs or ())
+            c.finish_reason = out.finish_reason or c.finish_reason
+            c.stop_reason = out.stop_reason if out.stop_reason is not None else c.stop_reason
+
+
+class LLM:
+    def __init__(self, model: str, **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[Completion]:
+        """Run every prompt to completion; results come back in input order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, Completion] = {}
+        order = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            rid = f"offline-{i}"
+            ids = self.engine.add_request(rid, prompt, p)
+            results[rid] = Completion(rid, ids, [Choice(k) for k in range(p.n)])
+            order.append(rid)
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                results[delta.request_id].add(delta)
+        return [results[rid] for rid in order]
