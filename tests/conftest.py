@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny test checkpoints, built once and reused (models/test/ by default)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "llama")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_model_dir(arch: str, seed: int = 0) -> Path:
+    """Build (once) and return the tiny checkpoint of `arch`. `make test-models` prebuilds them."""
+    from serve_app.tools.make_model import make_model
+
+    root = Path(os.environ.get("MOESERVE_TEST_MODELS", REPO / "models" / "test"))
+    out = root / f"{arch}-tiny-s{seed}"
+    if not (out / "config.json").exists():
+        make_model(arch, "tiny", out, seed)
+    return out
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model(request) -> Path:
+    return tiny_model_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny() -> Path:
+    return tiny_model_dir("qwen3_moe")
