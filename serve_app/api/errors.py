@@ -1,0 +1,47 @@
+"""OpenAI's error shape: {"error": {"message", "type", "param", "code"}}, with HTTP statuses."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from serve_app.engine.errors import EngineError, InvalidRequestError
+
+
+class APIError(Exception):
+    """An error the API raises itself (unknown model, bad key)."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    if isinstance(exc, APIError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.status, exc.param), exc.status)
+    if isinstance(exc, InvalidRequestError):
+        return JSONResponse(error_body(exc.message, exc.error_type, 400, exc.param), 400)
+    if isinstance(exc, EngineError):
+        status = exc.http_status
+        return JSONResponse(error_body(str(exc), exc.error_type, status), status)
+    return JSONResponse(error_body("internal server error", "internal_error", 500), 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = f"{param}: {first.get('msg', 'invalid request')}" if param else str(exc)
+        return JSONResponse(error_body(msg, "invalid_request_error", 400, param), 400)
+
+    @app.exception_handler(APIError)
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)

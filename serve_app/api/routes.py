@@ -1,0 +1,195 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /health,
+/tokenize, /detokenize. They talk to an EngineClient, so the same app runs in-process or as the
+Serve ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve_app.api import render
+from serve_app.api.client import EngineClient
+from serve_app.api.errors import APIError, error_body, error_response, install_error_handlers
+from serve_app.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from serve_app.api.streaming import merge_streams, sse
+from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.outputs import RequestOutput
+
+
+def api_keys_from_env() -> frozenset[str]:
+    """MOESERVE_API_KEY: one key or a comma-separated list. Unset = no auth."""
+    raw = os.environ.get("MOESERVE_API_KEY", "")
+    return frozenset(k.strip() for k in raw.split(",") if k.strip())
+
+
+def create_app(client: EngineClient, api_keys: frozenset[str] | None = None) -> FastAPI:
+    app = FastAPI(title="moeserve", version="0.1.0")
+    install_error_handlers(app)
+    keys = api_keys_from_env() if api_keys is None else api_keys
+    app.include_router(build_router(client, keys))
+    return app
+
+
+def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
+    async def authorize(request: Request) -> None:
+        if not api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not any(secrets.compare_digest(token, k) for k in api_keys):
+            raise APIError(401, "invalid or missing API key", "authentication_error")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != client.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
+
+    router = APIRouter()
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        h = await client.health()
+        return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": client.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "moeserve",
+                    "root": client.model_name,
+                    "parent": None,
+                    "max_model_len": client.max_model_len,
+                }
+            ],
+        }
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.to_sampling_params()
+        rid = _request_id(request, "cmpl")
+        streams = [
+            await client.submit(p, params, f"{rid}-{i}") for i, p in enumerate(body.prompts())
+        ]
+        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
+        return await _respond(request, body.stream, body.include_usage, streams, kind)
+
+    @v1.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        params = body.to_sampling_params()
+        ids = _apply_chat_template(client, body)
+        rid = _request_id(request, "chatcmpl")
+        stream = await client.submit(ids, params, rid)
+        kind = render.Chat(rid, client.model_name, client.tokenizer, params.n)
+        return await _respond(request, body.stream, body.include_usage, [stream], kind)
+
+    @router.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        if body.messages is not None:
+            chat_body = ChatCompletionRequest(
+                messages=body.messages, add_generation_prompt=body.add_generation_prompt
+            )
+            tokens = _apply_chat_template(client, chat_body)
+        elif body.prompt is not None:
+            tokens = client.tokenizer.encode(
+                body.prompt, add_special_tokens=body.add_special_tokens
+            )
+        else:
+            raise InvalidRequestError("either prompt or messages is required", "prompt")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
+
+    @router.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        vocab = len(client.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids outside [0, {vocab}): {bad[:5]}", "tokens")
+        return {"prompt": client.tokenizer.decode(body.tokens)}
+
+    router.include_router(v1)
+    return router
+
+
+def _request_id(request: Request, prefix: str) -> str:
+    given = request.headers.get("x-request-id")
+    return f"{prefix}-{given or uuid.uuid4().hex}"
+
+
+def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> list[int]:
+    tok = client.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use /v1/completions")
+    text = tok.apply_chat_template(
+        body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+    )
+    return tok.encode(text, add_special_tokens=False)
+
+
+async def _respond(
+    request: Request,
+    stream: bool,
+    include_usage: bool,
+    streams: list[AsyncIterator[RequestOutput]],
+    kind: render.Renderer,
+):
+    merged = merge_streams(streams)
+    if stream:
+        return StreamingResponse(
+            _sse_events(merged, kind, include_usage), media_type="text/event-stream"
+        )
+    # Non-streaming: stop work if the client goes away while we wait.
+    collect = asyncio.ensure_future(_collect(merged, kind))
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if collect not in done:
+        collect.cancel()
+        await asyncio.gather(collect, return_exceptions=True)
+        return JSONResponse(error_body("client disconnected", "aborted", 499), 499)
+    watch.cancel()
+    return collect.result()
+
+
+async def _collect(merged, kind: render.Renderer) -> dict:
+    async for i, out in merged:
+        kind.accumulate(i, out)
+    return kind.final()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+
+
+async def _sse_events(merged, kind: render.Renderer, include_usage: bool):
+    try:
+        async for i, out in merged:
+            for chunk in kind.chunks(i, out):
+                yield sse(chunk)
+        if include_usage:
+            yield sse(kind.usage_chunk())
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
+        resp = error_response(e)
+        yield sse(resp.body.decode())
+    finally:
+        await merged.aclose()
+    yield sse("[DONE]")

@@ -1,0 +1,131 @@
+"""`moeserve serve` / `moeserve stop`: the engine behind the OpenAI API in one local process.
+
+--background starts the server as its own process session, records its PID in .run/, waits
+until /health answers, and prints the URL and a curl example. `stop` ends that PID only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
+PID_FILE = RUN_DIR / "server.pid"
+LOG_FILE = RUN_DIR / "server.log"
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--background", action="store_true", help="detach and return when ready")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    if args.background:
+        return _start_background(args)
+    import uvicorn
+
+    from serve_app.api.client import LocalEngineClient
+    from serve_app.api.routes import create_app
+    from serve_app.engine.async_engine import AsyncLLMEngine
+    from serve_app.engine.config import EngineConfig
+
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(
+            model=args.model,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+        )
+    )
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = create_app(LocalEngineClient(engine, name))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    engine.shutdown()
+    return 0
+
+
+def _start_background(args: argparse.Namespace) -> int:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    if _alive(_read_pid()):
+        print(f"already running (pid {_read_pid()}); `make stop` first", file=sys.stderr)
+        return 1
+    argv = [a for a in sys.argv[1:] if a != "--background"]
+    with open(LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    PID_FILE.write_text(str(proc.pid))
+    url = f"http://{args.host}:{args.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"server exited with {proc.returncode}; see {LOG_FILE}", file=sys.stderr)
+            return 1
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+                model = json.load(r)["data"][0]["id"]
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        print(f"server not ready after 300 s; see {LOG_FILE}", file=sys.stderr)
+        return 1
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
+    print(f"moeserve is up at {url} (pid {proc.pid}, log {LOG_FILE})")
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+    print("  stop it with: make stop")
+    return 0
+
+
+def stop_server() -> int:
+    pid = _read_pid()
+    if not _alive(pid):
+        print("no moeserve server running")
+        PID_FILE.unlink(missing_ok=True)
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    PID_FILE.unlink(missing_ok=True)
+    print(f"stopped moeserve (pid {pid})")
+    return 0
+
+
+def _read_pid() -> int | None:
+    try:
+        return int(PID_FILE.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
