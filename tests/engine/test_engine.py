@@ -1,0 +1,161 @@
+"""Engine behaviour on a real tiny checkpoint: sampling, stops, n > 1, bad input, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.engine.async_engine import AsyncLLMEngine
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.llm import LLM
+from serve_app.engine.request import SamplingParams
+
+PROMPTS = ["The river bends", "Once upon a time there was", "café 東京 🙂", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_tiny) -> LLM:
+    return LLM(str(qwen3_tiny), num_kv_blocks=128, block_size=16, max_model_len=512)
+
+
+def assert_no_leaks(llm: LLM) -> None:
+    s = llm.engine.stats()
+    assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    alone = llm.generate([PROMPTS[0]], p)[0].choices[0].token_ids
+    mixed = (
+        llm.generate(
+            [PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+            [SamplingParams(temperature=1.0, max_tokens=12), p, SamplingParams(max_tokens=5)],
+        )[1]
+        .choices[0]
+        .token_ids
+    )
+    assert alone == mixed
+    other = llm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=12))
+    assert other[0].choices[0].token_ids != alone
+    assert_no_leaks(llm)
+
+
+def test_n_choices_share_prompt_and_differ(llm):
+    res = llm.generate(
+        [PROMPTS[1]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    )
+    choices = res[0].choices
+    assert [c.index for c in choices] == [0, 1, 2]
+    assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in choices)
+    assert len({tuple(c.token_ids) for c in choices}) > 1
+    again = llm.generate(
+        [PROMPTS[1]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    )
+    assert [c.token_ids for c in again[0].choices] == [c.token_ids for c in choices]
+    assert_no_leaks(llm)
+
+
+def test_stop_string_and_stop_token(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = llm.generate([PROMPTS[1]], greedy)[0].choices[0]
+    text = base.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    res = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))
+    c = res[0].choices[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == text[: text.index(stop)]
+
+    stop_id = base.token_ids[5]
+    res = llm.generate(
+        [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id])
+    )
+    c = res[0].choices[0]
+    first = base.token_ids.index(stop_id)
+    assert c.finish_reason == "stop" and c.stop_reason == stop_id
+    assert c.token_ids == base.token_ids[: first + 1]
+    assert_no_leaks(llm)
+
+
+def test_logprobs_are_distributions(llm):
+    res = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=6, logprobs=5))
+    import math
+
+    for lp in res[0].choices[0].logprobs:
+        assert len(lp.top) == 5
+        assert sum(math.exp(v) for _, v in lp.top) <= 1.0 + 1e-5
+        assert lp.token_id == lp.top[0][0]  # greedy picks the top token
+
+
+@pytest.mark.parametrize(
+    "prompt, params, param",
+    [
+        ("", SamplingParams(), "prompt"),
+        ([], SamplingParams(), "prompt"),
+        ([1, 2, 10**9], SamplingParams(), "prompt"),
+        ([-1], SamplingParams(), "prompt"),
+        ("hi " * 600, SamplingParams(), "prompt"),
+        ("hi", SamplingParams(max_tokens=10_000), "max_tokens"),
+    ],
+)
+def test_bad_input_raises_typed_errors(llm, prompt, params, param):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.engine.add_request("bad", prompt, params)
+    assert e.value.param == param
+    assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-5),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(logprobs=99),
+        dict(presence_penalty=3),
+        dict(stop=[""]),
+        dict(min_tokens=5, max_tokens=2),
+    ],
+)
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**kwargs)
+
+
+async def test_async_stream_and_abort_free_blocks(qwen3_tiny):
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        outs = [o async for o in engine.generate(PROMPTS[0], params)]
+        assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 16
+
+        # Abort mid-stream by leaving the loop early; run several concurrently.
+        async def partial(i: int) -> int:
+            got = 0
+            long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+            async for _ in engine.generate(PROMPTS[i % 4], long):
+                got += 1
+                if got == 3:
+                    break
+            return got
+
+        assert await asyncio.gather(*(partial(i) for i in range(6))) == [3] * 6
+        for _ in range(100):
+            s = engine.stats()
+            if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        s = engine.stats()
+        assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
+
+        with pytest.raises(InvalidRequestError):
+            engine.add_request("", params)
+    finally:
+        engine.shutdown()
