@@ -37,8 +37,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        msg = f"{param}: {first.get('msg', 'invalid request')}" if param else str(exc)
+        param = loc[0] if loc else None  # the top-level field, as OpenAI reports it
+        msg = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
         return JSONResponse(error_body(msg, "invalid_request_error", 400, param), 400)
 
     @app.exception_handler(APIError)

@@ -1,0 +1,158 @@
+"""The OpenAI-compatible HTTP API, served in-process by uvicorn, driven by the official SDK."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from serve_app.api.client import LocalEngineClient
+from serve_app.api.routes import create_app
+from serve_app.engine.async_engine import AsyncLLMEngine
+from serve_app.engine.config import EngineConfig
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_tiny):
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=128, max_model_len=512)
+    )
+    app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset({KEY}))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def wait_idle(engine: AsyncLLMEngine) -> None:
+    for _ in range(200):
+        s = engine.stats()
+        if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def test_models_lists_id_and_root(client):
+    m = client.models.list().data[0]
+    assert m.id == "tiny" and m.model_extra["root"] == "tiny"
+
+
+def test_completion_and_usage(client):
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    r2 = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+    assert r2.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+
+def test_completion_batch_n_and_logprobs(client):
+    r = client.completions.create(
+        model="tiny", prompt=["a b", "c d"], n=2, max_tokens=3, logprobs=2, seed=1
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 12
+    assert all(len(c.logprobs.tokens) == 3 for c in r.choices)
+
+
+def test_streaming_completion_matches_non_streaming(client):
+    kw = dict(model="tiny", prompt="Once upon", max_tokens=8, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_chat_streaming_and_max_completion_tokens(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=4)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 4
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_tokenize_detokenize(server):
+    url = server[0]
+    h = {"Authorization": f"Bearer {KEY}"}
+    toks = httpx.post(f"{url}/tokenize", json={"prompt": "café 東京"}, headers=h).json()
+    assert toks["count"] == len(toks["tokens"]) > 0
+    text = httpx.post(f"{url}/detokenize", json={"tokens": toks["tokens"]}, headers=h).json()
+    assert text["prompt"] == "café 東京"
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "hi", "temperature": -2}, 400, "temperature"),
+        ({"prompt": "hi " * 600}, 400, "prompt"),
+        ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+        ({"prompt": [1, 2, 99999999]}, 400, "prompt"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": "hi", "model": "nope"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    url, engine = server
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+    wait_idle(engine)
+
+
+def test_auth_required(server):
+    r = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{server[0]}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(f"{server[0]}/health").status_code == 200
+
+
+def test_client_disconnect_mid_stream_frees_blocks(server, client):
+    url, engine = server
+    stream = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    wait_idle(engine)
