@@ -15,8 +15,11 @@ def make(num_blocks=16, max_seqs=8, budget=32, max_len=64, chunked=True) -> Sche
 
 def req(rid: str, n: int, max_tokens: int = 8, base: int = 0, **kw) -> Request:
     return Request(
-        rid, list(range(base, base + n)), SamplingParams(max_tokens=max_tokens, **kw),
-        eos_token_ids=frozenset({0}), max_tokens=max_tokens,
+        rid,
+        list(range(base, base + n)),
+        SamplingParams(max_tokens=max_tokens, **kw),
+        eos_token_ids=frozenset({0}),
+        max_tokens=max_tokens,
     )
 
 
