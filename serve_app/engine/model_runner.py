@@ -62,7 +62,7 @@ class ModelRunner:
         # Decodes (one new token) first: attention batches them in one call.
         order = sorted(range(len(sched.requests)), key=lambda i: sched.num_new_tokens[i] != 1)
         ids: list[int] = []
-        pos_starts: list[tuple[int, int]] = []
+        positions: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSeq] = []
@@ -76,7 +76,7 @@ class ModelRunner:
             table = block_ids[req.request_id]
             tok_off = len(ids)
             ids.extend(req.all_token_ids[start:end])
-            pos_starts.append((start, n))
+            positions.extend(range(start, end))
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(end)
@@ -89,7 +89,6 @@ class ModelRunner:
                 sample_rows.append(tok_off + n - 1)
                 sample_reqs.append(req)
 
-        positions = torch.cat([torch.arange(s, s + n) for s, n in pos_starts]).to(self.device)
         decode_slots = decode_ctx = None
         nd = len(decode_lens)
         if nd:
@@ -109,7 +108,8 @@ class ModelRunner:
             prefills=prefills,
         )
         input_ids = torch.tensor(ids, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        pos = torch.tensor(positions, device=self.device)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)
         if not sample_reqs:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
