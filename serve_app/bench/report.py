@@ -1,0 +1,123 @@
+"""The benchmark's outputs: a text table, engine_bench.json and a bar plot (engine_bench.png)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serve_app.bench.result import RunResult
+from serve_app.bench.workloads import Workload
+
+SYSTEMS = ("moeserve", "transformers", "vllm")
+BASELINES = ("transformers", "vllm")
+COLORS = {"moeserve": "tab:blue", "transformers": "tab:orange", "vllm": "tab:green"}
+
+
+def ratio(results: dict[str, RunResult], system: str, baseline: str) -> float | None:
+    a, b = results.get(system), results.get(baseline)
+    if a is None or b is None or b.output_tokens_per_s == 0:
+        return None
+    return a.output_tokens_per_s / b.output_tokens_per_s
+
+
+def format_table(
+    workloads: list[Workload],
+    by_workload: dict[str, dict[str, RunResult]],
+    missing: dict[str, str],
+) -> str:
+    """One row per (workload, system): output tok/s and the ratio against each baseline.
+
+    missing maps a system that did not run to the reason, shown in place of its numbers."""
+    head = (
+        f"{'workload':<8} {'system':<13} {'out tok/s':>10} {'vs transformers':>16} "
+        f"{'vs vllm':>8} {'wall s':>8} {'out tokens':>10} {'load1m':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for w in workloads:
+        runs = by_workload.get(w.name, {})
+        for system in SYSTEMS:
+            r = runs.get(system)
+            if r is None:
+                why = missing.get(system, "not run")
+                lines.append(f"{w.name:<8} {system:<13} {'n/a':>10}   ({why})")
+                continue
+            cells = [_fmt_ratio(ratio(runs, system, b)) for b in BASELINES]
+            lines.append(
+                f"{w.name:<8} {system:<13} {r.output_tokens_per_s:>10.1f} {cells[0]:>16} "
+                f"{cells[1]:>8} {r.elapsed_s:>8.1f} {r.output_tokens:>10} {max(r.loadavg):>6.1f}"
+            )
+        lines.append("")
+    lines.append(
+        "load1m: the highest 1-minute load average around the run. The system itself adds about"
+        " one per busy thread (vLLM's three processes: about 3); well above that, neighbours"
+        " were competing for the CPU and the run is suspect: rerun when quiet."
+    )
+    return "\n".join(lines)
+
+
+def report_json(
+    workloads: list[Workload],
+    by_workload: dict[str, dict[str, RunResult]],
+    missing: dict[str, str],
+    machine: dict,
+    config: dict,
+) -> dict:
+    out: dict = {"machine": machine, "config": config, "missing": missing, "workloads": {}}
+    for w in workloads:
+        runs = by_workload.get(w.name, {})
+        out["workloads"][w.name] = {
+            "definition": w.definition,
+            "num_prompt_tokens": w.num_prompt_tokens,
+            "num_output_tokens": w.num_output_tokens,
+            "output_tokens_per_s": {
+                s: (runs[s].output_tokens_per_s if s in runs else None) for s in SYSTEMS
+            },
+            "moeserve_vs": {b: ratio(runs, "moeserve", b) for b in BASELINES},
+            "runs": {s: r.to_json() for s, r in runs.items()},
+        }
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_plot(
+    path: Path, workloads: list[Workload], by_workload: dict[str, dict[str, RunResult]], title: str
+) -> None:
+    """Grouped bars: one group per workload, one bar per system; 'n/a' where it did not run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on the bench machines
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 2.4 * len(workloads), 4.5))
+    width = 0.8 / len(SYSTEMS)
+    top = max(
+        (r.output_tokens_per_s for runs in by_workload.values() for r in runs.values()),
+        default=1.0,
+    )
+    for j, system in enumerate(SYSTEMS):
+        xs, ys = [], []
+        for i, w in enumerate(workloads):
+            x = i + (j - (len(SYSTEMS) - 1) / 2) * width
+            r = by_workload.get(w.name, {}).get(system)
+            if r is None:
+                ax.text(x, top * 0.02, "n/a", ha="center", va="bottom", fontsize=8, rotation=90)
+                continue
+            xs.append(x)
+            ys.append(r.output_tokens_per_s)
+        bars = ax.bar(xs, ys, width, label=system, color=COLORS[system])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(workloads)), [w.name for w in workloads])
+    ax.set_xlim(-0.6, len(workloads) - 0.4)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"

@@ -1,0 +1,188 @@
+"""Benchmark workloads: seeded, pure generation of (prompt token ids, output length) requests.
+
+Prompts are random token ids drawn from a caller-supplied pool (the vocabulary minus special
+tokens), so every system under test (our engine, transformers, vLLM) receives the exact same
+ids with no tokenizer in the loop. Generation is a pure function of the spec and the pool:
+the same spec always yields the same requests, on any machine.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
+
+
+def _check_positive(value: int, name: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_range(lo: int, hi: int, name: str) -> None:
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise ValueError(f"{name} range must satisfy 1 <= min <= max, got [{lo}, {hi}]")
+
+
+class BenchRequest(NamedTuple):
+    prompt_token_ids: list[int]
+    max_tokens: int  # exact: every system is told to ignore EOS
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    requests: list[BenchRequest]
+    definition: dict  # the spec that produced it, for the JSON report
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(r.max_tokens for r in self.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class RandomSpec:
+    """Variable lengths in and out: where continuous batching beats static batching."""
+
+    num_prompts: int = 128
+    min_input: int = 64
+    max_input: int = 512
+    min_output: int = 16
+    max_output: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self.num_prompts, "num_prompts")
+        _check_range(self.min_input, self.max_input, "input")
+        _check_range(self.min_output, self.max_output, "output")
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_input + self.max_output
+
+
+@dataclass(frozen=True, slots=True)
+class FixedSpec:
+    """Equal lengths (PEERS.md's workload): the best case for static batching."""
+
+    num_prompts: int = 64
+    input_len: int = 128
+    output_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len"):
+            _check_positive(getattr(self, name), name)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.input_len + self.output_len
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixSpec:
+    """Groups of prompts sharing a long prefix, each with its own suffix: exercises the
+    prefix cache (a system without one recomputes the prefix for every prompt)."""
+
+    num_prefixes: int = 4
+    prompts_per_prefix: int = 16
+    prefix_len: int = 1024
+    suffix_len: int = 64
+    output_len: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefixes", "prompts_per_prefix", "prefix_len", "suffix_len"):
+            _check_positive(getattr(self, name), name)
+        _check_positive(self.output_len, "output_len")
+
+    @property
+    def num_prompts(self) -> int:
+        return self.num_prefixes * self.prompts_per_prefix
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.prefix_len + self.suffix_len + self.output_len
+
+
+WorkloadSpec = RandomSpec | FixedSpec | PrefixSpec
+
+# Distinct seeds: workloads that shared a seed would share leading token ids, and the engines'
+# prefix caches would then carry hits from one workload into the next.
+DEFAULT_SPECS: dict[str, WorkloadSpec] = {
+    "random": RandomSpec(seed=1),
+    "fixed": FixedSpec(seed=2),
+    "prefix": PrefixSpec(seed=3),
+}
+
+
+def with_num_prompts(spec: WorkloadSpec, num_prompts: int) -> WorkloadSpec:
+    """The spec resized to about num_prompts prompts (prefix: spread over its groups)."""
+    _check_positive(num_prompts, "num_prompts")
+    if isinstance(spec, PrefixSpec):
+        return replace(spec, prompts_per_prefix=max(1, num_prompts // spec.num_prefixes))
+    return replace(spec, num_prompts=num_prompts)
+
+
+def fit_to_model_len(spec: WorkloadSpec, max_model_len: int) -> WorkloadSpec:
+    """Shrink the longest inputs so prompt + output fits max_model_len; raises if impossible."""
+    excess = spec.max_seq_len - max_model_len
+    if excess <= 0:
+        return spec
+    if isinstance(spec, PrefixSpec) and spec.prefix_len > excess:
+        return replace(spec, prefix_len=spec.prefix_len - excess)
+    if isinstance(spec, RandomSpec) and spec.max_input - excess >= spec.min_input:
+        return replace(spec, max_input=spec.max_input - excess)
+    if isinstance(spec, FixedSpec) and spec.input_len > excess:
+        return replace(spec, input_len=spec.input_len - excess)
+    raise ValueError(f"{spec} does not fit max_model_len {max_model_len}")
+
+
+def token_pool(vocab_size: int, special_ids: Sequence[int]) -> list[int]:
+    """Token ids a prompt may use: the vocabulary minus special tokens (EOS, chat markers)."""
+    special = set(special_ids)
+    pool = [t for t in range(vocab_size) if t not in special]
+    if not pool:
+        raise ValueError("no non-special tokens in the vocabulary")
+    return pool
+
+
+def build_workload(name: str, spec: WorkloadSpec, pool: Sequence[int]) -> Workload:
+    """Generate the requests of `spec`; a pure function of (spec, pool)."""
+    if not pool:
+        raise ValueError("token pool must not be empty")
+    # A private Random: never touches the global RNG, so callers stay reproducible too.
+    rng = random.Random(spec.seed)
+    if isinstance(spec, RandomSpec):
+        reqs = [
+            BenchRequest(
+                _ids(rng, pool, rng.randint(spec.min_input, spec.max_input)),
+                rng.randint(spec.min_output, spec.max_output),
+            )
+            for _ in range(spec.num_prompts)
+        ]
+    elif isinstance(spec, FixedSpec):
+        reqs = [
+            BenchRequest(_ids(rng, pool, spec.input_len), spec.output_len)
+            for _ in range(spec.num_prompts)
+        ]
+    elif isinstance(spec, PrefixSpec):
+        reqs = []
+        for _ in range(spec.num_prefixes):
+            prefix = _ids(rng, pool, spec.prefix_len)
+            for _ in range(spec.prompts_per_prefix):
+                reqs.append(
+                    BenchRequest(prefix + _ids(rng, pool, spec.suffix_len), spec.output_len)
+                )
+    else:
+        raise TypeError(f"unknown workload spec {type(spec).__name__}")
+    definition = {"kind": type(spec).__name__, **asdict(spec), "num_prompts": len(reqs)}
+    return Workload(name, reqs, definition)
+
+
+def _ids(rng: random.Random, pool: Sequence[int], n: int) -> list[int]:
+    return [pool[rng.randrange(len(pool))] for _ in range(n)]
