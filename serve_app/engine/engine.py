@@ -18,7 +18,12 @@ from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.engine.outputs import CompletionOutput, RequestOutput
-from serve_app.engine.platform import num_kv_blocks, resolve_device, resolve_dtype
+from serve_app.engine.platform import (
+    num_kv_blocks,
+    resolve_device,
+    resolve_dtype,
+    tune_host_allocator,
+)
 from serve_app.engine.request import Request, RequestStatus, SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.model.config import load_model_spec
@@ -66,6 +71,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config)
+        tune_host_allocator()
         self.dtype = resolve_dtype(config, self.device)
         self.spec = load_model_spec(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)

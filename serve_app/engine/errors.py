@@ -11,7 +11,7 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """The client's fault: bad parameters, empty or over-long prompt, unknown token ids (HTTP 400)."""
+    """The client's fault: bad parameters, empty or over-long prompt, unknown token ids (400)."""
 
     http_status = 400
     error_type = "invalid_request_error"

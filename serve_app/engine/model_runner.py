@@ -16,7 +16,7 @@ from serve_app.engine.sampler import Sampler
 from serve_app.engine.scheduler import SchedulerOutput
 from serve_app.model.config import ModelSpec
 from serve_app.model.decoder import CausalLM
-from serve_app.model.layers.attention import AttentionMetadata, PrefillSeq
+from serve_app.model.layers.attention import AttentionMetadata, GatherWorkspace, PrefillSeq
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self._block_offsets = torch.arange(block_size, device=device)
+        self._workspace = GatherWorkspace()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepResult:
@@ -81,31 +82,33 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(end)
             else:
-                bt = torch.tensor(table, device=self.device)
-                ctx = (bt[:, None] * bs + self._block_offsets).reshape(-1)[:end]
-                slot_parts.append(ctx[start:end])
-                prefills.append(PrefillSeq(tok_off, n, end, ctx if start > 0 else None))
+                bt = torch.tensor(table[: -(-end // bs)], device=self.device)
+                slots = (bt[:, None] * bs + self._block_offsets).reshape(-1)
+                slot_parts.append(slots[start:end])
+                prefills.append(PrefillSeq(tok_off, n, end, bt if start > 0 else None))
             if end == req.num_tokens:
                 sample_rows.append(tok_off + n - 1)
                 sample_reqs.append(req)
 
-        decode_slots = decode_ctx = None
+        decode_blocks = decode_ctx = None
         nd = len(decode_lens)
         if nd:
-            max_blocks = max(len(t) for t in decode_tables)
-            bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables])
-            bt = bt.to(self.device)
-            all_slots = (bt[:, :, None] * bs + self._block_offsets).reshape(nd, -1)
+            max_blocks = -(-max(decode_lens) // bs)
+            decode_blocks = torch.tensor(
+                [t[:max_blocks] + [0] * (max_blocks - len(t)) for t in decode_tables],
+                device=self.device,
+            )
             decode_ctx = torch.tensor(decode_lens, device=self.device)
-            decode_slots = all_slots[:, : max(decode_lens)]
-            last = all_slots.gather(1, (decode_ctx - 1)[:, None]).squeeze(1)
-            slot_parts.insert(0, last)
+            last_pos = decode_ctx - 1
+            last_block = decode_blocks.gather(1, (last_pos // bs)[:, None]).squeeze(1)
+            slot_parts.insert(0, last_block * bs + last_pos % bs)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts),
             num_decodes=nd,
-            decode_slots=decode_slots,
+            decode_blocks=decode_blocks,
             decode_ctx_lens=decode_ctx,
             prefills=prefills,
+            workspace=self._workspace,
         )
         input_ids = torch.tensor(ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)

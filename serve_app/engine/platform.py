@@ -38,3 +38,28 @@ def num_kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int) 
     if n < 2:
         raise ValueError(f"KV cache budget fits only {n} blocks; give it more memory")
     return n
+
+
+def tune_host_allocator() -> bool:
+    """Keep glibc from returning big freed buffers to the OS after every layer.
+
+    Per-step temporaries of tens of MB (attention contexts, expert activations) otherwise go
+    through mmap/munmap each time: millions of page faults and a third of the step in the
+    kernel on long contexts. Returns False where glibc's mallopt is not available.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 << 20)  # the largest glibc accepts on 64-bit
+    ok &= mallopt(m_trim_threshold, 1 << 30)
+    ok &= mallopt(m_top_pad, 256 << 20)
+    return bool(ok)

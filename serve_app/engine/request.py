@@ -1,4 +1,4 @@
-"""Request state and sampling parameters. Plain Python: no torch, so the scheduler stays torch-free."""
+"""Request state and sampling parameters. Plain Python, no torch: the scheduler stays torch-free."""
 
 from __future__ import annotations
 

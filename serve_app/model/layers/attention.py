@@ -6,7 +6,9 @@ The KV cache of one layer is a pair of tensors [N, B, Hkv, D]; a token at positi
 request lives in slot block_table[p // B] * B + p % B of the flattened [N * B, Hkv, D] view.
 
 This is the plain-torch path (CPU, and a fallback on GPU). Decoding sequences are batched into
-one SDPA call over padded contexts; prefill chunks run one sequence at a time.
+one SDPA call over padded contexts; prefill chunks run one sequence at a time. Context K/V are
+copied out of the pool whole blocks at a time into a reused workspace: per-slot gathers and
+fresh buffers each layer cost more than the attention itself (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,32 @@ import torch
 import torch.nn.functional as F
 
 
+class GatherWorkspace:
+    """Two reusable [rows, B * Hkv * D] buffers that context blocks are gathered into.
+
+    Layers run one after another, so one pair serves every layer of a step.
+    """
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def gather(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given blocks, as [len(block_ids) * B, Hkv, D] views of the workspace."""
+        n, b, hkv, d = k_cache.shape
+        rows = block_ids.numel()
+        if self._k is None or self._k.shape[0] < rows or self._k.dtype != k_cache.dtype:
+            size = max(rows, 2 * (self._k.shape[0] if self._k is not None else 0))
+            self._k = k_cache.new_empty(size, b * hkv * d)
+            self._v = v_cache.new_empty(size, b * hkv * d)
+        k_out, v_out = self._k[:rows], self._v[:rows]
+        torch.index_select(k_cache.view(n, -1), 0, block_ids, out=k_out)
+        torch.index_select(v_cache.view(n, -1), 0, block_ids, out=v_out)
+        return k_out.view(rows * b, hkv, d), v_out.view(rows * b, hkv, d)
+
+
 @dataclass(slots=True)
 class PrefillSeq:
     """A sequence computing q_len > 1 tokens (a prompt chunk, or a recompute)."""
@@ -24,7 +52,7 @@ class PrefillSeq:
     token_start: int  # offset in the flattened batch
     q_len: int
     ctx_len: int  # tokens of context after this chunk (cached + new)
-    ctx_slots: torch.Tensor | None  # [S] slots of the whole context; None if nothing cached
+    ctx_blocks: torch.Tensor | None  # block ids of the whole context; None if nothing cached
 
 
 @dataclass(slots=True)
@@ -36,17 +64,19 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [Bd, Smax] context slots, padded with slot 0
+    decode_blocks: torch.Tensor | None  # [Bd, max_blocks] block tables, padded with block 0
     decode_ctx_lens: torch.Tensor | None  # [Bd]
     prefills: list[PrefillSeq]
+    workspace: GatherWorkspace
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[Bd, 1, 1, Smax] bool: inside the context and, if set, the sliding window."""
+    def decode_mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        """[Bd, 1, 1, max_blocks * B] bool: inside the context and, if set, the window."""
         key = ("decode", window)
         if key not in self._masks:
-            assert self.decode_slots is not None and self.decode_ctx_lens is not None
-            j = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            assert self.decode_blocks is not None and self.decode_ctx_lens is not None
+            span = self.decode_blocks.shape[1] * block_size
+            j = torch.arange(span, device=self.decode_blocks.device)
             lens = self.decode_ctx_lens[:, None]
             mask = j[None, :] < lens
             if window is not None:
@@ -54,8 +84,11 @@ class AttentionMetadata:
             self._masks[key] = mask[:, None, None, :]
         return self._masks[key]
 
-    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
-        """[q_len, S] bool causal (+ window) mask; None when plain is_causal suffices."""
+    def prefill_mask(self, i: int, window: int | None, span: int) -> torch.Tensor | None:
+        """[q_len, span] bool causal (+ window) mask; None when plain is_causal suffices.
+
+        span >= ctx_len: keys past the context (block padding) fall outside the causal mask.
+        """
         seq = self.prefills[i]
         if window is None and seq.ctx_len == seq.q_len:
             return None
@@ -63,7 +96,7 @@ class AttentionMetadata:
         if key not in self._masks:
             device = self.slot_mapping.device
             pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=device)[:, None]
-            j = torch.arange(seq.ctx_len, device=device)[None, :]
+            j = torch.arange(span, device=device)[None, :]
             mask = j <= pos
             if window is not None:
                 mask &= j > pos - window
@@ -93,29 +126,29 @@ def paged_attention(
     sequence in the batch may read blocks another one fills in this very step."""
     k_cache, v_cache = kv_cache
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    n, b, hkv, d = k_cache.shape
-    k_flat, v_flat = k_cache.view(n * b, hkv, d), v_cache.view(n * b, hkv, d)
+    b = k_cache.shape[1]
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
     if nd:
-        slots = meta.decode_slots
-        smax = slots.shape[1]
-        kd = k_flat.index_select(0, slots.reshape(-1)).view(nd, smax, hkv, d).transpose(1, 2)
-        vd = v_flat.index_select(0, slots.reshape(-1)).view(nd, smax, hkv, d).transpose(1, 2)
+        blocks = meta.decode_blocks
+        kd, vd = meta.workspace.gather(k_cache, v_cache, blocks.reshape(-1))
+        span = blocks.shape[1] * b
+        kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [Bd, Hkv, span, D]
+        vd = vd.view(nd, span, *vd.shape[1:]).transpose(1, 2)
         qd = q[:nd].unsqueeze(2)  # [Bd, H, 1, D]
         o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
+            qd, kd, vd, attn_mask=meta.decode_mask(window, b), scale=scale, enable_gqa=True
         )
         out[:nd] = o.squeeze(2)
 
     for i, seq in enumerate(meta.prefills):
         s, e = seq.token_start, seq.token_start + seq.q_len
-        if seq.ctx_slots is None:  # nothing cached before this chunk: use the fresh K/V
+        if seq.ctx_blocks is None:  # nothing cached before this chunk: use the fresh K/V
             kp, vp = k[s:e], v[s:e]
         else:
-            kp, vp = k_flat.index_select(0, seq.ctx_slots), v_flat.index_select(0, seq.ctx_slots)
-        mask = meta.prefill_mask(i, window)
+            kp, vp = meta.workspace.gather(k_cache, v_cache, seq.ctx_blocks)
+        mask = meta.prefill_mask(i, window, kp.shape[0])
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1),
             kp.transpose(0, 1),
