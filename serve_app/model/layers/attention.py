@@ -46,6 +46,15 @@ class GatherWorkspace:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decoding sequences of similar context length, attended in one padded SDPA call."""
+
+    token_start: int
+    blocks: torch.Tensor  # [n, max_blocks] block tables, padded with block 0
+    ctx_lens: torch.Tensor  # [n]
+
+
+@dataclass(slots=True)
 class PrefillSeq:
     """A sequence computing q_len > 1 tokens (a prompt chunk, or a recompute)."""
 
@@ -59,25 +68,23 @@ class PrefillSeq:
 class AttentionMetadata:
     """Built once per step by the model runner, shared by every layer.
 
-    NOTE: decode tokens come first in the flattened batch: tokens [0, num_decodes).
+    NOTE: decode tokens come first in the flattened batch, group after group.
     """
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    num_decodes: int
-    decode_blocks: torch.Tensor | None  # [Bd, max_blocks] block tables, padded with block 0
-    decode_ctx_lens: torch.Tensor | None  # [Bd]
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
     workspace: GatherWorkspace
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None, block_size: int) -> torch.Tensor:
-        """[Bd, 1, 1, max_blocks * B] bool: inside the context and, if set, the window."""
-        key = ("decode", window)
+    def decode_mask(self, g: int, window: int | None, block_size: int) -> torch.Tensor:
+        """[n, 1, 1, max_blocks * B] bool: inside the context and, if set, the window."""
+        key = ("decode", g, window)
         if key not in self._masks:
-            assert self.decode_blocks is not None and self.decode_ctx_lens is not None
-            span = self.decode_blocks.shape[1] * block_size
-            j = torch.arange(span, device=self.decode_blocks.device)
-            lens = self.decode_ctx_lens[:, None]
+            group = self.decode_groups[g]
+            span = group.blocks.shape[1] * block_size
+            j = torch.arange(span, device=group.blocks.device)
+            lens = group.ctx_lens[:, None]
             mask = j[None, :] < lens
             if window is not None:
                 mask &= j[None, :] > lens - 1 - window
@@ -129,18 +136,21 @@ def paged_attention(
     b = k_cache.shape[1]
     out = torch.empty_like(q)
 
-    nd = meta.num_decodes
-    if nd:
-        blocks = meta.decode_blocks
-        kd, vd = meta.workspace.gather(k_cache, v_cache, blocks.reshape(-1))
-        span = blocks.shape[1] * b
-        kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [Bd, Hkv, span, D]
+    for g, group in enumerate(meta.decode_groups):
+        nd, span = group.blocks.shape[0], group.blocks.shape[1] * b
+        kd, vd = meta.workspace.gather(k_cache, v_cache, group.blocks.reshape(-1))
+        kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [n, Hkv, span, D]
         vd = vd.view(nd, span, *vd.shape[1:]).transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [Bd, H, 1, D]
+        s, e = group.token_start, group.token_start + nd
         o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask(window, b), scale=scale, enable_gqa=True
+            q[s:e].unsqueeze(2),  # [n, H, 1, D]
+            kd,
+            vd,
+            attn_mask=meta.decode_mask(g, window, b),
+            scale=scale,
+            enable_gqa=True,
         )
-        out[:nd] = o.squeeze(2)
+        out[s:e] = o.squeeze(2)
 
     for i, seq in enumerate(meta.prefills):
         s, e = seq.token_start, seq.token_start + seq.q_len
