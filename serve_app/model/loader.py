@@ -18,6 +18,7 @@ from safetensors import safe_open
 from serve_app.experts.local import ExpertWeights, LocalExperts
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
+from serve_app.model.layers.rotary import rope_frequencies
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
 
@@ -116,10 +117,6 @@ def stack_experts(
 
 def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> None:
     """to_empty() leaves buffers uninitialised: rebuild them."""
-    from serve_app.model.layers.rotary import rope_frequencies
-
     inv_freq, scaling = rope_frequencies(spec.hf_config, spec.head_dim)
     model.model.rotary.inv_freq = inv_freq.to(device)
     model.model.rotary.scaling = scaling
-    for block in model.moe_blocks():
-        block.expert_counts = torch.zeros(spec.num_experts, dtype=torch.long, device=device)

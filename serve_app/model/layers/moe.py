@@ -42,12 +42,9 @@ class SparseMoeBlock(nn.Module):
             )
             self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
         self.experts: ExpertExecutor | None = None  # attached after weights are loaded
-        # Per-expert routed-token counts since the last reset (for load metrics).
-        self.register_buffer("expert_counts", torch.zeros(spec.num_experts, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(self.gate(x), self.top_k, self.renormalize)
-        self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.numel())
         assert self.experts is not None, "experts not attached"
         out = self.experts.forward(self.layer_idx, x, ids, weights)
         if self.shared_expert is not None:
