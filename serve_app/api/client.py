@@ -40,13 +40,4 @@ class LocalEngineClient:
         return self.engine.add_request(prompt, params, request_id)
 
     async def health(self) -> dict:
-        if self.engine.dead_error is not None:
-            return {"status": "dead", "error": str(self.engine.dead_error)}
-        s = self.engine.stats()
-        return {
-            "status": "ok",
-            "running": s.num_running,
-            "waiting": s.num_waiting,
-            "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total,
-        }
+        return self.engine.health()

@@ -107,6 +107,18 @@ class AsyncLLMEngine:
         """Refreshed by the engine thread after every step (no locking of engine internals)."""
         return self._stats
 
+    def health(self) -> dict:
+        if self.dead_error is not None:
+            return {"status": "dead", "error": str(self.dead_error)}
+        s = self._stats
+        return {
+            "status": "ok",
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
+        }
+
     @property
     def num_in_flight(self) -> int:
         return len(self._streams) + len(self._inbox)

@@ -21,6 +21,9 @@ class InvalidRequestError(EngineError, ValueError):
         self.message = message
         self.param = param
 
+    def __reduce__(self):  # keep `param` when the error crosses a process boundary
+        return (type(self), (self.message, self.param))
+
 
 class EngineOverloadedError(EngineError):
     """Too many requests queued; retry later (HTTP 503)."""
