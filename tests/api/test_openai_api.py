@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -15,14 +14,9 @@ from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
+from tests.conftest import free_port
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

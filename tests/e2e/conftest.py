@@ -5,16 +5,9 @@ Ray is started by the fixture (ray.init) and shut down by it: only what the test
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +16,7 @@ def serve_app_url(tmp_path_factory):
     from ray import serve
 
     from serve_app.builder import build_app
-    from tests.conftest import tiny_model_dir
+    from tests.conftest import free_port, tiny_model_dir
 
     model = tiny_model_dir("qwen3_moe")
     port = free_port()

@@ -12,27 +12,18 @@ import pytest
 from serve_app.model.config import UnsupportedModelError, load_model_spec
 
 
+def moeserve_generate(model, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--model", str(model), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_generate_json_lines_in_input_order(qwen3_tiny, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"The river"\n{"prompt": "café 東京"}\n\n"1, 2, 3,"\n')
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "generate",
-            "--model",
-            str(qwen3_tiny),
-            "--prompts-file",
-            str(prompts),
-            "--max-tokens",
-            "5",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    out = moeserve_generate(
+        qwen3_tiny, "--prompts-file", str(prompts), "--max-tokens", "5", "--json"
     )
+    assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["prompt"] for r in rows] == ["The river", "café 東京", "1, 2, 3,"]
     for r in rows:
@@ -41,21 +32,7 @@ def test_generate_json_lines_in_input_order(qwen3_tiny, tmp_path):
 
 
 def test_generate_rejects_bad_input_with_exit_code(qwen3_tiny):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "generate",
-            "--model",
-            str(qwen3_tiny),
-            "--prompt",
-            "",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = moeserve_generate(qwen3_tiny, "--prompt", "", "--json")
     assert out.returncode == 2 and "prompt must not be empty" in out.stderr
 
 
