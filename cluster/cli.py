@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand runner that imports `module:function` only when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +47,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt, input order")
 
-    def run(a: argparse.Namespace) -> int:
-        from serve_app.tools.generate import run_generate
-
-        return run_generate(a)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("serve_app.tools.generate:run_generate"))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -53,12 +60,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--num-prompts", type=int, default=None, help="override prompt counts")
     e.add_argument("--skip", default="", help="comma list of systems to skip")
 
-    def run(a: argparse.Namespace) -> int:
-        from serve_app.bench.engine_bench import run_engine_bench
-
-        return run_engine_bench(a)
-
-    e.set_defaults(func=run)
+    e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -67,20 +69,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint behind the OpenAI API in one process")
     add_server_args(p)
 
-    def run(a: argparse.Namespace) -> int:
-        from serve_app.tools.local_server import run_server
-
-        return run_server(a)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("serve_app.tools.local_server:run_server"))
     s = sub.add_parser("stop", help="stop the server that `serve --background` started")
 
-    def stop(_: argparse.Namespace) -> int:
-        from serve_app.tools.local_server import stop_server
-
-        return stop_server()
-
-    s.set_defaults(func=stop)
+    s.set_defaults(func=_lazy("serve_app.tools.local_server:stop_command"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,10 @@ def _start_background(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_command(_: argparse.Namespace) -> int:
+    return stop_server()
+
+
 def stop_server() -> int:
     pid = _read_pid()
     if not _alive(pid):
