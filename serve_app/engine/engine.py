@@ -26,6 +26,7 @@ from serve_app.engine.platform import (
 )
 from serve_app.engine.request import Request, RequestStatus, SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
+from serve_app.experts.base import ExpertExecutor
 from serve_app.model.config import load_model_spec
 from serve_app.model.digest import model_digest
 from serve_app.model.loader import load_model
@@ -68,15 +69,17 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    """experts: where the experts run; None loads them in-process from the checkpoint."""
+
+    def __init__(self, config: EngineConfig, experts: ExpertExecutor | None = None):
         self.config = config
-        self.device = resolve_device(config)
+        self.device = resolve_device(config.device)
         tune_host_allocator()
-        self.dtype = resolve_dtype(config, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.spec = load_model_spec(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
-        self.model = load_model(config.model, self.device, self.dtype, self.spec)
+        self.model = load_model(config.model, self.device, self.dtype, self.spec, experts)
         num_blocks = num_kv_blocks(
             config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
         )
@@ -101,8 +104,14 @@ class LLMEngine:
             ),
             self.kv,
         )
+        remote = experts is not None and experts.is_remote
         self.runner = ModelRunner(
-            self.model, num_blocks, config.block_size, self.device, self.dtype
+            self.model,
+            num_blocks,
+            config.block_size,
+            self.device,
+            self.dtype,
+            config.num_micro_batches if remote else 1,
         )
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
@@ -205,6 +214,16 @@ class LLMEngine:
             if req.request_id in live:
                 outs.append(CompletionOutput(child.index, finish_reason="abort"))
         return RequestOutput(request_id, parent.prompt_token_ids, outs, True)
+
+    def abort_all(self) -> list[str]:
+        """Abort every request after a failed step, and forget the prefix cache: that step's
+        blocks were published (hashed) at allocation but may hold half-written KV."""
+        ids = list(self._parents)
+        for rid in ids:
+            self.abort_request(rid)
+        if not self.kv.reset_prefix_cache():
+            log.error("prefix cache not reset: blocks still in use after abort_all")
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished

@@ -15,7 +15,7 @@ from serve_app.engine.request import Request
 from serve_app.engine.sampler import Sampler
 from serve_app.engine.scheduler import SchedulerOutput
 from serve_app.model.config import ModelSpec
-from serve_app.model.decoder import CausalLM
+from serve_app.model.decoder import CausalLM, MicroBatch
 from serve_app.model.layers.attention import (
     AttentionMetadata,
     DecodeGroup,
@@ -26,6 +26,8 @@ from serve_app.model.layers.attention import (
 # Decodes are attended in groups of similar context length: padding every sequence to the
 # longest one in the batch wastes gather bandwidth when lengths vary (64..768 is typical).
 DECODE_GROUP_SIZE = 16
+# Smallest micro-batch worth a second round of expert calls.
+MIN_MICRO_BATCH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,41 @@ class StepResult:
 
     requests: list[Request]
     sampled: SamplerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    """One micro-batch's model inputs, and which of its rows sample for which request."""
+
+    batch: MicroBatch
+    sample_rows: list[int]
+    sample_reqs: list[Request]
+
+
+def split_micro_batches(sched: SchedulerOutput, num_micro_batches: int) -> list[list[int]]:
+    """Request indices of each micro-batch: one, unless experts are remote and the step
+    has enough decodes to split.
+
+    NOTE: a request admitted this step may read prefix blocks that a prefill in the same
+    step is still writing (their hashes are published at allocation), so every prefill
+    and every new admission stays in micro-batch 0; only decodes of requests that were
+    already running (their KV is complete) are spread, to balance the token counts.
+    """
+    n = len(sched.requests)
+    if num_micro_batches < 2 or n < 2 * MIN_MICRO_BATCH:
+        return [list(range(n))]
+    first_new = sched.num_running_scheduled
+    fixed = [i for i in range(n) if i >= first_new or sched.num_new_tokens[i] != 1]
+    free = [i for i in range(first_new) if sched.num_new_tokens[i] == 1]
+    if len(free) < MIN_MICRO_BATCH:
+        return [list(range(n))]
+    # decodes sorted by context length, so each half keeps similar lengths for attention
+    free.sort(key=lambda i: sched.requests[i].num_computed_tokens)
+    tokens0 = sum(sched.num_new_tokens[i] for i in fixed)
+    half = (tokens0 + len(free)) // 2
+    take = min(max(half - tokens0, 0), len(free) - MIN_MICRO_BATCH)
+    first, second = fixed + free[:take], free[take:]
+    return [first, second] if first else [second]
 
 
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -49,8 +86,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        num_micro_batches: int = 1,
     ):
         spec = model.spec
+        self.num_micro_batches = num_micro_batches
+        self.num_split_steps = 0  # steps run as two micro-batches
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -68,13 +108,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_ids: dict[str, list[int]]) -> StepResult:
+        split = split_micro_batches(sched, self.num_micro_batches)
+        self.num_split_steps += len(split) > 1
+        parts = [self._build(sched, idx, block_ids) for idx in split]
+        hidden = self.model.forward_micro_batches([p.batch for p in parts], self.kv_caches)
+        rows = [
+            h[torch.tensor(p.sample_rows, dtype=torch.long, device=self.device)]
+            for h, p in zip(hidden, parts, strict=True)
+        ]
+        sample_reqs = [r for p in parts for r in p.sample_reqs]
+        if not sample_reqs:
+            return StepResult([], SamplerOutput([], []))
+        logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else rows[0])
+        return StepResult(sample_reqs, self.sampler(logits, sample_reqs))
+
+    def _build(
+        self, sched: SchedulerOutput, indices: list[int], block_ids: dict[str, list[int]]
+    ) -> _Built:
         bs = self.block_size
 
         # Decodes (one new token) first, shortest context first: attention batches them.
         def order_key(i: int) -> tuple[bool, int]:
             return sched.num_new_tokens[i] != 1, sched.requests[i].num_computed_tokens
 
-        order = sorted(range(len(sched.requests)), key=order_key)
+        order = sorted(indices, key=order_key)
         ids: list[int] = []
         positions: list[int] = []
         decode_tables: list[list[int]] = []
@@ -126,8 +183,4 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)
-        if not sample_reqs:
-            return StepResult([], SamplerOutput([], []))
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return StepResult(sample_reqs, self.sampler(logits, sample_reqs))
+        return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs)

@@ -9,19 +9,20 @@ from serve_app.engine.config import EngineConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto | cpu | cuda | cuda:N; auto takes CUDA only when torch sees a device."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(config.device)
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but torch sees no CUDA device")
     return device
 
 
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
-    if config.dtype != "auto":
-        return _DTYPES[config.dtype]
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    if name != "auto":
+        return _DTYPES[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

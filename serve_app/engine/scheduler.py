@@ -35,6 +35,8 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # requests[:num_running_scheduled] were already running; the rest were admitted this step
+    num_running_scheduled: int = 0
 
     @property
     def total_num_tokens(self) -> int:
@@ -116,6 +118,7 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        out.num_running_scheduled = len(out.requests)
         # NOTE: no admissions in a step that had to preempt; the pool is full already.
         while (
             not out.preempted

@@ -26,12 +26,17 @@ class ExpertWeights:
 def run_experts(
     w: ExpertWeights, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
-    """sum over k of weight * expert(x) for the experts in `w`; other experts contribute 0."""
+    """sum over k of weight * expert(x) for the experts in `w`; other experts contribute 0.
+
+    An id of -1 marks a slot that another shard serves: it is skipped like any foreign expert.
+    """
     num_tokens, k = topk_ids.shape
     out = torch.zeros_like(x)
+    sentinel = max(w.expert_ids) + 1  # sorts after every owned expert
     flat_ids = topk_ids.reshape(-1)
+    flat_ids = flat_ids.masked_fill(flat_ids < 0, sentinel)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=max(w.expert_ids) + 1).tolist()
+    counts = torch.bincount(flat_ids, minlength=sentinel + 1).tolist()
     token_idx = order // k
     weights = topk_weights.reshape(-1)[order].to(x.dtype)
     starts = [0]

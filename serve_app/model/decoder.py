@@ -8,9 +8,12 @@ Shapes: T tokens of the flattened batch, H / Hkv heads, D head_dim, M hidden siz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from serve_app.experts.base import DoneFuture, ExpertFuture
 from serve_app.model.config import ModelSpec
 from serve_app.model.layers.attention import AttentionMetadata, paged_attention
 from serve_app.model.layers.mlp import GatedMLP
@@ -19,6 +22,15 @@ from serve_app.model.layers.norm import RMSNorm
 from serve_app.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatch:
+    """One slice of a step's flattened batch, with its own attention metadata."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
 
 
 class Attention(nn.Module):
@@ -66,8 +78,17 @@ class DecoderLayer(nn.Module):
         self.add_module(self.ffn_name, ffn)
 
     def forward(self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+        h, ffn = self.start(x, cos_sin, kv_cache, meta)
+        return h + ffn.result()
+
+    def start(
+        self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, ExpertFuture]:
+        """Attention, then start the FFN: the layer's output is h + ffn.result()."""
+        h = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        ffn = getattr(self, self.ffn_name)
+        y = self.post_attention_layernorm(h)
+        return h, ffn.submit(y) if isinstance(ffn, SparseMoeBlock) else DoneFuture(ffn(y))
 
 
 class DecoderModel(nn.Module):
@@ -98,11 +119,34 @@ class CausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        cos_sin = self.model.rotary.cos_sin(positions, x.dtype)
+        return self.forward_micro_batches([MicroBatch(input_ids, positions, meta)], kv_caches)[0]
+
+    def forward_micro_batches(
+        self, batches: list[MicroBatch], kv_caches: list[KVCache]
+    ) -> list[torch.Tensor]:
+        """Hidden states of each micro-batch, interleaved layer by layer (ping-pong).
+
+        At layer l, micro-batch i's attention runs while the experts of micro-batch i-1 (and,
+        across the layer boundary, of the last one) are still working elsewhere, so remote
+        expert time hides behind local attention (MegaScale-Infer). With in-process experts,
+        or one micro-batch, this is the plain sequential forward.
+        NOTE: micro-batches must not read KV that another one writes in the same step (the
+        model runner keeps prefills and new admissions together in one).
+        """
+        xs = [self.model.embed_tokens(b.input_ids) for b in batches]
+        rope = [self.model.rotary.cos_sin(b.positions, xs[0].dtype) for b in batches]
+        pending: list[tuple[torch.Tensor, ExpertFuture] | None] = [None] * len(batches)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv, meta)
-        return self.model.norm(x)
+            for i, b in enumerate(batches):
+                if pending[i] is not None:
+                    h, ffn = pending[i]
+                    xs[i] = h + ffn.result()
+                pending[i] = layer.start(xs[i], rope[i], kv, b.meta)
+        out = []
+        for p in pending:
+            h, ffn = p
+            out.append(self.model.norm(h + ffn.result()))
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

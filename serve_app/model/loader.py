@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from serve_app.experts.base import ExpertExecutor
 from serve_app.experts.local import ExpertWeights, LocalExperts
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
@@ -30,11 +31,15 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(
+    model_dir: str | Path, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight, or of those `keep` accepts (the others are not read)."""
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_model(
@@ -42,13 +47,16 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     spec: ModelSpec | None = None,
+    experts: ExpertExecutor | None = None,
 ) -> CausalLM:
-    """Build the model on `device` with experts held in-process (LocalExperts)."""
+    """Build the model on `device`. Experts are held in-process (LocalExperts) unless an
+    executor is given (remote expert shards): then expert weights are not even read."""
     spec = spec or load_model_spec(model_dir)
     with torch.device("meta"):
         model = CausalLM(spec)
     model.to_empty(device=device)
-    dense, experts = split_weights(spec, iter_weights(model_dir))
+    keep = None if experts is None else (lambda name: not _is_expert(spec, name))
+    dense, expert_tensors = split_weights(spec, iter_weights(model_dir, keep))
     if spec.tie_word_embeddings or "lm_head.weight" not in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     params = dict(model.named_parameters())
@@ -64,11 +72,34 @@ def load_model(
             p.copy_(dense[name].to(dtype))
     model.to(dtype)
     _reset_buffers(model, spec, device)
-    layers = stack_experts(spec, experts, device, dtype)
-    executor = LocalExperts(layers)
+    if experts is None:
+        experts = LocalExperts(stack_experts(spec, expert_tensors, device, dtype))
     for block in model.moe_blocks():
-        block.experts = executor
+        block.experts = experts
     return model.eval()
+
+
+def load_expert_shard(
+    model_dir: str | Path,
+    owned: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    spec: ModelSpec | None = None,
+) -> dict[int, ExpertWeights]:
+    """Only the experts in `owned`, of every MoE layer (what one expert shard holds)."""
+    spec = spec or load_model_spec(model_dir)
+    wanted = set(owned)
+
+    def keep(name: str) -> bool:
+        m = _EXPERT_RE.match(name)
+        return bool(m) and (m.group(3) is None or int(m.group(3)) in wanted)
+
+    _, experts = split_weights(spec, iter_weights(model_dir, keep))
+    return stack_experts(spec, experts, device, dtype, owned)
+
+
+def _is_expert(spec: ModelSpec, name: str) -> bool:
+    return spec.is_moe and _EXPERT_RE.match(name) is not None
 
 
 def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.experts.base import ExpertExecutor
+from serve_app.experts.base import ExpertExecutor, ExpertFuture
 from serve_app.model.config import ModelSpec
 from serve_app.model.layers.mlp import GatedMLP
 
@@ -44,9 +44,24 @@ class SparseMoeBlock(nn.Module):
         self.experts: ExpertExecutor | None = None  # attached after weights are loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.submit(x).result()
+
+    def submit(self, x: torch.Tensor) -> ExpertFuture:
+        """Route and start the experts; the shared expert runs here while they work."""
         ids, weights = route(self.gate(x), self.top_k, self.renormalize)
         assert self.experts is not None, "experts not attached"
-        out = self.experts.forward(self.layer_idx, x, ids, weights)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        routed = self.experts.submit(self.layer_idx, x, ids, weights)
+        if self.shared_expert is None:
+            return routed
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return _PlusShared(routed, shared)
+
+
+class _PlusShared(ExpertFuture):
+    __slots__ = ("routed", "shared")
+
+    def __init__(self, routed: ExpertFuture, shared: torch.Tensor):
+        self.routed, self.shared = routed, shared
+
+    def result(self) -> torch.Tensor:
+        return self.routed.result() + self.shared
