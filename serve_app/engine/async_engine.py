@@ -19,9 +19,15 @@ from collections.abc import AsyncIterator, Callable
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import EngineStats, LLMEngine, PreparedRequest
-from serve_app.engine.errors import EngineDeadError, EngineError, EngineOverloadedError
+from serve_app.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    ExpertsUnavailableError,
+)
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+from serve_app.experts.base import ExpertExecutor
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +53,11 @@ class AsyncLLMEngine:
             raise self.dead_error
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+    def from_config(
+        cls, config: EngineConfig, experts: ExpertExecutor | None = None
+    ) -> AsyncLLMEngine:
         """Build the engine (model load included) on the engine thread; returns when ready."""
-        return cls(lambda: LLMEngine(config))
+        return cls(lambda: LLMEngine(config, experts))
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -90,6 +98,9 @@ class AsyncLLMEngine:
                 out = await queue.get()
                 if out is _FAILED:
                     raise EngineDeadError(f"engine loop died: {self.dead_error}")
+                if isinstance(out, EngineError):
+                    finished = True  # the engine already dropped it
+                    raise out
                 yield out
                 if out.finished:
                     finished = True
@@ -164,7 +175,12 @@ class AsyncLLMEngine:
                 for rid in aborts:
                     self.engine.abort_request(rid)
                     self._streams.pop(rid, None)
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except ExpertsUnavailableError as e:
+                    self._fail_in_flight(e)
+                    continue
+                for out in outputs:
                     target = self._streams.get(out.request_id)
                     if target is None:
                         continue
@@ -179,6 +195,15 @@ class AsyncLLMEngine:
             for queue, loop in self._streams.values():
                 loop.call_soon_threadsafe(queue.put_nowait, _FAILED)
             self._streams.clear()
+
+    def _fail_in_flight(self, error: EngineError) -> None:
+        """A step failed but the engine is sound: end every request with the error, keep going."""
+        log.error("step failed, failing %d requests: %s", len(self._streams), error)
+        self.engine.abort_all()
+        for queue, loop in self._streams.values():
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        self._streams.clear()
+        self._stats = self.engine.stats()
 
 
 def _error_output(prepared: PreparedRequest, error: EngineError) -> RequestOutput:

@@ -37,3 +37,11 @@ class EngineDeadError(EngineError):
 
     http_status = 503
     error_type = "service_unavailable"
+
+
+class ExpertsUnavailableError(EngineError):
+    """An expert shard did not answer in time, even after a retry (HTTP 503). The requests of
+    that step fail; the engine keeps serving and the shard is re-resolved on the next call."""
+
+    http_status = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,39 @@
+"""The expert shard as a Ray actor: the thin adapter between Ray and ExpertShard.
+
+Serve creates these as deployment-scoped actors of the router deployment (see
+serve_app.builder), so every router replica shares the same N shards, and the Serve controller
+recreates a shard that dies; __init__ reloads its weights from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+
+from serve_app.engine.platform import resolve_device, resolve_dtype
+from serve_app.experts.shard import ExpertShard
+
+
+@ray.remote
+class ExpertShardActor:
+    def __init__(self, model_dir: str, owned: list[int], device: str, dtype: str, num_threads: int):
+        # NOTE: explicit, because Ray sets OMP_NUM_THREADS=1 for actors with num_cpus=0.
+        torch.set_num_threads(max(1, num_threads))
+        dev = resolve_device(device)
+        self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
+
+    def forward(
+        self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray
+    ) -> np.ndarray:
+        return self.shard.forward(layer, x, topk_ids, topk_weights)
+
+    def info(self) -> dict:
+        return {
+            "owned": self.shard.owned,
+            "weight_bytes": self.shard.num_bytes(),
+            "pid": os.getpid(),
+            "device": str(self.shard.device),
+        }

@@ -1,0 +1,109 @@
+"""The router side of expert parallelism: an ExpertExecutor whose experts live in shard actors.
+
+submit() splits the routed tokens by shard (serve_app.experts.dispatch), sends each shard only
+its slice, and returns at once; result() gathers and combines. A shard that died is
+re-resolved (the Serve controller recreates it) and its slice re-sent until call_timeout_s;
+after that the step fails with ExpertsUnavailableError (HTTP 503) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from serve_app.engine.errors import ExpertsUnavailableError
+from serve_app.experts.base import ExpertExecutor, ExpertFuture
+from serve_app.experts.dispatch import Dispatcher, ShardSlice
+from serve_app.experts.placement import Placement
+from serve_app.experts.shard import as_tensor, to_numpy
+
+log = logging.getLogger(__name__)
+
+# shard index -> a handle to the live actor; raises ValueError while it is being recreated
+ShardResolver = Callable[[int], Any]
+
+
+class RemoteExperts(ExpertExecutor):
+    def __init__(
+        self,
+        placement: Placement,
+        resolve: ShardResolver,
+        call_timeout_s: float = 60.0,
+        retry_interval_s: float = 0.2,
+    ):
+        self.dispatcher = Dispatcher(placement)
+        self.call_timeout_s = call_timeout_s
+        self.retry_interval_s = retry_interval_s
+        self._resolve = resolve
+        self._handles: list[Any] = [None] * placement.num_shards
+        self.num_retries = 0  # shard calls re-sent after an actor death
+
+    @property
+    def is_remote(self) -> bool:
+        return True
+
+    def forward(self, layer, x, topk_ids, topk_weights) -> torch.Tensor:
+        return self.submit(layer, x, topk_ids, topk_weights).result()
+
+    def submit(self, layer, x, topk_ids, topk_weights) -> ExpertFuture:
+        slices = self.dispatcher.split(x, topk_ids, topk_weights)
+        deadline = time.monotonic() + self.call_timeout_s
+        refs = [self._send(layer, sl, deadline) for sl in slices]
+        return _RemoteFuture(self, layer, x, slices, refs, deadline)
+
+    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef:
+        handle = self._handle(sl.shard, deadline)
+        args = (to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
+        return handle.forward.remote(layer, *args)
+
+    def _handle(self, shard: int, deadline: float) -> Any:
+        while self._handles[shard] is None:
+            try:
+                self._handles[shard] = self._resolve(shard)
+            except ValueError:  # not registered yet: the controller is recreating it
+                if time.monotonic() > deadline:
+                    raise ExpertsUnavailableError(
+                        f"expert shard {shard} is unavailable (not recreated in time)"
+                    ) from None
+                time.sleep(self.retry_interval_s)
+        return self._handles[shard]
+
+    def _wait(self, layer: int, sl: ShardSlice, ref, deadline: float) -> torch.Tensor:
+        while True:
+            try:
+                return as_tensor(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                raise ExpertsUnavailableError(
+                    f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"
+                ) from None
+            except RayActorError as e:
+                log.warning("expert shard %d failed (%s); re-resolving", sl.shard, type(e).__name__)
+                self._handles[sl.shard] = None
+                self.num_retries += 1
+                if time.monotonic() > deadline:
+                    raise ExpertsUnavailableError(f"expert shard {sl.shard} died") from e
+                time.sleep(self.retry_interval_s)
+                ref = self._send(layer, sl, deadline)
+
+
+class _RemoteFuture(ExpertFuture):
+    __slots__ = ("executor", "layer", "like", "slices", "refs", "deadline")
+
+    def __init__(self, executor, layer, like, slices, refs, deadline):
+        self.executor: RemoteExperts = executor
+        self.layer, self.like, self.slices = layer, like, slices
+        self.refs, self.deadline = refs, deadline
+
+    def result(self) -> torch.Tensor:
+        ex = self.executor
+        parts = [
+            (sl, ex._wait(self.layer, sl, ref, self.deadline))
+            for sl, ref in zip(self.slices, self.refs, strict=True)
+        ]
+        return Dispatcher.combine(self.like, parts)

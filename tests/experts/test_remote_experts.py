@@ -1,0 +1,64 @@
+"""The engine with its experts in 2 Ray actors gives the in-process engine's greedy tokens,
+including steps that run as two ping-pong micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine import LLMEngine
+from serve_app.engine.request import SamplingParams
+from serve_app.experts.placement import place_experts
+from serve_app.experts.remote import RemoteExperts
+from serve_app.model.config import load_model_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    return tokens
+
+
+def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
+    from serve_app.experts.actor import ExpertShardActor
+
+    model = str(qwen3_tiny)
+    config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
+    prompts = [f"Story {i}: once upon a time " * (1 + i % 3) for i in range(12)]
+    reference = _run(LLMEngine(config), prompts)
+
+    spec = load_model_spec(model)
+    placement = place_experts(spec.num_experts, 2)
+    actors = [
+        ExpertShardActor.options(num_cpus=0).remote(model, list(s), "cpu", "float32", 1)
+        for s in placement.shards
+    ]
+    assert [ray_cluster.get(a.info.remote())["owned"] for a in actors] == [
+        list(s) for s in placement.shards
+    ]
+    remote = LLMEngine(config, RemoteExperts(placement, lambda s: actors[s]))
+    assert remote.runner.num_micro_batches == 2
+    assert _run(remote, prompts) == reference
+    assert remote.runner.num_split_steps > 0  # the ping-pong path ran
+    assert remote.stats().kv_blocks_used == 0
+    for a in actors:
+        ray_cluster.kill(a)
