@@ -1,20 +1,32 @@
-"""`import_path: serve_app.builder:build_app`: the Serve application from an AppConfig."""
+"""`import_path: serve_app.builder:build_app`: the Serve application from an AppConfig.
+
+ingress -> router replicas -> (expert_parallel_size > 0) expert shard actors. The shards are
+deployment-scoped actors of the router deployment (Ray Serve 2.60): one set of N shards is
+shared by all M router replicas, started before the routers, recreated by the Serve controller
+when one dies, and removed with the application.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import DeploymentActorConfig
 
 from serve_app.config import AppConfig
 from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.router import Router
+from serve_app.deployments.router import Router, shard_actor_name
+from serve_app.experts.actor import ExpertShardActor
+from serve_app.experts.placement import place_experts
+from serve_app.model.config import load_model_spec
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     """Validate the config (before anything is deployed) and wire ingress -> routers."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    config = _absolute_model_path(config)
     r = config.router
     router = serve.deployment(Router).options(
         name="router",
@@ -22,8 +34,39 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         health_check_period_s=10,
+        deployment_actors=expert_shard_actors(config),
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
     )
     return ingress.bind(router.bind(config), config)
+
+
+def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
+    """One actor per shard, each given the experts place_experts assigns it."""
+    if config.expert_parallel_size == 0:
+        return []
+    spec = load_model_spec(config.model)
+    if not spec.is_moe:
+        raise ValueError(f"expert_parallel_size > 0 needs an MoE model; {config.model} is dense")
+    placement = place_experts(spec.num_experts, config.expert_parallel_size)
+    e = config.experts
+    threads = e.num_threads or max(1, round(e.num_cpus))
+    device = "cuda" if e.num_gpus > 0 else "cpu"
+    return [
+        DeploymentActorConfig(
+            name=shard_actor_name(i),
+            actor_class=ExpertShardActor,
+            init_args=(config.model, list(owned), device, config.engine.dtype, threads),
+            actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+        )
+        for i, owned in enumerate(placement.shards)
+    ]
+
+
+def _absolute_model_path(config: AppConfig) -> AppConfig:
+    """Replicas and actors may run with another working directory than the builder."""
+    path = Path(config.model).expanduser()
+    if path.exists() and not path.is_absolute():
+        return config.model_copy(update={"model": str(path.resolve())})
+    return config

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,9 @@ class EngineSettings(BaseModel):
     max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
     max_model_len: int | None = Field(None, description="Context limit; None = the model's.")
     enable_prefix_caching: bool = Field(True, description="Automatic prefix caching.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and activations; auto = bf16 on CUDA, fp32 on CPU."
+    )
 
 
 class RouterSettings(BaseModel):
@@ -32,13 +36,35 @@ class RouterSettings(BaseModel):
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one router accepts.")
 
 
+class ExpertSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert shard actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per expert shard actor.")
+    num_threads: int | None = Field(
+        None, ge=1, description="Torch threads per shard; default: num_cpus rounded, at least 1."
+    )
+    micro_batches: int = Field(
+        2, ge=1, le=2, description="Micro-batches per step (2 = attention/expert ping-pong)."
+    )
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for a shard, retries after its death included."
+    )
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Checkpoint directory (config.json + safetensors).")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default: dir.")
+    expert_parallel_size: int = Field(
+        0,
+        ge=0,
+        description="Expert shard actors shared by all routers; 0 keeps experts in-process.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    experts: ExpertSettings = Field(default_factory=ExpertSettings)
     api_key_env: str = Field(
         "MOESERVE_API_KEY", description="Environment variable holding the API key(s)."
     )
@@ -48,4 +74,8 @@ class AppConfig(BaseModel):
         return self.served_model_name or Path(self.model).resolve().name
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, **self.engine.model_dump())
+        return EngineConfig(
+            model=self.model,
+            num_micro_batches=self.experts.micro_batches,
+            **self.engine.model_dump(),
+        )

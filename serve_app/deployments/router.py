@@ -1,26 +1,43 @@
 """The router replica: the engine (attention, gates, KV cache, scheduler) behind a Serve
-deployment. Streams engine outputs to the ingress over a Serve streaming handle."""
+deployment. Streams engine outputs to the ingress over a Serve streaming handle.
+
+With expert_parallel_size > 0 the engine's experts are the deployment-scoped shard actors
+(see serve_app.builder), reached through RemoteExperts; handles are re-resolved by name
+after a shard dies, because the controller recreates it as a new actor."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 
+from ray import serve
+
 from serve_app.config import AppConfig
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
 from serve_app.engine.request import SamplingParams
+from serve_app.experts.placement import place_experts
+from serve_app.experts.remote import RemoteExperts
+from serve_app.model.config import load_model_spec
 
 log = logging.getLogger(__name__)
+
+
+def shard_actor_name(shard: int) -> str:
+    return f"experts-{shard}"
 
 
 class Router:
     def __init__(self, config: AppConfig):
         self.config = config
-        self.engine = AsyncLLMEngine.from_config(config.engine_config())
+        self.experts = remote_experts(config) if config.expert_parallel_size else None
+        self.engine = AsyncLLMEngine.from_config(config.engine_config(), self.experts)
 
     async def info(self) -> dict:
-        return {"max_model_len": self.engine.engine.max_model_len}
+        return {
+            "max_model_len": self.engine.engine.max_model_len,
+            "expert_parallel_size": self.config.expert_parallel_size,
+        }
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -40,9 +57,22 @@ class Router:
             yield out
 
     async def health(self) -> dict:
-        return self.engine.health()
+        h = self.engine.health()
+        if self.experts is not None:
+            h["expert_shard_retries"] = self.experts.num_retries
+        return h
 
     def check_health(self) -> None:
         """Serve's replica health check: a dead engine loop makes Serve replace the replica."""
         if self.engine.dead_error is not None:
             raise RuntimeError(f"engine loop died: {self.engine.dead_error}")
+
+
+def remote_experts(config: AppConfig) -> RemoteExperts:
+    spec = load_model_spec(config.model)
+    placement = place_experts(spec.num_experts, config.expert_parallel_size)
+    return RemoteExperts(
+        placement,
+        lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
+        call_timeout_s=config.experts.call_timeout_s,
+    )

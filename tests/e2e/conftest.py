@@ -1,17 +1,30 @@
 """One real local Ray cluster + Serve app for the end-to-end tests (session scope).
 
+The app runs with expert_parallel_size 2: two expert shard actors, shared by the router.
 Ray is started by the fixture (ray.init) and shut down by it: only what the test started.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+EXPERT_PARALLEL_SIZE = 2
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    url: str
+    model: Path
+
 
 @pytest.fixture(scope="session")
-def serve_app_url(tmp_path_factory):
+def serve_app(tmp_path_factory) -> ServeApp:
+    import httpx
     import ray
     from ray import serve
 
@@ -20,21 +33,24 @@ def serve_app_url(tmp_path_factory):
 
     model = tiny_model_dir("qwen3_moe")
     port = free_port()
+    # A killed expert shard is noticed at the controller's next health check of it; poll
+    # every second (default 10 s) so the recovery test stays short. Read at Ray start-up.
+    os.environ["RAY_SERVE_DEPLOYMENT_ACTOR_HEALTH_CHECK_PERIOD_S"] = "1"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {
             "model": str(model),
             "served_model_name": "tiny",
-            "engine": {"num_kv_blocks": 128, "max_model_len": 512},
+            "expert_parallel_size": EXPERT_PARALLEL_SIZE,
+            "engine": {"num_kv_blocks": 256, "max_model_len": 512},
             "router": {"num_replicas": 1, "num_cpus": 0},
+            "experts": {"num_cpus": 0, "call_timeout_s": 60},
         }
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -44,6 +60,6 @@ def serve_app_url(tmp_path_factory):
         time.sleep(0.5)
     else:
         raise RuntimeError("Serve app did not become healthy")
-    yield url, model
+    yield ServeApp(url, model)
     serve.shutdown()
     ray.shutdown()

@@ -1,8 +1,10 @@
-"""The Serve application (ingress -> router replica) on a real local Ray, via the openai SDK."""
+"""The Serve application (ingress -> router replica -> 2 expert shard actors) on a real local
+Ray, driven by the official openai SDK and plain HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -16,44 +18,97 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The river bends", "Once upon a time there was", "café 東京 🙂", "1, 2, 3,"]
 
 
-def test_greedy_outputs_match_in_process_engine(serve_app_url):
-    url, model = serve_app_url
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    local = LLM(str(model), num_kv_blocks=128, max_model_len=512)
-    ref = local.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+def _client(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
+
+
+def _aclient(app) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
+
+
+def _wait_idle(app, timeout: float = 60) -> dict:
+    """/health once nothing runs and no KV block is held (a leak never gets there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(f"{app.url}/health", timeout=10).json()
+        if h.get("running") == 0 and h.get("waiting") == 0 and h.get("kv_blocks_used") == 0:
+            return h
+        assert time.monotonic() < deadline, f"router never went idle: {h}"
+        time.sleep(0.2)
+
+
+def test_greedy_outputs_match_in_process_engine(serve_app):
+    client = _client(serve_app)
+    local = LLM(str(serve_app.model), num_kv_blocks=128, max_model_len=512)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = local.generate(PROMPTS, params)
     for prompt, r in zip(PROMPTS, ref, strict=True):
-        got = client.completions.create(
-            model="tiny",
-            prompt=prompt,
-            max_tokens=12,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        got = client.completions.create(**kwargs, extra_body={"ignore_eos": True})
         assert got.choices[0].text == r.choices[0].text
+        streamed = client.completions.create(**kwargs, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
 
 
-def test_chat_and_concurrent_streams(serve_app_url):
-    url, _ = serve_app_url
+def test_chat_completion_with_and_without_streaming(serve_app):
+    client = _client(serve_app)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    full = client.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=10, temperature=0
+    )
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == len(full.choices[0].message.content and [0] or []) or (
+        full.usage.completion_tokens <= 10
+    )
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
-    async def one(client: openai.AsyncOpenAI, i: int) -> int:
+
+def test_32_concurrent_streams_report_exact_usage(serve_app):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
         stream = await client.chat.completions.create(
             model="tiny",
             messages=[{"role": "user", "content": f"hello {i}"}],
-            max_completion_tokens=8,
+            max_completion_tokens=8 + i % 5,
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
-        usage = None
+        usage, content_chunks = None, 0
         async for chunk in stream:
             usage = chunk.usage or usage
-        return usage.completion_tokens
+            content_chunks += bool(chunk.choices and chunk.choices[0].delta.content is not None)
+        return usage.completion_tokens, content_chunks
 
-    async def run() -> list[int]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        return await asyncio.gather(*(one(client, i) for i in range(16)))
+    async def run() -> list[tuple[int, int]]:
+        client = _aclient(serve_app)
+        return await asyncio.gather(*(one(client, i) for i in range(32)))
 
-    assert asyncio.run(run()) == [8] * 16
+    results = asyncio.run(run())
+    assert [tokens for tokens, _ in results] == [8 + i % 5 for i in range(32)]
+    assert all(chunks >= 1 for _, chunks in results)
+    _wait_idle(serve_app)
+
+
+def test_client_disconnect_mid_stream_frees_blocks(serve_app):
+    body = {"model": "tiny", "prompt": "A long tale", "max_tokens": 400, "stream": True}
+    body["ignore_eos"] = True
+    with httpx.stream("POST", f"{serve_app.url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")]
+        assert got  # streaming had started when we hang up
+    _wait_idle(serve_app)
 
 
 @pytest.mark.parametrize(
@@ -65,9 +120,72 @@ def test_chat_and_concurrent_streams(serve_app_url):
         ({"prompt": "hi", "model": "nope"}, 404, "model"),
     ],
 )
-def test_bad_requests_get_4xx(serve_app_url, body, status, param):
-    url, _ = serve_app_url
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
-    assert r.status_code == status and r.json()["error"]["param"] == param
-    health = httpx.get(f"{url}/health", timeout=10).json()
-    assert health["status"] == "ok"
+def test_bad_requests_get_4xx(serve_app, body, status, param):
+    r = httpx.post(f"{serve_app.url}/v1/completions", json=body, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == status and err["param"] == param
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert httpx.get(f"{serve_app.url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_killed_expert_shard_is_recreated_and_service_recovers(serve_app):
+    import ray
+
+    def shard_actor_ids() -> dict[str, str]:
+        """name -> actor id of the live expert shard actors (named by Serve)."""
+        out = {}
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if "experts-" in a["name"]:
+                try:
+                    h = ray.get_actor(a["name"], namespace=a["namespace"])
+                except ValueError:  # died between listing and lookup
+                    continue
+                out[a["name"]] = (h._actor_id.hex(), a["namespace"])
+        return out
+
+    before = shard_actor_ids()
+    assert len(before) == 2
+    victim_name = sorted(before)[0]
+    victim_id, victim_ns = before[victim_name]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        try:
+            stream = await client.completions.create(
+                model="tiny",
+                prompt=f"story number {i}",
+                max_tokens=48,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            usage = None
+            async for chunk in stream:
+                usage = chunk.usage or usage
+            assert usage.completion_tokens == 48
+            return "ok"
+        except openai.APIError as e:  # the only acceptable failure is a clear 503
+            assert getattr(e, "status_code", 503) == 503 or "unavailable" in str(e).lower(), e
+            return "503"
+
+    async def run() -> list[str]:
+        client = _aclient(serve_app)
+        tasks = [asyncio.create_task(one(client, i)) for i in range(8)]
+        await asyncio.sleep(1.0)  # the streams are under way
+        ray.kill(ray.get_actor(victim_name, namespace=victim_ns), no_restart=True)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+
+    outcomes = asyncio.run(run())
+    assert set(outcomes) <= {"ok", "503"}, outcomes
+    health = _wait_idle(serve_app, timeout=90)
+    assert health["expert_shard_retries"] >= 1  # the kill hit calls in flight
+
+    # recreated (a new actor under the same name), and serving again without manual action
+    deadline = time.monotonic() + 90
+    while True:
+        after = shard_actor_ids()
+        if len(after) == 2 and victim_id not in {i for i, _ in after.values()}:
+            break
+        assert time.monotonic() < deadline, "expert shard was not recreated"
+        time.sleep(0.5)
+    got = _client(serve_app).completions.create(model="tiny", prompt="again", max_tokens=5)
+    assert got.usage.completion_tokens == 5
