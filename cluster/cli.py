@@ -62,6 +62,46 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
 
+    s = bsub.add_parser("serve", help="TTFT / TPOT / tok/s of OpenAI servers under N streams")
+    s.add_argument("--model", required=True, help="checkpoint directory (launched targets)")
+    s.add_argument("--tokenizer", default=None, help="for the random prompts; default: --model")
+    # --url and --launch share one list, so targets keep their command-line order (the
+    # first is the ratios' baseline). Default: --launch moeserve-ep0 moeserve-ep2 vllm.
+    s.add_argument(
+        "--url",
+        dest="targets",
+        action="append",
+        type=lambda v: ("url", v),
+        metavar="LABEL=URL",
+        help="a running server (repeatable)",
+    )
+    s.add_argument(
+        "--launch",
+        dest="targets",
+        action="append",
+        type=lambda v: ("launch", v),
+        metavar="NAME",
+        help="start, measure, stop: moeserve, moeserve-epN or vllm (repeatable)",
+    )
+    s.add_argument("--concurrency", default="1,8,32", help="comma list: one pass per level")
+    s.add_argument("--num-prompts", type=int, default=64)
+    s.add_argument("--input-len", type=int, default=128)
+    s.add_argument("--output-len", type=int, default=64)
+    s.add_argument("--warmup", type=int, default=4, help="uncounted requests per target")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="bench_results")
+
+    s.set_defaults(func=_lazy("serve_app.bench.serve_bench:run_serve_bench"))
+    t = bsub.add_parser("transport", help="router -> expert-shard round trip over Ray transports")
+    t.add_argument("--tokens", default="1,8,32,128,512", help="comma list of tokens per shard")
+    t.add_argument("--iters", type=int, default=300, help="timed round trips per cell")
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--shards", type=int, default=2, help="expert-shard actors")
+    t.add_argument("--transports", default="actor_torch,actor_numpy,cgraph_torch,cgraph_numpy")
+    t.add_argument("--out", default="bench_results")
+
+    t.set_defaults(func=_lazy("serve_app.bench.transport:run_transport_bench"))
+
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from serve_app.tools.local_server import add_server_args

@@ -1,0 +1,295 @@
+"""`moeserve bench serve`: TTFT, TPOT and output throughput of OpenAI servers under N streams.
+
+Targets are measured one after another, never side by side (the machines have 2 cores):
+- `--url LABEL=URL`: a server that is already running;
+- `--launch NAME`: a server this command starts, measures and stops:
+  `moeserve` (one process), `moeserve-epN` (`moeserve serve --ray --ep N`), `vllm` (`vllm
+  serve` from .venv-vllm, PEERS.md's flags). The first target is the baseline of the ratios.
+
+Every concurrency level gets its own prompts (one seed per level), the same for every target:
+targets see identical load, and a prefix cache cannot carry hits from one pass to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from serve_app.bench.config import BenchConfig
+from serve_app.bench.launcher import (
+    LAUNCH_NAME,
+    first_error_line,
+    free_port,
+    launch_command,
+    served_model,
+    start_server,
+    stop_server,
+    vllm_version,
+    wait_ready,
+)
+from serve_app.bench.load import Endpoint, run_pass, summarize
+from serve_app.bench.result import loadavg_1m
+from serve_app.bench.serve_report import PassRun, TargetRun
+
+DEFAULT_LAUNCH = ("moeserve-ep0", "moeserve-ep2", "vllm")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeBenchConfig:
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    num_prompts: int = 64
+    input_len: int = 128
+    output_len: int = 64
+    warmup_requests: int = 4  # before each target's first pass, not counted
+    warmup_output_len: int = 8
+    seed: int = 0
+    ready_timeout_s: float = 300.0
+    stop_grace_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.concurrencies or any(c < 1 for c in self.concurrencies):
+            raise ValueError(f"concurrency levels must be >= 1, got {self.concurrencies}")
+        if len(set(self.concurrencies)) != len(self.concurrencies):
+            raise ValueError(f"repeated concurrency level in {self.concurrencies}")
+        for name in ("num_prompts", "input_len", "output_len", "warmup_output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_requests < 0:
+            raise ValueError(f"warmup_requests must be >= 0, got {self.warmup_requests}")
+
+
+class TargetSpec(NamedTuple):
+    label: str
+    url: str | None = None  # already running
+    launch: str | None = None  # or started by us
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency wants a comma list of integers, got {text!r}") from None
+
+
+def parse_targets(items: list[tuple[str, str]] | None) -> list[TargetSpec]:
+    """(kind, value) pairs in command-line order: ("url", "LABEL=URL") or ("launch", NAME)."""
+    items = items or [("launch", name) for name in DEFAULT_LAUNCH]
+    specs = []
+    for kind, value in items:
+        if kind == "url":
+            label, sep, url = value.partition("=")
+            if not sep or not label or not url.startswith(("http://", "https://")):
+                raise ValueError(f"--url wants LABEL=http://HOST:PORT, got {value!r}")
+            url = url.rstrip("/")
+            specs.append(TargetSpec(label, url=url.removesuffix("/v1")))
+        elif LAUNCH_NAME.match(value):
+            specs.append(TargetSpec(value, launch=value))
+        else:
+            raise ValueError(f"--launch: unknown {value!r}; moeserve, moeserve-epN or vllm")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"target labels must be unique, got {labels}")
+    return specs
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def fit_prompt(
+    ids: list[int],
+    n: int,
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    filler: Iterator[int],
+) -> tuple[str, int]:
+    """Text that encodes to n tokens, and its actual count. Random ids rarely survive decode
+    then encode unchanged (merges, split multi-byte characters), so re-encode, cut or pad,
+    and retry. A cut that splits a character grows again, so each overshoot cuts one deeper."""
+    text, deeper = decode(ids), 0
+    for _ in range(16):
+        got = encode(text)
+        if len(got) == n:
+            return text, n
+        if len(got) > n:
+            ids, deeper = got[: max(n - deeper, 0)], deeper + 1
+        else:
+            ids = got + [next(filler) for _ in range(n - len(got))]
+        text = decode(ids)
+    return text, len(encode(text))
+
+
+def random_prompts(tokenizer, num: int, input_len: int, seed: int) -> list[str]:
+    """`num` prompts of random tokens that the server will count as input_len tokens."""
+    import random
+
+    from serve_app.bench.workloads import FixedSpec, build_workload, token_pool
+
+    n = input_len - len(tokenizer.encode("", add_special_tokens=True))  # BOS, if it adds one
+    if n < 1:
+        raise ValueError(f"input_len {input_len} leaves no room after special tokens")
+    pool = token_pool(len(tokenizer), tokenizer.all_special_ids)
+    work = build_workload("serve", FixedSpec(num, n, 1, seed), pool)
+    rng = random.Random(seed)
+    # Padding draws only tokens that decode to whole characters (no U+FFFD fragments).
+    filler = (
+        t
+        for t in iter(lambda: pool[rng.randrange(len(pool))], None)
+        if "\ufffd" not in tokenizer.decode([t])
+    )
+
+    def encode(t: str) -> list[int]:
+        return tokenizer.encode(t, add_special_tokens=False)
+
+    prompts, off = [], 0
+    for r in work.requests:
+        text, got = fit_prompt(r.prompt_token_ids, n, encode, tokenizer.decode, filler)
+        prompts.append(text)
+        off += got != n
+    if off:
+        print(f"  note: {off}/{num} prompts are not exactly {input_len} tokens", flush=True)
+    return prompts
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def measure(
+    run: TargetRun, endpoint: Endpoint, cfg: ServeBenchConfig, prompts: dict, warmup: list[str]
+) -> None:
+    """Warm up, then one pass per concurrency level; fills run.passes (or run.skipped)."""
+    if warmup:
+        res = asyncio.run(run_pass(endpoint, warmup, cfg.warmup_output_len, len(warmup)))
+        if not any(r.ok for r in res.records):
+            bad = res.records[0]
+            run.skipped = f"warm-up failed: {bad.status} {bad.error}"
+            return
+    for c in cfg.concurrencies:
+        load0 = loadavg_1m()
+        res = asyncio.run(run_pass(endpoint, prompts[c], cfg.output_len, c))
+        s = summarize(res.records, res.duration_s, c)
+        run.passes.append(PassRun(s, res.records, (load0, loadavg_1m())))
+        ttft = f"{s.ttft_ms.p50:.0f}" if s.ttft_ms else "-"
+        tpot = f"{s.tpot_ms.p50:.1f}" if s.tpot_ms else "-"
+        print(
+            f"  {run.label} c={c}: {s.num_ok} ok, {s.num_failed} failed, "
+            f"{s.output_tok_s:.1f} out tok/s, TTFT p50 {ttft} ms, TPOT p50 {tpot} ms",
+            flush=True,
+        )
+
+
+def run_target(
+    spec: TargetSpec,
+    cfg: ServeBenchConfig,
+    model: str,
+    out_dir: Path,
+    prompts: dict,
+    warmup: list[str],
+) -> TargetRun:
+    api_key = os.environ.get("OPENAI_API_KEY")
+    if spec.url is not None:
+        run = TargetRun(spec.label, f"url {spec.url}")
+        try:
+            run.model = served_model(spec.url, api_key)
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            run.skipped = f"GET {spec.url}/v1/models failed: {e}"
+            return run
+        measure(run, Endpoint(spec.url, run.model, api_key), cfg, prompts, warmup)
+        return run
+
+    run = TargetRun(spec.label, f"launch {spec.launch}")
+    port = free_port()
+    run_dir = tempfile.mkdtemp(prefix=f"moeserve-bench-{spec.label}-")
+    try:
+        launch = launch_command(spec.launch, model, port, run_dir)
+        if isinstance(launch, str):
+            run.skipped = launch
+            return run
+        run.command, run.log = launch.argv, str(out_dir / f"{spec.label}.log")
+        print(f"starting {spec.label} on port {port} (log: {run.log})", flush=True)
+        proc = start_server(launch, Path(run.log))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            t0 = time.monotonic()
+            run.model = wait_ready(url, proc, cfg.ready_timeout_s, None)
+            print(f"  ready in {time.monotonic() - t0:.0f} s", flush=True)
+            measure(run, Endpoint(url, run.model, None), cfg, prompts, warmup)
+        except (RuntimeError, TimeoutError) as e:
+            run.skipped = str(e)
+        finally:
+            stop_server(proc, cfg.stop_grace_s)
+        if run.skipped:
+            cause = first_error_line(Path(run.log))
+            run.skipped += f" [{cause}] (log: {run.log})" if cause else f" (log: {run.log})"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return run
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from serve_app.bench.engine_bench import machine_info
+    from serve_app.bench.report import write_json
+    from serve_app.bench.serve_report import format_table, report_json, write_plot
+
+    try:
+        cfg = ServeBenchConfig(
+            concurrencies=parse_concurrency(args.concurrency),
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            warmup_requests=args.warmup,
+            seed=args.seed,
+        )
+        specs = parse_targets(args.targets)
+    except ValueError as e:
+        print(f"moeserve bench serve: {e}", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    prompts = {
+        c: random_prompts(tokenizer, cfg.num_prompts, cfg.input_len, cfg.seed + i)
+        for i, c in enumerate(cfg.concurrencies)
+    }
+    warmup = []
+    if cfg.warmup_requests:
+        seed = BenchConfig().warmup_seed
+        warmup = random_prompts(tokenizer, cfg.warmup_requests, cfg.input_len, seed)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{len(specs)} targets, concurrency {list(cfg.concurrencies)}, {cfg.num_prompts} prompts "
+        f"of {cfg.input_len} tokens in, {cfg.output_len} out",
+        flush=True,
+    )
+
+    runs = []
+    for spec in specs:
+        run = run_target(spec, cfg, args.model, out_dir, prompts, warmup)
+        if run.skipped:
+            print(f"  {spec.label}: skipped: {run.skipped}", flush=True)
+        runs.append(run)
+
+    levels = list(cfg.concurrencies)
+    ran_vllm = any(r.passes for r in runs if r.source == "launch vllm")
+    machine = machine_info(vllm_version() if ran_vllm else None)
+    machine["loadavg_end"] = list(os.getloadavg())
+    print()
+    print(format_table(runs, levels))
+    config = asdict(cfg) | {"model": args.model, "targets": [s._asdict() for s in specs]}
+    write_json(out_dir / "serve_bench.json", report_json(runs, levels, config, machine))
+    title = (
+        f"{Path(args.model).name}: {cfg.num_prompts} prompts, {cfg.input_len} tokens in, "
+        f"{cfg.output_len} out, on {machine['cpus_usable']} CPUs ({machine['cpu_model']})"
+    )
+    write_plot(out_dir / "serve_bench.png", runs, levels, title)
+    print(f"wrote {out_dir / 'serve_bench.json'} and {out_dir / 'serve_bench.png'}")
+    return 0 if any(r.passes for r in runs) else 1
