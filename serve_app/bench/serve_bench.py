@@ -186,6 +186,13 @@ def measure(
         )
 
 
+def client_api_key(launched: bool) -> str | None:
+    """OPENAI_API_KEY, as vllm bench serve sends it; but a moeserve we start inherits
+    MOESERVE_API_KEY (one key or a comma list) and then wants one of those."""
+    own = os.environ.get("MOESERVE_API_KEY", "").split(",")[0].strip()
+    return own if launched and own else os.environ.get("OPENAI_API_KEY")
+
+
 def run_target(
     spec: TargetSpec,
     cfg: ServeBenchConfig,
@@ -194,7 +201,7 @@ def run_target(
     prompts: dict,
     warmup: list[str],
 ) -> TargetRun:
-    api_key = os.environ.get("OPENAI_API_KEY")
+    api_key = client_api_key(launched=spec.launch is not None)
     if spec.url is not None:
         run = TargetRun(spec.label, f"url {spec.url}")
         try:
@@ -219,9 +226,9 @@ def run_target(
         try:
             url = f"http://127.0.0.1:{port}"
             t0 = time.monotonic()
-            run.model = wait_ready(url, proc, cfg.ready_timeout_s, None)
+            run.model = wait_ready(url, proc, cfg.ready_timeout_s, api_key)
             print(f"  ready in {time.monotonic() - t0:.0f} s", flush=True)
-            measure(run, Endpoint(url, run.model, None), cfg, prompts, warmup)
+            measure(run, Endpoint(url, run.model, api_key), cfg, prompts, warmup)
         except (RuntimeError, TimeoutError) as e:
             run.skipped = str(e)
         finally:

@@ -34,6 +34,7 @@ from serve_app.bench.load import (
 from serve_app.bench.serve_bench import (
     ServeBenchConfig,
     TargetSpec,
+    client_api_key,
     fit_prompt,
     parse_concurrency,
     parse_targets,
@@ -207,6 +208,15 @@ def test_parse_targets_keeps_order_and_defaults() -> None:
 def test_parse_targets_rejects(items) -> None:
     with pytest.raises(ValueError):
         parse_targets(items)
+
+
+def test_api_key_for_launched_and_running_servers(monkeypatch) -> None:
+    monkeypatch.delenv("MOESERVE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert client_api_key(launched=True) == client_api_key(launched=False) == "sk-openai"
+    monkeypatch.setenv("MOESERVE_API_KEY", "k1, k2")
+    assert client_api_key(launched=True) == "k1"  # what the moeserve we start will accept
+    assert client_api_key(launched=False) == "sk-openai"
 
 
 def test_concurrency_levels() -> None:
