@@ -9,6 +9,9 @@ ARCH ?= qwen3_moe
 PRESET ?= small
 MODEL ?= models/$(ARCH)-$(PRESET)
 PORT ?= 8000
+EP ?= 0
+ROUTERS ?= 1
+DASHBOARD ?=
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
 
 .PHONY: install model test-models test test-fast lint bench bench-serve bench-vllm-venv run stop clean
@@ -62,8 +65,11 @@ bench-vllm-venv: .venv-vllm/.installed
 	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
+# A local Ray (no dashboard unless DASHBOARD=1) owned by one background process; `make stop`
+# ends that process by PID, which shuts its Serve app and its Ray down.
 run: install model
-	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --background
+	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) \
+		$(if $(DASHBOARD),--dashboard) --background
 
 stop:
 	$(MOESERVE) stop

@@ -33,6 +33,9 @@ class RouterSettings(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Router replicas (each holds a KV cache).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per router replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica.")
+    num_threads: int | None = Field(
+        None, ge=1, description="Torch threads per router; default: num_cpus rounded, at least 1."
+    )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one router accepts.")
 
 
@@ -77,5 +80,6 @@ class AppConfig(BaseModel):
         return EngineConfig(
             model=self.model,
             num_micro_batches=self.experts.micro_batches,
+            num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
             **self.engine.model_dump(),
         )

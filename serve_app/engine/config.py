@@ -27,6 +27,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     prefix_hash_seed: int = 0
     max_waiting_requests: int = 4096
+    # Torch intra-op threads of the engine thread; None leaves torch's default.
+    num_threads: int | None = None
     # Split a step into this many micro-batches when experts are remote (ping-pong overlap).
     num_micro_batches: int = 2
 
@@ -45,6 +47,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= block_size")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.num_micro_batches not in (1, 2):
             raise ValueError(f"num_micro_batches must be 1 or 2, got {self.num_micro_batches}")
         if self.max_waiting_requests < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from serve_app.engine.block_hash import root_hash
@@ -73,6 +74,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, experts: ExpertExecutor | None = None):
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
         self.device = resolve_device(config.device)
         tune_host_allocator()
         self.dtype = resolve_dtype(config.dtype, self.device)

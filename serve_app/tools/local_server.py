@@ -19,6 +19,7 @@ from pathlib import Path
 RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
 PID_FILE = RUN_DIR / "server.pid"
 LOG_FILE = RUN_DIR / "server.log"
+STOP_TIMEOUT_S = 60
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -30,11 +31,23 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--background", action="store_true", help="detach and return when ready")
+    ray = p.add_argument_group("Ray Serve (--ray)")
+    ray.add_argument(
+        "--ray", action="store_true", help="start a local Ray and serve the Serve app on it"
+    )
+    ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
+    ray.add_argument("--routers", type=int, default=1, help="router replicas")
+    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
+    ray.add_argument("--dashboard-port", type=int, default=8265)
 
 
 def run_server(args: argparse.Namespace) -> int:
     if args.background:
         return _start_background(args)
+    if args.ray:
+        from serve_app.tools.ray_server import run_ray_server
+
+        return run_ray_server(args)
     import uvicorn
 
     from serve_app.api.client import LocalEngineClient
@@ -73,7 +86,7 @@ def _start_background(args: argparse.Namespace) -> int:
         )
     PID_FILE.write_text(str(proc.pid))
     url = f"http://{args.host}:{args.port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"server exited with {proc.returncode}; see {LOG_FILE}", file=sys.stderr)
@@ -85,7 +98,8 @@ def _start_background(args: argparse.Namespace) -> int:
         except OSError:
             time.sleep(0.5)
     else:
-        print(f"server not ready after 300 s; see {LOG_FILE}", file=sys.stderr)
+        print(f"server not ready after 600 s; see {LOG_FILE}", file=sys.stderr)
+        stop_server()
         return 1
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
     print(f"moeserve is up at {url} (pid {proc.pid}, log {LOG_FILE})")
@@ -105,12 +119,13 @@ def stop_server() -> int:
         PID_FILE.unlink(missing_ok=True)
         return 0
     os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
+    # --ray shuts Serve and its Ray down first: give it time before forcing
+    for _ in range(STOP_TIMEOUT_S * 10):
         if not _alive(pid):
             break
         time.sleep(0.1)
     else:
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)  # its own session: the whole group, nobody else
     PID_FILE.unlink(missing_ok=True)
     print(f"stopped moeserve (pid {pid})")
     return 0
