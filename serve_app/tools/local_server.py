@@ -120,15 +120,53 @@ def stop_server() -> int:
         return 0
     os.kill(pid, signal.SIGTERM)
     # --ray shuts Serve and its Ray down first: give it time before forcing
-    for _ in range(STOP_TIMEOUT_S * 10):
-        if not _alive(pid):
+    _wait_gone([pid], STOP_TIMEOUT_S)
+    # Ray leaves a few helpers behind (agents); the server was started as its own session,
+    # so whatever is still in that session is ours and nobody else's.
+    left = [pid, *session_pids(pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        left = _wait_gone(left, 10)
+        if not left:
             break
-        time.sleep(0.1)
-    else:
-        os.killpg(pid, signal.SIGKILL)  # its own session: the whole group, nobody else
     PID_FILE.unlink(missing_ok=True)
     print(f"stopped moeserve (pid {pid})")
     return 0
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes whose session id is `sid` (Linux /proc; empty elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after "pid (comm)": state ppid pgrp session ...; zombies are already dead
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait until the processes exit; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in pids if _alive(p) and not _zombie(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _read_pid() -> int | None:

@@ -1,0 +1,41 @@
+"""`make run`'s path: `moeserve serve --ray --background` starts a light local Ray with the app
+(2 expert shards), prints a working curl command, and `moeserve stop` ends all of it by PID."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from serve_app.tools.local_server import session_pids
+from tests.conftest import free_port, tiny_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_ray_background_then_stop(tmp_path):
+    env = {**os.environ, "MOESERVE_RUN_DIR": str(tmp_path)}
+    port = free_port()
+    cli = [sys.executable, "-m", "cluster.cli"]
+    model = str(tiny_model_dir("qwen3_moe"))
+    up = subprocess.run(
+        [*cli, "serve", "--model", model, "--port", str(port), "--ray", "--ep", "2"]
+        + ["--background"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert up.returncode == 0, up.stderr + (tmp_path / "server.log").read_text()
+    pid = int((tmp_path / "server.pid").read_text())
+    try:
+        curl = next(line for line in up.stdout.splitlines() if "curl " in line)
+        out = subprocess.run(shlex.split(curl.strip()), capture_output=True, text=True)
+        assert '"completion_tokens":32' in out.stdout, out.stdout + out.stderr
+    finally:
+        down = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True)
+    assert down.returncode == 0 and f"pid {pid}" in down.stdout
+    assert session_pids(pid) == []  # its whole session, Ray's processes included, is gone
