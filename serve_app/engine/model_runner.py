@@ -131,3 +131,21 @@ class ModelRunner:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return StepResult(sample_reqs, self.sampler(logits, sample_reqs))
+
+    # ---- whole-block copies for the shared prefix cache (L layers, n blocks) ----------------
+
+    @torch.inference_mode()
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """K/V of whole blocks, [n, L, 2, B, Hkv, D], on the cache's device and dtype."""
+        idx = torch.tensor(block_ids, device=self.device)
+        return torch.stack([torch.stack((k[idx], v[idx]), 1) for k, v in self.kv_caches], 1)
+
+    @torch.inference_mode()
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Overwrite whole blocks with kv [n, L, 2, B, Hkv, D] (any device, cast as needed)."""
+        idx = torch.tensor(block_ids, device=self.device)
+        k0 = self.kv_caches[0][0]
+        kv = kv.to(device=self.device, dtype=k0.dtype)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k.index_copy_(0, idx, kv[:, layer, 0])
+            v.index_copy_(0, idx, kv[:, layer, 1])
