@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.config import EngineConfig, KVStoreConfig
+
+REDIS_URL_ENV = "MOESERVE_REDIS_URL"
 
 
 class EngineSettings(BaseModel):
@@ -21,6 +24,34 @@ class EngineSettings(BaseModel):
     max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
     max_model_len: int | None = Field(None, description="Context limit; None = the model's.")
     enable_prefix_caching: bool = Field(True, description="Automatic prefix caching.")
+
+
+class PrefixCacheSettings(BaseModel):
+    """The prefix cache shared by router replicas through Redis (on top of each local one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Share full KV blocks across replicas via Redis.")
+    redis_url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db or rediss:// (TLS). None: the env var "
+        f"{REDIS_URL_ENV}, else an embedded redis-server started on this node.",
+    )
+    key_prefix: str = Field("moeserve:kv", description="Key prefix; keys add model digest, hash.")
+    lookup_timeout_ms: float = Field(10.0, gt=0, description="Longest wait for a lookup.")
+    load_timeout_ms: float = Field(2000.0, gt=0, description="Longest wait to fetch the hits.")
+    publish_queue_size: int = Field(1024, ge=1, description="Blocks queued for Redis; more drop.")
+    int8: bool = Field(False, description="Store blocks as INT8 (per layer/head scales), 1/4 size.")
+    ttl_s: int | None = Field(None, ge=1, description="Entry TTL, renewed on hit; None: LRU only.")
+    embedded_maxmemory_mb: int = Field(
+        1024, ge=1, description="maxmemory of the embedded redis-server (allkeys-lru)."
+    )
+
+    def store_config(self) -> KVStoreConfig | None:
+        if not self.enabled:
+            return None
+        fields = self.model_dump(exclude={"enabled", "redis_url"})
+        return KVStoreConfig(url=self.redis_url or os.environ.get(REDIS_URL_ENV) or None, **fields)
 
 
 class RouterSettings(BaseModel):
@@ -38,6 +69,7 @@ class AppConfig(BaseModel):
     model: str = Field(description="Checkpoint directory (config.json + safetensors).")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default: dir.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     api_key_env: str = Field(
         "MOESERVE_API_KEY", description="Environment variable holding the API key(s)."
@@ -48,4 +80,7 @@ class AppConfig(BaseModel):
         return self.served_model_name or Path(self.model).resolve().name
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, **self.engine.model_dump())
+        """The engine's config; runs in the router replica, so the Redis URL (and its password)
+        may come from that process's environment."""
+        kv_store = self.prefix_cache.store_config() if self.engine.enable_prefix_caching else None
+        return EngineConfig(model=self.model, kv_store=kv_store, **self.engine.model_dump())
