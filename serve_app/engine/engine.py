@@ -101,6 +101,15 @@ class LLMEngine:
             root_hash(config.prefix_hash_seed, self.model_digest),
             config.enable_prefix_caching,
         )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                self.max_model_len,
+                config.enable_chunked_prefill,
+            ),
+            self.kv,
+        )
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, self.device, self.dtype
         )
@@ -111,17 +120,8 @@ class LLMEngine:
             self.shared_kv = open_shared_prefix_cache(
                 config.kv_store, self.runner, self.model_digest
             )
+            self.scheduler.external = self.shared_kv
             self.kv.record_new_blocks = True
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs,
-                config.max_num_batched_tokens,
-                self.max_model_len,
-                config.enable_chunked_prefill,
-            ),
-            self.kv,
-            self.shared_kv,
-        )
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
         log.info(
