@@ -338,13 +338,12 @@ def test_redis_unavailable_at_start_then_reconnects(qwen3_tiny, ref, caplog):
         server.stop()
 
 
-def test_embedded_redis_is_started_shared_and_stopped(qwen3_tiny, tmp_path, ref):
+def test_embedded_redis_is_started_shared_taken_over_and_stopped(qwen3_tiny, tmp_path, ref):
     a = make_engine(qwen3_tiny, None, embedded_dir=str(tmp_path), embedded_maxmemory_mb=64)
     b = make_engine(qwen3_tiny, None, embedded_dir=str(tmp_path), embedded_maxmemory_mb=64)
-    owner = a.engine.shared_kv.embedded
-    pid = owner.pid
+    first = a.engine.shared_kv.embedded.pid
     try:
-        assert pid is not None and b.engine.shared_kv.embedded.pid is None  # b reuses a's
+        assert first is not None and b.engine.shared_kv.embedded.pid is None  # b uses a's
         assert a.engine.shared_kv.tier._url == b.engine.shared_kv.tier._url
         cfg = a.engine.shared_kv.tier._io_client.config_get("maxmemory*")
         assert cfg["maxmemory"] == str(64 << 20) and cfg["maxmemory-policy"] == "allkeys-lru"
@@ -353,11 +352,24 @@ def test_embedded_redis_is_started_shared_and_stopped(qwen3_tiny, tmp_path, ref)
         got = run(b, p + [4])
         assert got.num_cached_tokens == PREFIX
         assert got.choices[0].token_ids == run(ref, p + [4]).choices[0].token_ids
+        a.engine.close()  # the owner leaves: its server stops (by PID) ...
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+        deadline = time.monotonic() + 30
+        seed = 81
+        # ... b notices at its next lookup, and its reconnect starts the next server
+        while b.engine.shared_kv.embedded.pid is None or not b.engine.stats().kv_store.connected:
+            assert time.monotonic() < deadline
+            seed += 1
+            run(b, prompt(seed, 40))
+            time.sleep(0.1)
+        second = b.engine.shared_kv.embedded.pid
+        assert second != first and b.engine.stats().kv_store.degradation_events == 1
     finally:
         a.engine.close()
         b.engine.close()
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+        os.kill(second, 0)
 
 
 def test_health_reports_the_shared_cache(pair):
