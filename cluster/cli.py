@@ -61,6 +61,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--skip", default="", help="comma list of systems to skip")
 
     e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
+    pc = bsub.add_parser("prefix-cache", help="TTFT: cold vs Redis-shared vs local prefix hit")
+    pc.add_argument("--model", default="models/qwen3_moe-small")
+    pc.add_argument("--prefix-len", type=int, default=2000)
+    pc.add_argument("--suffix-len", type=int, default=16)
+    pc.add_argument("--repeats", type=int, default=3)
+    pc.add_argument("--redis-url", default=None, help="default: a private embedded redis-server")
+    pc.add_argument("--lookup-timeout-ms", type=float, default=10.0)
+    pc.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    pc.add_argument("--out", default="bench_results")
+    pc.set_defaults(func=_lazy("serve_app.bench.prefix_cache_bench:run_prefix_cache_bench"))
 
     s = bsub.add_parser("serve", help="TTFT / TPOT / tok/s of OpenAI servers under N streams")
     s.add_argument("--model", required=True, help="checkpoint directory (launched targets)")

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.config import EngineConfig, KVStoreConfig
+
+REDIS_URL_ENV = "MOESERVE_REDIS_URL"
 
 
 class EngineSettings(BaseModel):
@@ -25,6 +28,34 @@ class EngineSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and activations; auto = bf16 on CUDA, fp32 on CPU."
     )
+
+
+class PrefixCacheSettings(BaseModel):
+    """The prefix cache shared by router replicas through Redis (on top of each local one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Share full KV blocks across replicas via Redis.")
+    redis_url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db or rediss:// (TLS). None: the env var "
+        f"{REDIS_URL_ENV}, else an embedded redis-server started on this node.",
+    )
+    key_prefix: str = Field("moeserve:kv", description="Key prefix; keys add model digest, hash.")
+    lookup_timeout_ms: float = Field(10.0, gt=0, description="Longest wait for a lookup.")
+    load_timeout_ms: float = Field(2000.0, gt=0, description="Longest wait to fetch the hits.")
+    publish_queue_size: int = Field(1024, ge=1, description="Blocks queued for Redis; more drop.")
+    int8: bool = Field(False, description="Store blocks as INT8 (per layer/head scales), 1/4 size.")
+    ttl_s: int | None = Field(None, ge=1, description="Entry TTL, renewed on hit; None: LRU only.")
+    embedded_maxmemory_mb: int = Field(
+        1024, ge=1, description="maxmemory of the embedded redis-server (allkeys-lru)."
+    )
+
+    def store_config(self) -> KVStoreConfig | None:
+        if not self.enabled:
+            return None
+        fields = self.model_dump(exclude={"enabled", "redis_url"})
+        return KVStoreConfig(url=self.redis_url or os.environ.get(REDIS_URL_ENV) or None, **fields)
 
 
 class RouterSettings(BaseModel):
@@ -66,6 +97,7 @@ class AppConfig(BaseModel):
         description="Expert shard actors shared by all routers; 0 keeps experts in-process.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     experts: ExpertSettings = Field(default_factory=ExpertSettings)
     api_key_env: str = Field(
@@ -77,8 +109,12 @@ class AppConfig(BaseModel):
         return self.served_model_name or Path(self.model).resolve().name
 
     def engine_config(self) -> EngineConfig:
+        """The engine's config; runs in the router replica, so the Redis URL (and its password)
+        may come from that process's environment."""
+        kv_store = self.prefix_cache.store_config() if self.engine.enable_prefix_caching else None
         return EngineConfig(
             model=self.model,
+            kv_store=kv_store,
             num_micro_batches=self.experts.micro_batches,
             num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
             **self.engine.model_dump(),

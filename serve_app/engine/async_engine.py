@@ -12,6 +12,7 @@ Validation and tokenization run on the caller's side, so bad input raises at onc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import uuid
@@ -122,12 +123,20 @@ class AsyncLLMEngine:
         if self.dead_error is not None:
             return {"status": "dead", "error": str(self.dead_error)}
         s = self._stats
+        prefix = {
+            "local_queried_tokens": s.prefix_queried_tokens,
+            "local_hit_tokens": s.prefix_hit_tokens,
+            "remote_queried_tokens": s.prefix_remote_queried_tokens,
+            "remote_hit_tokens": s.prefix_remote_hit_tokens,
+            "store": dataclasses.asdict(s.kv_store) if s.kv_store is not None else None,
+        }
         return {
             "status": "ok",
             "running": s.num_running,
             "waiting": s.num_waiting,
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
+            "prefix_cache": prefix,
         }
 
     @property
@@ -139,6 +148,9 @@ class AsyncLLMEngine:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        engine = getattr(self, "engine", None)
+        if engine is not None and not self._thread.is_alive():
+            engine.close()
 
     # ---- the engine thread ------------------------------------------------------------------
 

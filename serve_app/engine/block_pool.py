@@ -128,14 +128,17 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
-    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
-        """Publish a full block under its hash. A duplicate of a cached hash stays unpublished."""
+    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> bool:
+        """Publish a full block under its hash; True if it was newly cached.
+
+        A duplicate of a cached hash stays unpublished."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         if block_hash in self.cached:
-            return
+            return False
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        return True
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:

@@ -3,6 +3,48 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+_KV_STORE_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class KVStoreConfig:
+    """The shared (Redis) tier of the prefix cache, one per engine.
+
+    url None starts (or reuses) an embedded redis-server on a free loopback port of this node,
+    capped at embedded_maxmemory_mb with allkeys-lru; state in embedded_dir (None: a per-user
+    temp dir). A lookup never waits more than lookup_timeout_ms, a fetch of the hits more than
+    load_timeout_ms; past that the blocks are computed locally. publish_queue_size bounds the
+    blocks waiting to be sent (more are dropped and counted). ttl_s None keeps entries until
+    Redis evicts them (LRU); otherwise every write and hit sets the TTL.
+    """
+
+    url: str | None = None
+    key_prefix: str = "moeserve:kv"
+    lookup_timeout_ms: float = 10.0
+    load_timeout_ms: float = 2000.0
+    publish_queue_size: int = 1024
+    int8: bool = False
+    ttl_s: int | None = None
+    embedded_maxmemory_mb: int = 1024
+    embedded_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and urlsplit(self.url).scheme not in _KV_STORE_SCHEMES:
+            raise ValueError("kv store url must start with redis://, rediss:// or unix://")
+        if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
+            raise ValueError(f"key_prefix must be non-empty without spaces: {self.key_prefix!r}")
+        if not 0 < self.lookup_timeout_ms <= 10_000:
+            raise ValueError(f"lookup_timeout_ms must be in (0, 10000]: {self.lookup_timeout_ms}")
+        if not 0 < self.load_timeout_ms <= 60_000:
+            raise ValueError(f"load_timeout_ms must be in (0, 60000]: {self.load_timeout_ms}")
+        if self.publish_queue_size < 1:
+            raise ValueError("publish_queue_size must be >= 1")
+        if self.ttl_s is not None and self.ttl_s < 1:
+            raise ValueError("ttl_s must be >= 1 second (or None)")
+        if self.embedded_maxmemory_mb < 1:
+            raise ValueError("embedded_maxmemory_mb must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +73,7 @@ class EngineConfig:
     num_threads: int | None = None
     # Split a step into this many micro-batches when experts are remote (ping-pong overlap).
     num_micro_batches: int = 2
+    kv_store: KVStoreConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -53,3 +96,5 @@ class EngineConfig:
             raise ValueError(f"num_micro_batches must be 1 or 2, got {self.num_micro_batches}")
         if self.max_waiting_requests < 1:
             raise ValueError("max_waiting_requests must be >= 1")
+        if self.kv_store is not None and not self.enable_prefix_caching:
+            raise ValueError("kv_store (shared prefix cache) needs enable_prefix_caching")

@@ -28,6 +28,7 @@ from serve_app.engine.platform import (
 from serve_app.engine.request import Request, RequestStatus, SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.experts.base import ExpertExecutor
+from serve_app.kvstore.stats import KVStoreStats
 from serve_app.model.config import load_model_spec
 from serve_app.model.digest import model_digest
 from serve_app.model.loader import load_model
@@ -64,9 +65,12 @@ class EngineStats:
     num_waiting: int
     kv_blocks_total: int
     kv_blocks_used: int
-    prefix_queried_tokens: int
+    prefix_queried_tokens: int  # local prefix cache
     prefix_hit_tokens: int
     num_preemptions: int
+    prefix_remote_queried_tokens: int = 0  # shared (Redis) tier, after the local hit
+    prefix_remote_hit_tokens: int = 0
+    kv_store: KVStoreStats | None = None
 
 
 class LLMEngine:
@@ -89,8 +93,13 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         limit = config.max_model_len or self.spec.max_position_embeddings
         self.max_model_len = min(limit, num_blocks * config.block_size)
+        # KV dtype: what a block holds where it is shared (int8 in Redis when compressed).
+        int8 = config.kv_store is not None and config.kv_store.int8
         self.model_digest = model_digest(
-            config.model, dtype=str(self.dtype), block_size=config.block_size, kv_dtype="model"
+            config.model,
+            dtype=str(self.dtype),
+            block_size=config.block_size,
+            kv_dtype="int8" if int8 else str(self.dtype),
         )
         self.kv = KVCacheManager(
             num_blocks,
@@ -116,6 +125,15 @@ class LLMEngine:
             self.dtype,
             config.num_micro_batches if remote else 1,
         )
+        self.shared_kv = None
+        if config.kv_store is not None:
+            from serve_app.kvstore.connector import open_shared_prefix_cache
+
+            self.shared_kv = open_shared_prefix_cache(
+                config.kv_store, self.runner, self.model_digest
+            )
+            self.scheduler.external = self.shared_kv
+            self.kv.record_new_blocks = True
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
         log.info(
@@ -224,6 +242,7 @@ class LLMEngine:
         ids = list(self._parents)
         for rid in ids:
             self.abort_request(rid)
+        self.kv.take_new_blocks()  # never publish them to the shared cache either
         if not self.kv.reset_prefix_cache():
             log.error("prefix cache not reset: blocks still in use after abort_all")
         return ids
@@ -237,8 +256,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        if sched.external_loads:
+            self.shared_kv.load(sched.external_loads)
         block_ids = {r.request_id: self.kv.block_ids(r.request_id) for r in sched.requests}
         result = self.runner.execute(sched, block_ids)
+        if self.shared_kv is not None:
+            self.shared_kv.publish(self.kv.take_new_blocks())
         ids = [r.request_id for r in result.requests]
         sampled = dict(zip(ids, result.sampled.token_ids, strict=True))
         logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
@@ -295,7 +318,25 @@ class LLMEngine:
             prefix_queried_tokens=self.kv.num_queried_tokens,
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            **self._shared_kv_stats(),
         )
+
+    def _shared_kv_stats(self) -> dict:
+        if self.shared_kv is None:
+            return {}
+        return {
+            "prefix_remote_queried_tokens": self.shared_kv.num_queried_tokens,
+            "prefix_remote_hit_tokens": self.shared_kv.num_hit_tokens,
+            "kv_store": self.shared_kv.stats(),
+        }
+
+    def close(self) -> None:
+        """Stop the shared-cache threads (and the embedded redis-server this engine started)."""
+        if self.shared_kv is not None:
+            self.shared_kv.close()
+            self.shared_kv = None
+            self.scheduler.external = None
+            self.kv.record_new_blocks = False
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:

@@ -31,6 +31,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_published: dict[str, int] = {}
+        # Blocks cached since the last take_new_blocks(), for the shared tier (when it is on).
+        self.record_new_blocks = False
+        self._new_blocks: list[tuple[int, bytes]] = []
         # Cumulative prefix-cache counters (tokens), exported as metrics.
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -69,14 +72,19 @@ class KVCacheManager:
         return ComputedBlocks(hits, len(hits) * self.block_size)
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, hit: ComputedBlocks = NO_HIT
+        self,
+        request: Request,
+        num_new_tokens: int,
+        hit: ComputedBlocks = NO_HIT,
+        num_external_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
         """Reserve blocks for num_new_tokens more tokens after the computed ones (and the hit).
 
         Returns the new blocks, or None when the pool cannot fit them (the caller preempts).
         Blocks that become full with these tokens are published to the prefix cache right away:
         the model writes every token's K/V before any attention reads, so a later request in the
-        same step may already share them.
+        same step may already share them. The first num_external_tokens of the new tokens (whole
+        blocks) are loaded from the shared tier, not computed, so they are not recorded for it.
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_total = request.num_computed_tokens + hit.num_tokens + num_new_tokens
@@ -91,17 +99,28 @@ class KVCacheManager:
         blocks.extend(hit.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         blocks.extend(new_blocks)
-        self._publish(request, blocks, num_total)
+        external_end = len(blocks) - len(new_blocks) + num_external_tokens // self.block_size
+        self._publish(request, blocks, num_total, external_end)
         return new_blocks
 
-    def _publish(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+    def _publish(
+        self, request: Request, blocks: list[KVCacheBlock], num_tokens: int, external_end: int
+    ) -> None:
         if not self.enable_caching:
             return
         start = self._num_published.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
         for i in range(start, end):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            h = request.block_hashes[i]
+            if self.pool.cache_block(blocks[i], h) and self.record_new_blocks and i >= external_end:
+                self._new_blocks.append((blocks[i].block_id, h))
         self._num_published[request.request_id] = max(start, end)
+
+    def take_new_blocks(self) -> list[tuple[int, bytes]]:
+        """(block id, hash) of blocks cached since the last call; written by the step that
+        follows their allocation, so the caller reads them after that step."""
+        out, self._new_blocks = self._new_blocks, []
+        return out
 
     def free(self, request: Request) -> None:
         """Return every block of the request (tail first, so its tail is evicted first)."""

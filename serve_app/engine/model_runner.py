@@ -184,3 +184,21 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs)
+
+    # ---- whole-block copies for the shared prefix cache (L layers, n blocks) ----------------
+
+    @torch.inference_mode()
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """K/V of whole blocks, [n, L, 2, B, Hkv, D], on the cache's device and dtype."""
+        idx = torch.tensor(block_ids, device=self.device)
+        return torch.stack([torch.stack((k[idx], v[idx]), 1) for k, v in self.kv_caches], 1)
+
+    @torch.inference_mode()
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Overwrite whole blocks with kv [n, L, 2, B, Hkv, D] (any device, cast as needed)."""
+        idx = torch.tensor(block_ids, device=self.device)
+        k0 = self.kv_caches[0][0]
+        kv = kv.to(device=self.device, dtype=k0.dtype)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k.index_copy_(0, idx, kv[:, layer, 0])
+            v.index_copy_(0, idx, kv[:, layer, 1])

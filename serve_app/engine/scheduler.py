@@ -5,7 +5,9 @@ compute (a whole prompt chunk, or one token while decoding), running requests fi
 waiting ones in FCFS order, until max_num_batched_tokens or max_num_seqs is reached. Long
 prompts are chunked. When blocks run out, the most recently admitted running request is
 preempted: its blocks are freed and it will be recomputed (prefix caching usually makes that
-cheap). No torch here.
+cheap). An optional external prefix source (the shared Redis tier) extends a new request's
+local prefix-cache hit; its blocks are allocated here and filled by the engine before the
+step runs. No torch here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from serve_app.engine.kv_cache_manager import NO_HIT, KVCacheManager
 from serve_app.engine.request import Request, RequestStatus
@@ -26,6 +29,24 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class ExternalLoad:
+    """Blocks the engine must fill from an external source before this step runs."""
+
+    request_id: str
+    block_ids: list[int]
+    handle: object  # the source's own record of what it matched
+
+
+class ExternalPrefixSource(Protocol):
+    def match(self, request: Request, num_local_blocks: int) -> tuple[int, object]:
+        """How many full blocks after the first num_local_blocks it can supply, and a handle.
+
+        Must leave the last prompt token unmatched, and must not fail later: a block it
+        reports is one it already holds."""
+        ...
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     """What to run this step. num_new_tokens[i] belongs to requests[i]; tokens are computed
@@ -37,6 +58,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # requests[:num_running_scheduled] were already running; the rest were admitted this step
     num_running_scheduled: int = 0
+    external_loads: list[ExternalLoad] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -48,9 +70,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        external: ExternalPrefixSource | None = None,
+    ):
         self.config = config
         self.kv = kv
+        self.external = external
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -128,17 +156,25 @@ class Scheduler:
         ):
             req = self.waiting[0]
             hit = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else NO_HIT
-            num_new = req.num_tokens - req.num_computed_tokens - hit.num_tokens
+            num_ext, handle = 0, None
+            if self.external is not None and req.num_computed_tokens == 0:
+                num_ext_blocks, handle = self.external.match(req, len(hit.blocks))
+                num_ext = num_ext_blocks * self.kv.block_size
+            num_new = req.num_tokens - req.num_computed_tokens - hit.num_tokens - num_ext
             if num_new > budget:
                 if not chunked:
                     break
                 num_new = budget
-            if self.kv.allocate_slots(req, num_new, hit) is None:
+            new_blocks = self.kv.allocate_slots(req, num_ext + num_new, hit, num_ext)
+            if new_blocks is None:
                 break
+            if num_ext:
+                ids = [b.block_id for b in new_blocks[: num_ext // self.kv.block_size]]
+                out.external_loads.append(ExternalLoad(req.request_id, ids, handle))
             self.waiting.popleft()
-            req.num_computed_tokens += hit.num_tokens
+            req.num_computed_tokens += hit.num_tokens + num_ext
             if req.num_cached_tokens < 0:
-                req.num_cached_tokens = hit.num_tokens
+                req.num_cached_tokens = hit.num_tokens + num_ext
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._schedule(out, req, num_new)

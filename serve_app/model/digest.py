@@ -9,11 +9,22 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-_DIGEST_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+# Everything that changes what a token id means or what the model computes from it.
+_DIGEST_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def model_digest(model_dir: str | Path, **kv_layout: object) -> str:
-    """sha256 over config, tokenizer and weight files, plus e.g. dtype and block_size."""
+    """sha256 over config, tokenizer and weight files, plus the KV layout (dtype, block_size,
+    kv_dtype: what a shared block holds)."""
     root = Path(model_dir)
     h = hashlib.sha256(b"moeserve/model-digest/v1")
     files = [root / n for n in _DIGEST_FILES] + sorted(root.glob("*.safetensors"))

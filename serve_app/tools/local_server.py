@@ -37,6 +37,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
     ray.add_argument("--routers", type=int, default=1, help="router replicas")
+    ray.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
+    )
     ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     ray.add_argument("--dashboard-port", type=int, default=8265)
 

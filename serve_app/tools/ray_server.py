@@ -46,9 +46,14 @@ def run_ray_server(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serve_app.builder import build_app
+    from serve_app.config import REDIS_URL_ENV
 
     num_cpus = os.cpu_count() or 1
     config = app_config(args, num_cpus)
+    if args.redis_url:
+        # through the environment Ray's workers inherit, not the app config: a URL may hold a
+        # password, and the config is visible to anyone who can read Serve's status
+        os.environ[REDIS_URL_ENV] = args.redis_url
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

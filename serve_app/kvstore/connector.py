@@ -1,0 +1,129 @@
+"""SharedPrefixCache: the engine's face of the shared KV tier (after vLLM's KV connector).
+
+Scheduler side: match() says how many blocks after the local prefix-cache hit are in Redis,
+having already fetched and validated them (bounded by the tier's timeouts), so a failure is
+just a shorter match and never a half-loaded block. Worker side: load() copies matched
+blocks into the blocks the scheduler allocated, before the step runs; publish() copies
+blocks that became full this step out of the paged cache and queues them for Redis.
+Torch lives here and in ModelRunner.{read,write}_blocks; Redis and bytes in RedisKVTier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serve_app.engine.config import KVStoreConfig
+from serve_app.engine.model_runner import ModelRunner
+from serve_app.engine.request import Request
+from serve_app.engine.scheduler import ExternalLoad
+from serve_app.kvstore.codec import KVLayout
+from serve_app.kvstore.embedded import EmbeddedRedis
+from serve_app.kvstore.redis_tier import RedisKVTier
+from serve_app.kvstore.stats import KVStoreStats
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(slots=True)
+class _Match:
+    request_id: str
+    start: int  # first block index (after the local hit)
+    blocks: list[np.ndarray]  # [L, 2, B, H, D] each
+
+
+class SharedPrefixCache:
+    def __init__(self, tier: RedisKVTier, runner: ModelRunner, embedded: EmbeddedRedis | None):
+        self.tier = tier
+        self.runner = runner
+        self.block_size = runner.block_size
+        self.embedded = embedded
+        self._last: _Match | None = None  # the head request's match, kept if not admitted
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ---- scheduler side ---------------------------------------------------------------------
+
+    def match(self, request: Request, num_local_blocks: int) -> tuple[int, object]:
+        """(blocks after the local hit that Redis holds, a handle for load()).
+
+        The last prompt token is never matched: its logits are needed."""
+        last = self._last
+        if last is not None and last.request_id == request.request_id:
+            if last.start == num_local_blocks:
+                return len(last.blocks), last
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = request.block_hashes[num_local_blocks:max_blocks]
+        if not hashes:
+            return 0, None
+        self.num_queried_tokens += len(hashes) * self.block_size
+        n = self.tier.lookup(hashes)
+        blocks = self.tier.fetch(hashes[:n]) if n else []
+        self._last = _Match(request.request_id, num_local_blocks, blocks) if blocks else None
+        return len(blocks), self._last
+
+    # ---- engine side ------------------------------------------------------------------------
+
+    def load(self, loads: list[ExternalLoad]) -> None:
+        """Copy matched blocks into their allocated cache blocks (before the step runs)."""
+        for load in loads:
+            m: _Match = load.handle
+            n = len(load.block_ids)
+            arr = np.stack(m.blocks[:n])  # [n, L, 2, B, H, D]
+            if arr.dtype == np.uint16:  # bfloat16 bits
+                kv = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+            else:
+                kv = torch.from_numpy(arr)
+            self.runner.write_blocks(load.block_ids, kv)
+            self.num_hit_tokens += n * self.block_size
+            if m is self._last:
+                self._last = None
+
+    def publish(self, new_blocks: list[tuple[int, bytes]]) -> None:
+        """Queue blocks that became full this step (block id, hash); never waits on Redis."""
+        n = self.tier.publish_room(len(new_blocks))
+        if n == 0:
+            return
+        new_blocks = new_blocks[:n]
+        kv = self.runner.read_blocks([b for b, _ in new_blocks])  # [n, L, 2, B, H, D]
+        if self.tier.config.int8:
+            kv = kv.float()
+        elif kv.dtype == torch.bfloat16:
+            kv = kv.view(torch.int16)
+        arr = kv.cpu().numpy()
+        if arr.dtype == np.int16:
+            arr = arr.view(np.uint16)
+        self.tier.publish([(h, arr[i]) for i, (_, h) in enumerate(new_blocks)])
+
+    def stats(self) -> KVStoreStats:
+        return self.tier.stats()
+
+    def close(self) -> None:
+        self.tier.close()
+        if self.embedded is not None:
+            self.embedded.close()
+
+
+def open_shared_prefix_cache(
+    config: KVStoreConfig, runner: ModelRunner, namespace: str
+) -> SharedPrefixCache:
+    """The tier for this engine: config.url, or the node's embedded redis-server."""
+    k, _ = runner.kv_caches[0]
+    layout = KVLayout(len(runner.kv_caches), k.shape[1], k.shape[2], k.shape[3], _dtype(k.dtype))
+    embedded = None
+    if config.url is None:
+        embedded = EmbeddedRedis(config.embedded_dir, config.embedded_maxmemory_mb)
+        url_provider = embedded.url
+    else:
+        url = config.url
+        url_provider = lambda: url  # noqa: E731
+    tier = RedisKVTier(url_provider, namespace, layout, config)
+    return SharedPrefixCache(tier, runner, embedded)
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"the shared KV cache does not support KV dtype {dtype}")
+    return _DTYPE_NAMES[dtype]

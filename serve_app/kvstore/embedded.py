@@ -1,0 +1,156 @@
+"""The embedded default: a local redis-server shared by the engines of one node.
+
+Without a configured URL, the first engine on a node starts `redis-server` on a free loopback
+port (no persistence, maxmemory + allkeys-lru) and records {pid, port} in a state file; later
+engines (other router replicas on the node) find it there and share it. The process that
+started the server stops it by PID on exit; it is also started with a parent-death signal
+(via setpriv, where present), so a crashed owner leaves no stray server behind. Engines that
+lose it reconnect through RedisKVTier's backoff, which calls url() again: the first caller
+then starts a fresh server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 10.0
+
+
+def default_state_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"moeserve-redis-{os.getuid()}"
+
+
+class EmbeddedRedis:
+    def __init__(
+        self, state_dir: str | Path | None, maxmemory_mb: int, binary: str = "redis-server"
+    ):
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.maxmemory_mb = maxmemory_mb
+        self.binary = binary
+        self._proc: subprocess.Popen | None = None
+        atexit.register(self.close)
+
+    def url(self) -> str:
+        """The URL of the node's embedded server, starting one if none answers."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read_state()
+            if state and _alive(state["pid"]) and _pings(state["port"]):
+                return _url(state["port"])
+            port = self._start()
+            self._write_state({"pid": self._proc.pid, "port": port})
+            return _url(port)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the server this process started (None if it uses another one's)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def close(self) -> None:
+        """Stop the server this process started (by PID); a no-op otherwise."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        state = self._read_state()
+        if state and state.get("pid") == proc.pid:
+            (self.state_dir / "state.json").unlink(missing_ok=True)
+        log.info("embedded redis-server (pid %d) stopped", proc.pid)
+
+    def _start(self) -> int:
+        exe = shutil.which(self.binary)
+        if exe is None:
+            raise RuntimeError(f"{self.binary} not found on PATH; set a Redis URL instead")
+        if self._proc is not None and self._proc.poll() is None:
+            self.close()
+        port = _free_port()
+        cmd = [
+            exe,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory", f"{self.maxmemory_mb}mb",
+            "--maxmemory-policy", "allkeys-lru",
+            "--dir", str(self.state_dir),
+            "--logfile", str(self.state_dir / "redis.log"),
+        ]  # fmt: skip
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # NOTE: the signal fires when the *thread* that started it exits
+            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _pings(port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"embedded redis-server did not start (see {self.state_dir})")
+            time.sleep(0.02)
+        log.info(
+            "embedded redis-server started: pid %d, port %d, maxmemory %d MiB, allkeys-lru",
+            self._proc.pid,
+            port,
+            self.maxmemory_mb,
+        )
+        return port
+
+    def _read_state(self) -> dict | None:
+        try:
+            state = json.loads((self.state_dir / "state.json").read_text())
+            return state if isinstance(state.get("pid"), int) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _write_state(self, state: dict) -> None:
+        tmp = self.state_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_dir / "state.json")
+
+
+def _url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pings(port: int) -> bool:
+    """A raw RESP PING: no client needed, and no password on the embedded server."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
