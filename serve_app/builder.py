@@ -65,8 +65,17 @@ def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
 
 
 def _absolute_model_path(config: AppConfig) -> AppConfig:
-    """Replicas and actors may run with another working directory than the builder."""
+    """Replicas and actors may run with another working directory than the builder.
+
+    NOTE: under `serve deploy` the builder runs in the Serve controller, whose working
+    directory is wherever `ray start` ran: a relative path is resolved there, and a path
+    that is not a directory would otherwise be taken for a Hub id by transformers (and hang on
+    the network) inside every replica, so it is refused here, before anything is deployed.
+    """
     path = Path(config.model).expanduser()
-    if path.exists() and not path.is_absolute():
-        return config.model_copy(update={"model": str(path.resolve())})
-    return config
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {config.model!r} is not a checkpoint directory (no config.json) as seen from "
+            f"{Path.cwd()}; use an absolute path that exists on the cluster's nodes"
+        )
+    return config.model_copy(update={"model": str(path.resolve())})

@@ -78,8 +78,12 @@ class ExpertSettings(BaseModel):
     num_threads: int | None = Field(
         None, ge=1, description="Torch threads per shard; default: num_cpus rounded, at least 1."
     )
-    micro_batches: int = Field(
-        2, ge=1, le=2, description="Micro-batches per step (2 = attention/expert ping-pong)."
+    micro_batches: int | None = Field(
+        None,
+        ge=1,
+        le=2,
+        description="Micro-batches per step; 2 = attention/expert ping-pong. None: 2 when the "
+        "shards have GPUs of their own, else 1 (on shared CPU cores overlap adds no compute).",
     )
     call_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a shard, retries after its death included."
@@ -115,7 +119,7 @@ class AppConfig(BaseModel):
         return EngineConfig(
             model=self.model,
             kv_store=kv_store,
-            num_micro_batches=self.experts.micro_batches,
+            num_micro_batches=self.experts.micro_batches or (2 if self.experts.num_gpus else 1),
             num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
             **self.engine.model_dump(),
         )
