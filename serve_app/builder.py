@@ -28,9 +28,14 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     config = _absolute_model_path(config)
     r = config.router
+    scaling = (
+        {"num_replicas": r.num_replicas}
+        if r.autoscaling is None
+        else {"autoscaling_config": r.autoscaling.model_dump()}
+    )
     router = serve.deployment(Router).options(
         name="router",
-        num_replicas=r.num_replicas,
+        **scaling,
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         health_check_period_s=10,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.engine.config import EngineConfig, KVStoreConfig
 
@@ -58,10 +58,33 @@ class PrefixCacheSettings(BaseModel):
         return KVStoreConfig(url=self.redis_url or os.environ.get(REDIS_URL_ENV) or None, **fields)
 
 
+class AutoscalingSettings(BaseModel):
+    """Serve's request-based autoscaling of the router replicas (num_replicas is then ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest router replicas (0 = scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most router replicas.")
+    target_ongoing_requests: float = Field(
+        32, gt=0, description="Requests per replica Serve aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Idle time before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int = Field(1, ge=1, description="Router replicas (each holds a KV cache).")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Scale router replicas with load instead of a fixed num_replicas."
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per router replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per router replica.")
     num_threads: int | None = Field(
