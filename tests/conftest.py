@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from serve_app.procs import free_port  # noqa: F401 - re-exported for the tests
+
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "llama")
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback (tests never use fixed ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model_dir(arch: str, seed: int = 0) -> Path:

@@ -11,8 +11,6 @@ import functools
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from serve_app.bench.config import BenchConfig
+from serve_app.procs import free_port, stop_session  # noqa: F401 - free_port re-exported
 
 VLLM_CLI = Path(__file__).with_name("vllm_cli.py")
 LAUNCH_NAME = re.compile(r"^(moeserve(-ep(?P<ep>\d+))?|vllm)$")
@@ -99,12 +98,6 @@ def vllm_version() -> str | None:
     return out.stdout.strip() or None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def served_model(base_url: str, api_key: str | None) -> str:
     """data[0].id of GET /v1/models; raises OSError or ValueError until the server is up."""
     req = urllib.request.Request(base_url + "/v1/models")
@@ -142,24 +135,10 @@ def start_server(launch: Launch, log: Path) -> subprocess.Popen:
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM, SIGKILL after grace_s; then anything left in its session (vLLM's engine core,
-    Ray's workers). The server led a new session, so every process in it is one we started."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + 10
-        try:
-            os.killpg(proc.pid, sig)
-            while time.monotonic() < deadline:
-                time.sleep(0.2)
-                os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
+    """SIGTERM, then anything left in its session (vLLM's engine core, Ray's workers and
+    agents). The server led a new session, so every process in it is one we started."""
+    stop_session(proc.pid, grace_s)
+    proc.poll()  # reap it
 
 
 _EXCEPTION_LINE = re.compile(r"(?:^|\] )(\w+(?:Error|Exception): .*)$")

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_app.procs import free_port, pid_alive
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
@@ -48,7 +50,7 @@ class EmbeddedRedis:
         with open(self.state_dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self._read_state()
-            if state and _alive(state["pid"]) and _pings(state["port"]):
+            if state and pid_alive(state["pid"]) and _pings(state["port"]):
                 return _url(state["port"])
             port = self._start()
             self._write_state({"pid": self._proc.pid, "port": port})
@@ -81,7 +83,7 @@ class EmbeddedRedis:
             raise RuntimeError(f"{self.binary} not found on PATH; set a Redis URL instead")
         if self._proc is not None and self._proc.poll() is None:
             self.close()
-        port = _free_port()
+        port = free_port()
         cmd = [
             exe,
             "--port", str(port),
@@ -128,22 +130,6 @@ class EmbeddedRedis:
 
 def _url(port: int) -> str:
     return f"redis://127.0.0.1:{port}/0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pings(port: int) -> bool:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from serve_app.procs import pid_alive, stop_session
 
 RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
 PID_FILE = RUN_DIR / "server.pid"
@@ -77,7 +78,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _start_background(args: argparse.Namespace) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    if _alive(_read_pid()):
+    if pid_alive(_read_pid()):
         print(f"already running (pid {_read_pid()}); `make stop` first", file=sys.stderr)
         return 1
     argv = [a for a in sys.argv[1:] if a != "--background"]
@@ -119,59 +120,15 @@ def stop_command(_: argparse.Namespace) -> int:
 
 def stop_server() -> int:
     pid = _read_pid()
-    if not _alive(pid):
+    if not pid_alive(pid):
         print("no moeserve server running")
         PID_FILE.unlink(missing_ok=True)
         return 0
-    os.kill(pid, signal.SIGTERM)
-    # --ray shuts Serve and its Ray down first: give it time before forcing
-    _wait_gone([pid], STOP_TIMEOUT_S)
-    # Ray leaves a few helpers behind (agents); the server was started as its own session,
-    # so whatever is still in that session is ours and nobody else's.
-    left = [pid, *session_pids(pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in left:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        left = _wait_gone(left, 10)
-        if not left:
-            break
+    # --ray shuts Serve and its Ray down first: give it time, then end the rest of the session
+    stop_session(pid, STOP_TIMEOUT_S)
     PID_FILE.unlink(missing_ok=True)
     print(f"stopped moeserve (pid {pid})")
     return 0
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes whose session id is `sid` (Linux /proc; empty elsewhere)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # after "pid (comm)": state ppid pgrp session ...; zombies are already dead
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """Wait until the processes exit; returns those still alive at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = [p for p in pids if _alive(p) and not _zombie(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _read_pid() -> int | None:
@@ -179,15 +136,3 @@ def _read_pid() -> int | None:
         return int(PID_FILE.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
