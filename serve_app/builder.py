@@ -17,10 +17,8 @@ from ray.serve.config import DeploymentActorConfig
 
 from serve_app.config import AppConfig
 from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.router import Router, shard_actor_name
+from serve_app.deployments.router import Router, expert_placement, shard_actor_name
 from serve_app.experts.actor import ExpertShardActor
-from serve_app.experts.placement import place_experts
-from serve_app.model.config import load_model_spec
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
@@ -51,10 +49,7 @@ def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
     """One actor per shard, each given the experts place_experts assigns it."""
     if config.expert_parallel_size == 0:
         return []
-    spec = load_model_spec(config.model)
-    if not spec.is_moe:
-        raise ValueError(f"expert_parallel_size > 0 needs an MoE model; {config.model} is dense")
-    placement = place_experts(spec.num_experts, config.expert_parallel_size)
+    placement = expert_placement(config)
     e = config.experts
     threads = e.num_threads or max(1, round(e.num_cpus))
     device = "cuda" if e.num_gpus > 0 else "cpu"

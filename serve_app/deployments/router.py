@@ -16,7 +16,7 @@ from serve_app.config import AppConfig
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
 from serve_app.engine.request import SamplingParams
-from serve_app.experts.placement import place_experts
+from serve_app.experts.placement import Placement, place_experts
 from serve_app.experts.remote import RemoteExperts
 from serve_app.model.config import load_model_spec
 
@@ -68,11 +68,18 @@ class Router:
             raise RuntimeError(f"engine loop died: {self.engine.dead_error}")
 
 
-def remote_experts(config: AppConfig) -> RemoteExperts:
+def expert_placement(config: AppConfig) -> Placement:
+    """Which shard owns which experts: the builder starts the shards from it, the routers
+    dispatch by it (a pure function of the config, so both always agree)."""
     spec = load_model_spec(config.model)
-    placement = place_experts(spec.num_experts, config.expert_parallel_size)
+    if not spec.is_moe:
+        raise ValueError(f"expert_parallel_size > 0 needs an MoE model; {config.model} is dense")
+    return place_experts(spec.num_experts, config.expert_parallel_size)
+
+
+def remote_experts(config: AppConfig) -> RemoteExperts:
     return RemoteExperts(
-        placement,
+        expert_placement(config),
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
     )
