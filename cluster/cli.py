@@ -125,6 +125,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_lazy("serve_app.tools.local_server:stop_command"))
 
 
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    from serve_app.tools.rollout_cli import add_rollout_args
+
+    add_rollout_args(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -132,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_rollout(sub)
     return parser
 
 

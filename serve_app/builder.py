@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.config import DeploymentActorConfig
 
 from serve_app.config import AppConfig
@@ -22,16 +22,33 @@ from serve_app.experts.actor import ExpertShardActor
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
-    """Validate the config (before anything is deployed) and wire ingress -> routers."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    config = _absolute_model_path(config)
+    """Validate the config (before anything is deployed) and wire ingress -> routers.
+
+    The routers bound here serve the app's base version; `moeserve rollout start` deploys
+    other versions with build_version_app, each as its own application.
+    """
+    config = _validated(args)
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
+    )
+    return ingress.bind(router_deployment(config).bind(config), config)
+
+
+def build_version_app(args: dict[str, Any] | AppConfig) -> Application:
+    """A rollout version: its routers and expert shards, no HTTP route (the ingress of the
+    base app reaches them through a handle)."""
+    config = _validated(args)
+    return router_deployment(config).bind(config)
+
+
+def router_deployment(config: AppConfig) -> Deployment:
     r = config.router
     scaling = (
         {"num_replicas": r.num_replicas}
         if r.autoscaling is None
         else {"autoscaling_config": r.autoscaling.model_dump()}
     )
-    router = serve.deployment(Router).options(
+    return serve.deployment(Router).options(
         name="router",
         **scaling,
         max_ongoing_requests=r.max_ongoing_requests,
@@ -39,10 +56,11 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         health_check_period_s=10,
         deployment_actors=expert_shard_actors(config),
     )
-    ingress = serve.deployment(Ingress).options(
-        name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
-    )
-    return ingress.bind(router.bind(config), config)
+
+
+def _validated(args: dict[str, Any] | AppConfig) -> AppConfig:
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    return _absolute_model_path(config)
 
 
 def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.engine.config import EngineConfig, KVStoreConfig
+from serve_app.rollout.state import AnalysisConfig, Strategy
 
 REDIS_URL_ENV = "MOESERVE_REDIS_URL"
 
@@ -113,10 +114,68 @@ class ExpertSettings(BaseModel):
     )
 
 
+class AnalysisSettings(BaseModel):
+    """When a candidate version is healthy enough to go on (see docs/rollouts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: float = Field(10.0, gt=0, description="How often the analysis runs.")
+    window_s: float = Field(60.0, gt=0, description="Look-back of each analysis.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Most 5xx per request (1%).")
+    max_ttft_p99_ms: float | None = Field(500.0, gt=0, description="P99 TTFT limit; None: off.")
+    max_e2e_p99_ms: float | None = Field(None, gt=0, description="P99 end-to-end limit.")
+    min_samples: int = Field(50, ge=1, description="Fewer requests in the window: inconclusive.")
+    failure_limit: int = Field(1, ge=1, description="Failed analyses in a row before rollback.")
+    max_ratio_to_stable: float | None = Field(
+        None, ge=1, description="Also fail when the candidate is this many times worse."
+    )
+    scale_down_delay_s: float = Field(
+        600.0, ge=0, description="A replaced version stays deployed at 0% this long (undo)."
+    )
+
+    def analysis_config(self) -> AnalysisConfig:
+        return AnalysisConfig(**self.model_dump())
+
+
+class RolloutSettings(BaseModel):
+    """Defaults of `moeserve rollout start` for this version (its flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["canary", "bluegreen"] = Field("canary", description="How traffic moves.")
+    steps: list[int] = Field([5, 25, 50, 100], description="Canary percents; the last is 100.")
+    interval_s: float = Field(60.0, ge=0, description="Least time at each step.")
+    auto: bool = Field(True, description="Step on passing analyses; False: wait for promote.")
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+
+    def strategy_config(self) -> Strategy:
+        return Strategy(self.strategy, tuple(self.steps), self.interval_s, self.auto)
+
+    @model_validator(mode="after")
+    def _valid(self) -> RolloutSettings:
+        self.strategy_config()
+        self.analysis.analysis_config()
+        return self
+
+
+class FaultInjection(BaseModel):
+    """Test-only: make this version fail or slow down, to exercise analysis and rollback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float = Field(0.0, ge=0, le=1, description="Requests refused with a 503.")
+    delay_ms: float = Field(0.0, ge=0, description="Added before each request's first token.")
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Checkpoint directory (config.json + safetensors).")
+    version: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Version name for rollouts and metrics; default: the model directory name.",
+    )
     served_model_name: str | None = Field(None, description="Name in /v1/models; default: dir.")
     expert_parallel_size: int = Field(
         0,
@@ -130,10 +189,18 @@ class AppConfig(BaseModel):
     api_key_env: str = Field(
         "MOESERVE_API_KEY", description="Environment variable holding the API key(s)."
     )
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    fault_injection: FaultInjection | None = Field(
+        None, description="Test-only faults for this version (see docs/rollouts.md)."
+    )
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).resolve().name
+
+    @property
+    def version_name(self) -> str:
+        return self.version or Path(self.model).resolve().name
 
     def engine_config(self) -> EngineConfig:
         """The engine's config; runs in the router replica, so the Redis URL (and its password)

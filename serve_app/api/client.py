@@ -6,11 +6,25 @@ The in-process client wraps AsyncLLMEngine; the Serve ingress wraps a deployment
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class RouteHint:
+    """What decides a request's model version (see serve_app.rollout.split).
+
+    session_key: the `user` field or x-session-id header (sticky split); pinned: the
+    x-moeserve-version header. `served` is filled in by the client with the version that took
+    the request (None where there are no versions, in-process)."""
+
+    session_key: str | None = None
+    pinned: str | None = None
+    served: str | None = None
 
 
 class EngineClient(Protocol):
@@ -19,7 +33,11 @@ class EngineClient(Protocol):
     max_model_len: int
 
     async def submit(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        hint: RouteHint | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate and queue; raise InvalidRequestError & co. before returning the stream."""
         ...
@@ -35,7 +53,11 @@ class LocalEngineClient:
         self.max_model_len = engine.engine.max_model_len
 
     async def submit(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        hint: RouteHint | None = None,
     ) -> AsyncIterator[RequestOutput]:
         return self.engine.add_request(prompt, params, request_id)
 

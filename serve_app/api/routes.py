@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_app.api import render
-from serve_app.api.client import EngineClient
+from serve_app.api.client import EngineClient, RouteHint
 from serve_app.api.errors import APIError, error_body, error_response, install_error_handlers
 from serve_app.api.protocol import (
     ChatCompletionRequest,
@@ -26,6 +26,7 @@ from serve_app.api.protocol import (
 from serve_app.api.streaming import merge_streams, sse
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
+from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 
 
 def api_keys_from_env() -> frozenset[str]:
@@ -85,11 +86,12 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         check_model(body.model)
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
+        hint = _route_hint(request, body.user, rid)
         streams = [
-            await client.submit(p, params, f"{rid}-{i}") for i, p in enumerate(body.prompts())
+            await client.submit(p, params, f"{rid}-{i}", hint) for i, p in enumerate(body.prompts())
         ]
         kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
-        return await _respond(request, body.stream, body.include_usage, streams, kind)
+        return await _respond(request, body.stream, body.include_usage, streams, kind, hint)
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -97,9 +99,10 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         params = body.to_sampling_params()
         ids = _apply_chat_template(client, body)
         rid = _request_id(request, "chatcmpl")
-        stream = await client.submit(ids, params, rid)
+        hint = _route_hint(request, body.user, rid)
+        stream = await client.submit(ids, params, rid, hint)
         kind = render.Chat(rid, client.model_name, client.tokenizer, params.n)
-        return await _respond(request, body.stream, body.include_usage, [stream], kind)
+        return await _respond(request, body.stream, body.include_usage, [stream], kind, hint)
 
     @router.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -135,6 +138,13 @@ def _request_id(request: Request, prefix: str) -> str:
     return f"{prefix}-{given or uuid.uuid4().hex}"
 
 
+def _route_hint(request: Request, user: str | None, request_id: str) -> RouteHint:
+    """Sticky per session (the `user` field, else x-session-id), else per request: all prompts
+    of one request go to one version."""
+    key = session_key(user, request.headers.get(SESSION_HEADER)) or request_id
+    return RouteHint(session_key=key, pinned=request.headers.get(PIN_HEADER) or None)
+
+
 def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> list[int]:
     tok = client.tokenizer
     if not getattr(tok, "chat_template", None):
@@ -151,11 +161,15 @@ async def _respond(
     include_usage: bool,
     streams: list[AsyncIterator[RequestOutput]],
     kind: render.Renderer,
+    hint: RouteHint,
 ):
     merged = merge_streams(streams)
+    headers = {PIN_HEADER: hint.served} if hint.served else None
     if stream:
         return StreamingResponse(
-            _sse_events(merged, kind, include_usage), media_type="text/event-stream"
+            _sse_events(merged, kind, include_usage),
+            media_type="text/event-stream",
+            headers=headers,
         )
     # Non-streaming: stop work if the client goes away while we wait.
     collect = asyncio.ensure_future(_collect(merged, kind))
@@ -166,7 +180,7 @@ async def _respond(
         await asyncio.gather(collect, return_exceptions=True)
         return JSONResponse(error_body("client disconnected", "aborted", 499), 499)
     watch.cancel()
-    return collect.result()
+    return JSONResponse(collect.result(), headers=headers)
 
 
 async def _collect(merged, kind: render.Renderer) -> dict:

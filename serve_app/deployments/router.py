@@ -7,14 +7,16 @@ after a shard dies, because the controller recreates it as a new actor."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.engine.async_engine import AsyncLLMEngine
-from serve_app.engine.errors import EngineError
+from serve_app.engine.errors import EngineError, InjectedFaultError
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import Placement, place_experts
 from serve_app.experts.remote import RemoteExperts
@@ -48,6 +50,7 @@ class Router:
         before it sends any byte of the response.
         """
         try:
+            await self._inject_fault()
             stream = self.engine.add_request(prompt, params, request_id)
         except EngineError as e:
             yield {"error": e}
@@ -55,6 +58,15 @@ class Router:
         yield {"accepted": True}
         async for out in stream:
             yield out
+
+    async def _inject_fault(self) -> None:
+        fault = self.config.fault_injection
+        if fault is None:
+            return
+        if fault.delay_ms:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if random.random() < fault.error_rate:
+            raise InjectedFaultError(f"fault injected in version {self.config.version_name}")
 
     async def health(self) -> dict:
         h = self.engine.health()

@@ -45,3 +45,10 @@ class ExpertsUnavailableError(EngineError):
 
     http_status = 503
     error_type = "service_unavailable"
+
+
+class InjectedFaultError(EngineError):
+    """A failure the version's test-only `fault_injection` asked for (HTTP 503)."""
+
+    http_status = 503
+    error_type = "service_unavailable"

@@ -75,6 +75,8 @@ class Strategy:
 class AnalysisConfig:
     """Thresholds for the candidate's health over one analysis window (see analysis.py).
 
+    interval_s: how often the controller runs the analysis (a bad candidate is rolled back
+      within failure_limit intervals of its errors showing up).
     max_ratio_to_stable: when set, the candidate also fails if its error rate or a P99 latency is
       more than this many times the stable version's (stable needs min_samples requests).
     failure_limit: consecutive failed analyses before a rollback (1: the first failure).
@@ -82,6 +84,7 @@ class AnalysisConfig:
       undo, so that undo within it is only a weight change.
     """
 
+    interval_s: float = 10.0
     window_s: float = 60.0
     max_error_rate: float = 0.01
     max_ttft_p99_ms: float | None = 500.0
@@ -92,6 +95,8 @@ class AnalysisConfig:
     scale_down_delay_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
         if self.window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {self.window_s}")
         if not 0 <= self.max_error_rate <= 1:

@@ -1,0 +1,91 @@
+"""The ingress's side of rollouts: which version serves a request, and how it went.
+
+Every ingress replica polls the app's rollout controller (serve_app.rollout.actor) for the
+routing table, picks a version per request with the pure sticky split (serve_app.rollout.split)
+and reports each finished request's outcome back in small batches. When the controller is
+briefly unreachable (restarting), the last table keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.api.client import RouteHint
+from serve_app.engine.errors import InvalidRequestError
+from serve_app.rollout.controller import Routing
+from serve_app.rollout.split import PIN_HEADER, choose_version
+from serve_app.rollout.state import RolloutError
+from serve_app.rollout.window import Outcome
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+FLUSH_S = 1.0
+MAX_PENDING = 10_000
+
+
+class VersionRouter:
+    def __init__(self, base: str, base_handle: DeploymentHandle, controller):
+        self.base = base
+        self.controller = controller
+        self.routing = Routing(((base, 100),), {base: None}, base, -1)
+        self._handles: dict[str, DeploymentHandle] = {base: base_handle}
+        self._pending: list[list] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._poll()), loop.create_task(self._flush())]
+
+    @property
+    def stable(self) -> str:
+        return self.routing.stable
+
+    def choose(self, hint: RouteHint | None, request_key: str) -> str:
+        hint = hint or RouteHint()
+        try:
+            return choose_version(self.routing.weights, hint.session_key, request_key, hint.pinned)
+        except RolloutError as e:
+            raise InvalidRequestError(str(e), PIN_HEADER) from None
+
+    def handle(self, version: str) -> DeploymentHandle:
+        if version not in self._handles:
+            app = self.routing.apps[version]
+            self._handles[version] = serve.get_deployment_handle("router", app_name=app)
+        return self._handles[version]
+
+    def report(self, outcome: Outcome) -> None:
+        if len(self._pending) < MAX_PENDING:
+            self._pending.append(outcome.to_list())
+
+    async def refresh(self) -> None:
+        routing = Routing.from_dict(await self.controller.routing.remote())
+        if routing.generation != self.routing.generation:
+            log.info("routing %s: %s", routing.generation, routing.weights)
+            for name, app in routing.apps.items():
+                if app is not None and self.routing.apps.get(name) != app:
+                    self._handles.pop(name, None)
+        self.routing = routing
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.refresh(), timeout=5)
+            except Exception as e:  # noqa: BLE001 - keep the last table while it restarts
+                log.warning("rollout controller unreachable, keeping routing: %s", e)
+            await asyncio.sleep(POLL_S)
+
+    async def _flush(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            if not self._pending:
+                continue
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.wait_for(self.controller.record.remote(batch), timeout=5)
+            except Exception as e:  # noqa: BLE001 - outcomes are best effort
+                log.warning("dropped %d rollout outcomes: %s", len(batch), e)

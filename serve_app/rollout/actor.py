@@ -1,0 +1,175 @@
+"""The Ray side of the rollout controller: a detached named actor per Serve application.
+
+Why a detached actor, checkpointed to Ray's GCS key-value store (the way Serve's own
+controller keeps its state): every ingress replica and the CLI reach it by name, it outlives
+the ingress replicas (killing one loses nothing), and when it dies Ray restarts it and it
+reloads the last saved state. No Redis is needed for rollouts, so they work with the embedded
+per-node Redis of the prefix cache, or with no prefix cache at all. With GCS fault tolerance
+(KubeRay + external Redis) the state also survives a head restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+
+from serve_app.rollout.controller import RolloutController
+from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
+from serve_app.rollout.window import Outcome
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "moeserve"
+TICK_FLOOR_S = 0.2
+
+
+def controller_name(app: str) -> str:
+    return f"rollout:{app}"
+
+
+def version_app_name(app: str, version: str) -> str:
+    """The Serve application of a non-base version of `app`."""
+    return f"{app}--{version}"
+
+
+class GcsStateStore:
+    """The controller's JSON document in Ray's GCS key-value store."""
+
+    def __init__(self, app: str):
+        self.key = controller_name(app).encode()
+
+    def load(self) -> str | None:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(self.key, namespace=NAMESPACE)
+        return raw.decode() if raw else None
+
+    def save(self, text: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self.key, text.encode(), overwrite=True, namespace=NAMESPACE)
+
+
+class ServeDeployer:
+    """Each non-base version is its own Serve application (router deployment + expert shards,
+    no HTTP route), reached by the ingress through a handle."""
+
+    def __init__(self, app: str):
+        self.app = app
+
+    def app_name(self, version: str) -> str:
+        return version_app_name(self.app, version)
+
+    def deploy(self, version: str, config: dict[str, Any]) -> None:
+        from serve_app.builder import build_version_app
+
+        serve.run(build_version_app(config), name=self.app_name(version), route_prefix=None)
+
+    def delete(self, version: str) -> None:
+        serve.delete(self.app_name(version), _blocking=False)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class RolloutControllerActor:
+    """Serialises every state change; runs the analysis every analysis.interval_s."""
+
+    def __init__(self, app: str, base: dict[str, Any]):
+        self.ctl = RolloutController(Version(**base), GcsStateStore(app), ServeDeployer(app))
+        self.lock = asyncio.Lock()
+        self.loop_task: asyncio.Task | None = None
+
+    def _ensure_loop(self) -> None:
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.get_running_loop().create_task(self._analysis_loop())
+
+    async def _analysis_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(TICK_FLOOR_S, self.ctl.state.analysis.interval_s))
+            try:
+                async with self.lock:
+                    await asyncio.to_thread(self.ctl.tick)
+            except Exception:  # noqa: BLE001 - keep analysing; the next tick retries
+                log.exception("rollout analysis tick failed")
+
+    async def _event(self, fn, *args) -> dict[str, Any]:
+        self._ensure_loop()
+        async with self.lock:
+            try:
+                await asyncio.to_thread(fn, *args)
+            except RolloutError as e:
+                return {"error": str(e)}
+        return self.ctl.status()
+
+    # ---- ingress --------------------------------------------------------------------------
+
+    async def ensure_base(self, base: dict[str, Any]) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self.ctl.ensure_base, Version(**base))
+
+    async def routing(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self.ctl.routing().to_dict()
+
+    async def record(self, outcomes: list[list]) -> None:
+        self.ctl.record([Outcome.from_list(o) for o in outcomes])
+
+    # ---- operator (the CLI) ---------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self.ctl.status()
+
+    async def start(
+        self, version: str, config: dict, strategy: dict, analysis: dict | None
+    ) -> dict[str, Any]:
+        return await self._event(
+            self.ctl.start,
+            version,
+            config,
+            Strategy(**{**strategy, "steps": tuple(strategy["steps"])}),
+            AnalysisConfig(**analysis) if analysis else None,
+        )
+
+    async def promote(self, full: bool = False) -> dict[str, Any]:
+        return await self._event(self.ctl.promote, full)
+
+    async def pause(self) -> dict[str, Any]:
+        return await self._event(self.ctl.pause)
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._event(self.ctl.resume)
+
+    async def abort(self) -> dict[str, Any]:
+        return await self._event(self.ctl.abort)
+
+    async def undo(self, to_version: str | None = None) -> dict[str, Any]:
+        return await self._event(self.ctl.undo, to_version)
+
+    async def tick(self) -> dict[str, Any]:
+        """One analysis now (tests and `rollout status --analyze`)."""
+        return await self._event(self.ctl.tick)
+
+
+def get_or_create_controller(app: str, base: Version):
+    """The app's controller, created detached on first use (by the app's ingress), and the ref
+    of its base registration (await it before routing)."""
+    spec = {"name": base.name, "model_path": base.model_path, "digest": base.digest}
+    actor = RolloutControllerActor.options(
+        name=controller_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(app, spec)
+    return actor, actor.ensure_base.remote(spec)
+
+
+def get_controller(app: str):
+    """The running controller of `app`, or a clear error when its app was never deployed."""
+    try:
+        return ray.get_actor(controller_name(app), namespace=NAMESPACE)
+    except ValueError:
+        raise RolloutError(
+            f"no moeserve app {app!r} on this cluster (its rollout controller is not running); "
+            "deploy it first, or pass --app"
+        ) from None

@@ -1,0 +1,240 @@
+"""`moeserve rollout start|status|promote|pause|resume|abort|undo`: the operator's commands.
+
+Each connects to the Ray cluster as a driver (`--address`, default $RAY_ADDRESS or the local
+cluster) and talks to the app's rollout controller actor (serve_app.rollout.actor). A candidate
+config is validated here, before anything is deployed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import AppConfig
+from serve_app.rollout.state import ACTIVE_PHASES, RolloutError
+
+WATCH_S = 2.0
+
+
+def add_rollout_args(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollout", help="canary / blue-green rollout of a new model version")
+    rsub = p.add_subparsers(dest="rollout_cmd", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = rsub.add_parser(name, help=help)
+        c.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS)")
+        c.add_argument("--app", default="moeserve", help="the Serve application (moeserve)")
+        c.add_argument("--json", action="store_true", help="print the status as JSON")
+        return c
+
+    s = command("start", "deploy a candidate version and start moving traffic to it")
+    s.add_argument("config", help="the candidate's app config (YAML; a Serve config works too)")
+    s.add_argument("--version", dest="version_name", help="version name (default: config's)")
+    s.add_argument("--strategy", choices=["canary", "bluegreen"], default=None)
+    s.add_argument("--steps", default=None, help="canary percents, e.g. 5,25,50,100")
+    s.add_argument("--interval", default=None, help="least time per step, e.g. 60s, 5m")
+    s.add_argument("--manual", action="store_true", help="wait for promote after each step")
+    w = command("status", "versions, weights and analysis results")
+    w.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
+    pr = command("promote", "next canary step (or the blue-green switch)")
+    pr.add_argument("--full", action="store_true", help="straight to 100%%")
+    command("pause", "stop stepping (analysis and rollback keep running)")
+    command("resume", "go on stepping")
+    command("abort", "all traffic back to the stable version")
+    u = command("undo", "make an earlier version stable again")
+    u.add_argument("--to", dest="to_version", default=None, help="version (default: previous)")
+    p.set_defaults(func=run_rollout)
+
+
+def run_rollout(args: argparse.Namespace) -> int:
+    try:
+        if args.rollout_cmd == "start":
+            call = _start_call(args)  # validated before connecting to anything
+        controller = _connect(args.address, args.app)
+        status = _dispatch(controller, args, call if args.rollout_cmd == "start" else None)
+    except (RolloutError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "error" in status:
+        print(f"error: {status['error']}", file=sys.stderr)
+        return 1
+    _show(status, args.json)
+    if args.rollout_cmd == "status" and args.watch:
+        return _watch(controller, args.json)
+    return 0
+
+
+def _dispatch(controller, args: argparse.Namespace, call: dict | None) -> dict[str, Any]:
+    import ray
+
+    cmd = args.rollout_cmd
+    if cmd == "start":
+        ref = controller.start.remote(**call)
+    elif cmd == "promote":
+        ref = controller.promote.remote(args.full)
+    elif cmd == "undo":
+        ref = controller.undo.remote(args.to_version)
+    else:
+        ref = getattr(controller, cmd).remote()
+    return ray.get(ref)
+
+
+def load_candidate(path: str, app: str, version: str | None) -> AppConfig:
+    """The candidate's AppConfig from a YAML file: plain app args, or a Serve config whose
+    application `app` (else its only one) holds them. Relative model paths resolve here."""
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a YAML mapping")
+    if "applications" in raw:
+        apps = raw["applications"]
+        chosen = [a for a in apps if a.get("name") == app] or (apps if len(apps) == 1 else [])
+        if not chosen:
+            raise ValueError(f"{path}: no application named {app!r}")
+        raw = chosen[0].get("args", {})
+    if version:
+        raw = {**raw, "version": version}
+    config = AppConfig.model_validate(raw)
+    model = Path(config.model).expanduser()
+    if not model.is_absolute():
+        if not (model / "config.json").is_file():
+            raise ValueError(f"model {config.model!r} is not a checkpoint directory here")
+        config = config.model_copy(update={"model": str(model.resolve())})
+    return config
+
+
+def _start_call(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_candidate(args.config, args.app, args.version_name)
+    r = config.rollout
+    updates: dict[str, Any] = {}
+    if args.strategy:
+        updates["strategy"] = args.strategy
+    if args.steps:
+        updates["steps"] = [int(x) for x in args.steps.split(",") if x.strip()]
+    if args.interval:
+        updates["interval_s"] = parse_duration(args.interval)
+    if args.manual:
+        updates["auto"] = False
+    r = type(r).model_validate({**r.model_dump(), **updates})
+    strategy = r.strategy_config()
+    return {
+        "version": config.version_name,
+        "config": config.model_dump(),
+        "strategy": {
+            "kind": strategy.kind,
+            "steps": list(strategy.steps),
+            "interval_s": strategy.interval_s,
+            "auto": strategy.auto,
+        },
+        "analysis": r.analysis.model_dump(),
+    }
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m)") from None
+
+
+def _connect(address: str | None, app: str):
+    import ray
+
+    from serve_app.rollout.actor import NAMESPACE, get_controller
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            logging_level="ERROR",
+            configure_logging=False,
+        )
+    except ConnectionError as e:
+        raise ValueError(f"cannot reach a Ray cluster at {address!r}: {e}") from None
+    return get_controller(app)
+
+
+def _watch(controller, as_json: bool) -> int:
+    import ray
+
+    try:
+        while True:
+            time.sleep(WATCH_S)
+            status = ray.get(controller.status.remote())
+            print()
+            _show(status, as_json)
+            if status["state"]["phase"] not in ACTIVE_PHASES:
+                return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+def _show(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return
+    print(format_status(status))
+
+
+def format_status(status: dict[str, Any]) -> str:
+    s = status["state"]
+    weights = dict((n, w) for n, w in s["weights"])
+    cand = (s["candidate"] or {}).get("name")
+    strategy = s["strategy"]
+    head = f"phase {s['phase']}"
+    if strategy and cand:
+        steps = strategy["steps"]
+        head += f" | {strategy['kind']}"
+        if strategy["kind"] == "canary":
+            head += f" step {s['step_index'] + 1}/{len(steps)} ({steps[s['step_index']]}%)"
+    if s["last_verdict"]:
+        head += f" | last analysis: {s['last_verdict']}"
+    rows = [("VERSION", "ROLE", "WEIGHT", "REQS", "ERRORS", "TTFT_P99", "E2E_P99", "APP")]
+    for name, m in status["metrics"].items():
+        role = (
+            "stable"
+            if name == s["stable"]["name"]
+            else "candidate"
+            if name == cand
+            else "retiring"
+            if name == (s["retiring"] or {}).get("name")
+            else "-"
+        )
+        rows.append(
+            (
+                name,
+                role,
+                f"{weights.get(name, 0)}%",
+                str(m["requests"]),
+                f"{m['error_rate']:.1%}",
+                _ms(m["ttft_p99_ms"]),
+                _ms(m["e2e_p99_ms"]),
+                status["apps"].get(name) or "(base)",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+    history = " -> ".join(h["version"]["name"] for h in s["history"])
+    lines = [head, table, f"reason: {s['reason']}", f"history: {history}"]
+    if status["rollbacks"]:
+        lines.append(f"rollbacks: {status['rollbacks']}")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}ms"
