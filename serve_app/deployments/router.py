@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
 from serve_app.config import AppConfig
@@ -37,6 +38,7 @@ class Router:
         return {
             "max_model_len": self.engine.engine.max_model_len,
             "expert_parallel_size": self.config.expert_parallel_size,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
         }
 
     async def generate(

@@ -36,4 +36,5 @@ class ExpertShardActor:
             "weight_bytes": self.shard.num_bytes(),
             "pid": os.getpid(),
             "device": str(self.shard.device),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
