@@ -1,0 +1,42 @@
+"""Host <-> device copies: on the CPU a plain tensor (nothing pinned, same values and dtype);
+on CUDA through pinned host memory (checked only where a GPU is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve_app.engine.transfer import pins_memory, tensor_to_device, to_device, to_host
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_only_cuda_devices_pin_memory():
+    assert not pins_memory(CPU)
+    assert pins_memory(torch.device("cuda")) == torch.cuda.is_available()
+
+
+def test_cpu_path_copies_nothing_and_pins_nothing():
+    t = torch.arange(6, dtype=torch.float32).view(2, 3)
+    assert to_device(t, CPU) is t
+    as_bf16 = to_device(t, CPU, torch.bfloat16)
+    assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16.float(), t)
+    assert to_host(t).data_ptr() == t.data_ptr()
+    ids = tensor_to_device([[1, 2], [3, 4]], CPU)
+    assert ids.dtype == torch.long and ids.tolist() == [[1, 2], [3, 4]]
+    assert not ids.is_pinned() and not to_host(ids).is_pinned()
+    assert tensor_to_device([], CPU).shape == (0,)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_path_round_trips_through_pinned_memory():
+    cuda = torch.device("cuda")
+    host = torch.randn(64, 32)
+    dev = to_device(host, cuda, torch.bfloat16)
+    assert dev.device.type == "cuda" and dev.dtype == torch.bfloat16
+    back = to_host(dev)
+    assert back.is_pinned() and torch.equal(back, dev.cpu())
+    ids = tensor_to_device(list(range(10)), cuda)
+    assert ids.device.type == "cuda" and ids.tolist() == list(range(10))
