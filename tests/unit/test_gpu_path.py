@@ -1,5 +1,5 @@
-"""Host <-> device copies: on the CPU a plain tensor (nothing pinned, same values and dtype);
-on CUDA through pinned host memory (checked only where a GPU is present)."""
+"""The GPU path's choices, checked on the CPU: host <-> device copies (plain tensors on the CPU,
+pinned memory on CUDA, checked only where a GPU is present) and the KV budget from free memory."""
 
 from __future__ import annotations
 
@@ -40,3 +40,13 @@ def test_cuda_path_round_trips_through_pinned_memory():
     assert back.is_pinned() and torch.equal(back, dev.cpu())
     ids = tensor_to_device(list(range(10)), cuda)
     assert ids.device.type == "cuda" and ids.tolist() == list(range(10))
+
+
+def test_gpu_kv_budget_is_free_memory_less_the_unused_share():
+    from serve_app.engine.platform import gpu_kv_budget
+
+    gib = 1 << 30
+    # 80 GiB device, 20 GiB of weights loaded: at 0.9 the process may hold 72 GiB in all
+    assert gpu_kv_budget(60 * gib, 80 * gib, 0.9) == 52 * gib
+    assert gpu_kv_budget(60 * gib, 80 * gib, 1.0) == 60 * gib
+    assert gpu_kv_budget(5 * gib, 80 * gib, 0.9) < 0  # no room: num_kv_blocks refuses it
