@@ -43,7 +43,7 @@ def wait_healthy(url: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -59,9 +59,15 @@ class Router:
             yield out
 
     async def health(self) -> dict:
+        """The engine's health; `degraded` (HTTP 503 on /health) while an expert shard does
+        not answer, e.g. no node has the resources to recreate it."""
         h = self.engine.health()
         if self.experts is not None:
             h["expert_shard_retries"] = self.experts.num_retries
+            down = await self.experts.unavailable_shards()
+            h["experts_unavailable"] = down
+            if down and h["status"] == "ok":
+                h["status"] = "degraded"
         return h
 
     def check_health(self) -> None:

@@ -30,6 +30,10 @@ class ExpertShardActor:
     ) -> np.ndarray:
         return self.shard.forward(layer, x, topk_ids, topk_weights)
 
+    def ping(self) -> bool:
+        """Liveness for the routers' health reports (queued behind forward calls)."""
+        return True
+
     def info(self) -> dict:
         return {
             "owned": self.shard.owned,
