@@ -45,7 +45,7 @@ case $role in
       head_ip=$(hostname -I | awk '{print $1}')
       export MOESERVE_REDIS_URL="redis://:${MOESERVE_REDIS_PASSWORD}@${head_ip}:${redis_port}/0"
     fi
-    ulimit -n 65536
+    ulimit -n 65536 || true
     exec ray start --head --port=6379 --object-manager-port=8076 \
       --autoscaling-config="$HOME/ray_bootstrap_config.yaml" --dashboard-host=0.0.0.0 \
       "${common[@]}"
@@ -53,9 +53,10 @@ case $role in
   worker)
     : "${RAY_HEAD_IP:?RAY_HEAD_IP is set by ray up}"
     if [[ -z ${MOESERVE_REDIS_URL:-} ]]; then
+      : "${MOESERVE_REDIS_PASSWORD:?set MOESERVE_REDIS_PASSWORD or MOESERVE_REDIS_URL}"
       export MOESERVE_REDIS_URL="redis://:${MOESERVE_REDIS_PASSWORD}@${RAY_HEAD_IP}:${redis_port}/0"
     fi
-    ulimit -n 65536
+    ulimit -n 65536 || true
     exec ray start --address="${RAY_HEAD_IP}:6379" --object-manager-port=8076 "${common[@]}"
     ;;
   *)
