@@ -52,7 +52,11 @@ def router_deployment(config: AppConfig) -> Deployment:
         name="router",
         **scaling,
         max_ongoing_requests=r.max_ongoing_requests,
-        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        ray_actor_options={
+            "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus,
+            "resources": dict(r.resources),
+        },
         health_check_period_s=10,
         deployment_actors=expert_shard_actors(config),
     )
@@ -76,7 +80,11 @@ def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
             name=shard_actor_name(i),
             actor_class=ExpertShardActor,
             init_args=(config.model, list(owned), device, config.engine.dtype, threads),
-            actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+            actor_options={
+                "num_cpus": e.num_cpus,
+                "num_gpus": e.num_gpus,
+                "resources": dict(e.resources),
+            },
         )
         for i, owned in enumerate(placement.shards)
     ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.engine.config import EngineConfig, KVStoreConfig
 from serve_app.rollout.state import AnalysisConfig, Strategy
@@ -79,6 +79,19 @@ class AutoscalingSettings(BaseModel):
         return self
 
 
+def _check_resources(resources: dict[str, float]) -> dict[str, float]:
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"use num_cpus / num_gpus, not resources.{name}")
+        if amount < 0:
+            raise ValueError(f"resources.{name} must be >= 0, got {amount}")
+    return resources
+
+
+# Custom Ray resources (beyond CPU/GPU) that pin actors to node types, e.g. {"router": 1}.
+PlacementResources = Annotated[dict[str, float], AfterValidator(_check_resources)]
+
+
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +105,11 @@ class RouterSettings(BaseModel):
         None, ge=1, description="Torch threads per router; default: num_cpus rounded, at least 1."
     )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one router accepts.")
+    resources: PlacementResources = Field(
+        default_factory=dict,
+        description="Custom Ray resources per router replica, e.g. {router: 1} to land on "
+        "router nodes.",
+    )
 
 
 class ExpertSettings(BaseModel):
@@ -111,6 +129,11 @@ class ExpertSettings(BaseModel):
     )
     call_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a shard, retries after its death included."
+    )
+    resources: PlacementResources = Field(
+        default_factory=dict,
+        description="Custom Ray resources per shard actor, e.g. {expert: 1} to land on "
+        "expert nodes.",
     )
 
 

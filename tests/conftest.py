@@ -32,3 +32,20 @@ def tiny_model(request) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_tiny() -> Path:
     return tiny_model_dir("qwen3_moe")
+
+
+def wait_healthy(url: str, timeout_s: float = 180) -> None:
+    """Poll `url`/health until it answers 200; raise if it does not within timeout_s."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Serve app at {url} did not become healthy in {timeout_s:.0f} s")

@@ -12,6 +12,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
 from serve_app.config import AppConfig
@@ -39,6 +40,7 @@ class Router:
         return {
             "max_model_len": self.engine.engine.max_model_len,
             "expert_parallel_size": self.config.expert_parallel_size,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
         }
 
     async def generate(
@@ -69,9 +71,15 @@ class Router:
             raise InjectedFaultError(f"fault injected in version {self.config.version_name}")
 
     async def health(self) -> dict:
+        """The engine's health; `degraded` (HTTP 503 on /health) while an expert shard does
+        not answer, e.g. no node has the resources to recreate it."""
         h = self.engine.health()
         if self.experts is not None:
             h["expert_shard_retries"] = self.experts.num_retries
+            down = await self.experts.unavailable_shards()
+            h["experts_unavailable"] = down
+            if down and h["status"] == "ok":
+                h["status"] = "degraded"
         return h
 
     def check_health(self) -> None:

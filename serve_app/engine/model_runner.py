@@ -14,6 +14,7 @@ from serve_app.engine.outputs import SamplerOutput
 from serve_app.engine.request import Request
 from serve_app.engine.sampler import Sampler
 from serve_app.engine.scheduler import SchedulerOutput
+from serve_app.engine.transfer import tensor_to_device, to_device
 from serve_app.model.config import ModelSpec
 from serve_app.model.decoder import CausalLM, MicroBatch
 from serve_app.model.layers.attention import (
@@ -113,7 +114,7 @@ class ModelRunner:
         parts = [self._build(sched, idx, block_ids) for idx in split]
         hidden = self.model.forward_micro_batches([p.batch for p in parts], self.kv_caches)
         rows = [
-            h[torch.tensor(p.sample_rows, dtype=torch.long, device=self.device)]
+            h[tensor_to_device(p.sample_rows, self.device)]
             for h, p in zip(hidden, parts, strict=True)
         ]
         sample_reqs = [r for p in parts for r in p.sample_reqs]
@@ -152,7 +153,7 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(end)
             else:
-                bt = torch.tensor(table[: -(-end // bs)], device=self.device)
+                bt = tensor_to_device(table[: -(-end // bs)], self.device)
                 slots = (bt[:, None] * bs + self._block_offsets).reshape(-1)
                 slot_parts.append(slots[start:end])
                 prefills.append(PrefillSeq(tok_off, n, end, bt if start > 0 else None))
@@ -164,14 +165,14 @@ class ModelRunner:
         for g in range(0, len(decode_lens), DECODE_GROUP_SIZE):
             lens = decode_lens[g : g + DECODE_GROUP_SIZE]
             max_blocks = -(-max(lens) // bs)
-            blocks = torch.tensor(
+            blocks = tensor_to_device(
                 [
                     t[:max_blocks] + [0] * (max_blocks - len(t))
                     for t in decode_tables[g : g + DECODE_GROUP_SIZE]
                 ],
-                device=self.device,
+                self.device,
             )
-            ctx = torch.tensor(lens, device=self.device)
+            ctx = tensor_to_device(lens, self.device)
             last_block = blocks.gather(1, ((ctx - 1) // bs)[:, None]).squeeze(1)
             slot_parts.insert(len(groups), last_block * bs + (ctx - 1) % bs)
             groups.append(DecodeGroup(g, blocks, ctx))
@@ -181,8 +182,8 @@ class ModelRunner:
             prefills=prefills,
             workspace=self._workspace,
         )
-        input_ids = torch.tensor(ids, device=self.device)
-        pos = torch.tensor(positions, device=self.device)
+        input_ids = tensor_to_device(ids, self.device)
+        pos = tensor_to_device(positions, self.device)
         return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs)
 
     # ---- whole-block copies for the shared prefix cache (L layers, n blocks) ----------------
@@ -190,15 +191,15 @@ class ModelRunner:
     @torch.inference_mode()
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """K/V of whole blocks, [n, L, 2, B, Hkv, D], on the cache's device and dtype."""
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = tensor_to_device(block_ids, self.device)
         return torch.stack([torch.stack((k[idx], v[idx]), 1) for k, v in self.kv_caches], 1)
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Overwrite whole blocks with kv [n, L, 2, B, Hkv, D] (any device, cast as needed)."""
-        idx = torch.tensor(block_ids, device=self.device)
+        idx = tensor_to_device(block_ids, self.device)
         k0 = self.kv_caches[0][0]
-        kv = kv.to(device=self.device, dtype=k0.dtype)
+        kv = to_device(kv, self.device, k0.dtype)
         for layer, (k, v) in enumerate(self.kv_caches):
             k.index_copy_(0, idx, kv[:, layer, 0])
             v.index_copy_(0, idx, kv[:, layer, 1])

@@ -30,10 +30,15 @@ class ExpertShardActor:
     ) -> np.ndarray:
         return self.shard.forward(layer, x, topk_ids, topk_weights)
 
+    def ping(self) -> bool:
+        """Liveness for the routers' health reports (queued behind forward calls)."""
+        return True
+
     def info(self) -> dict:
         return {
             "owned": self.shard.owned,
             "weight_bytes": self.shard.num_bytes(),
             "pid": os.getpid(),
             "device": str(self.shard.device),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serve_app.engine.transfer import to_device
 from serve_app.experts.placement import Placement
 
 
@@ -68,5 +69,5 @@ class Dispatcher:
         """Sum the shards' [Ts, D] answers into a [T, D] tensor shaped like `like`."""
         out = torch.zeros_like(like)
         for sl, y in parts:
-            out.index_add_(0, sl.token_idx, y.to(out.device, out.dtype))
+            out.index_add_(0, sl.token_idx, to_device(y, out.device, out.dtype))
         return out

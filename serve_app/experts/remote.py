@@ -8,6 +8,7 @@ after that the step fails with ExpertsUnavailableError (HTTP 503) instead of han
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from serve_app.engine.errors import ExpertsUnavailableError
 from serve_app.experts.base import ExpertExecutor, ExpertFuture
@@ -73,6 +74,22 @@ class RemoteExperts(ExpertExecutor):
                     ) from None
                 time.sleep(self.retry_interval_s)
         return self._handles[shard]
+
+    async def unavailable_shards(self, timeout_s: float = 2.0) -> list[int]:
+        """Shards that do not answer a ping within timeout_s: dead, being recreated, or
+        waiting for a node with the resources they need. For health reports, not the step."""
+
+        async def down(shard: int) -> bool:
+            try:
+                handle = self._handles[shard] or self._resolve(shard)
+                await asyncio.wait_for(handle.ping.remote(), timeout_s)
+                return False
+            except (ValueError, RayError, asyncio.TimeoutError):
+                self._handles[shard] = None  # the step re-resolves it by name
+                return True
+
+        flags = await asyncio.gather(*(down(s) for s in range(len(self._handles))))
+        return [s for s, is_down in enumerate(flags) if is_down]
 
     def _wait(self, layer: int, sl: ShardSlice, ref, deadline: float) -> torch.Tensor:
         while True:

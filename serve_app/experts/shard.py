@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from serve_app.engine.transfer import to_device, to_host
 from serve_app.experts.local import run_experts
 from serve_app.model.loader import load_expert_shard
 
@@ -27,9 +28,9 @@ class ExpertShard:
         self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray
     ) -> np.ndarray:
         """x [Ts, D], ids [Ts, K] (-1 = not this shard's slot), weights [Ts, K] -> [Ts, D]."""
-        xt = as_tensor(x).to(self.device, self.dtype)
-        ids = as_tensor(topk_ids).to(self.device)
-        w = as_tensor(topk_weights).to(self.device)
+        xt = to_device(as_tensor(x), self.device, self.dtype)
+        ids = to_device(as_tensor(topk_ids), self.device)
+        w = to_device(as_tensor(topk_weights), self.device)
         y = run_experts(self.layers[layer], xt, ids, w)
         return to_numpy(y)
 
@@ -43,6 +44,9 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """The wire form: float32 (numpy has no bfloat16) or the integer dtype, on the CPU."""
-    t = t.detach().to("cpu")
+    """The wire form: float32 (numpy has no bfloat16) or the integer dtype, on the CPU.
+
+    From CUDA the copy goes through pinned memory (serve_app.engine.transfer); bf16 is
+    widened on the host, so the device-to-host copy moves half the bytes."""
+    t = to_host(t)
     return (t if not t.is_floating_point() else t.float()).numpy()

@@ -19,6 +19,7 @@ from serve_app.engine.config import KVStoreConfig
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.request import Request
 from serve_app.engine.scheduler import ExternalLoad
+from serve_app.engine.transfer import to_host
 from serve_app.kvstore.codec import KVLayout
 from serve_app.kvstore.embedded import EmbeddedRedis
 from serve_app.kvstore.redis_tier import RedisKVTier
@@ -92,7 +93,7 @@ class SharedPrefixCache:
             kv = kv.float()
         elif kv.dtype == torch.bfloat16:
             kv = kv.view(torch.int16)
-        arr = kv.cpu().numpy()
+        arr = to_host(kv).numpy()
         if arr.dtype == np.int16:
             arr = arr.view(np.uint16)
         self.tier.publish([(h, arr[i]) for i, (_, h) in enumerate(new_blocks)])

@@ -20,6 +20,14 @@ from serve_app.procs import pid_alive, stop_session
 RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
 PID_FILE = RUN_DIR / "server.pid"
 LOG_FILE = RUN_DIR / "server.log"
+ADDRESS_FILE = RUN_DIR / "ray_address"  # the GCS address of the Ray that `--ray` started
+
+
+def local_ray_address() -> str | None:
+    """The Ray cluster of the server `make run` started from this directory, if it runs."""
+    if pid_alive(_read_pid()) and ADDRESS_FILE.is_file():
+        return ADDRESS_FILE.read_text().strip() or None
+    return None
 STOP_TIMEOUT_S = 60
 
 

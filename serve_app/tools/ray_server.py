@@ -47,6 +47,7 @@ def run_ray_server(args: argparse.Namespace) -> int:
 
     from serve_app.builder import build_app
     from serve_app.config import REDIS_URL_ENV
+    from serve_app.tools.local_server import ADDRESS_FILE
 
     num_cpus = os.cpu_count() or 1
     config = app_config(args, num_cpus)
@@ -63,6 +64,8 @@ def run_ray_server(args: argparse.Namespace) -> int:
         dashboard_port=args.dashboard_port if args.dashboard else None,
         log_to_driver=False,
     )
+    ADDRESS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    ADDRESS_FILE.write_text(ray.get_runtime_context().gcs_address)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(config), name="moeserve", route_prefix="/", blocking=False)
@@ -74,4 +77,5 @@ def run_ray_server(args: argparse.Namespace) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
+            ADDRESS_FILE.unlink(missing_ok=True)
     return 0

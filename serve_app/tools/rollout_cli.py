@@ -29,7 +29,11 @@ def add_rollout_args(sub: argparse._SubParsersAction) -> None:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         c = rsub.add_parser(name, help=help)
-        c.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS)")
+        c.add_argument(
+            "--address",
+            default=None,
+            help="Ray address; default: $RAY_ADDRESS, else the Ray of `make run`, else auto",
+        )
         c.add_argument("--app", default="moeserve", help="the Serve application (moeserve)")
         c.add_argument("--json", action="store_true", help="print the status as JSON")
         return c
@@ -152,8 +156,9 @@ def _connect(address: str | None, app: str):
     import ray
 
     from serve_app.rollout.actor import NAMESPACE, get_controller
+    from serve_app.tools.local_server import local_ray_address
 
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    address = address or os.environ.get("RAY_ADDRESS") or local_ray_address() or "auto"
     try:
         ray.init(
             address=address,

@@ -7,7 +7,6 @@ Ray is started by the fixture (ray.init) and shut down by it: only what the test
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,11 @@ class ServeApp:
 
 @pytest.fixture(scope="session")
 def serve_app(tmp_path_factory) -> ServeApp:
-    import httpx
     import ray
     from ray import serve
 
     from serve_app.builder import build_app
-    from tests.conftest import free_port, tiny_model_dir
+    from tests.conftest import free_port, tiny_model_dir, wait_healthy
 
     model = tiny_model_dir("qwen3_moe")
     port = free_port()
@@ -50,16 +48,7 @@ def serve_app(tmp_path_factory) -> ServeApp:
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("Serve app did not become healthy")
+    wait_healthy(url, timeout_s=180)
     yield ServeApp(url, model)
     serve.shutdown()
     ray.shutdown()

@@ -62,3 +62,30 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
     assert remote.stats().kv_blocks_used == 0
     for a in actors:
         ray_cluster.kill(a)
+
+
+def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen3_tiny):
+    import asyncio
+
+    from serve_app.experts.actor import ExpertShardActor
+
+    model = str(qwen3_tiny)
+    placement = place_experts(load_model_spec(model).num_experts, 2)
+    actors = [
+        ExpertShardActor.options(num_cpus=0).remote(model, list(s), "cpu", "float32", 1)
+        for s in placement.shards
+    ]
+    ray_cluster.get([a.ping.remote() for a in actors], timeout=300)  # started (slow on 2 cores)
+    gone = {1}  # shard 1 is "being recreated": not registered under its name
+
+    def resolve(shard: int):
+        if shard in gone:
+            raise ValueError("not registered")
+        return actors[shard]
+
+    remote = RemoteExperts(placement, resolve)
+    assert asyncio.run(remote.unavailable_shards(timeout_s=10)) == [1]
+    ray_cluster.kill(actors[0], no_restart=True)
+    gone.clear()
+    assert asyncio.run(remote.unavailable_shards(timeout_s=10)) == [0]
+    ray_cluster.kill(actors[1])

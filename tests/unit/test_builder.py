@@ -51,3 +51,31 @@ def test_micro_batches_default_to_ping_pong_only_with_gpu_shards(qwen3_tiny):
     )
     assert cpu.engine_config().num_micro_batches == 1
     assert gpu.engine_config().num_micro_batches == 2
+
+
+def test_placement_resources_reach_routers_and_shards(qwen3_tiny):
+    app = build_app(
+        {
+            "model": str(qwen3_tiny),
+            "expert_parallel_size": 2,
+            "router": {"num_gpus": 1, "resources": {"router": 1}},
+            "experts": {"num_gpus": 0.5, "resources": {"expert": 1}},
+        }
+    )
+    router = _router(app)
+    opts = router._replica_config.ray_actor_options
+    assert (opts["num_gpus"], opts["resources"]) == (1, {"router": 1})
+    for shard in router._deployment_config.deployment_actors:
+        assert shard.actor_options["num_gpus"] == 0.5
+        assert shard.actor_options["resources"] == {"expert": 1}
+        assert shard.init_args[2] == "cuda"  # shards with GPUs run their experts there
+    plain = _router(build_app({"model": str(qwen3_tiny)}))
+    assert plain._replica_config.ray_actor_options["resources"] == {}
+
+
+@pytest.mark.parametrize("resources", [{"CPU": 2}, {"GPU": 1}, {"router": -1}])
+def test_placement_resources_are_checked(resources):
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": "m", "router": {"resources": resources}})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": "m", "experts": {"resources": resources}})
