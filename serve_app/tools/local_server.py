@@ -28,6 +28,8 @@ def local_ray_address() -> str | None:
     if pid_alive(_read_pid()) and ADDRESS_FILE.is_file():
         return ADDRESS_FILE.read_text().strip() or None
     return None
+
+
 STOP_TIMEOUT_S = 60
 
 

@@ -153,12 +153,19 @@ def parse_duration(text: str) -> float:
 
 
 def _connect(address: str | None, app: str):
-    import ray
-
-    from serve_app.rollout.actor import NAMESPACE, get_controller
     from serve_app.tools.local_server import local_ray_address
 
     address = address or os.environ.get("RAY_ADDRESS") or local_ray_address() or "auto"
+    # NOTE: Ray 2.60 turns token auth on for every local `ray.init()` cluster (make run's), but
+    # a driver that joins one sends its token only in token mode; the CLI would then be
+    # refused. Join in token mode when a token is there, as `ray` itself does on start.
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray/auth_token").is_file()
+    if has_token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray  # after RAY_AUTH_MODE: Ray reads it once
+
+    from serve_app.rollout.actor import NAMESPACE, get_controller
+
     try:
         ray.init(
             address=address,
