@@ -26,6 +26,7 @@ from serve_app.api.protocol import (
 from serve_app.api.streaming import merge_streams, sse
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
+from serve_app.metrics.http import install_metrics, observe_stream
 
 
 def api_keys_from_env() -> frozenset[str]:
@@ -39,6 +40,7 @@ def create_app(client: EngineClient, api_keys: frozenset[str] | None = None) -> 
     install_error_handlers(app)
     keys = api_keys_from_env() if api_keys is None else api_keys
     app.include_router(build_router(client, keys))
+    install_metrics(app, version=client.model_name)  # GET /metrics; times the routes above
     return app
 
 
@@ -152,7 +154,7 @@ async def _respond(
     streams: list[AsyncIterator[RequestOutput]],
     kind: render.Renderer,
 ):
-    merged = merge_streams(streams)
+    merged = observe_stream(request, merge_streams(streams))
     if stream:
         return StreamingResponse(
             _sse_events(merged, kind, include_usage), media_type="text/event-stream"

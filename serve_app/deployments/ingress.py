@@ -17,6 +17,7 @@ from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+from serve_app.metrics import use_ray_metrics
 
 
 class RemoteEngineClient:
@@ -60,6 +61,7 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, config: AppConfig):
         self.router = router
         self.config = config
+        use_ray_metrics()  # this replica's request metrics go to its node's Ray metrics agent
 
     async def __serve_build_asgi_app__(self):
         info = await self.router.info.remote()
