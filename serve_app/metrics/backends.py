@@ -126,7 +126,9 @@ class RayBackend(Backend):
 
         urls = await asyncio.to_thread(agent_urls)
         pages = await asyncio.gather(*(asyncio.to_thread(self._fetch, u) for u in urls))
-        return merge_ray_expositions([p for p in pages if p], SERVE_PASSTHROUGH)
+        # off the event loop: an agent's page is hundreds of KB of Ray's own metrics
+        pages = [p for p in pages if p]
+        return await asyncio.to_thread(merge_ray_expositions, pages, SERVE_PASSTHROUGH)
 
     def _fetch(self, url: str) -> str:
         try:

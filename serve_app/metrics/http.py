@@ -9,14 +9,18 @@ sets its `version` there.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from serve_app.metrics.recorder import Metrics, get_metrics
+
+log = logging.getLogger(__name__)
 
 SCOPE_KEY = "moeserve.metrics"
 UNTIMED_ROUTES = frozenset({"/metrics", "/health"})  # probes would swamp the latency figures
@@ -87,8 +91,9 @@ class RequestMetricsMiddleware:
                 code = "500" if status is None else str(status) if done else CLIENT_CLOSED
                 labels = {"version": ctx.version, "route": route, "code": code}
                 elapsed = time.perf_counter() - ctx.start
-                ctx.metrics.inc("moeserve_requests_total", 1, **labels)
-                ctx.metrics.observe("moeserve_request_duration_seconds", elapsed, **labels)
+                with _never_fail():
+                    ctx.metrics.inc("moeserve_requests_total", 1, **labels)
+                    ctx.metrics.observe("moeserve_request_duration_seconds", elapsed, **labels)
 
 
 async def observe_stream(request: Request, merged: AsyncIterator) -> AsyncIterator:
@@ -113,13 +118,27 @@ async def observe_stream(request: Request, merged: AsyncIterator) -> AsyncIterat
         await merged.aclose()
         route = matched_route(request.scope)
         if ctx is not None and route is not None:
-            labels = {"version": ctx.version, "route": route}
-            m = ctx.metrics
-            m.inc("moeserve_prompt_tokens_total", sum(prompt.values()), **labels)
-            m.inc("moeserve_generation_tokens_total", sum(generated.values()), **labels)
-            if first is not None:
-                m.observe("moeserve_time_to_first_token_seconds", first - ctx.start, **labels)
-                longest = max(generated.values())
-                if longest > 1:
-                    tpot = (last - first) / (longest - 1)
-                    m.observe("moeserve_time_per_output_token_seconds", tpot, **labels)
+            _record_generation(ctx, route, prompt, generated, first, last)
+
+
+def _record_generation(ctx: RequestMetrics, route: str, prompt, generated, first, last) -> None:
+    labels = {"version": ctx.version, "route": route}
+    m = ctx.metrics
+    with _never_fail():
+        m.inc("moeserve_prompt_tokens_total", sum(prompt.values()), **labels)
+        m.inc("moeserve_generation_tokens_total", sum(generated.values()), **labels)
+        if first is not None:
+            m.observe("moeserve_time_to_first_token_seconds", first - ctx.start, **labels)
+            longest = max(generated.values())
+            if longest > 1:
+                tpot = (last - first) / (longest - 1)
+                m.observe("moeserve_time_per_output_token_seconds", tpot, **labels)
+
+
+@contextmanager
+def _never_fail():
+    """A metric that cannot be recorded is logged; the request it describes is not harmed."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001
+        log.warning("recording request metrics failed", exc_info=True)
