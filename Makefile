@@ -15,7 +15,11 @@ REDIS_URL ?=
 DASHBOARD ?=
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
 
-.PHONY: install model test-models test test-fast lint bench bench-serve bench-vllm-venv run stop clean
+PROM_DIR := $(VENV)/prometheus
+PROMETHEUS := $(PROM_DIR)/usr/bin/prometheus
+
+.PHONY: install model test-models prometheus test test-fast lint bench bench-serve bench-vllm-venv \
+	run stop clean
 
 install: $(VENV)/.installed
 
@@ -38,10 +42,21 @@ test-models: install $(TEST_MODELS)
 models/test/%-tiny-s0/config.json: | install
 	$(MOESERVE) make-model --arch $* --preset tiny --seed 0 --out models/test/$*-tiny-s0
 
-test: install test-models
+# prometheus + promtool from Debian's package, unpacked, not installed (no service, no root once
+# apt's lists exist; .ci/run makes sure they do). The metrics tests run both binaries.
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	rm -rf $(PROM_DIR).tmp && mkdir -p $(PROM_DIR).tmp
+	cd $(PROM_DIR).tmp && apt-get download -q prometheus
+	dpkg -x $(PROM_DIR).tmp/prometheus_*.deb $(PROM_DIR).tmp/root
+	rm -rf $(PROM_DIR) && mv $(PROM_DIR).tmp/root $(PROM_DIR) && rm -rf $(PROM_DIR).tmp
+	test -x $@ && touch $@
+
+test: install test-models prometheus
 	$(PY) -m pytest -q
 
-test-fast: install test-models
+test-fast: install test-models prometheus
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install

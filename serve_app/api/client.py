@@ -29,6 +29,7 @@ class RouteHint:
 
 class EngineClient(Protocol):
     model_name: str
+    version: str  # the model version requests are labelled with unless routing picks another
     tokenizer: Any
     max_model_len: int
 
@@ -49,6 +50,7 @@ class LocalEngineClient:
     def __init__(self, engine: AsyncLLMEngine, model_name: str):
         self.engine = engine
         self.model_name = model_name
+        self.version = model_name
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
 

@@ -26,6 +26,7 @@ from serve_app.api.protocol import (
 from serve_app.api.streaming import merge_streams, sse
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
+from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
 from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 
 
@@ -40,6 +41,7 @@ def create_app(client: EngineClient, api_keys: frozenset[str] | None = None) -> 
     install_error_handlers(app)
     keys = api_keys_from_env() if api_keys is None else api_keys
     app.include_router(build_router(client, keys))
+    install_metrics(app, version=client.version)  # GET /metrics; times the routes above
     return app
 
 
@@ -163,8 +165,11 @@ async def _respond(
     kind: render.Renderer,
     hint: RouteHint,
 ):
-    merged = merge_streams(streams)
-    headers = {PIN_HEADER: hint.served} if hint.served else None
+    merged = observe_stream(request, merge_streams(streams))
+    headers = None
+    if hint.served:
+        headers = {PIN_HEADER: hint.served}
+        set_request_version(request, hint.served)
     if stream:
         return StreamingResponse(
             _sse_events(merged, kind, include_usage),

@@ -24,6 +24,7 @@ from serve_app.deployments.versions import VersionRouter
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.actor import get_or_create_controller
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
@@ -37,6 +38,7 @@ class RemoteEngineClient:
     def __init__(self, versions: VersionRouter, config: AppConfig, max_model_len: int):
         self.versions = versions
         self.model_name = config.model_name
+        self.version = versions.base
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = max_model_len
 
@@ -128,6 +130,7 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, config: AppConfig):
         self.router = router
         self.config = config
+        use_ray_metrics()  # this replica's request metrics go to its node's Ray metrics agent
 
     async def __serve_build_asgi_app__(self):
         info = await self.router.info.remote()

@@ -21,6 +21,8 @@ from serve_app.engine.errors import EngineError, InjectedFaultError
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import Placement, place_experts
 from serve_app.experts.remote import RemoteExperts
+from serve_app.metrics import use_ray_metrics
+from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,11 @@ class Router:
         self.config = config
         self.experts = remote_experts(config) if config.expert_parallel_size else None
         self.engine = AsyncLLMEngine.from_config(config.engine_config(), self.experts)
+        replica = serve.get_replica_context().replica_id.unique_id
+        shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
+        self.metrics_reporter = start_engine_reporter(
+            use_ray_metrics(), self.engine, config.model_name, replica, shard_tokens
+        )
 
     async def info(self) -> dict:
         return {

@@ -31,6 +31,7 @@ from serve_app.experts.base import ExpertExecutor
 from serve_app.kvstore.stats import KVStoreStats
 from serve_app.model.config import load_model_spec
 from serve_app.model.digest import model_digest
+from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class EngineStats:
     prefix_remote_queried_tokens: int = 0  # shared (Redis) tier, after the local hit
     prefix_remote_hit_tokens: int = 0
     kv_store: KVStoreStats | None = None
+    expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
 
 
 class LLMEngine:
@@ -87,6 +89,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self.model = load_model(config.model, self.device, self.dtype, self.spec, experts)
+        self.expert_token_counts = count_expert_tokens(self.model, self.spec.num_experts)
         num_blocks = num_kv_blocks(
             config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
         )
@@ -318,6 +321,11 @@ class LLMEngine:
             prefix_queried_tokens=self.kv.num_queried_tokens,
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            expert_tokens=(
+                tuple(self.expert_token_counts.tolist())
+                if self.expert_token_counts is not None
+                else ()
+            ),
             **self._shared_kv_stats(),
         )
 

@@ -15,6 +15,8 @@ import torch
 
 from serve_app.engine.platform import resolve_device, resolve_dtype
 from serve_app.experts.shard import ExpertShard
+from serve_app.metrics import use_ray_metrics
+from serve_app.metrics.reporter import PeriodicReporter, record_memory
 
 
 @ray.remote
@@ -24,6 +26,8 @@ class ExpertShardActor:
         torch.set_num_threads(max(1, num_threads))
         dev = resolve_device(device)
         self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
+        metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
+        self.metrics_reporter = PeriodicReporter(lambda: record_memory(metrics), 2.0, "memory")
 
     def forward(
         self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray

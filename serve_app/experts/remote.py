@@ -44,6 +44,7 @@ class RemoteExperts(ExpertExecutor):
         self._resolve = resolve
         self._handles: list[Any] = [None] * placement.num_shards
         self.num_retries = 0  # shard calls re-sent after an actor death
+        self.shard_tokens = [0] * placement.num_shards  # tokens sent per shard (all layers)
 
     @property
     def is_remote(self) -> bool:
@@ -56,6 +57,8 @@ class RemoteExperts(ExpertExecutor):
         slices = self.dispatcher.split(x, topk_ids, topk_weights)
         deadline = time.monotonic() + self.call_timeout_s
         refs = [self._send(layer, sl, deadline) for sl in slices]
+        for sl in slices:
+            self.shard_tokens[sl.shard] += len(sl.x)
         return _RemoteFuture(self, layer, x, slices, refs, deadline)
 
     def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef:

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.controller import RolloutController
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome
@@ -78,9 +79,25 @@ class RolloutControllerActor:
     """Serialises every state change; runs the analysis every analysis.interval_s."""
 
     def __init__(self, app: str, base: dict[str, Any]):
+        self.app = app
         self.ctl = RolloutController(Version(**base), GcsStateStore(app), ServeDeployer(app))
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
+        self.metrics = use_ray_metrics()
+        self.reported_rollbacks = dict(self.ctl.rollbacks)  # counted by an earlier process
+
+    def _publish(self) -> None:
+        """Weights and phase as gauges (re-sent each interval: Ray drops silent gauges), and
+        new rollbacks as counter increments."""
+        s = self.ctl.state
+        try:
+            self.metrics.record_rollout(self.app, s.weight_map(), s.phase)
+            for reason, n in self.ctl.rollbacks.items():
+                for _ in range(n - self.reported_rollbacks.get(reason, 0)):
+                    self.metrics.record_rollback(self.app, reason)
+            self.reported_rollbacks = dict(self.ctl.rollbacks)
+        except Exception:  # noqa: BLE001 - metrics never stop a rollout
+            log.exception("rollout metrics failed")
 
     def _ensure_loop(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -92,6 +109,7 @@ class RolloutControllerActor:
             try:
                 async with self.lock:
                     await asyncio.to_thread(self.ctl.tick)
+                    self._publish()
             except Exception:  # noqa: BLE001 - keep analysing; the next tick retries
                 log.exception("rollout analysis tick failed")
 
@@ -102,6 +120,8 @@ class RolloutControllerActor:
                 await asyncio.to_thread(fn, *args)
             except RolloutError as e:
                 return {"error": str(e)}
+            finally:
+                self._publish()
         return self.ctl.status()
 
     # ---- ingress --------------------------------------------------------------------------

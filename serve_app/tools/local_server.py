@@ -70,6 +70,8 @@ def run_server(args: argparse.Namespace) -> int:
     from serve_app.api.routes import create_app
     from serve_app.engine.async_engine import AsyncLLMEngine
     from serve_app.engine.config import EngineConfig
+    from serve_app.metrics import get_metrics
+    from serve_app.metrics.reporter import start_engine_reporter
 
     engine = AsyncLLMEngine.from_config(
         EngineConfig(
@@ -81,7 +83,9 @@ def run_server(args: argparse.Namespace) -> int:
     )
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(LocalEngineClient(engine, name))
+    reporter = start_engine_reporter(get_metrics(), engine, name, "local")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    reporter.stop()
     engine.shutdown()
     return 0
 

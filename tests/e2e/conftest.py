@@ -34,6 +34,9 @@ def serve_app(tmp_path_factory) -> ServeApp:
     # A killed expert shard is noticed at the controller's next health check of it; poll
     # every second (default 10 s) so the recovery test stays short. Read at Ray start-up.
     os.environ["RAY_SERVE_DEPLOYMENT_ACTOR_HEALTH_CHECK_PERIOD_S"] = "1"
+    # Processes send their metrics to the node agent every second (default 10 s), so the
+    # metrics tests see a request on /metrics within a few seconds. Read at Ray start-up.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.prom import prom_binary
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "manifests" / "alerts.yaml"
@@ -50,8 +50,8 @@ def test_alert_metrics_are_in_the_metrics_contract():
     assert used <= documented, sorted(used - documented)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not on PATH")
 def test_promtool_checks_and_unit_tests_pass():
+    promtool = prom_binary("promtool")
     for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERTS_TEST)]):
-        out = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr

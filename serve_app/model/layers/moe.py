@@ -42,6 +42,7 @@ class SparseMoeBlock(nn.Module):
             )
             self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
         self.experts: ExpertExecutor | None = None  # attached after weights are loaded
+        self.token_counts: torch.Tensor | None = None  # [E] shared by all layers, see below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.submit(x).result()
@@ -50,11 +51,26 @@ class SparseMoeBlock(nn.Module):
         """Route and start the experts; the shared expert runs here while they work."""
         ids, weights = route(self.gate(x), self.top_k, self.renormalize)
         assert self.experts is not None, "experts not attached"
+        if self.token_counts is not None:
+            self.token_counts += torch.bincount(ids.flatten(), minlength=len(self.token_counts))
         routed = self.experts.submit(self.layer_idx, x, ids, weights)
         if self.shared_expert is None:
             return routed
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return _PlusShared(routed, shared)
+
+
+def count_expert_tokens(model: nn.Module, num_experts: int) -> torch.Tensor | None:
+    """Make every MoE layer of `model` add its routed tokens per expert into one [E] tensor
+    (summed over layers and top-k slots) and return it; None for a dense model."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if not blocks:
+        return None
+    device = blocks[0].gate.weight.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    for b in blocks:
+        b.token_counts = counts
+    return counts
 
 
 class _PlusShared(ExpertFuture):
