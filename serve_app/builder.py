@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import DeploymentActorConfig
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, AutoscalingSettings
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.router import Router, expert_placement, shard_actor_name
 from serve_app.experts.actor import ExpertShardActor
@@ -26,15 +26,11 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     config = _absolute_model_path(config)
     r = config.router
-    scaling = (
-        {"num_replicas": r.num_replicas}
-        if r.autoscaling is None
-        else {"autoscaling_config": r.autoscaling.model_dump()}
-    )
     router = serve.deployment(Router).options(
         name="router",
-        **scaling,
+        **router_scaling(r.num_replicas, r.autoscaling),
         max_ongoing_requests=r.max_ongoing_requests,
+        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         health_check_period_s=10,
         deployment_actors=expert_shard_actors(config),
@@ -43,6 +39,32 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
     )
     return ingress.bind(router.bind(config), config)
+
+
+# The router policy: a class, because Serve 2.60 passes policy_kwargs to classes only.
+ROUTER_POLICY = "autoscaling.policy:ServePolicy"
+
+
+def router_scaling(num_replicas: int, autoscaling: AutoscalingSettings | None) -> dict[str, Any]:
+    """Serve deployment options: a fixed count, or the LLM-signal policy with the app's knobs.
+
+    NOTE: Serve wraps every custom policy with its own upscale/downscale delays (defaults 30 s
+    and 600 s); they are set to 0 because the policy does its own cooldown and hysteresis.
+    """
+    if autoscaling is None:
+        return {"num_replicas": num_replicas}
+    a = autoscaling
+    return {
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "look_back_period_s": a.look_back_period_s,
+            "metrics_interval_s": a.metrics_interval_s,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+            "policy": {"policy_function": ROUTER_POLICY, "policy_kwargs": a.policy_kwargs()},
+        }
+    }
 
 
 def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:

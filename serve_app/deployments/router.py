@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
@@ -31,7 +32,12 @@ class Router:
     def __init__(self, config: AppConfig):
         self.config = config
         self.experts = remote_experts(config) if config.expert_parallel_size else None
-        self.engine = AsyncLLMEngine.from_config(config.engine_config(), self.experts)
+        scaling = config.router.autoscaling
+        self.engine = AsyncLLMEngine.from_config(
+            config.engine_config(),
+            self.experts,
+            ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
+        )
 
     async def info(self) -> dict:
         return {
@@ -62,10 +68,25 @@ class Router:
             h["expert_shard_retries"] = self.experts.num_retries
         return h
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: this replica's load for autoscaling.policy (the TTFT key
+        is left out while no request started within the TTFT window)."""
+        return load_signals(self.engine).to_stats()
+
     def check_health(self) -> None:
         """Serve's replica health check: a dead engine loop makes Serve replace the replica."""
         if self.engine.dead_error is not None:
             raise RuntimeError(f"engine loop died: {self.engine.dead_error}")
+
+
+def load_signals(engine: AsyncLLMEngine) -> RouterSignals:
+    s = engine.stats()
+    return RouterSignals(
+        waiting=engine.num_queued,
+        running=s.num_running,
+        kv_use=s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else None,
+        ttft_p90_ms=engine.ttft_quantile(0.9),
+    )
 
 
 def expert_placement(config: AppConfig) -> Placement:
