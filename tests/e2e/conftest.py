@@ -1,6 +1,8 @@
-"""One real local Ray cluster + Serve app for the end-to-end tests (session scope).
+"""One real local Ray cluster + Serve for the end-to-end tests (session scope), and the app.
 
-The app runs with expert_parallel_size 2: two expert shard actors, shared by the router.
+`serve_app` runs with expert_parallel_size 2: two expert shard actors, shared by the router.
+Other modules deploy their own application on the same Ray and Serve (`ray_serve`), under
+another name and route prefix, and delete it when done.
 Ray is started by the fixture (ray.init) and shut down by it: only what the test started.
 """
 
@@ -22,22 +24,52 @@ class ServeApp:
     model: Path
 
 
+@dataclass(frozen=True)
+class RayServe:
+    url: str  # the Serve HTTP proxy; each app has its own route prefix
+
+
 @pytest.fixture(scope="session")
-def serve_app(tmp_path_factory) -> ServeApp:
-    import httpx
+def ray_serve() -> RayServe:
+    """One local Ray + Serve for every e2e test module; each deploys its own application."""
     import ray
     from ray import serve
 
-    from serve_app.builder import build_app
-    from tests.conftest import free_port, tiny_model_dir
+    from tests.conftest import free_port
 
-    model = tiny_model_dir("qwen3_moe")
     port = free_port()
     # A killed expert shard is noticed at the controller's next health check of it; poll
     # every second (default 10 s) so the recovery test stays short. Read at Ray start-up.
     os.environ["RAY_SERVE_DEPLOYMENT_ACTOR_HEALTH_CHECK_PERIOD_S"] = "1"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield RayServe(f"http://127.0.0.1:{port}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_until_serving(url: str, path: str = "/health", timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Serve app at {url} did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_serve: RayServe) -> ServeApp:
+    from ray import serve
+
+    from serve_app.builder import build_app
+    from tests.conftest import tiny_model_dir
+
+    model = tiny_model_dir("qwen3_moe")
     app = build_app(
         {
             "model": str(model),
@@ -49,17 +81,6 @@ def serve_app(tmp_path_factory) -> ServeApp:
         }
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("Serve app did not become healthy")
-    yield ServeApp(url, model)
-    serve.shutdown()
-    ray.shutdown()
+    wait_until_serving(ray_serve.url)
+    yield ServeApp(ray_serve.url, model)
+    serve.delete("moeserve")
