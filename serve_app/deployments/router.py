@@ -68,6 +68,18 @@ class Router:
             h["expert_shard_retries"] = self.experts.num_retries
         return h
 
+    async def expert_load(self) -> dict | None:
+        """Tokens this router routed to each expert and each shard since it started (summed
+        over MoE layers); None with in-process experts. For rebalancing and metrics."""
+        if self.experts is None:
+            return None
+        load = self.experts.load.snapshot()
+        return {
+            "placement": [list(s) for s in self.experts.placement.shards],
+            "expert_tokens": list(load.expert_tokens),
+            "shard_tokens": list(load.shard_tokens),
+        }
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaling hook: this replica's load for autoscaling.policy (the TTFT key
         is left out while no request started within the TTFT window)."""

@@ -30,6 +30,12 @@ class ExpertShardActor:
     ) -> np.ndarray:
         return self.shard.forward(layer, x, topk_ids, topk_weights)
 
+    def add_experts(self, experts: list[int]) -> list[int]:
+        return self.shard.add_experts(experts)
+
+    def drop_experts(self, experts: list[int]) -> list[int]:
+        return self.shard.drop_experts(experts)
+
     def info(self) -> dict:
         return {
             "owned": self.shard.owned,
