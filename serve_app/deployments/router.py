@@ -80,7 +80,7 @@ class Router:
             "shard_tokens": list(load.shard_tokens),
         }
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaling hook: this replica's load for autoscaling.policy (the TTFT key
         is left out while no request started within the TTFT window)."""
         return load_signals(self.engine).to_stats()

@@ -3,11 +3,13 @@
 Pure and clock-free: the caller passes `now` (any monotonic clock, seconds) to both `add` and
 `quantile`. Samples older than `window_s` are dropped, and at most `max_samples` are kept
 (the oldest go first), so memory and the cost of a quantile are bounded under any load.
+Safe to add from one thread and read from another (a lock guards the deque).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 
 
@@ -19,9 +21,11 @@ class RecentLatencies:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.window_s = window_s
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._lock = threading.Lock()
 
     def add(self, now: float, value: float) -> None:
-        self._samples.append((now, value))
+        with self._lock:
+            self._samples.append((now, value))
 
     def quantile(self, q: float, now: float) -> float | None:
         """Nearest-rank q-quantile (0 < q <= 1) of the samples within the window; None if none.
@@ -30,11 +34,12 @@ class RecentLatencies:
         """
         if not 0 < q <= 1:
             raise ValueError(f"q must be in (0, 1], got {q}")
-        while self._samples and self._samples[0][0] < now - self.window_s:
-            self._samples.popleft()
-        if not self._samples:
+        with self._lock:
+            while self._samples and self._samples[0][0] < now - self.window_s:
+                self._samples.popleft()
+            values = sorted(v for _, v in self._samples)
+        if not values:
             return None
-        values = sorted(v for _, v in self._samples)
         return values[math.ceil(q * len(values)) - 1]
 
     def __len__(self) -> int:
