@@ -85,6 +85,8 @@ class Decision(NamedTuple):
 def _wants_up(s: FleetSignals, n: int, cfg: PolicyConfig) -> int | None:
     """The target a breach calls for, or None when there is none."""
     up = None
+    if n == 0 and s.requests:  # scaled to zero and a request waits at a handle: cold start
+        up = 1
     if s.kv_use_max is not None and s.kv_use_max >= cfg.kv_high:
         up = n + cfg.upscale_step
     # A fleet-wide (mean) breach is a capacity problem; one slow replica alone is a routing one.
@@ -106,8 +108,8 @@ def _is_low(s: FleetSignals, n: int, cfg: PolicyConfig) -> bool:
         return False
     if s.ttft_p90_max_ms is not None and s.ttft_p90_max_ms > cfg.downscale_band * cfg.ttft_slo_ms:
         return False
-    if n == 1:  # scaling to zero: only when nothing runs at all
-        return s.running == 0
+    if n == 1:  # scaling to zero: only when nothing runs, and nothing waits at a handle either
+        return s.running == 0 and not s.requests
     # Load spreads over one replica fewer; KV use of the fullest replica scales the same way.
     spread = n / (n - 1)
     return (
@@ -135,8 +137,11 @@ def decide(
 
     up = _wants_up(signals, n, config)
     if up is not None:
-        cooling = state.last_scale_up_at is not None and (
-            now - state.last_scale_up_at < config.upscale_cooldown_s
+        # A cold start from zero never waits for the cooldown: a request is waiting for it.
+        cooling = (
+            n > 0
+            and state.last_scale_up_at is not None
+            and (now - state.last_scale_up_at < config.upscale_cooldown_s)
         )
         target = min(up, config.max_replicas)
         if cooling or target <= n:
@@ -172,6 +177,23 @@ def serve_policy(ctx: Any, config: PolicyConfig = DEFAULT_CONFIG) -> tuple[int, 
     )
     per_replica = signals_by_replica(ctx.aggregated_metrics or {})
     fleet = aggregate(per_replica[r] for r in ctx.running_replicas if r in per_replica)
+    fleet = replace(fleet, requests=ctx.total_num_requests)
     state = PolicyState.from_dict(ctx.policy_state)
     target, new_state = decide(fleet, ctx.target_num_replicas, cfg, state, ctx.current_time)
     return target, new_state.to_dict()
+
+
+class ServePolicy:
+    """`serve_policy` with thresholds from the app config, in the form Serve 2.60 configures.
+
+    Serve passes `AutoscalingPolicy.policy_kwargs` only to a class (instantiated once on the
+    controller, then called every tick); a plain function gets none. The builder selects
+    `autoscaling.policy:ServePolicy` with the `PolicyConfig` fields of `router.autoscaling` as
+    kwargs; the bounds still come from the deployment on every tick.
+    """
+
+    def __init__(self, **policy_kwargs: Any):
+        self.config = PolicyConfig(**policy_kwargs)
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        return serve_policy(ctx, self.config)

@@ -65,6 +65,9 @@ class FleetSignals:
     kv_use_max: float | None = None  # the fullest replica's KV cache
     ttft_p90_max_ms: float | None = None  # the slowest replica
     ttft_p90_mean_ms: float | None = None  # mean over replicas that reported a TTFT
+    # Requests Serve itself counts for the deployment: queued at the callers' handles plus
+    # running on replicas (`ctx.total_num_requests`). The only signal at 0 replicas.
+    requests: float | None = None
 
 
 def _present(values: Iterable[float | None]) -> list[float]:

@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application, Deployment
 from ray.serve.config import DeploymentActorConfig
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, AutoscalingSettings
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.router import Router, expert_placement, shard_actor_name
 from serve_app.experts.actor import ExpertShardActor
@@ -43,15 +43,11 @@ def build_version_app(args: dict[str, Any] | AppConfig) -> Application:
 
 def router_deployment(config: AppConfig) -> Deployment:
     r = config.router
-    scaling = (
-        {"num_replicas": r.num_replicas}
-        if r.autoscaling is None
-        else {"autoscaling_config": r.autoscaling.model_dump()}
-    )
     return serve.deployment(Router).options(
         name="router",
-        **scaling,
+        **router_scaling(r.num_replicas, r.autoscaling),
         max_ongoing_requests=r.max_ongoing_requests,
+        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
         ray_actor_options={
             "num_cpus": r.num_cpus,
             "num_gpus": r.num_gpus,
@@ -65,6 +61,32 @@ def router_deployment(config: AppConfig) -> Deployment:
 def _validated(args: dict[str, Any] | AppConfig) -> AppConfig:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     return _absolute_model_path(config)
+
+
+# The router policy: a class, because Serve 2.60 passes policy_kwargs to classes only.
+ROUTER_POLICY = "autoscaling.policy:ServePolicy"
+
+
+def router_scaling(num_replicas: int, autoscaling: AutoscalingSettings | None) -> dict[str, Any]:
+    """Serve deployment options: a fixed count, or the LLM-signal policy with the app's knobs.
+
+    NOTE: Serve wraps every custom policy with its own upscale/downscale delays (defaults 30 s
+    and 600 s); they are set to 0 because the policy does its own cooldown and hysteresis.
+    """
+    if autoscaling is None:
+        return {"num_replicas": num_replicas}
+    a = autoscaling
+    return {
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "look_back_period_s": a.look_back_period_s,
+            "metrics_interval_s": a.metrics_interval_s,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+            "policy": {"policy_function": ROUTER_POLICY, "policy_kwargs": a.policy_kwargs()},
+        }
+    }
 
 
 def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:

@@ -60,23 +60,64 @@ class PrefixCacheSettings(BaseModel):
 
 
 class AutoscalingSettings(BaseModel):
-    """Serve's request-based autoscaling of the router replicas (num_replicas is then ignored)."""
+    """Router replicas sized by the LLM-signal policy (autoscaling/policy.py; num_replicas is
+    then ignored). Defaults and the reasons for them: docs/autoscaling.md."""
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(1, ge=0, description="Fewest router replicas (0 = scale to zero).")
-    max_replicas: int = Field(4, ge=1, description="Most router replicas.")
-    target_ongoing_requests: float = Field(
-        32, gt=0, description="Requests per replica Serve aims for."
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest router replicas; 0 = scale to zero when idle."
     )
-    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before scaling up.")
-    downscale_delay_s: float = Field(120.0, ge=0, description="Idle time before scaling down.")
+    max_replicas: int = Field(4, ge=1, description="Most router replicas.")
+    target_running_per_replica: float = Field(
+        32.0, gt=0, description="Running sequences one replica should carry (sizes a scale-up)."
+    )
+    max_waiting_per_replica: float = Field(
+        2.0, ge=0, description="Queued requests per replica above which the policy scales up."
+    )
+    kv_high: float = Field(
+        0.9, gt=0, le=1, description="KV-cache use of the fullest replica that is pressure."
+    )
+    ttft_slo_ms: float = Field(
+        1000.0, gt=0, description="P90 TTFT objective; the replicas' mean above it scales up."
+    )
+    upscale_step: int = Field(1, ge=1, description="Replicas added on an SLO or KV breach.")
+    upscale_cooldown_s: float = Field(
+        30.0, ge=0, description="No further scale-up this long after one (new replicas start)."
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Low load must last this long before each one-replica step down."
+    )
+    downscale_band: float = Field(
+        0.6, gt=0, lt=1, description="Low load: one replica fewer stays under band x the limits."
+    )
+    ttft_window_s: float = Field(
+        60.0, gt=0, description="Each replica reports the P90 TTFT of requests this recent."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Serve averages each replica's signals over this window."
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often replicas push their signals to the Serve controller."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSettings:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
         return self
+
+    def policy_kwargs(self) -> dict[str, float | int]:
+        """The knobs of autoscaling.policy.PolicyConfig (its bounds come from the deployment)."""
+        return self.model_dump(
+            exclude={
+                "min_replicas",
+                "max_replicas",
+                "ttft_window_s",
+                "look_back_period_s",
+                "metrics_interval_s",
+            }
+        )
 
 
 def _check_resources(resources: dict[str, float]) -> dict[str, float]:
@@ -109,6 +150,11 @@ class RouterSettings(BaseModel):
         default_factory=dict,
         description="Custom Ray resources per router replica, e.g. {router: 1} to land on "
         "router nodes.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long a stopping router (scale-down, redeploy) lets its streams finish.",
     )
 
 

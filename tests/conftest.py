@@ -34,8 +34,8 @@ def qwen3_tiny() -> Path:
     return tiny_model_dir("qwen3_moe")
 
 
-def wait_healthy(url: str, timeout_s: float = 180) -> None:
-    """Poll `url`/health until it answers 200; raise if it does not within timeout_s."""
+def wait_healthy(url: str, timeout_s: float = 180, path: str = "/health") -> None:
+    """Poll `url``path` until it answers 200; raise if it does not within timeout_s."""
     import time
 
     import httpx
@@ -43,7 +43,7 @@ def wait_healthy(url: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=10).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

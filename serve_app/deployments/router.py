@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray import serve
 
+from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError, InjectedFaultError
@@ -36,11 +37,16 @@ class Router:
     def __init__(self, config: AppConfig):
         self.config = config
         self.experts = remote_experts(config) if config.expert_parallel_size else None
-        self.engine = AsyncLLMEngine.from_config(config.engine_config(), self.experts)
+        scaling = config.router.autoscaling
+        self.engine = AsyncLLMEngine.from_config(
+            config.engine_config(),
+            self.experts,
+            ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
+        )
         replica = serve.get_replica_context().replica_id.unique_id
         shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
         self.metrics_reporter = start_engine_reporter(
-            use_ray_metrics(), self.engine, config.model_name, replica, shard_tokens
+            use_ray_metrics(), self.engine, config.version_name, replica, shard_tokens
         )
 
     async def info(self) -> dict:
@@ -89,10 +95,37 @@ class Router:
                 h["status"] = "degraded"
         return h
 
+    async def expert_load(self) -> dict | None:
+        """Tokens this router routed to each expert and each shard since it started (summed
+        over MoE layers); None with in-process experts. For rebalancing and metrics."""
+        if self.experts is None:
+            return None
+        load = self.experts.load.snapshot()
+        return {
+            "placement": [list(s) for s in self.experts.placement.shards],
+            "expert_tokens": list(load.expert_tokens),
+            "shard_tokens": list(load.shard_tokens),
+        }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: this replica's load for autoscaling.policy (the TTFT key
+        is left out while no request started within the TTFT window)."""
+        return load_signals(self.engine).to_stats()
+
     def check_health(self) -> None:
         """Serve's replica health check: a dead engine loop makes Serve replace the replica."""
         if self.engine.dead_error is not None:
             raise RuntimeError(f"engine loop died: {self.engine.dead_error}")
+
+
+def load_signals(engine: AsyncLLMEngine) -> RouterSignals:
+    s = engine.stats()
+    return RouterSignals(
+        waiting=engine.num_queued,
+        running=s.num_running,
+        kv_use=s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else None,
+        ttft_p90_ms=engine.ttft_quantile(0.9),
+    )
 
 
 def expert_placement(config: AppConfig) -> Placement:

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -26,6 +27,7 @@ from serve_app.engine.errors import (
     EngineOverloadedError,
     ExpertsUnavailableError,
 )
+from serve_app.engine.latency_window import RecentLatencies
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.base import ExpertExecutor
@@ -36,7 +38,11 @@ _FAILED = object()  # queue sentinel: the engine loop died
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine_factory: Callable[[], LLMEngine]):
+    """ttft_window_s: how far back `ttft_quantile` looks (the autoscaling TTFT signal)."""
+
+    def __init__(self, engine_factory: Callable[[], LLMEngine], ttft_window_s: float = 60.0):
+        # Time to first token, arrival (add_request) to the first output handed to the caller.
+        self.ttft = RecentLatencies(ttft_window_s)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: list[tuple[PreparedRequest, asyncio.Queue, asyncio.AbstractEventLoop]] = []
@@ -55,10 +61,13 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(
-        cls, config: EngineConfig, experts: ExpertExecutor | None = None
+        cls,
+        config: EngineConfig,
+        experts: ExpertExecutor | None = None,
+        ttft_window_s: float = 60.0,
     ) -> AsyncLLMEngine:
         """Build the engine (model load included) on the engine thread; returns when ready."""
-        return cls(lambda: LLMEngine(config, experts))
+        return cls(lambda: LLMEngine(config, experts), ttft_window_s)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -79,6 +88,7 @@ class AsyncLLMEngine:
         """Validate now (raising InvalidRequestError etc.), then return the output stream."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine loop died: {self.dead_error}")
+        arrived = time.monotonic()
         rid = request_id or uuid.uuid4().hex
         prepared = self.engine.prepare_request(rid, prompt, params)
         loop = asyncio.get_running_loop()
@@ -90,10 +100,13 @@ class AsyncLLMEngine:
                 raise EngineError(f"duplicate request id {rid}")
             self._inbox.append((prepared, queue, loop))
             self._wake.notify()
-        return self._stream(rid, queue)
+        return self._stream(rid, queue, arrived)
 
-    async def _stream(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self, rid: str, queue: asyncio.Queue, arrived: float
+    ) -> AsyncIterator[RequestOutput]:
         finished = False
+        first = True
         try:
             while True:
                 out = await queue.get()
@@ -102,6 +115,10 @@ class AsyncLLMEngine:
                 if isinstance(out, EngineError):
                     finished = True  # the engine already dropped it
                     raise out
+                if first:
+                    first = False
+                    now = time.monotonic()
+                    self.ttft.add(now, (now - arrived) * 1000.0)
                 yield out
                 if out.finished:
                     finished = True
@@ -118,6 +135,15 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         """Refreshed by the engine thread after every step (no locking of engine internals)."""
         return self._stats
+
+    def ttft_quantile(self, q: float = 0.9) -> float | None:
+        """The q-quantile of recent TTFTs in ms; None when no request started in the window."""
+        return self.ttft.quantile(q, time.monotonic())
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting in the scheduler, plus those not yet handed to the engine thread."""
+        return self._stats.num_waiting + len(self._inbox)
 
     def health(self) -> dict:
         if self.dead_error is not None:
@@ -192,6 +218,8 @@ class AsyncLLMEngine:
                 except ExpertsUnavailableError as e:
                     self._fail_in_flight(e)
                     continue
+                # Before the outputs go out, so a caller that sees them sees these stats too.
+                self._stats = self.engine.stats()
                 for out in outputs:
                     target = self._streams.get(out.request_id)
                     if target is None:
@@ -200,7 +228,6 @@ class AsyncLLMEngine:
                         del self._streams[out.request_id]
                     queue, loop = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
-                self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiter
             log.exception("engine loop died")
             self.dead_error = e

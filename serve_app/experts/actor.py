@@ -38,6 +38,12 @@ class ExpertShardActor:
         """Liveness for the routers' health reports (queued behind forward calls)."""
         return True
 
+    def add_experts(self, experts: list[int]) -> list[int]:
+        return self.shard.add_experts(experts)
+
+    def drop_experts(self, experts: list[int]) -> list[int]:
+        return self.shard.drop_experts(experts)
+
     def info(self) -> dict:
         return {
             "owned": self.shard.owned,

@@ -16,11 +16,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from serve_app.engine.errors import ExpertsUnavailableError
 from serve_app.experts.base import ExpertExecutor, ExpertFuture
 from serve_app.experts.dispatch import Dispatcher, ShardSlice
+from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
 
@@ -44,7 +45,27 @@ class RemoteExperts(ExpertExecutor):
         self._resolve = resolve
         self._handles: list[Any] = [None] * placement.num_shards
         self.num_retries = 0  # shard calls re-sent after an actor death
-        self.shard_tokens = [0] * placement.num_shards  # tokens sent per shard (all layers)
+        self.load = ExpertLoadCounter(placement.num_experts, placement.num_shards)
+
+    @property
+    def placement(self) -> Placement:
+        return self.dispatcher.placement
+
+    def set_placement(self, placement: Placement) -> None:
+        """Dispatch by a new placement from the next MoE call on (a step in flight keeps its
+        slices). NOTE: every shard must already hold the experts it gives it (rebalance.py).
+        """
+        if (placement.num_experts, placement.num_shards) != (
+            self.placement.num_experts,
+            self.placement.num_shards,
+        ):
+            raise ValueError("a new placement must keep the number of experts and shards")
+        self.dispatcher = Dispatcher(placement)
+
+    @property
+    def shard_tokens(self) -> tuple[int, ...]:
+        """Token rows sent per shard so far (all layers); the metrics reporter reads it."""
+        return self.load.snapshot().shard_tokens
 
     @property
     def is_remote(self) -> bool:
@@ -55,6 +76,7 @@ class RemoteExperts(ExpertExecutor):
 
     def submit(self, layer, x, topk_ids, topk_weights) -> ExpertFuture:
         slices = self.dispatcher.split(x, topk_ids, topk_weights)
+        self.load.record(topk_ids, slices)
         deadline = time.monotonic() + self.call_timeout_s
         refs = [self._send(layer, sl, deadline) for sl in slices]
         for sl in slices:
@@ -110,6 +132,8 @@ class RemoteExperts(ExpertExecutor):
                     raise ExpertsUnavailableError(f"expert shard {sl.shard} died") from e
                 time.sleep(self.retry_interval_s)
                 ref = self._send(layer, sl, deadline)
+            except RayTaskError as e:  # the shard refused (e.g. an expert it does not hold)
+                raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
 
 
 class _RemoteFuture(ExpertFuture):

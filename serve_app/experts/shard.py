@@ -12,30 +12,73 @@ import numpy as np
 import torch
 
 from serve_app.engine.transfer import to_device, to_host
-from serve_app.experts.local import run_experts
+from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.model.loader import load_expert_shard
 
 
 class ExpertShard:
     def __init__(self, model_dir: str, owned: list[int], device: torch.device, dtype: torch.dtype):
+        self.model_dir = model_dir
         self.owned = sorted(owned)
         self.device = device
         self.dtype = dtype
         self.layers = load_expert_shard(model_dir, self.owned, device, dtype)
+
+    def add_experts(self, experts: list[int]) -> list[int]:
+        """Load more experts (every MoE layer) from the checkpoint; returns what it now owns.
+
+        For rebalancing: a shard gains replicas of hot experts *before* any router sends it
+        their tokens (serve_app/experts/rebalance.py).
+        """
+        new = sorted(set(experts) - set(self.owned))
+        if new:
+            extra = load_expert_shard(self.model_dir, new, self.device, self.dtype)
+            self.layers = {
+                layer: ExpertWeights(
+                    torch.cat([w.w13, extra[layer].w13]),
+                    torch.cat([w.w2, extra[layer].w2]),
+                    w.expert_ids + extra[layer].expert_ids,
+                )
+                for layer, w in self.layers.items()
+            }
+            self.owned = sorted(self.owned + new)
+        return self.owned
+
+    def drop_experts(self, experts: list[int]) -> list[int]:
+        """Free experts no router sends here any more (after every router switched)."""
+        gone = set(experts) & set(self.owned)
+        if gone and len(gone) == len(self.owned):
+            raise ValueError("a shard must keep at least one expert")
+        if gone:
+            self.layers = {layer: _without(w, gone) for layer, w in self.layers.items()}
+            self.owned = [e for e in self.owned if e not in gone]
+        return self.owned
 
     @torch.inference_mode()
     def forward(
         self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray
     ) -> np.ndarray:
         """x [Ts, D], ids [Ts, K] (-1 = not this shard's slot), weights [Ts, K] -> [Ts, D]."""
+        weights = self.layers[layer]
+        asked = topk_ids[topk_ids >= 0]
+        # NOTE: an expert this shard does not hold would silently contribute 0 (a wrong
+        # answer, not an error): a router with a placement newer than this shard's weights.
+        if not np.isin(asked, weights.expert_ids).all():
+            missing = sorted(set(asked.tolist()) - set(weights.expert_ids))
+            raise ValueError(f"expert shard does not hold experts {missing}")
         xt = to_device(as_tensor(x), self.device, self.dtype)
         ids = to_device(as_tensor(topk_ids), self.device)
         w = to_device(as_tensor(topk_weights), self.device)
-        y = run_experts(self.layers[layer], xt, ids, w)
+        y = run_experts(weights, xt, ids, w)
         return to_numpy(y)
 
     def num_bytes(self) -> int:
         return sum(w.w13.nbytes + w.w2.nbytes for w in self.layers.values())
+
+
+def _without(w: ExpertWeights, gone: set[int]) -> ExpertWeights:
+    keep = [i for i, e in enumerate(w.expert_ids) if e not in gone]
+    return ExpertWeights(w.w13[keep], w.w2[keep], [w.expert_ids[i] for i in keep])
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""One real local Ray cluster + Serve app for the end-to-end tests (session scope).
+"""One real local Ray cluster + Serve for the end-to-end tests (session scope), and the app.
 
-The app runs with expert_parallel_size 2: two expert shard actors, shared by the router.
+`serve_app` runs with expert_parallel_size 2: two expert shard actors, shared by the router.
+Other modules deploy their own application on the same Ray and Serve (`ray_serve`), under
+another name and route prefix, and delete it when done.
 Ray is started by the fixture (ray.init) and shut down by it: only what the test started.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +24,19 @@ class ServeApp:
     model: Path
 
 
+@dataclass(frozen=True)
+class RayServe:
+    url: str  # the Serve HTTP proxy; each app has its own route prefix
+
+
 @pytest.fixture(scope="session")
-def serve_app(tmp_path_factory) -> ServeApp:
+def ray_serve() -> RayServe:
+    """One local Ray + Serve for every e2e test module; each deploys its own application."""
     import ray
     from ray import serve
 
-    from serve_app.builder import build_app
-    from tests.conftest import free_port, tiny_model_dir, wait_healthy
+    from tests.conftest import free_port
 
-    model = tiny_model_dir("qwen3_moe")
     port = free_port()
     # A killed expert shard is noticed at the controller's next health check of it; poll
     # every second (default 10 s) so the recovery test stays short. Read at Ray start-up.
@@ -39,6 +46,19 @@ def serve_app(tmp_path_factory) -> ServeApp:
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield RayServe(f"http://127.0.0.1:{port}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_serve: RayServe) -> ServeApp:
+    from ray import serve
+
+    from serve_app.builder import build_app
+    from tests.conftest import tiny_model_dir, wait_healthy
+
+    model = tiny_model_dir("qwen3_moe")
     app = build_app(
         {
             "model": str(model),
@@ -50,8 +70,6 @@ def serve_app(tmp_path_factory) -> ServeApp:
         }
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, timeout_s=180)
-    yield ServeApp(url, model)
-    serve.shutdown()
-    ray.shutdown()
+    wait_healthy(ray_serve.url, timeout_s=180)
+    yield ServeApp(ray_serve.url, model)
+    serve.delete("moeserve")

@@ -159,3 +159,38 @@ async def test_async_stream_and_abort_free_blocks(qwen3_tiny):
             engine.add_request("", params)
     finally:
         engine.shutdown()
+
+
+async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
+    from autoscaling.signals import TTFT_P90_KEY, RouterSignals
+    from serve_app.deployments.router import load_signals
+
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512, max_num_seqs=2)
+    )
+    try:
+        idle = load_signals(engine)
+        assert idle == RouterSignals(waiting=0, running=0, kv_use=0.0, ttft_p90_ms=None)
+        assert TTFT_P90_KEY not in idle.to_stats()  # no request yet: missing, not 0
+
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+        async def one(i: int) -> None:
+            async for _ in engine.generate(PROMPTS[i % 4], params):
+                pass
+
+        tasks = [asyncio.create_task(one(i)) for i in range(4)]
+        for _ in range(200):  # stats are refreshed after each step
+            busy = load_signals(engine)
+            if busy.running == 2:
+                break
+            await asyncio.sleep(0.01)
+        # max_num_seqs 2: two run, two wait
+        assert busy.running == 2 and busy.waiting == 2 and 0 < busy.kv_use <= 1
+        await asyncio.gather(*tasks)
+        done = load_signals(engine)
+        assert done.running == 0 and done.waiting == 0
+        assert done.ttft_p90_ms is not None and done.ttft_p90_ms > 0
+        assert len(engine.ttft) == 4  # one TTFT per request
+    finally:
+        engine.shutdown()

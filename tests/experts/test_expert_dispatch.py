@@ -103,3 +103,45 @@ def test_micro_batches_only_when_worth_it():
     # a big prefill takes micro-batch 0 alone; decodes go to micro-batch 1
     first, second = split_micro_batches(_sched(8, [300], 0), 2)
     assert first == [8] and sorted(second) == list(range(8))
+
+
+def test_shard_adds_and_drops_experts_and_refuses_ones_it_lacks(qwen3_tiny):
+    spec = load_model_spec(qwen3_tiny)
+    layer = next(i for i, m in enumerate(spec.moe_layers) if m)
+    _, tensors = split_weights(spec, iter_weights(qwen3_tiny))
+    local = LocalExperts(stack_experts(spec, tensors, CPU, torch.float32))
+    shard = ExpertShard(str(qwen3_tiny), [4, 5], CPU, torch.float32)
+    x, ids, w = _routed(spec, 16, seed=3)
+    with pytest.raises(ValueError, match="does not hold"):
+        shard.forward(layer, to_numpy(x), to_numpy(ids), to_numpy(w))
+
+    assert shard.add_experts(list(range(spec.num_experts))) == list(range(spec.num_experts))
+    y = shard.forward(layer, to_numpy(x), to_numpy(ids), to_numpy(w))
+    torch.testing.assert_close(as_tensor(y), local.forward(layer, x, ids, w))
+
+    assert shard.drop_experts([0, 1, 2, 3]) == [4, 5, 6, 7]
+    mask = ids >= 4
+    mine = (torch.where(mask, ids, -1), torch.where(mask, w, 0))
+    y = shard.forward(layer, to_numpy(x), to_numpy(mine[0]), to_numpy(mine[1]))
+    torch.testing.assert_close(as_tensor(y), local.forward(layer, x, *mine))
+    with pytest.raises(ValueError, match="at least one"):
+        shard.drop_experts([4, 5, 6, 7])
+
+
+def test_load_counter_counts_tokens_per_expert_and_per_shard(qwen3_tiny):
+    from serve_app.experts.load import ExpertLoad, ExpertLoadCounter
+
+    spec = load_model_spec(qwen3_tiny)
+    placement = place_experts(spec.num_experts, 2)
+    dispatcher = Dispatcher(placement)
+    counter = ExpertLoadCounter(spec.num_experts, 2)
+    x, ids, w = _routed(spec, 10, seed=1)
+    slices = dispatcher.split(x, ids, w)
+    counter.record(ids, slices)
+    counter.record(ids, slices)  # a second layer with the same routing
+    load = counter.snapshot()
+    expected = torch.bincount(ids.reshape(-1), minlength=spec.num_experts) * 2
+    assert load == ExpertLoad(
+        tuple(expected.tolist()), tuple(2 * sl.token_idx.numel() for sl in slices)
+    )
+    assert sum(load.expert_tokens) == 2 * ids.numel()

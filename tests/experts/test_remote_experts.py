@@ -64,6 +64,62 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
         ray_cluster.kill(a)
 
 
+def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, qwen3_tiny):
+    """Add replicas on the shards, switch the dispatcher between steps, then drop: the same
+    greedy tokens as in-process, with requests running across both switches."""
+    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.experts.rebalance import RebalanceConfig, plan_rebalance
+
+    model = str(qwen3_tiny)
+    config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
+    prompts = [f"Tale {i}: the river bends " * (1 + i % 2) for i in range(6)]
+    reference = _run(LLMEngine(config), prompts)
+
+    spec = load_model_spec(model)
+    placement = place_experts(spec.num_experts, 2)
+    actors = [
+        ExpertShardActor.options(num_cpus=0).remote(model, list(s), "cpu", "float32", 1)
+        for s in placement.shards
+    ]
+    experts = RemoteExperts(placement, lambda s: actors[s])
+    engine = LLMEngine(config, experts)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens: dict[str, list[int]] = {}
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+
+    steps(5)
+    load = experts.load.snapshot()
+    assert sum(load.shard_tokens) > 0 and sum(load.expert_tokens) > 0
+    # Pretend expert 0 is hot, so the plan replicates it (the counts are real otherwise).
+    hot = list(load.expert_tokens)
+    hot[0] += 10 * sum(hot)
+    plan = plan_rebalance(placement, hot, RebalanceConfig(imbalance_threshold=1.1, min_tokens=0))
+    assert plan is not None and len(plan.placement.replicas()[0]) == 2
+
+    # 1. shards load the new experts (they still serve the old placement meanwhile)
+    adds = zip(actors, plan.add, strict=True)
+    ray_cluster.get([a.add_experts.remote(list(e)) for a, e in adds])
+    steps(3)
+    # 2. the router switches between two steps
+    experts.set_placement(plan.placement)
+    steps(3)
+    # 3. shards free what no router sends them any more
+    drops = zip(actors, plan.drop, strict=True)
+    owned = ray_cluster.get([a.drop_experts.remote(list(e)) for a, e in drops])
+    assert owned == [list(s) for s in plan.placement.shards]
+    steps(100)
+    assert not engine.has_unfinished_requests()
+    assert tokens == reference
+    for a in actors:
+        ray_cluster.kill(a)
+
+
 def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen3_tiny):
     import asyncio
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from autoscaling.policy import Decision, PolicyConfig, PolicyState, decide, serve_policy
+from autoscaling.policy import (
+    Decision,
+    PolicyConfig,
+    PolicyState,
+    ServePolicy,
+    decide,
+    serve_policy,
+)
 from autoscaling.signals import (
     KV_USE_KEY,
     RUNNING_KEY,
@@ -195,6 +204,27 @@ def test_scale_to_zero_only_when_nothing_runs():
     assert decide(fleet(1, running=0), 1, cfg, state, T0 + 60).target == 0
 
 
+def test_scale_to_zero_waits_for_requests_queued_at_handles():
+    cfg = PolicyConfig(min_replicas=0, max_replicas=2, downscale_delay_s=60)
+    state = PolicyState(low_since=T0)
+    quiet = fleet(1, running=0)
+    assert decide(replace(quiet, requests=1.0), 1, cfg, state, T0 + 60).target == 1
+    assert decide(replace(quiet, requests=0.0), 1, cfg, state, T0 + 60).target == 0
+
+
+def test_cold_start_from_zero_when_a_request_waits_even_in_the_cooldown():
+    cfg = PolicyConfig(min_replicas=0, max_replicas=3, upscale_cooldown_s=30)
+    cooling = PolicyState(last_scale_up_at=T0)
+    d = decide(FleetSignals(requests=2.0), 0, cfg, cooling, T0 + 1)
+    assert d == Decision(1, PolicyState(last_scale_up_at=T0 + 1))
+
+
+@pytest.mark.parametrize("requests", [0.0, None])
+def test_stay_at_zero_without_requests(requests):
+    cfg = PolicyConfig(min_replicas=0, max_replicas=3)
+    assert decide(FleetSignals(requests=requests), 0, cfg, PolicyState(), T0).target == 0
+
+
 # --- missing data --------------------------------------------------------------------------
 
 
@@ -271,7 +301,7 @@ def test_state_dict_round_trip_ignores_serve_keys():
 # --- the Ray Serve adapter (Ray's context object built directly; no cluster) ---------------
 
 
-def _ctx(replica_signals, target, policy_state, now=T0, lo=1, hi=6):
+def _ctx(replica_signals, target, policy_state, now=T0, lo=1, hi=6, requests=0.0):
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
@@ -288,8 +318,8 @@ def _ctx(replica_signals, target, policy_state, now=T0, lo=1, hi=6):
         current_num_replicas=len(ids),
         target_num_replicas=target,
         running_replicas=ids,
-        total_num_requests=0.0,
-        total_queued_requests=0.0,
+        total_num_requests=requests,
+        total_queued_requests=requests,
         aggregated_metrics=lambda: metrics,
         raw_metrics=None,
         capacity_adjusted_min_replicas=lo,
@@ -340,3 +370,19 @@ def test_serve_policy_under_serves_own_wrapper_with_neutral_delays():
 def test_serve_policy_holds_without_a_clock():
     ctx = _ctx([RouterSignals(kv_use=0.99)], target=2, policy_state={"low_since": 1.0}, now=None)
     assert serve_policy(ctx) == (2, {"low_since": 1.0})
+
+
+def test_serve_policy_scales_from_zero_on_requests_at_handles():
+    assert serve_policy(_ctx([], target=0, policy_state={}, lo=0, requests=1.0))[0] == 1
+    assert serve_policy(_ctx([], target=0, policy_state={}, lo=0, requests=0.0))[0] == 0
+
+
+def test_policy_class_takes_its_thresholds_from_policy_kwargs():
+    # What the builder deploys: Serve instantiates the class once with policy_kwargs.
+    policy = ServePolicy(target_running_per_replica=4, max_waiting_per_replica=0)
+    busy = [RouterSignals(waiting=6, running=4, kv_use=0.2)]
+    target, state = policy(_ctx(busy, target=1, policy_state={}))
+    assert target == 3 and state["last_scale_up_at"] == T0  # ceil((6 + 4) / 4)
+    assert serve_policy(_ctx(busy, target=1, policy_state={}))[0] == 2  # defaults: 32 per replica
+    with pytest.raises(ValueError):
+        ServePolicy(kv_high=2)

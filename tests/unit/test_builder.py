@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 from pydantic import ValidationError
+from ray.serve._private.autoscaling_state import _resolve_policy_callable
 
-from serve_app.builder import build_app
-from serve_app.config import AppConfig
+from autoscaling.policy import PolicyConfig, ServePolicy
+from serve_app.builder import ROUTER_POLICY, build_app
+from serve_app.config import AppConfig, AutoscalingSettings
 from tests.conftest import tiny_model_dir
 
 
@@ -27,6 +31,7 @@ def test_expert_shards_are_deployment_scoped_actors_of_the_router(qwen3_tiny):
 def test_router_autoscaling_and_fixed_replicas(qwen3_tiny):
     fixed = _router(build_app({"model": str(qwen3_tiny), "router": {"num_replicas": 3}}))
     assert fixed._deployment_config.num_replicas == 3
+    assert fixed._deployment_config.autoscaling_config is None
     auto = {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}
     scaled = _router(build_app({"model": str(qwen3_tiny), "router": auto}))
     cfg = scaled._deployment_config.autoscaling_config
@@ -35,6 +40,48 @@ def test_router_autoscaling_and_fixed_replicas(qwen3_tiny):
         AppConfig.model_validate(
             {"model": "m", "router": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}
         )
+
+
+def test_router_autoscaling_selects_the_llm_policy_with_every_knob(qwen3_tiny):
+    knobs = {
+        "target_running_per_replica": 8,
+        "max_waiting_per_replica": 1,
+        "kv_high": 0.8,
+        "ttft_slo_ms": 500,
+        "upscale_step": 2,
+        "upscale_cooldown_s": 5,
+        "downscale_delay_s": 20,
+        "downscale_band": 0.5,
+    }
+    auto = {"min_replicas": 0, "max_replicas": 3, "look_back_period_s": 4}
+    auto |= {"metrics_interval_s": 1, "ttft_window_s": 30, **knobs}
+    router = _router(build_app({"model": str(qwen3_tiny), "router": {"autoscaling": auto}}))
+    cfg = router._deployment_config.autoscaling_config
+    assert cfg.policy.policy_function == ROUTER_POLICY == "autoscaling.policy:ServePolicy"
+    assert cfg.policy.policy_kwargs == knobs
+    assert (cfg.min_replicas, cfg.max_replicas) == (0, 3)
+    assert (cfg.look_back_period_s, cfg.metrics_interval_s) == (4, 1)
+    # The policy does its own cooldown and hysteresis: Serve's wrapper must add no delay.
+    assert (cfg.upscale_delay_s, cfg.downscale_delay_s) == (0, 0)
+    # What the controller does with it: instantiate the class once with the kwargs.
+    policy = _resolve_policy_callable(cfg.policy)
+    assert isinstance(policy, ServePolicy)
+    assert policy.config == PolicyConfig(**knobs)
+    assert router._deployment_config.graceful_shutdown_timeout_s == 120
+
+
+def test_autoscaling_settings_mirror_the_policy_config():
+    """Every PolicyConfig threshold is an app-config knob with the same default."""
+    settings = AutoscalingSettings()
+    policy = PolicyConfig()
+    thresholds = {f.name for f in fields(PolicyConfig)} - {"min_replicas", "max_replicas"}
+    assert set(settings.policy_kwargs()) == thresholds
+    assert PolicyConfig(**settings.policy_kwargs()) == policy
+    assert (settings.min_replicas, settings.max_replicas) == (1, 4)
+    assert all(f.description for f in AutoscalingSettings.model_fields.values())
+    for bad in ({"kv_high": 1.5}, {"downscale_band": 1}, {"upscale_step": 0}):
+        with pytest.raises(ValidationError):
+            AutoscalingSettings(**bad)
 
 
 def test_bad_model_paths_are_refused_before_deploying(tmp_path, qwen3_tiny):
