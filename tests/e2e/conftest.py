@@ -9,7 +9,6 @@ Ray is started by the fixture (ray.init) and shut down by it: only what the test
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,5 +1,5 @@
-"""Rollouts end to end on a real local Ray Serve: a second app ("rollout", base version v1)
-next to the session's app, candidates deployed by the rollout controller, load running through
+"""Rollouts end to end on a real local Ray Serve: an app ("rollout", base version v1) on the
+session's Ray, candidates deployed by the rollout controller, load running through
 every phase. The tests run in file order and share the app's rollout history (v1 -> v2 -> ...).
 """
 
@@ -81,7 +81,7 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def rollout(serve_app, tmp_path_factory):
+def rollout(ray_serve, tmp_path_factory):
     import ray
     from ray import serve
 
@@ -91,7 +91,7 @@ def rollout(serve_app, tmp_path_factory):
 
     base = app_config(tiny_model_dir("qwen3_moe", 0), "v1")
     serve.run(build_app(base), name=APP, route_prefix=f"/{APP}")
-    url = f"{serve_app.url}/{APP}"
+    url = f"{ray_serve.url}/{APP}"
     _wait(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 120)
     ctx = {
         "url": url,
