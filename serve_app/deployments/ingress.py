@@ -135,7 +135,7 @@ class Ingress:
     async def __serve_build_asgi_app__(self):
         info = await self.router.info.remote()
         app = serve.get_replica_context().app_name
-        base = Version(self.config.version_name, self.config.model)
+        base = Version(self.config.version_name, self.config.model, info.get("digest"))
         controller, registered = get_or_create_controller(app, base)
         await registered
         versions = VersionRouter(base.name, self.router, controller)

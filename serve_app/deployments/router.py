@@ -54,6 +54,7 @@ class Router:
             "max_model_len": self.engine.engine.max_model_len,
             "expert_parallel_size": self.config.expert_parallel_size,
             "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
+            "digest": self.engine.engine.model_digest,  # the exact weights this version serves
         }
 
     async def generate(

@@ -79,8 +79,6 @@ class RemoteExperts(ExpertExecutor):
         self.load.record(topk_ids, slices)
         deadline = time.monotonic() + self.call_timeout_s
         refs = [self._send(layer, sl, deadline) for sl in slices]
-        for sl in slices:
-            self.shard_tokens[sl.shard] += len(sl.x)
         return _RemoteFuture(self, layer, x, slices, refs, deadline)
 
     def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef:

@@ -118,6 +118,11 @@ CATALOG: tuple[MetricSpec, ...] = (
         ("app", "state"),
         "1 for the rollout's current phase, 0 for the others.",
     ),
+    _g(
+        "moeserve_rollout_step",
+        ("app",),
+        "Canary step the weights are at (1-based); 0 with no canary in progress.",
+    ),
     _c(
         "moeserve_rollout_rollbacks_total",
         ("app", "reason"),

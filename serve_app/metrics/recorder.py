@@ -49,8 +49,11 @@ class Metrics:
 
     # ---- rollouts: called by the rollout controller ---------------------------------------
 
-    def record_rollout(self, app: str, weights: Mapping[str, float], state: str) -> None:
-        """weights: version -> share of new traffic (0..1, or percent if any is above 1)."""
+    def record_rollout(
+        self, app: str, weights: Mapping[str, float], state: str, step: int = 0
+    ) -> None:
+        """weights: version -> share of new traffic (0..1, or percent if any is above 1);
+        step: the canary step (1-based), 0 when none is in progress."""
         if state not in ROLLOUT_STATES:
             raise ValueError(f"unknown rollout state {state!r}; one of {ROLLOUT_STATES}")
         scale = 100.0 if any(w > 1 for w in weights.values()) else 1.0
@@ -58,6 +61,7 @@ class Metrics:
             self.set("moeserve_rollout_weight_ratio", w / scale, app=app, version=version)
         for s in ROLLOUT_STATES:
             self.set("moeserve_rollout_state", 1.0 if s == state else 0.0, app=app, state=s)
+        self.set("moeserve_rollout_step", float(step), app=app)
 
     def record_rollback(self, app: str, reason: str) -> None:
         self.inc("moeserve_rollout_rollbacks_total", 1, app=app, reason=reason)

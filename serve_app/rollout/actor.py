@@ -65,10 +65,12 @@ class ServeDeployer:
     def app_name(self, version: str) -> str:
         return version_app_name(self.app, version)
 
-    def deploy(self, version: str, config: dict[str, Any]) -> None:
+    def deploy(self, version: str, config: dict[str, Any]) -> str | None:
         from serve_app.builder import build_version_app
 
-        serve.run(build_version_app(config), name=self.app_name(version), route_prefix=None)
+        app = build_version_app(config)
+        router = serve.run(app, name=self.app_name(version), route_prefix=None)
+        return router.info.remote().result(timeout_s=60).get("digest")
 
     def delete(self, version: str) -> None:
         serve.delete(self.app_name(version), _blocking=False)
@@ -91,7 +93,9 @@ class RolloutControllerActor:
         new rollbacks as counter increments."""
         s = self.ctl.state
         try:
-            self.metrics.record_rollout(self.app, s.weight_map(), s.phase)
+            canary = s.active and s.strategy is not None and s.strategy.kind == "canary"
+            step = s.step_index + 1 if canary else 0
+            self.metrics.record_rollout(self.app, s.weight_map(), s.phase, step)
             for reason, n in self.ctl.rollbacks.items():
                 for _ in range(n - self.reported_rollbacks.get(reason, 0)):
                     self.metrics.record_rollback(self.app, reason)

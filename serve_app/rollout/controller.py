@@ -32,8 +32,9 @@ class Deployer(Protocol):
 
     def app_name(self, version: str) -> str: ...
 
-    def deploy(self, version: str, config: dict[str, Any]) -> None:
-        """Deploy (or update) the version's routers; return once they serve, raise if not."""
+    def deploy(self, version: str, config: dict[str, Any]) -> str | None:
+        """Deploy (or update) the version's routers; return once they serve, with the model
+        digest they report (serve_app.model.digest), raise if they do not start."""
         ...
 
     def delete(self, version: str) -> None: ...
@@ -124,10 +125,11 @@ class RolloutController:
         event = Start(candidate, strategy, analysis)
         step(self.state, event, self.clock())  # refuse before deploying anything
         try:
-            self.deployer.deploy(version, config)
+            digest = self.deployer.deploy(version, config)
         except Exception as e:  # noqa: BLE001 - whatever Serve raised, the candidate is out
             self.deployer.delete(version)
             raise RolloutError(f"deploying {version} failed: {e}") from e
+        event = Start(Version(version, candidate.model_path, digest), strategy, analysis)
         self.configs[version] = config
         self.window.clear(version)
         self.analyses = 0

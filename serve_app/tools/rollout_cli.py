@@ -214,7 +214,11 @@ def format_status(status: dict[str, Any]) -> str:
             head += f" step {s['step_index'] + 1}/{len(steps)} ({steps[s['step_index']]}%)"
     if s["last_verdict"]:
         head += f" | last analysis: {s['last_verdict']}"
-    rows = [("VERSION", "ROLE", "WEIGHT", "REQS", "ERRORS", "TTFT_P99", "E2E_P99", "APP")]
+    digests = {h["version"]["name"]: h["version"]["digest"] for h in s["history"]}
+    for v in (s["candidate"], s["retiring"], s["stable"]):
+        if v:
+            digests[v["name"]] = v["digest"]
+    rows = [("VERSION", "ROLE", "WEIGHT", "REQS", "ERRORS", "TTFT_P99", "E2E_P99", "APP", "DIGEST")]
     for name, m in status["metrics"].items():
         role = (
             "stable"
@@ -235,6 +239,7 @@ def format_status(status: dict[str, Any]) -> str:
                 _ms(m["ttft_p99_ms"]),
                 _ms(m["e2e_p99_ms"]),
                 status["apps"].get(name) or "(base)",
+                (digests.get(name) or "-")[:19],
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

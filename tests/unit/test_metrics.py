@@ -121,7 +121,7 @@ def test_catalog_follows_prometheus_conventions():
 def test_rollout_weights_state_and_rollbacks():
     assert ROLLOUT_STATES == PHASES
     m = metrics()
-    m.record_rollout("moeserve", {"v2": 10, "v1": 90}, "progressing")
+    m.record_rollout("moeserve", {"v2": 10, "v1": 90}, "progressing", step=2)
     m.record_rollback("moeserve", "error_rate")
     got = page(m)
     weight = "moeserve_rollout_weight_ratio"
@@ -129,6 +129,7 @@ def test_rollout_weights_state_and_rollbacks():
     assert got[(weight, (("app", "moeserve"), ("version", "v1")))] == pytest.approx(0.9)
     states = {k[1][1][1]: v for k, v in got.items() if k[0] == "moeserve_rollout_state"}
     assert states == {s: float(s == "progressing") for s in PHASES}
+    assert got[("moeserve_rollout_step", (("app", "moeserve"),))] == 2
     reason = (("app", "moeserve"), ("reason", "error_rate"))
     assert got[("moeserve_rollout_rollbacks_total", reason)] == 1
     with pytest.raises(ValueError, match="unknown rollout state"):

@@ -42,6 +42,7 @@ class Deployer:
         self.calls.append(("deploy", version))
         if self.fail:
             raise RuntimeError("replica failed to start")
+        return f"sha256:{version}"
 
     def delete(self, version):
         self.calls.append(("delete", version))
@@ -64,6 +65,7 @@ def test_start_deploys_the_candidate_before_it_gets_traffic():
     r = ctl.routing()
     assert r.weights == (("v2", 25), ("v1", 75))
     assert r.apps == {"v2": "app--v2", "v1": None} and r.stable == "v1"
+    assert ctl.state.candidate == Version("v2", "/m/v2", "sha256:v2")  # as its routers report
 
 
 def test_a_refused_start_deploys_nothing():
