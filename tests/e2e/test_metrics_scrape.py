@@ -88,8 +88,13 @@ def test_one_metrics_page_covers_ingress_routers_and_shards(serve_app):
     by_name: dict[str, list] = {}
     for x in last:
         by_name.setdefault(x.name, []).append(x)
-    ok = [x for x in by_name["moeserve_requests_total"] if x.labels["code"] == "200"]
-    assert ok and ok[0].labels["route"] == "/v1/completions" and ok[0].labels["version"] == "tiny"
+    ok = [
+        x
+        for x in by_name["moeserve_requests_total"]
+        if x.labels["code"] == "200" and x.labels["route"] == "/v1/completions"
+    ]
+    # version: the app's version name (no `version:` in its config: the model directory's)
+    assert ok and ok[0].labels["version"] == serve_app.model.name
     assert "worker" in ok[0].labels and "SessionName" not in ok[0].labels
     assert [x.value for x in by_name["moeserve_kv_cache_total_blocks"]] == [256]
     shards = {x.labels["shard"] for x in by_name["moeserve_expert_shard_tokens_total"]}

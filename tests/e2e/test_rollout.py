@@ -199,7 +199,9 @@ def test_bad_canary_is_rolled_back_with_no_client_visible_failure(rollout):
     assert s["state"]["phase"] == "failed"
     assert "error rate" in s["state"]["reason"]
     assert s["state"]["weights"] == [["v2", 100]]
-    assert s["analyses"] <= 2  # within two analysis intervals of starting
+    # Within two analysis intervals of starting: the loop is not aligned with the start, so
+    # the first analysis may come right after it, and two intervals hold at most three.
+    assert s["analyses"] <= 3
     assert s["rollbacks"] == {"error_rate": 1}
     assert load.failures == []  # every failed v3 attempt was retried on v2
     assert load.served() == {"v2"}
