@@ -105,3 +105,10 @@ def test_config_validation():
         BalancerConfig(window_s=0)
     with pytest.raises(ValueError):
         BalancerConfig(sync_interval_s=5.0, router_timeout_s=10.0)
+
+
+def test_the_app_settings_default_to_the_balancer_defaults():
+    from serve_app.config import RebalanceSettings
+
+    assert RebalanceSettings().balancer_config() == BalancerConfig()
+    assert not RebalanceSettings().enabled
