@@ -17,8 +17,14 @@ from ray.serve.config import DeploymentActorConfig
 
 from serve_app.config import AppConfig, AutoscalingSettings
 from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.router import Router, expert_placement, shard_actor_name
+from serve_app.deployments.router import (
+    BALANCER_ACTOR_NAME,
+    Router,
+    expert_placement,
+    shard_actor_name,
+)
 from serve_app.experts.actor import ExpertShardActor
+from serve_app.experts.balancer_actor import ExpertBalancerActor
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
@@ -54,7 +60,7 @@ def router_deployment(config: AppConfig) -> Deployment:
             "resources": dict(r.resources),
         },
         health_check_period_s=10,
-        deployment_actors=expert_shard_actors(config),
+        deployment_actors=expert_shard_actors(config) + expert_balancer_actor(config),
     )
 
 
@@ -109,6 +115,28 @@ def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
             },
         )
         for i, owned in enumerate(placement.shards)
+    ]
+
+
+def expert_balancer_actor(config: AppConfig) -> list[DeploymentActorConfig]:
+    """The balancer (experts.rebalance.enabled): one actor for all routers, no CPU reserved
+    (it sleeps between moves; the shards load the weights)."""
+    if config.expert_parallel_size == 0 or not config.experts.rebalance.enabled:
+        return []
+    placement = expert_placement(config)
+    shards = [list(s) for s in placement.shards]
+    return [
+        DeploymentActorConfig(
+            name=BALANCER_ACTOR_NAME,
+            actor_class=ExpertBalancerActor,
+            init_args=(
+                placement.num_experts,
+                shards,
+                config.experts.rebalance.balancer_config(),
+                config.experts.call_timeout_s,
+            ),
+            actor_options={"num_cpus": 0},
+        )
     ]
 
 

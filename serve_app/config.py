@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.engine.config import EngineConfig, KVStoreConfig
+from serve_app.experts.balancer import BalancerConfig
+from serve_app.experts.rebalance import RebalanceConfig
 from serve_app.rollout.state import AnalysisConfig, Strategy
 
 REDIS_URL_ENV = "MOESERVE_REDIS_URL"
@@ -158,6 +160,47 @@ class RouterSettings(BaseModel):
     )
 
 
+class RebalanceSettings(BaseModel):
+    """Replicate hot experts across the shards while the app runs (serve_app/experts/balancer.py;
+    docs/autoscaling.md, "Expert shards")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run the expert balancer (expert_parallel_size > 0).")
+    interval_s: float = Field(5.0, gt=0, description="How often the balancer decides and acts.")
+    window_s: float = Field(
+        60.0, gt=0, description="Load window; a shard must be hot over a full window."
+    )
+    imbalance_threshold: float = Field(
+        1.5, ge=1, description="Act when the hottest shard's load exceeds this x the mean."
+    )
+    min_gain: float = Field(
+        0.1, ge=0, lt=1, description="Only move when the imbalance drops by this fraction."
+    )
+    min_tokens: int = Field(10_000, ge=0, description="Ignore windows with less routed traffic.")
+    spare_slots_per_shard: int = Field(
+        1, ge=0, description="Experts a shard may hold beyond one copy of each (the replicas)."
+    )
+    sync_interval_s: float = Field(
+        1.0, gt=0, description="How often each router reports its load and pulls the placement."
+    )
+    router_timeout_s: float = Field(
+        10.0, gt=0, description="A router silent this long is no longer awaited before a drop."
+    )
+
+    def balancer_config(self) -> BalancerConfig:
+        fields = self.model_dump(exclude={"enabled"})
+        rebalance = RebalanceConfig(
+            **{k: fields.pop(k) for k in list(fields) if k in RebalanceConfig.__slots__}
+        )
+        return BalancerConfig(rebalance, **fields)
+
+    @model_validator(mode="after")
+    def _valid(self) -> RebalanceSettings:
+        self.balancer_config()
+        return self
+
+
 class ExpertSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -181,6 +224,7 @@ class ExpertSettings(BaseModel):
         description="Custom Ray resources per shard actor, e.g. {expert: 1} to land on "
         "expert nodes.",
     )
+    rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
 
 
 class AnalysisSettings(BaseModel):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 from ray import serve
@@ -29,6 +31,9 @@ from serve_app.model.config import load_model_spec
 log = logging.getLogger(__name__)
 
 
+BALANCER_ACTOR_NAME = "expert-balancer"
+
+
 def shard_actor_name(shard: int) -> str:
     return f"experts-{shard}"
 
@@ -37,13 +42,19 @@ class Router:
     def __init__(self, config: AppConfig):
         self.config = config
         self.experts = remote_experts(config) if config.expert_parallel_size else None
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.placement_sync: PlacementSync | None = None
+        if self.experts is not None and config.experts.rebalance.enabled:
+            # Before serving: a router started after a rebalance dispatches by its placement.
+            self.placement_sync = PlacementSync(
+                self.experts, replica, config.experts.rebalance.sync_interval_s
+            )
         scaling = config.router.autoscaling
         self.engine = AsyncLLMEngine.from_config(
             config.engine_config(),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
         )
-        replica = serve.get_replica_context().replica_id.unique_id
         shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
         self.metrics_reporter = start_engine_reporter(
             use_ray_metrics(), self.engine, config.version_name, replica, shard_tokens
@@ -102,7 +113,9 @@ class Router:
         if self.experts is None:
             return None
         load = self.experts.load.snapshot()
+        sync = self.placement_sync
         return {
+            "generation": sync.generation if sync is not None else 0,
             "placement": [list(s) for s in self.experts.placement.shards],
             "expert_tokens": list(load.expert_tokens),
             "shard_tokens": list(load.shard_tokens),
@@ -144,3 +157,61 @@ def remote_experts(config: AppConfig) -> RemoteExperts:
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
     )
+
+
+class PlacementSync:
+    """A router's link to the expert balancer (serve_app.experts.balancer_actor): takes the
+    current placement before the router serves, then a daemon thread reports this router's
+    cumulative expert tokens and placement generation every interval_s and switches the
+    dispatcher when the balancer publishes a newer one (between two MoE calls)."""
+
+    def __init__(self, experts: RemoteExperts, replica: str, interval_s: float):
+        self.experts, self.replica, self.interval_s = experts, replica, interval_s
+        self.balancer = serve.get_deployment_actor(BALANCER_ACTOR_NAME)
+        self.generation = 0
+        self._apply(*ray.get(self.balancer.register.remote(replica), timeout=60))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moeserve-placement", daemon=True)
+        self._thread.start()
+
+    def _apply(self, generation: int, shards: list[list[int]]) -> None:
+        if generation != self.generation or [list(s) for s in self.experts.placement.shards] != [
+            list(s) for s in shards
+        ]:
+            num_experts = self.experts.placement.num_experts
+            self.experts.set_placement(Placement(num_experts, tuple(tuple(s) for s in shards)))
+            log.info("router %s: expert placement generation %d", self.replica, generation)
+        self.generation = generation
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sync()
+            except Exception as e:  # noqa: BLE001 - e.g. the balancer is being recreated
+                log.warning("placement sync failed (%s); retrying", type(e).__name__)
+                try:
+                    self.balancer = serve.get_deployment_actor(BALANCER_ACTOR_NAME)
+                except ValueError:
+                    pass
+
+    def sync(self) -> None:
+        load = self.experts.load.snapshot()
+        placement = self.experts.placement
+        ref = self.balancer.sync.remote(
+            self.replica,
+            list(load.expert_tokens),
+            self.generation,
+            [list(s) for s in placement.shards],
+            [_resolve_or_none(s) for s in range(placement.num_shards)],
+        )
+        self._apply(*ray.get(ref, timeout=max(10.0, 5 * self.interval_s)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _resolve_or_none(shard: int) -> Any:
+    try:
+        return serve.get_deployment_actor(shard_actor_name(shard))
+    except ValueError:  # being recreated
+        return None

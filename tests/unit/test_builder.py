@@ -28,6 +28,21 @@ def test_expert_shards_are_deployment_scoped_actors_of_the_router(qwen3_tiny):
     assert not in_process._deployment_config.deployment_actors
 
 
+def test_the_expert_balancer_is_one_more_deployment_actor_when_enabled(qwen3_tiny):
+    rebalance = {"enabled": True, "window_s": 30, "min_tokens": 50}
+    experts = {"rebalance": rebalance}
+    app = build_app({"model": str(qwen3_tiny), "expert_parallel_size": 2, "experts": experts})
+    actors = _router(app)._deployment_config.deployment_actors
+    assert [a.name for a in actors] == ["experts-0", "experts-1", "expert-balancer"]
+    num_experts, shards, config, _ = actors[2].init_args
+    assert (num_experts, shards) == (8, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert (config.window_s, config.rebalance.min_tokens) == (30, 50)
+    off = build_app({"model": str(qwen3_tiny), "expert_parallel_size": 2})
+    assert len(_router(off)._deployment_config.deployment_actors) == 2  # disabled by default
+    in_process = build_app({"model": str(qwen3_tiny), "experts": experts})
+    assert not _router(in_process)._deployment_config.deployment_actors
+
+
 def test_router_autoscaling_and_fixed_replicas(qwen3_tiny):
     fixed = _router(build_app({"model": str(qwen3_tiny), "router": {"num_replicas": 3}}))
     assert fixed._deployment_config.num_replicas == 3
