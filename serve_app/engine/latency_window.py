@@ -13,6 +13,15 @@ import threading
 from collections import deque
 
 
+def nearest_rank(values: list[float], q: float) -> float | None:
+    """Nearest-rank q-quantile (0 < q <= 1) of `values`; None for none. A value that was
+    actually observed, not an interpolation."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 class RecentLatencies:
     def __init__(self, window_s: float = 60.0, max_samples: int = 1024):
         if not window_s > 0:
@@ -37,10 +46,8 @@ class RecentLatencies:
         with self._lock:
             while self._samples and self._samples[0][0] < now - self.window_s:
                 self._samples.popleft()
-            values = sorted(v for _, v in self._samples)
-        if not values:
-            return None
-        return values[math.ceil(q * len(values)) - 1]
+            values = [v for _, v in self._samples]
+        return nearest_rank(values, q)
 
     def __len__(self) -> int:
         return len(self._samples)

@@ -7,11 +7,11 @@ other clocks) and asks for one version's `VersionMetrics` over the last `window_
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass
 
+from serve_app.engine.latency_window import nearest_rank
 from serve_app.rollout.analysis import VersionMetrics
 
 
@@ -40,10 +40,7 @@ def _ms(value) -> float | None:
 
 def p99(values: list[float]) -> float | None:
     """Nearest-rank 99th percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+    return nearest_rank(values, 0.99)
 
 
 class OutcomeWindow:

@@ -23,18 +23,6 @@ CONFIG = BalancerConfig(
 SKEW = [1000, 100, 100, 100, 100, 100, 100, 100]  # expert 0 hot: shard 0 carries 1300 of 1700
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _until(check, timeout_s: float = 60.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -17,18 +17,6 @@ from serve_app.model.config import load_model_spec
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
