@@ -34,18 +34,36 @@ def qwen3_tiny() -> Path:
     return tiny_model_dir("qwen3_moe")
 
 
-def wait_healthy(url: str, timeout_s: float = 180, path: str = "/health") -> None:
-    """Poll `url``path` until it answers 200; raise if it does not within timeout_s."""
+def wait_until(
+    check,
+    timeout_s: float = 60.0,
+    every: float = 0.25,
+    what: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+):
+    """Call `check` until it returns something truthy (returned); exceptions in `ignore` count
+    as not yet. Fails the test after timeout_s."""
     import time
 
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if got := check():
+                return got
+        except ignore:
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(every)
+
+
+def wait_healthy(url: str, timeout_s: float = 180, path: str = "/health") -> None:
+    """Poll `url``path` until it answers 200; fail if it does not within timeout_s."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}{path}", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"Serve app at {url} did not become healthy in {timeout_s:.0f} s")
+    wait_until(
+        lambda: httpx.get(f"{url}{path}", timeout=10).status_code == 200,
+        timeout_s,
+        every=0.5,
+        what=f"{url}{path} to answer 200",
+        ignore=(httpx.HTTPError,),
+    )

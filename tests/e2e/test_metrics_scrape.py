@@ -14,6 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.procs import free_port
+from tests.conftest import wait_until
 from tests.prom import prom_binary
 
 pytestmark = pytest.mark.slow
@@ -39,14 +40,8 @@ def complete(url: str, n: int = 1, max_tokens: int = 4) -> None:
         assert r.status_code == 200, r.text
 
 
-def wait_for(what: str, check, timeout: float = 120.0, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+def wait_for(what: str, check, timeout: float = 120.0):
+    return wait_until(check, timeout, every=1.0, what=what)
 
 
 def missing_series(samples: list, healthy_seen: set | None = None) -> list[str]:

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import wait_healthy, wait_until
+
 APP = "rollout"
 PIN = "x-moeserve-version"
 FAST_ANALYSIS = {
@@ -92,7 +94,7 @@ def rollout(ray_serve, tmp_path_factory):
     base = app_config(tiny_model_dir("qwen3_moe", 0), "v1")
     serve.run(build_app(base), name=APP, route_prefix=f"/{APP}")
     url = f"{ray_serve.url}/{APP}"
-    _wait(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 120)
+    wait_healthy(url, 120)
     ctx = {
         "url": url,
         "controller": get_controller(APP),
@@ -108,16 +110,8 @@ def rollout(ray_serve, tmp_path_factory):
     ray.kill(ctx["controller"], no_restart=True)
 
 
-def _wait(cond, timeout: float, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
+def _wait(cond, timeout: float) -> None:
+    wait_until(cond, timeout, ignore=(httpx.HTTPError,))
 
 
 def status(ctx) -> dict:

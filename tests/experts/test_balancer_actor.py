@@ -10,6 +10,7 @@ import pytest
 from serve_app.experts.balancer import BalancerConfig
 from serve_app.experts.placement import place_experts
 from serve_app.experts.rebalance import RebalanceConfig
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +22,6 @@ CONFIG = BalancerConfig(
     router_timeout_s=30.0,
 )
 SKEW = [1000, 100, 100, 100, 100, 100, 100, 100]  # expert 0 hot: shard 0 carries 1300 of 1700
-
-
-def _until(check, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if out := check():
-            return out
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3_tiny):
@@ -73,13 +65,13 @@ def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3
 
     # The router switches and reports the new generation: now the shards free the old copies.
     ray.get(balancer.sync.remote("r1", tokens, 1, hot, shards))
-    _until(lambda: not ray.get(balancer.state.remote())["draining"])
+    wait_until(lambda: not ray.get(balancer.state.remote())["draining"], every=0.1)
     assert owned() == hot
 
     # Shard 1 "recreated" from the config's placement: the balancer tops it up.
     ray.kill(shards[1])
     shards[1] = shard(config_shards[1])
     ray.get(balancer.sync.remote("r1", tokens, 1, hot, shards))
-    _until(lambda: owned()[1] == sorted(set(hot[1]) | set(config_shards[1])))
+    wait_until(lambda: owned()[1] == sorted(set(hot[1]) | set(config_shards[1])), every=0.1)
     for s in [*shards, balancer]:
         ray.kill(s)
