@@ -123,7 +123,8 @@ def stack_experts(
     dtype: torch.dtype,
     owned: list[int] | None = None,
 ) -> dict[int, ExpertWeights]:
-    """Per MoE layer: w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I]."""
+    """Per MoE layer: w13 [E, D, 2I] (gate columns, then up columns) and w2 [E, I, D]: the
+    checkpoint's [out, in] matrices transposed once here (see serve_app/experts/local.py)."""
     gate, up, down = spec.traits.expert_names
     ids = list(range(spec.num_experts)) if owned is None else sorted(owned)
     by_layer: dict[int, dict] = defaultdict(dict)
@@ -142,8 +143,13 @@ def stack_experts(
         else:
             w13 = torch.stack([torch.cat([w[(e, gate)], w[(e, up)]]) for e in ids])
             w2 = torch.stack([w[(e, down)] for e in ids])
-        out[layer] = ExpertWeights(w13.to(device, dtype), w2.to(device, dtype), ids)
+        out[layer] = ExpertWeights(_input_major(w13, device, dtype), _input_major(w2, device, dtype), ids)
     return out
+
+
+def _input_major(w: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[E, out, in] -> contiguous [E, in, out] on `device`."""
+    return w.to(device, dtype).transpose(1, 2).contiguous()
 
 
 def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> None:
