@@ -1,8 +1,10 @@
-"""Experts held in this process, stacked per layer as [E, D, 2I] (gate|up) and [E, I, D] (down).
+"""Experts held in this process: per layer, gate|up [E, D, 2I] and down [E, I, D] matrices.
 
 Tokens are grouped by expert so each expert runs one batched matmul over all its tokens. The
-weights are stored input-major (`x @ w`, not `F.linear(x, w)`): at the few tokens per expert of
-a decode step MKL runs the transposed-weight form 2-4x slower (docs/benchmarks.md).
+weights are input-major (`x @ w`, not `F.linear(x, w)`: MKL runs the transposed form 2-4x
+slower at the few tokens per expert of a decode step). On the CPU in float32 they are further
+packed into column panels for the grouped kernel of serve_app/experts/cpu_kernel.py, which
+streams each expert's weights once per step (docs/benchmarks.md).
 Shapes: T tokens, K experts per token, E experts, D hidden, I expert intermediate size.
 """
 
@@ -11,18 +13,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from serve_app.experts import cpu_kernel
 from serve_app.experts.base import ExpertExecutor
 
 
 class ExpertWeights:
-    """The experts of one MoE layer, or of the subset of them a shard owns."""
+    """The experts of one MoE layer, or of the subset of them a shard owns.
 
-    __slots__ = ("w13", "w2", "expert_ids")
+    `packed`: w13 is [E_local, 2I/P, D, P] and w2 [E_local, D/P, I, P] (cpu_kernel panels),
+    else [E_local, D, 2I] and [E_local, I, D]. Either way dim 0 is the local expert, so
+    concatenating or selecting experts works the same on both layouts.
+    """
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, expert_ids: list[int]):
-        self.w13 = w13  # [E_local, D, 2I]
-        self.w2 = w2  # [E_local, I, D]
+    __slots__ = ("w13", "w2", "expert_ids", "packed")
+
+    def __init__(
+        self, w13: torch.Tensor, w2: torch.Tensor, expert_ids: list[int], packed: bool = False
+    ):
+        self.w13 = w13
+        self.w2 = w2
         self.expert_ids = expert_ids
+        self.packed = packed
+
+    @classmethod
+    def build(cls, w13: torch.Tensor, w2: torch.Tensor, expert_ids: list[int]) -> ExpertWeights:
+        """From input-major [E, D, 2I] / [E, I, D]; packed when the CPU kernel applies."""
+        if cpu_kernel.applies(w13) and cpu_kernel.applies(w2):
+            return cls(cpu_kernel.pack(w13), cpu_kernel.pack(w2), expert_ids, packed=True)
+        return cls(w13, w2, expert_ids)
+
+    def with_experts(self, w13: torch.Tensor, w2: torch.Tensor, ids: list[int]) -> ExpertWeights:
+        """Same layout, other experts (rebalancing adds and drops)."""
+        return ExpertWeights(w13, w2, ids, self.packed)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w2.shape[2] if self.packed else self.w2.shape[1]
 
 
 def run_experts(
@@ -53,20 +79,38 @@ def run_experts(
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    inter = w.w2.shape[1]
-    gate_up = xs.new_empty(n, 2 * inter)
-    for local, expert in enumerate(w.expert_ids):
-        s, e = starts[expert], starts[expert + 1]
-        if s < e:
-            torch.mm(xs[s:e], w.w13[local], out=gate_up[s:e])
+    spans = [
+        (local, starts[expert], starts[expert + 1])
+        for local, expert in enumerate(w.expert_ids)
+        if starts[expert] < starts[expert + 1]
+    ]
+    inter = w.intermediate_size
+    gate_up = _grouped_matmul(w.w13, w.packed, xs, spans)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = xs.new_empty(n, x.shape[1])
-    for local, expert in enumerate(w.expert_ids):
-        s, e = starts[expert], starts[expert + 1]
-        if s < e:
-            torch.mm(act[s:e], w.w2[local], out=y[s:e])
+    y = _grouped_matmul(w.w2, w.packed, act, spans)
     y *= topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
     return out.index_add_(0, token_idx, y)
+
+
+def _grouped_matmul(
+    w: torch.Tensor, packed: bool, xs: torch.Tensor, spans: list[tuple[int, int, int]]
+) -> torch.Tensor:
+    """Rows xs[s:e] times expert `local`'s matrix for each (local, s, e) span -> [n, N]."""
+    if not packed:
+        out = xs.new_empty(xs.shape[0], w.shape[2])
+        for local, s, e in spans:
+            torch.mm(xs[s:e], w[local], out=out[s:e])
+        return out
+    out = xs.new_empty(xs.shape[0], w.shape[1] * w.shape[3])
+    small = [sp for sp in spans if sp[2] - sp[1] <= cpu_kernel.SMALL_ROWS]
+    if small:
+        kernel = cpu_kernel.load()
+        assert kernel is not None, "packed weights without the kernel"
+        kernel(xs, w, small, out)
+    for local, s, e in spans:
+        if e - s > cpu_kernel.SMALL_ROWS:
+            out[s:e] = cpu_kernel.panel_matmul(xs[s:e], w[local])
+    return out
 
 
 def _owned_lookup(w: ExpertWeights, device: torch.device) -> torch.Tensor:

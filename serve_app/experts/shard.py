@@ -34,7 +34,7 @@ class ExpertShard:
         if new:
             extra = load_expert_shard(self.model_dir, new, self.device, self.dtype)
             self.layers = {
-                layer: ExpertWeights(
+                layer: w.with_experts(
                     torch.cat([w.w13, extra[layer].w13]),
                     torch.cat([w.w2, extra[layer].w2]),
                     w.expert_ids + extra[layer].expert_ids,
@@ -78,7 +78,7 @@ class ExpertShard:
 
 def _without(w: ExpertWeights, gone: set[int]) -> ExpertWeights:
     keep = [i for i, e in enumerate(w.expert_ids) if e not in gone]
-    return ExpertWeights(w.w13[keep], w.w2[keep], [w.expert_ids[i] for i in keep])
+    return w.with_experts(w.w13[keep], w.w2[keep], [w.expert_ids[i] for i in keep])
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

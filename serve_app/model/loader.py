@@ -124,7 +124,8 @@ def stack_experts(
     owned: list[int] | None = None,
 ) -> dict[int, ExpertWeights]:
     """Per MoE layer: w13 [E, D, 2I] (gate columns, then up columns) and w2 [E, I, D]: the
-    checkpoint's [out, in] matrices transposed once here (see serve_app/experts/local.py)."""
+    checkpoint's [out, in] matrices transposed once here, then packed for the CPU kernel where it
+    applies (see serve_app/experts/local.py)."""
     gate, up, down = spec.traits.expert_names
     ids = list(range(spec.num_experts)) if owned is None else sorted(owned)
     by_layer: dict[int, dict] = defaultdict(dict)
@@ -143,7 +144,9 @@ def stack_experts(
         else:
             w13 = torch.stack([torch.cat([w[(e, gate)], w[(e, up)]]) for e in ids])
             w2 = torch.stack([w[(e, down)] for e in ids])
-        out[layer] = ExpertWeights(_input_major(w13, device, dtype), _input_major(w2, device, dtype), ids)
+        out[layer] = ExpertWeights.build(
+            _input_major(w13, device, dtype), _input_major(w2, device, dtype), ids
+        )
     return out
 
 
