@@ -3,7 +3,7 @@
 Tokens are grouped by expert so each expert runs one batched matmul over all its tokens. The
 weights are input-major (`x @ w`, not `F.linear(x, w)`: MKL runs the transposed form 2-4x
 slower at the few tokens per expert of a decode step). On the CPU in float32 they are further
-packed into column panels for the grouped kernel of serve_app/experts/cpu_kernel.py, which
+packed into column panels for the grouped kernel of serve_app/kernels/cpu.py, which
 streams each expert's weights once per step (docs/benchmarks.md).
 Shapes: T tokens, K experts per token, E experts, D hidden, I expert intermediate size.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve_app.experts import cpu_kernel
 from serve_app.experts.base import ExpertExecutor
+from serve_app.kernels import cpu as cpu_kernel
 
 
 class ExpertWeights:
@@ -106,7 +106,7 @@ def _grouped_matmul(
     if small:
         kernel = cpu_kernel.load()
         assert kernel is not None, "packed weights without the kernel"
-        kernel(xs, w, small, out)
+        kernel.grouped_mm(xs, w, small, out)
     for local, s, e in spans:
         if e - s > cpu_kernel.SMALL_ROWS:
             out[s:e] = cpu_kernel.panel_matmul(xs[s:e], w[local])

@@ -5,10 +5,12 @@ N blocks, B block size, S context length (cached + new tokens) of a sequence.
 The KV cache of one layer is a pair of tensors [N, B, Hkv, D]; a token at position p of a
 request lives in slot block_table[p // B] * B + p % B of the flattened [N * B, Hkv, D] view.
 
-This is the plain-torch path (CPU, and a fallback on GPU). Decoding sequences are batched into
-one SDPA call over padded contexts; prefill chunks run one sequence at a time. Context K/V are
-copied out of the pool whole blocks at a time into a reused workspace: per-slot gathers and
-fresh buffers each layer cost more than the attention itself (see docs/benchmarks.md).
+On the CPU in float32, decoding sequences use the C kernel of serve_app/kernels/cpu.py, which
+reads K/V in place through the block tables. Otherwise (GPU, other dtypes, no C compiler) this
+is plain torch: decoding sequences are batched into one SDPA call over padded contexts. Prefill
+chunks run one sequence at a time with SDPA. Context K/V are copied out of the pool whole blocks
+at a time into a reused workspace: per-slot gathers and fresh buffers each layer cost more than
+the attention itself (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from serve_app.kernels import cpu as cpu_kernels
 
 
 class GatherWorkspace:
@@ -135,13 +139,23 @@ def paged_attention(
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     b = k_cache.shape[1]
     out = torch.empty_like(q)
+    kernels = cpu_kernels.load() if meta.decode_groups else None
+    if kernels is not None and not kernels.paged_decode_applies(q, k_cache, v_cache):
+        kernels = None
 
     for g, group in enumerate(meta.decode_groups):
+        s, e = group.token_start, group.token_start + group.blocks.shape[0]
+        if kernels is not None:
+            lens = group.ctx_lens
+            starts = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
+            out[s:e] = kernels.paged_decode(
+                q[s:e], k_cache, v_cache, group.blocks, lens, starts, scale
+            )
+            continue
         nd, span = group.blocks.shape[0], group.blocks.shape[1] * b
         kd, vd = meta.workspace.gather(k_cache, v_cache, group.blocks.reshape(-1))
         kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [n, Hkv, span, D]
         vd = vd.view(nd, span, *vd.shape[1:]).transpose(1, 2)
-        s, e = group.token_start, group.token_start + nd
         o = F.scaled_dot_product_attention(
             q[s:e].unsqueeze(2),  # [n, H, 1, D]
             kd,

@@ -9,7 +9,7 @@
 
    Plain C with GCC vector extensions (AVX-512 or AVX2 code from -march=native); OpenMP from
    torch's own libgomp, already loaded in the process, so there is one thread pool.
-   serve_app/experts/cpu_kernel.py builds and loads it. */
+   serve_app/kernels/cpu.py builds and loads it. */
 #include <stdint.h>
 #include <string.h>
 

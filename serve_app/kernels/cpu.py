@@ -1,13 +1,16 @@
-"""The CPU kernel for expert matmuls (csrc/grouped_mm.c): built on first use, loaded with ctypes.
+"""moeserve's CPU kernels (csrc/*.c): built on first use, loaded with ctypes.
 
-It is compiled with the system C compiler (`-O3 -march=native -fopenmp`) into a per-user cache
+- `grouped_mm`: the expert matmuls of a MoE layer for the few rows per expert of decode;
+- `paged_decode`: attention of decoding sequences, reading K/V in place through block tables.
+
+They are compiled with the system C compiler (`-O3 -march=native -fopenmp`) into a per-user cache
 keyed by the source, the flags, the compiler and this CPU's model and flags, so a cache shared
 by different machines never hands one of them another's instructions. It links torch's own
 libgomp (already loaded), so torch and the kernel share one OpenMP pool.
 
 Nothing to install: with no C compiler, a failed build, or MOESERVE_CPU_KERNEL=0, `load()`
-returns None and the experts run torch matmuls instead (same results up to float32 rounding).
-Packed weights are [E, N/P, K, P] (P = `PANEL` columns): `pack` / `panel_matmul` below.
+returns None and the callers run plain torch instead (same results up to float32 rounding).
+Packed expert weights are [E, N/P, K, P] (P = `PANEL` columns): `pack` / `panel_matmul`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "grouped_mm.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("grouped_mm.c", "paged_decode.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 PANEL = 32  # must match NB in the C source (checked when it loads)
 SMALL_ROWS = 48  # experts with more rows than this are compute-bound: MKL does them better
@@ -35,18 +38,26 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
-class GroupedMatmul:
-    """out[s:e] = x[s:e] @ W[local] for each (local, s, e) span, in one parallel call."""
-
+class CpuKernels:
     def __init__(self, lib: ctypes.CDLL):
-        self._fn = lib.moeserve_grouped_mm
-        self._fn.restype = None
-        self._fn.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, ctypes.c_int]
+        self._mm = lib.moeserve_grouped_mm
+        self._mm.restype = None
+        self._mm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, ctypes.c_int]
+        self._attn = lib.moeserve_paged_decode
+        self._attn.restype = None
+        self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
+        self._attn.argtypes += [ctypes.c_float, _P, ctypes.c_int]
+        limits = lib.moeserve_paged_decode_limits
+        limits.restype = _I64
+        limits.argtypes = [_I64]
+        self.max_heads_x_dim, self.max_block_size = limits(0), limits(1)
 
-    def __call__(
+    def grouped_mm(
         self, x: torch.Tensor, w: torch.Tensor, spans: list[tuple[int, int, int]], out: torch.Tensor
     ) -> None:
-        """x [R, K] and out [R, N] contiguous float32; w packed [E, N/P, K, P]."""
+        """out[s:e] = x[s:e] @ W[local] for each (local, s, e) span, in one parallel call.
+
+        x [R, K] and out [R, N] contiguous float32; w packed [E, N/P, K, P]."""
         num_experts, _, k, _ = w.shape
         starts = torch.zeros(num_experts, dtype=torch.int64)
         ends = torch.zeros(num_experts, dtype=torch.int64)
@@ -55,12 +66,55 @@ class GroupedMatmul:
             starts[local], ends[local] = s, e
         if not (x.is_contiguous() and out.is_contiguous() and w.is_contiguous()):
             raise ValueError("grouped_mm needs contiguous tensors")
-        self._fn(
+        self._mm(
             _P(x.data_ptr()), _I64(k),
             _P(starts.data_ptr()), _P(ends.data_ptr()), _P(active.data_ptr()), _I64(len(spans)),
             _P(w.data_ptr()), _I64(out.shape[1]), _P(out.data_ptr()),
             ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
+
+    def paged_decode_applies(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> bool:
+        """q [T, H, D]; k_cache [N, B, Hkv, D]: float32 on the CPU, within the kernel's sizes."""
+        _, b, hkv, d = k_cache.shape
+        g = q.shape[1] // hkv
+        return (
+            q.device.type == "cpu"
+            and q.dtype == k_cache.dtype == torch.float32
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and g <= 64
+            and g * d <= self.max_heads_x_dim
+            and b <= self.max_block_size
+        )
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        ctx_lens: torch.Tensor,
+        starts: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [n, H, D] (one token per sequence) -> [n, H, D]; keys at positions
+        [starts[i], ctx_lens[i]) of sequence i, found through block_tables [n, max_blocks]."""
+        n, h, d = q.shape
+        _, b, hkv, _ = k_cache.shape
+        q = q.contiguous()
+        tables = block_tables.to(torch.int64).contiguous()
+        lens = ctx_lens.to(torch.int64).contiguous()
+        starts = starts.to(torch.int64).contiguous()
+        out = torch.empty_like(q)
+        self._attn(
+            _P(q.data_ptr()), _P(k_cache.data_ptr()), _P(v_cache.data_ptr()),
+            _P(tables.data_ptr()), _I64(tables.shape[1]), _P(lens.data_ptr()),
+            _P(starts.data_ptr()), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
+            ctypes.c_float(scale), _P(out.data_ptr()), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        return out
 
 
 def applies(w: torch.Tensor) -> bool:
@@ -85,29 +139,30 @@ def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def load() -> GroupedMatmul | None:
-    """The kernel, built if needed; None where it cannot be (the caller falls back to torch)."""
+def load() -> CpuKernels | None:
+    """The kernels, built if needed; None where they cannot be (callers fall back to torch)."""
     if os.environ.get("MOESERVE_CPU_KERNEL", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler: expert matmuls use torch")
+        logger.info("no C compiler: no CPU kernels, plain torch is used instead")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
         if lib.moeserve_panel_width() != PANEL:
             raise RuntimeError("panel width of the built kernel differs from PANEL")
-        return GroupedMatmul(lib)
+        return CpuKernels(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        logger.warning("CPU expert kernel unavailable (%s): expert matmuls use torch", e)
+        logger.warning("CPU kernels unavailable (%s): plain torch is used instead", e)
         return None
 
 
 def _build(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_id(compiler), _cpu_id()):
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode()):
         key.update(part)
-    out = _cache_dir() / f"grouped_mm-{key.hexdigest()[:16]}.so"
+    key.update(_compiler_id(compiler) + _cpu_id())
+    out = _cache_dir() / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +172,10 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")

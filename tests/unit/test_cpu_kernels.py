@@ -1,4 +1,6 @@
-"""The CPU grouped-matmul kernel against plain torch: same expert outputs, any routing."""
+"""The CPU kernels against plain torch: the grouped expert matmul (any routing, packed weights
+that select and concatenate like experts) and paged decode attention (GQA, windows, ragged
+contexts)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serve_app.experts import cpu_kernel
 from serve_app.experts.local import ExpertWeights, run_experts
+from serve_app.kernels import cpu as cpu_kernel
+from serve_app.model.layers.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    GatherWorkspace,
+    paged_attention,
+)
 
 D, INTER = 64, 80  # 2 * INTER = 160 and D are panel multiples, INTER alone is not
 
@@ -93,3 +101,37 @@ def test_falls_back_where_it_does_not_apply(kernel, monkeypatch):
         assert not ExpertWeights.build(w13, w2, [0, 1]).packed
     finally:
         cpu_kernel.load.cache_clear()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads):
+    """Ragged contexts (1 token, block-aligned, long) through shuffled block tables."""
+    g = torch.Generator().manual_seed(heads + (window or 0))
+    num_blocks, block, dim = 40, 4, 16
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    lens = torch.tensor([1, 8, 23, 13])
+    width = int((lens.max() + block - 1) // block)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(len(lens), width, dtype=torch.int64)
+    for i, n in enumerate(lens.tolist()):
+        used = (n + block - 1) // block
+        tables[i, :used] = perm[i * width : i * width + used]
+    # the new token of each sequence is its last position: its K/V slot is written first
+    slots = torch.tensor(
+        [int(tables[i, (n - 1) // block]) * block + (n - 1) % block for i, n in enumerate(lens)]
+    )
+    q = torch.randn(len(lens), heads, dim, generator=g)
+    k_new = torch.randn(len(lens), kv_heads, dim, generator=g)
+    v_new = torch.randn(len(lens), kv_heads, dim, generator=g)
+
+    def attend() -> torch.Tensor:
+        meta = AttentionMetadata(slots, [DecodeGroup(0, tables, lens)], [], GatherWorkspace())
+        cache = (k_cache.clone(), v_cache.clone())
+        return paged_attention(q, k_new, v_new, cache, meta, dim**-0.5, window)
+
+    assert kernel.paged_decode_applies(q, k_cache, v_cache)
+    with_kernel = attend()
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    torch.testing.assert_close(with_kernel, attend(), atol=1e-5, rtol=1e-5)
