@@ -139,7 +139,7 @@ def paged_attention(
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     b = k_cache.shape[1]
     out = torch.empty_like(q)
-    kernels = cpu_kernels.load() if meta.decode_groups else None
+    kernels = cpu_kernels.load() if meta.decode_groups and q.device.type == "cpu" else None
     if kernels is not None and not kernels.paged_decode_applies(q, k_cache, v_cache):
         kernels = None
 
