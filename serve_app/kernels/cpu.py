@@ -50,7 +50,13 @@ class CpuKernels:
         limits = lib.moeserve_paged_decode_limits
         limits.restype = _I64
         limits.argtypes = [_I64]
-        self.max_heads_x_dim, self.max_block_size = limits(0), limits(1)
+        (
+            self.max_heads,
+            self.max_head_dim,
+            self.max_heads_x_dim,
+            self.max_block_size,
+            self.head_dim_multiple,
+        ) = (limits(i) for i in range(5))
 
     def grouped_mm(
         self, x: torch.Tensor, w: torch.Tensor, spans: list[tuple[int, int, int]], out: torch.Tensor
@@ -77,15 +83,16 @@ class CpuKernels:
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> bool:
         """q [T, H, D]; k_cache [N, B, Hkv, D]: float32 on the CPU, within the kernel's sizes."""
-        _, b, hkv, d = k_cache.shape
-        g = q.shape[1] // hkv
+        _, b, _, d = k_cache.shape
         return (
             q.device.type == "cpu"
             and q.dtype == k_cache.dtype == torch.float32
             and k_cache.is_contiguous()
             and v_cache.is_contiguous()
-            and g <= 64
-            and g * d <= self.max_heads_x_dim
+            and q.shape[1] <= self.max_heads
+            and d <= self.max_head_dim
+            and q.shape[1] * d <= self.max_heads_x_dim
+            and d % self.head_dim_multiple == 0
             and b <= self.max_block_size
         )
 

@@ -104,14 +104,17 @@ def test_falls_back_where_it_does_not_apply(kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
-def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads):
-    """Ragged contexts (1 token, block-aligned, long) through shuffled block tables."""
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block", [(8, 2, 16, 4), (4, 4, 64, 16), (6, 2, 32, 20)]
+)
+def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads, dim, block):
+    """Ragged contexts (1 token, block-aligned, long) through shuffled block tables; few
+    sequences (a task per KV head) and many (a task per sequence)."""
     g = torch.Generator().manual_seed(heads + (window or 0))
-    num_blocks, block, dim = 40, 4, 16
+    num_blocks = 80
     k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
     v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
-    lens = torch.tensor([1, 8, 23, 13])
+    lens = torch.tensor([1, 2 * block, 5 * block + 3, 3 * block + 1] * 3)
     width = int((lens.max() + block - 1) // block)
     perm = torch.randperm(num_blocks, generator=g)
     tables = torch.zeros(len(lens), width, dtype=torch.int64)
@@ -122,12 +125,13 @@ def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads)
     slots = torch.tensor(
         [int(tables[i, (n - 1) // block]) * block + (n - 1) % block for i, n in enumerate(lens)]
     )
-    q = torch.randn(len(lens), heads, dim, generator=g)
+    q = torch.randn(len(lens), heads, dim, generator=g) * 3  # peaked softmax: large exponents
     k_new = torch.randn(len(lens), kv_heads, dim, generator=g)
     v_new = torch.randn(len(lens), kv_heads, dim, generator=g)
 
     def attend() -> torch.Tensor:
-        meta = AttentionMetadata(slots, [DecodeGroup(0, tables, lens)], [], GatherWorkspace())
+        groups = [DecodeGroup(0, tables[:3], lens[:3]), DecodeGroup(3, tables[3:], lens[3:])]
+        meta = AttentionMetadata(slots, groups, [], GatherWorkspace())
         cache = (k_cache.clone(), v_cache.clone())
         return paged_attention(q, k_new, v_new, cache, meta, dim**-0.5, window)
 

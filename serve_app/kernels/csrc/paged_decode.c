@@ -3,63 +3,146 @@
    One query token per sequence attends to its context through its block table: no gather of
    the context into a contiguous buffer and no padding to the longest sequence. Each (sequence,
    KV head) task runs an online softmax over the context one block at a time for the G query
-   heads that share the KV head (GQA), so it needs no buffer the size of the context.
+   heads that share the KV head (GQA): every K and V row is loaded once for all G heads, and no
+   buffer grows with the context.
    Layouts: q, out [n, H, D]; k_cache, v_cache [num_blocks, B, Hkv, D]; block_tables [n,
    max_blocks]; keys of sequence i are positions [start[i], ctx_lens[i]) (start > 0 for a
-   sliding window). serve_app/kernels/cpu.py builds and loads it. */
+   sliding window). D is a multiple of 16 up to MAX_D; the caller checks the limits.
+   serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-#define MAX_GD 4096 /* G * D floats of accumulator per task (checked by the caller) */
-#define MAX_B 64    /* block size */
+#define MAX_H 64     /* query heads */
+#define MAX_D 256    /* head dim */
+#define MAX_HD 8192  /* query heads x head dim */
+#define MAX_B 64     /* block size */
+#define VD (MAX_D / 16)
 
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* mask ? a : b, lane by lane (mask lanes all ones or zero, as comparisons give) */
+static inline v16 select16(v16i mask, v16 a, v16 b) {
+    v16i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const v16i r = (mask & ai) | (~mask & bi);
+    v16 out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline float hsum(v16 a) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += a[i];
+    return s;
+}
+
+/* exp(x) for x <= 0 (scores minus their running max): 2^n * 2^f, f in (-1, 0], polynomial
+   for 2^f; relative error below 2e-7 on [-87, 0], 0 below. */
+static inline v16 exp16_nonpos(v16 x) {
+    const v16 lo = (v16){0} - 87.0f;
+    x = select16(x < lo, lo, x);
+    const v16 t = x * 1.4426950408889634f;
+    const v16i n = __builtin_convertvector(t, v16i); /* truncates toward 0: n >= t */
+    v16 f = t - __builtin_convertvector(n, v16);     /* in (-1, 0] */
+    f = f * 0.6931471805599453f;                     /* exp(f) for f in (-0.7, 0] */
+    v16 p = (v16){0} + 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const v16i bits = (n + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const v16 tiny = (v16){0} - 86.9f;
+    return select16(x < tiny, (v16){0}, p * scale);
+}
+
+/* Sequence attention for KV heads [h0, h0 + nh): their K/V rows are adjacent in the cache, so
+   a task over several heads reads each token's K and V as one contiguous stream. */
 static void decode_task(const float *q, const float *k_cache, const float *v_cache,
                         const int64_t *table, int64_t start, int64_t len, float *out,
-                        int64_t G, int64_t D, int64_t B, int64_t Hkv, int64_t h, float scale) {
-    float acc[MAX_GD], m[64], l[64], s[64 * MAX_B];
-    for (int64_t g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
-    for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
-    const int64_t row = Hkv * D; /* floats between consecutive tokens of a block */
+                        int64_t G, int64_t D, int64_t B, int64_t Hkv, int64_t h0, int64_t nh,
+                        float scale) {
+    v16 qv[MAX_HD / 16], acc[MAX_HD / 16];
+    float m[MAX_H], l[MAX_H], s[MAX_H][MAX_B] __attribute__((aligned(64)));
+    const int64_t nq = nh * G, nv = D / 16, row = Hkv * D; /* floats between tokens */
+    q += h0 * G * D;
+    out += h0 * G * D;
+    for (int64_t g = 0; g < nq; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        for (int64_t i = 0; i < nv; i++) {
+            qv[g * nv + i] = load16(q + g * D + i * 16) * scale;
+            acc[g * nv + i] = (v16){0};
+        }
+    }
     for (int64_t p0 = start - start % B; p0 < len; p0 += B) {
         const int64_t blk = table[p0 / B];
         const int64_t t0 = p0 < start ? start - p0 : 0;
         const int64_t t1 = len - p0 < B ? len - p0 : B;
-        const float *kb = k_cache + blk * B * row + h * D;
-        const float *vb = v_cache + blk * B * row + h * D;
-        for (int64_t g = 0; g < G; g++) {
-            const float *qg = q + g * D;
+        const float *kb = k_cache + blk * B * row + h0 * D;
+        const float *vb = v_cache + blk * B * row + h0 * D;
+        for (int64_t t = t0; t < t1; t++) {
+            for (int64_t hk = 0; hk < nh; hk++) {
+                v16 kv[VD];
+                for (int64_t i = 0; i < nv; i++) kv[i] = load16(kb + t * row + hk * D + i * 16);
+                for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
+                    v16 a = qv[g * nv] * kv[0];
+                    for (int64_t i = 1; i < nv; i++) a += qv[g * nv + i] * kv[i];
+                    s[g][t] = hsum(a);
+                }
+            }
+        }
+        for (int64_t g = 0; g < nq; g++) {
             float mx = m[g];
-            for (int64_t t = t0; t < t1; t++) {
-                const float *kt = kb + t * row;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * kt[d];
-                dot *= scale;
-                s[g * MAX_B + t] = dot;
-                if (dot > mx) mx = dot;
-            }
+            for (int64_t t = t0; t < t1; t++) mx = s[g][t] > mx ? s[g][t] : mx;
             const float corr = expf(m[g] - mx); /* 0 on the first block (m = -inf) */
-            float *ag = acc + g * D;
-            l[g] *= corr;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) ag[d] *= corr;
-            for (int64_t t = t0; t < t1; t++) {
-                const float pr = expf(s[g * MAX_B + t] - mx);
-                const float *vt = vb + t * row;
-                l[g] += pr;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) ag[d] += pr * vt[d];
+            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] *= corr;
+            float sum = 0.0f;
+            for (int64_t c = 0; c < B; c += 16) {
+                v16 e = exp16_nonpos(load16(&s[g][c]) - mx);
+                for (int i = 0; i < 16; i++) {
+                    const int64_t t = c + i;
+                    e[i] = (t >= t0 && t < t1) ? e[i] : 0.0f;
+                }
+                store16(&s[g][c], e);
+                sum += hsum(e);
             }
+            l[g] = l[g] * corr + sum;
             m[g] = mx;
         }
+        for (int64_t t = t0; t < t1; t++) {
+            for (int64_t hk = 0; hk < nh; hk++) {
+                v16 vv[VD];
+                for (int64_t i = 0; i < nv; i++) vv[i] = load16(vb + t * row + hk * D + i * 16);
+                for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
+                    const float pr = s[g][t];
+                    for (int64_t i = 0; i < nv; i++) acc[g * nv + i] += pr * vv[i];
+                }
+            }
+        }
     }
-    for (int64_t g = 0; g < G; g++) {
+    for (int64_t g = 0; g < nq; g++) {
         const float inv = 1.0f / l[g];
-        for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] * inv;
+        for (int64_t i = 0; i < nv; i++) store16(out + g * D + i * 16, acc[g * nv + i] * inv);
     }
 }
 
-int64_t moeserve_paged_decode_limits(int64_t which) { return which == 0 ? MAX_GD : MAX_B; }
+/* 0: max query heads, 1: max head dim, 2: max heads x head dim, 3: max block size, 4: head
+   dims must be a multiple of this */
+int64_t moeserve_paged_decode_limits(int64_t which) {
+    const int64_t limits[] = {MAX_H, MAX_D, MAX_HD, MAX_B, 16};
+    return limits[which];
+}
 
 void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_cache,
                            const int64_t *block_tables, int64_t max_blocks,
@@ -67,10 +150,12 @@ void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_
                            int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale,
                            float *out, int num_threads) {
     const int64_t G = H / Hkv;
+    /* one task per sequence when there are enough of them, else one per (sequence, KV head) */
+    const int64_t nh = n >= 4 * num_threads ? Hkv : 1, chunks = Hkv / nh;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t task = 0; task < n * Hkv; task++) {
-        const int64_t i = task / Hkv, h = task % Hkv;
-        decode_task(q + (i * H + h * G) * D, k_cache, v_cache, block_tables + i * max_blocks,
-                    starts[i], ctx_lens[i], out + (i * H + h * G) * D, G, D, B, Hkv, h, scale);
+    for (int64_t task = 0; task < n * chunks; task++) {
+        const int64_t i = task / chunks, h0 = (task % chunks) * nh;
+        decode_task(q + i * H * D, k_cache, v_cache, block_tables + i * max_blocks, starts[i],
+                    ctx_lens[i], out + i * H * D, G, D, B, Hkv, h0, nh, scale);
     }
 }
