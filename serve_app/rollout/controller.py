@@ -2,7 +2,8 @@
 
 It applies operator events (start, promote, pause, resume, abort, undo) and the periodic
 analysis tick through the pure `machine.step`, keeps the versions' deployments in line with the
-state (deploy a candidate before it gets traffic, delete a version once nothing routes to it),
+state (deploy a candidate before it gets traffic, delete a version RETIRE_GRACE_S after nothing
+routes to it),
 persists every new state before anyone can read it, and answers the ingress's `routing()`.
 Ray, Serve and the state store are behind the two small interfaces below, so the logic runs in
 unit tests with in-memory fakes; `actor.py` is the Ray adapter.
@@ -25,6 +26,10 @@ from serve_app.rollout.state import AnalysisConfig, RolloutError, RolloutState, 
 from serve_app.rollout.window import Outcome, OutcomeWindow
 
 DOC_SCHEMA = 1
+# A version that leaves the routing table keeps its app this long (deleted on a later tick): an
+# ingress replica routes with the table of its last poll, and a request sent to a deleted app
+# waits for replicas that never come (Serve handles queue until a replica appears).
+RETIRE_GRACE_S = 20.0
 
 
 class Deployer(Protocol):
@@ -64,6 +69,7 @@ class Routing:
             "apps": self.apps,
             "stable": self.stable,
             "generation": self.generation,
+            "retired": self.retired,
         }
 
     @classmethod
@@ -92,6 +98,7 @@ class RolloutController:
         self.configs: dict[str, dict[str, Any]] = {}
         self.rollbacks: dict[str, int] = {}
         self.generation = 0
+        self.retired: dict[str, float] = {}  # version -> when it left the routing table
         self.analyses = 0  # analyses of the current rollout (this process's count)
         self.base = base
         self.state = self._restore()
@@ -102,9 +109,9 @@ class RolloutController:
         base app was redeployed: the old rollout is over, its version apps are deleted."""
         if base.name == self.base.name:
             return
-        for name in _deployed(self.state):
-            if name != self.base.name:
-                self.deployer.delete(name)
+        for name in (_deployed(self.state) | set(self.retired)) - {self.base.name}:
+            self.deployer.delete(name)
+        self.retired = {}
         self.base, self.configs, self.generation = base, {}, self.generation + 1
         self.state = RolloutState.initial(base, self.clock())
         self._save()
@@ -163,7 +170,9 @@ class RolloutController:
             self.window.add(o, now)
 
     def tick(self) -> RolloutState:
-        """One analysis: the candidate's window against the thresholds, then the machine."""
+        """One analysis: the candidate's window against the thresholds, then the machine; and
+        the deletion of versions retired RETIRE_GRACE_S ago."""
+        self._reap()
         s = self.state
         if not s.active:
             return self._apply(Tick(None)) if s.retiring is not None else s
@@ -220,13 +229,22 @@ class RolloutController:
             self.rollbacks[kind] = self.rollbacks.get(kind, 0) + 1
         self.state = new
         self.generation += 1
+        now = self.clock()
+        for name in _deployed(old) - _deployed(new) - {self.base.name}:
+            self.retired.setdefault(name, now)
+        for name in _deployed(new):
+            self.retired.pop(name, None)
         self._save()
-        # NOTE: delete only after the new state is saved and served: an ingress may still
-        # route to the old version until its next routing poll, and gets a retry on stable.
-        for name in _deployed(old) - _deployed(new):
-            if name != self.base.name:
-                self.deployer.delete(name)
         return new
+
+    def _reap(self) -> None:
+        now = self.clock()
+        due = [n for n, since in self.retired.items() if now - since >= RETIRE_GRACE_S]
+        for name in due:
+            self.deployer.delete(name)
+            del self.retired[name]
+        if due:
+            self._save()
 
     def _app(self, version: str) -> str | None:
         return None if version == self.base.name else self.deployer.app_name(version)
@@ -247,6 +265,7 @@ class RolloutController:
             self.configs = doc["configs"]
             self.rollbacks = doc["rollbacks"]
             self.generation = doc["generation"]
+            self.retired = doc.get("retired", {})
             return RolloutState.from_json(doc["state"])
         self.state = RolloutState.initial(self.base, self.clock())
         self._save()
@@ -264,6 +283,7 @@ class RolloutController:
             "configs": self.configs,
             "rollbacks": self.rollbacks,
             "generation": self.generation,
+            "retired": self.retired,
         }
         self.store.save(json.dumps(doc, sort_keys=True))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.rollout.controller import RolloutController
+from serve_app.rollout.controller import RETIRE_GRACE_S, RolloutController
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome, OutcomeWindow, p99
 
@@ -96,6 +96,14 @@ def test_errors_roll_back_at_once_and_the_candidate_is_deleted():
     s = ctl.tick()
     assert s.phase == "failed" and s.weights == (("v1", 100),)
     assert "error rate 100.00%" in s.reason
+    # out of the routing table at once; its app goes only after the grace (stale ingresses)
+    assert ctl.routing().weights == (("v1", 100),)
+    assert ("delete", "v2") not in ctl.deployer.calls
+    clock.now += RETIRE_GRACE_S - 1
+    ctl.tick()
+    assert ("delete", "v2") not in ctl.deployer.calls
+    clock.now += 1
+    ctl.tick()
     assert ctl.deployer.calls[-1] == ("delete", "v2")
     assert ctl.rollbacks == {"error_rate": 1}
     assert ctl.status()["state"]["phase"] == "failed"
@@ -130,7 +138,9 @@ def test_undo_redeploys_a_version_whose_app_was_deleted():
     ctl.start("v3", {"model": "/m/v3"}, CANARY, FAST)
     ctl.promote(full=True)  # v2 retiring at 0%
     clock.now += 61
-    ctl.tick()  # v2 leaves the weights and is deleted
+    ctl.tick()  # v2 leaves the weights
+    clock.now += RETIRE_GRACE_S
+    ctl.tick()  # and its app is deleted after the grace
     assert ctl.deployer.calls[-1] == ("delete", "v2")
     s = ctl.undo("v2")
     assert ctl.deployer.calls[-1] == ("deploy", "v2")
@@ -174,3 +184,15 @@ def test_window_counts_one_version_over_its_window():
     assert (m.requests, m.errors, m.samples) == (1, 1, 0)
     assert p99([float(i) for i in range(1, 101)]) == 99.0 and p99([]) is None
     assert Outcome.from_list(Outcome("a", True, 1.0, None).to_list()) == Outcome("a", True, 1.0)
+
+
+def test_a_retired_version_is_deleted_by_a_restarted_controller_too():
+    store = MemoryStore()
+    ctl, clock = make(store=store)
+    ctl.start("v2", {"model": "/m/v2"}, CANARY, FAST)
+    ctl.abort()
+    assert ("delete", "v2") not in ctl.deployer.calls
+    again, again_clock = make(store=store)
+    again_clock.now = clock.now + RETIRE_GRACE_S
+    again.tick()
+    assert again.deployer.calls == [("delete", "v2")]
