@@ -69,7 +69,6 @@ class Routing:
             "apps": self.apps,
             "stable": self.stable,
             "generation": self.generation,
-            "retired": self.retired,
         }
 
     @classmethod

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serve_app.rollout.controller import RETIRE_GRACE_S, RolloutController
+from serve_app.rollout.controller import RETIRE_GRACE_S, RolloutController, Routing
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome, OutcomeWindow, p99
 
@@ -192,6 +192,7 @@ def test_a_retired_version_is_deleted_by_a_restarted_controller_too():
     ctl.start("v2", {"model": "/m/v2"}, CANARY, FAST)
     ctl.abort()
     assert ("delete", "v2") not in ctl.deployer.calls
+    assert Routing.from_dict(ctl.routing().to_dict()) == ctl.routing()  # the ingress's wire form
     again, again_clock = make(store=store)
     again_clock.now = clock.now + RETIRE_GRACE_S
     again.tick()
