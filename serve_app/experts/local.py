@@ -25,7 +25,7 @@ class ExpertWeights:
     concatenating or selecting experts works the same on both layouts.
     """
 
-    __slots__ = ("w13", "w2", "expert_ids", "packed")
+    __slots__ = ("w13", "w2", "expert_ids", "packed", "owned")
 
     def __init__(
         self, w13: torch.Tensor, w2: torch.Tensor, expert_ids: list[int], packed: bool = False
@@ -34,6 +34,9 @@ class ExpertWeights:
         self.w2 = w2
         self.expert_ids = expert_ids
         self.packed = packed
+        # [max id + 2] bool: True at the ids held here; the last entry is the sentinel
+        self.owned = torch.zeros(max(expert_ids) + 2, dtype=torch.bool, device=w13.device)
+        self.owned[expert_ids] = True
 
     @classmethod
     def build(cls, w13: torch.Tensor, w2: torch.Tensor, expert_ids: list[int]) -> ExpertWeights:
@@ -63,10 +66,9 @@ def run_experts(
     """
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
-    owned = _owned_lookup(w, flat_ids.device)
-    sentinel = len(owned) - 1  # sorts after every owned expert
+    sentinel = len(w.owned) - 1  # sorts after every owned expert
     clipped = flat_ids.clamp(0, sentinel)
-    flat_ids = torch.where(owned[clipped] & (flat_ids >= 0), clipped, sentinel)
+    flat_ids = torch.where(w.owned[clipped] & (flat_ids >= 0), clipped, sentinel)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=sentinel + 1).tolist()
     n = len(order) - counts[sentinel]  # slots this layer's experts serve
@@ -111,13 +113,6 @@ def _grouped_matmul(
         if e - s > cpu_kernel.SMALL_ROWS:
             out[s:e] = cpu_kernel.panel_matmul(xs[s:e], w[local])
     return out
-
-
-def _owned_lookup(w: ExpertWeights, device: torch.device) -> torch.Tensor:
-    """[max id + 2] bool: True at the ids `w` holds; the last entry is the sentinel."""
-    owned = torch.zeros(max(w.expert_ids) + 2, dtype=torch.bool, device=device)
-    owned[w.expert_ids] = True
-    return owned
 
 
 class LocalExperts(ExpertExecutor):
