@@ -107,7 +107,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--iters", type=int, default=300, help="timed round trips per cell")
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--shards", type=int, default=2, help="expert-shard actors")
-    t.add_argument("--transports", default="actor_torch,actor_numpy,cgraph_torch,cgraph_numpy")
+    t.add_argument(
+        "--transports", default="actor_torch,actor_numpy,actor_wire,cgraph_torch,cgraph_numpy"
+    )
     t.add_argument("--out", default="bench_results")
 
     t.set_defaults(func=_lazy("serve_app.bench.transport:run_transport_bench"))

@@ -2,10 +2,12 @@
 
 At every MoE layer of every decode step a router sends each expert shard the tokens routed to
 it and waits for all shards' outputs. This benchmark times exactly that hop, with a trivial
-shard (x * 2) so that the transport dominates, over four transports:
+shard (x * 2) so that the transport dominates, over five transports:
 
   actor_torch    plain actor calls, `shard.fwd.remote(...)` + `ray.get`, torch tensors
   actor_numpy    the same with numpy arrays (zero-copy deserialization from the object store)
+  actor_wire     the same in the routers' wire form (serve_app.experts.wire): one flat bytes
+                 payload each way below 96 KB, the three arrays above
   cgraph_torch   a Ray Compiled Graph, InputNode -> every shard -> MultiOutputNode, torch
   cgraph_numpy   the same compiled graph fed numpy arrays
 
@@ -34,11 +36,13 @@ import numpy as np
 import torch
 
 from serve_app.bench.result import loadavg_1m
+from serve_app.experts.wire import pack_request, pack_response, unpack_request, unpack_response
 
-TRANSPORTS = ("actor_torch", "actor_numpy", "cgraph_torch", "cgraph_numpy")
+TRANSPORTS = ("actor_torch", "actor_numpy", "actor_wire", "cgraph_torch", "cgraph_numpy")
 COLORS = {
     "actor_torch": "tab:orange",
     "actor_numpy": "tab:red",
+    "actor_wire": "tab:purple",
     "cgraph_torch": "tab:blue",
     "cgraph_numpy": "tab:green",
 }
@@ -115,6 +119,10 @@ class EchoShard:
     def fwd(self, x: Any, topk_ids: Any, topk_weights: Any) -> Any:
         return x * 2
 
+    def fwd_wire(self, *payload: Any) -> Any:
+        x, _, _ = unpack_request(payload)
+        return pack_response(x * 2)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -169,13 +177,21 @@ def measure(cfg: TransportBenchConfig, transports: Sequence[str]) -> dict[str, A
         shards = [ray.remote(num_cpus=0)(EchoShard).remote() for _ in range(cfg.num_shards)]
         pids = ray.get([s.pid.remote() for s in shards])
         extra["actor_idle_cpu"] = _idle_cpu_fraction(pids, 1.0)
-        for transport in ("actor_torch", "actor_numpy"):
+        for transport in ("actor_torch", "actor_numpy", "actor_wire"):
             if transport not in transports:
                 continue
             for t in cfg.token_counts:
-                payloads = [make_payload(t, cfg, gen, transport == "actor_numpy") for _ in shards]
+                payloads = [make_payload(t, cfg, gen, transport != "actor_torch") for _ in shards]
 
-                def call(payloads: list[ShardPayload] = payloads) -> list[Any]:
+                def call(
+                    payloads: list[ShardPayload] = payloads, wire: bool = transport == "actor_wire"
+                ) -> list[Any]:
+                    if wire:  # encoding is part of the hop, as in the router
+                        refs = [
+                            s.fwd_wire.remote(*pack_request(*p))
+                            for s, p in zip(shards, payloads, strict=True)
+                        ]
+                        return [unpack_response(b) for b in ray.get(refs)]
                     return ray.get(
                         [s.fwd.remote(*p) for s, p in zip(shards, payloads, strict=True)]
                     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import ray
 import torch
 
@@ -29,10 +28,9 @@ class ExpertShardActor:
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
         self.metrics_reporter = PeriodicReporter(lambda: record_memory(metrics), 2.0, "memory")
 
-    def forward(
-        self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray
-    ) -> np.ndarray:
-        return self.shard.forward(layer, x, topk_ids, topk_weights)
+    def forward(self, layer: int, *payload):
+        """One MoE layer for the tokens in `payload` (serve_app.experts.wire.pack_request)."""
+        return self.shard.forward_payload(layer, *payload)
 
     def ping(self) -> bool:
         """Liveness for the routers' health reports (queued behind forward calls)."""

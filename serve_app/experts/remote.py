@@ -24,6 +24,7 @@ from serve_app.experts.dispatch import Dispatcher, ShardSlice
 from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
+from serve_app.experts.wire import pack_request, unpack_response
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class RemoteExperts(ExpertExecutor):
 
     def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef:
         handle = self._handle(sl.shard, deadline)
-        args = (to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
-        return handle.forward.remote(layer, *args)
+        payload = pack_request(to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
+        return handle.forward.remote(layer, *payload)
 
     def _handle(self, shard: int, deadline: float) -> Any:
         while self._handles[shard] is None:
@@ -117,7 +118,8 @@ class RemoteExperts(ExpertExecutor):
     def _wait(self, layer: int, sl: ShardSlice, ref, deadline: float) -> torch.Tensor:
         while True:
             try:
-                return as_tensor(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+                payload = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                return as_tensor(unpack_response(payload))
             except GetTimeoutError:
                 raise ExpertsUnavailableError(
                     f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"

@@ -1,8 +1,8 @@
 """One expert shard: the experts it owns, of every MoE layer, and nothing else of the model.
 
 Plain torch, no Ray: serve_app.experts.actor wraps it as an actor; tests use it directly.
-The transport form is numpy (zero-copy through Ray's object store); the shard converts at
-its edge so the compute stays torch.
+Between processes the payloads take the wire form of serve_app.experts.wire; the shard
+converts at its edge so the compute stays torch.
 Shapes: Ts tokens sent to this shard, K experts per token, D hidden.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 from serve_app.engine.transfer import to_device, to_host
 from serve_app.experts.local import ExpertWeights, run_experts
+from serve_app.experts.wire import pack_response, unpack_request
 from serve_app.model.loader import load_expert_shard
 
 
@@ -71,6 +72,11 @@ class ExpertShard:
         w = to_device(as_tensor(topk_weights), self.device)
         y = run_experts(weights, xt, ids, w)
         return to_numpy(y)
+
+    def forward_payload(self, layer: int, *payload) -> bytes | np.ndarray:
+        """forward() on the wire form (serve_app.experts.wire): pack_request's output in,
+        pack_response's out."""
+        return pack_response(self.forward(layer, *unpack_request(payload)))
 
     def num_bytes(self) -> int:
         return sum(w.w13.nbytes + w.w2.nbytes for w in self.layers.values())

@@ -1,6 +1,6 @@
 """Splitting tokens by expert shard: every placement gives the in-process experts' answer.
 
-Pure torch: ExpertShard is used directly (no Ray), through the same numpy wire form.
+Pure torch: ExpertShard is used directly (no Ray), through the same bytes wire form.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from serve_app.experts.dispatch import Dispatcher
 from serve_app.experts.local import LocalExperts
 from serve_app.experts.placement import place_experts
 from serve_app.experts.shard import ExpertShard, as_tensor, to_numpy
+from serve_app.experts.wire import pack_request, unpack_response
 from serve_app.model.config import load_model_spec
 from serve_app.model.layers.moe import route
 from serve_app.model.loader import iter_weights, split_weights, stack_experts
@@ -47,16 +48,15 @@ def test_sharded_experts_equal_in_process_experts(qwen3_tiny, num_shards, load):
     shards = [ExpertShard(str(qwen3_tiny), list(s), CPU, torch.float32) for s in placement.shards]
     dispatcher = Dispatcher(placement)
     layer = next(i for i, m in enumerate(spec.moe_layers) if m)
-    for t in (1, 5, 64):
+    for t in (1, 5, 64, 512):  # 512 x 64 floats: over INLINE_MAX_BYTES, the array form
         x, ids, w = _routed(spec, t, seed=t)
         parts = []
         for sl in dispatcher.split(x, ids, w):
             # a shard gets only rows that need it, and only its own slots unmasked
             owned = set(placement.shards[sl.shard])
             assert all(e in owned for e in sl.topk_ids[sl.topk_ids >= 0].tolist())
-            y = shards[sl.shard].forward(
-                layer, to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights)
-            )
+            request = pack_request(to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
+            y = unpack_response(shards[sl.shard].forward_payload(layer, *request))
             parts.append((sl, as_tensor(y)))
         got = Dispatcher.combine(x, parts)
         torch.testing.assert_close(got, local.forward(layer, x, ids, w), rtol=1e-5, atol=1e-6)

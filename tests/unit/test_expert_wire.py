@@ -1,0 +1,101 @@
+"""The router <-> expert-shard byte payloads: exact round trips, and clear errors on bad ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve_app.experts.wire import (
+    INLINE_MAX_BYTES,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    pack_request,
+    pack_response,
+    unpack_request,
+    unpack_response,
+)
+
+
+def _request(t: int, d: int = 8, k: int = 2):
+    g = np.random.default_rng(t)
+    x = g.standard_normal((t, d)).astype(np.float32)
+    ids = g.integers(-1, 64, (t, k)).astype(np.int64)  # -1: a slot another shard serves
+    w = g.random((t, k)).astype(np.float32)
+    return x, ids, w
+
+
+@pytest.mark.parametrize("t", [0, 1, 37])
+def test_request_round_trip_is_exact(t):
+    x, ids, w = _request(t)
+    x2, ids2, w2 = decode_request(encode_request(x, ids, w))
+    assert x2.dtype == np.float32 and ids2.dtype == np.int64 and w2.dtype == np.float32
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(w2, w)
+
+
+def test_request_accepts_non_contiguous_and_other_dtypes():
+    x, ids, w = _request(6, d=16)
+    x2, ids2, w2 = decode_request(
+        encode_request(x[:, ::2], ids.astype(np.int32), w.astype(np.float64))
+    )
+    np.testing.assert_array_equal(x2, x[:, ::2])
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(w2, w.astype(np.float32))
+
+
+def test_response_round_trip_is_exact():
+    y = np.arange(24, dtype=np.float32).reshape(3, 8) - 5.5
+    np.testing.assert_array_equal(decode_response(encode_response(y)), y)
+
+
+def test_request_shapes_must_agree():
+    x, ids, w = _request(4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        encode_request(x, ids[:3], w)
+
+
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda b: b[:10], "too short"),
+        (lambda b: b"XXXX" + b[4:], "magic"),
+        (lambda b: b[:-4], "bytes, expected"),
+        (lambda b: b + b"\0", "bytes, expected"),
+    ],
+)
+def test_malformed_requests_are_refused(mangle, message):
+    payload = encode_request(*_request(3))
+    with pytest.raises(ValueError, match=message):
+        decode_request(mangle(payload))
+
+
+def test_a_response_is_not_a_request():
+    with pytest.raises(ValueError, match="magic"):
+        decode_request(encode_response(np.zeros((2, 8), np.float32)))
+    with pytest.raises(ValueError, match="magic"):
+        decode_response(encode_request(*_request(2)))
+
+
+@pytest.mark.parametrize("t, form", [(3, bytes), (INLINE_MAX_BYTES // 32 + 1, np.ndarray)])
+def test_pack_picks_bytes_when_small_and_arrays_when_large(t, form):
+    x, ids, w = _request(t, d=8)
+    packed = pack_request(x, ids, w)
+    assert all(isinstance(a, form) for a in packed) and len(packed) == (1 if form is bytes else 3)
+    x2, ids2, w2 = unpack_request(packed)
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(w2, w)
+    response = pack_response(x * 2)
+    assert isinstance(response, form)
+    np.testing.assert_array_equal(unpack_response(response), x * 2)
+
+
+def test_unpack_refuses_other_argument_shapes():
+    x, ids, w = _request(2)
+    with pytest.raises(ValueError, match="bytes or three arrays"):
+        unpack_request((x, ids))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        unpack_request((x, ids[:1], w))
