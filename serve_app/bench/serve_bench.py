@@ -4,7 +4,12 @@ Targets are measured one after another, never side by side (the machines have 2 
 - `--url LABEL=URL`: a server that is already running;
 - `--launch NAME`: a server this command starts, measures and stops:
   `moeserve` (one process), `moeserve-epN` (`moeserve serve --ray --ep N`), `vllm` (`vllm
-  serve` from .venv-vllm, PEERS.md's flags). The first target is the baseline of the ratios.
+  serve` from .venv-vllm, PEERS.md's flags), `inproc` (the same prompts straight into the
+  engine in this process: no HTTP, no Serve; the reference the serving path is measured
+  against). The first target is the baseline of the ratios.
+
+For launched servers each pass also splits the server's CPU by role (serve_app.bench.cpu_usage):
+the serving path's CPU per output token is the cost of carrying a token from engine to client.
 
 Every concurrency level gets its own prompts (one seed per level), the same for every target:
 targets see identical load, and a prefix cache cannot carry hits from one pass to the next.
@@ -14,16 +19,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from serve_app.bench import cpu_usage
 from serve_app.bench.config import BenchConfig
 from serve_app.bench.launcher import (
     LAUNCH_NAME,
@@ -36,11 +43,12 @@ from serve_app.bench.launcher import (
     vllm_version,
     wait_ready,
 )
-from serve_app.bench.load import Endpoint, run_pass, summarize
+from serve_app.bench.load import Endpoint, PassResult, run_pass, summarize
 from serve_app.bench.result import loadavg_1m
 from serve_app.bench.serve_report import PassRun, TargetRun
 
-DEFAULT_LAUNCH = ("moeserve-ep0", "moeserve-ep2", "vllm")
+INPROC = "inproc"
+DEFAULT_LAUNCH = ("inproc", "moeserve-ep0", "moeserve-ep2", "vllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +99,12 @@ def parse_targets(items: list[tuple[str, str]] | None) -> list[TargetSpec]:
                 raise ValueError(f"--url wants LABEL=http://HOST:PORT, got {value!r}")
             url = url.rstrip("/")
             specs.append(TargetSpec(label, url=url.removesuffix("/v1")))
-        elif LAUNCH_NAME.match(value):
+        elif LAUNCH_NAME.match(value) or value == INPROC:
             specs.append(TargetSpec(value, launch=value))
         else:
-            raise ValueError(f"--launch: unknown {value!r}; moeserve, moeserve-epN or vllm")
+            raise ValueError(
+                f"--launch: unknown {value!r}; moeserve, moeserve-epN, vllm or {INPROC}"
+            )
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"target labels must be unique, got {labels}")
@@ -162,28 +172,45 @@ def random_prompts(tokenizer, num: int, input_len: int, seed: int) -> list[str]:
 # --- measuring -------------------------------------------------------------------------------
 
 
+Pass = Callable[[Sequence[str], int, int], PassResult]  # (prompts, max_tokens, concurrency)
+
+
 def measure(
-    run: TargetRun, endpoint: Endpoint, cfg: ServeBenchConfig, prompts: dict, warmup: list[str]
+    run: TargetRun,
+    send: Pass,
+    cfg: ServeBenchConfig,
+    prompts: dict,
+    warmup: list[str],
+    cpu_sample: Callable[[], list[cpu_usage.ProcCpu]] | None = None,
 ) -> None:
-    """Warm up, then one pass per concurrency level; fills run.passes (or run.skipped)."""
+    """Warm up, then one pass per concurrency level; fills run.passes (or run.skipped).
+    cpu_sample (launched servers): the server's processes, sampled around each pass."""
     if warmup:
-        res = asyncio.run(run_pass(endpoint, warmup, cfg.warmup_output_len, len(warmup)))
+        res = send(warmup, cfg.warmup_output_len, len(warmup))
         if not any(r.ok for r in res.records):
             bad = res.records[0]
             run.skipped = f"warm-up failed: {bad.status} {bad.error}"
             return
     for c in cfg.concurrencies:
         load0 = loadavg_1m()
-        res = asyncio.run(run_pass(endpoint, prompts[c], cfg.output_len, c))
+        cpu0 = cpu_sample() if cpu_sample else None
+        res = send(prompts[c], cfg.output_len, c)
+        cpu = cpu_usage.split(cpu0, cpu_sample()) if cpu_sample else None
         s = summarize(res.records, res.duration_s, c)
-        run.passes.append(PassRun(s, res.records, (load0, loadavg_1m())))
+        run.passes.append(PassRun(s, res.records, (load0, loadavg_1m()), cpu))
         ttft = f"{s.ttft_ms.p50:.0f}" if s.ttft_ms else "-"
         tpot = f"{s.tpot_ms.p50:.1f}" if s.tpot_ms else "-"
+        per_tok = cpu.per_token_ms(s.output_tokens) if cpu else None
+        serving = f", serving CPU {per_tok:.2f} ms/token" if per_tok is not None else ""
         print(
             f"  {run.label} c={c}: {s.num_ok} ok, {s.num_failed} failed, "
-            f"{s.output_tok_s:.1f} out tok/s, TTFT p50 {ttft} ms, TPOT p50 {tpot} ms",
+            f"{s.output_tok_s:.1f} out tok/s, TTFT p50 {ttft} ms, TPOT p50 {tpot} ms{serving}",
             flush=True,
         )
+
+
+def http_pass(endpoint: Endpoint) -> Pass:
+    return lambda prompts, max_tokens, c: asyncio.run(run_pass(endpoint, prompts, max_tokens, c))
 
 
 def client_api_key(launched: bool) -> str | None:
@@ -209,8 +236,10 @@ def run_target(
         except (OSError, ValueError, KeyError, IndexError) as e:
             run.skipped = f"GET {spec.url}/v1/models failed: {e}"
             return run
-        measure(run, Endpoint(spec.url, run.model, api_key), cfg, prompts, warmup)
+        measure(run, http_pass(Endpoint(spec.url, run.model, api_key)), cfg, prompts, warmup)
         return run
+    if spec.launch == INPROC:
+        return run_inproc(spec, cfg, model, prompts, warmup)
 
     run = TargetRun(spec.label, f"launch {spec.launch}")
     port = free_port()
@@ -228,7 +257,9 @@ def run_target(
             t0 = time.monotonic()
             run.model = wait_ready(url, proc, cfg.ready_timeout_s, api_key)
             print(f"  ready in {time.monotonic() - t0:.0f} s", flush=True)
-            measure(run, Endpoint(url, run.model, api_key), cfg, prompts, warmup)
+            endpoint = Endpoint(url, run.model, api_key)
+            sample = functools.partial(cpu_usage.sample_session, proc.pid)
+            measure(run, http_pass(endpoint), cfg, prompts, warmup, sample)
         except (RuntimeError, TimeoutError) as e:
             run.skipped = str(e)
         finally:
@@ -238,6 +269,26 @@ def run_target(
             run.skipped += f" [{cause}] (log: {run.log})" if cause else f" (log: {run.log})"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    return run
+
+
+def run_inproc(
+    spec: TargetSpec, cfg: ServeBenchConfig, model: str, prompts: dict, warmup: list[str]
+) -> TargetRun:
+    """The engine in this process, driven like the HTTP targets (serve_app.bench.inproc)."""
+    from serve_app.bench.inproc import build_engine, run_inproc_pass
+
+    run = TargetRun(spec.label, f"launch {INPROC}", model=Path(model).name)
+    print(f"starting {spec.label}: the engine in this process", flush=True)
+    engine = build_engine(model, BenchConfig())
+    try:
+
+        def send(ps: Sequence[str], max_tokens: int, c: int) -> PassResult:
+            return asyncio.run(run_inproc_pass(engine, ps, max_tokens, c))
+
+        measure(run, send, cfg, prompts, warmup, cpu_usage.sample_self)
+    finally:
+        engine.shutdown()
     return run
 
 

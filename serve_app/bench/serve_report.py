@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve_app.bench.cpu_usage import CpuSplit
 from serve_app.bench.load import PassSummary, RequestRecord, Stats
 
-# The issue's acceptance line: distributed experts keep most of in-process throughput.
-GOAL = ("moeserve-ep2", "moeserve-ep0", 32, 0.7)  # system, baseline, concurrency, min ratio
+# Acceptance lines (system, baseline, concurrency, min ratio of output tok/s): over HTTP the
+# single-router app keeps >= 90% of the engine's in-process speed, and 2 expert actors keep
+# most of what in-process experts give.
+GOALS = (
+    ("moeserve-ep0", "inproc", 32, 0.9),
+    ("moeserve-ep0", "inproc", 64, 0.9),
+    ("moeserve-ep2", "moeserve-ep0", 32, 0.85),
+)
+GOAL = GOALS[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +28,11 @@ class PassRun:
     summary: PassSummary
     records: list[RequestRecord]
     loadavg: tuple[float, float]  # 1-minute load average before and after the pass
+    cpu: CpuSplit | None = None  # the server's CPU by role over the pass (launched targets)
+
+    @property
+    def serving_ms_per_token(self) -> float | None:
+        return None if self.cpu is None else self.cpu.per_token_ms(self.summary.output_tokens)
 
 
 @dataclass(slots=True)
@@ -85,7 +98,7 @@ def format_table(runs: list[TargetRun], concurrencies: list[int]) -> str:
     head = (
         f"{'conc':>4} {'target':<{width}} {'ok/fail':>7} {'out tok/s':>9} {vs:>{len(vs)}} "
         f"{'req/s':>6} | {'TTFT ms mean/p50/p90/p99':>25} | {'TPOT ms mean/p50/p90/p99':>25} | "
-        f"{'ITL p99':>7} {'E2E ms p50/p99':>15} {'load1m':>6}"
+        f"{'ITL p99':>7} {'E2E ms p50/p99':>15} {'srv CPU ms/tok':>14} {'load1m':>6}"
     )
     lines = [head, "-" * len(head)]
     rs = ratios(runs, concurrencies)
@@ -102,7 +115,8 @@ def format_table(runs: list[TargetRun], concurrencies: list[int]) -> str:
                 f"{s.output_tok_s:>9.1f} {_fmt_ratio(rs[r.label][c]):>{len(vs)}} "
                 f"{s.request_s:>6.2f} | {_fmt_stats(s.ttft_ms, '.0f'):>25} | "
                 f"{_fmt_stats(s.tpot_ms, '.1f'):>25} | {_fmt(s.itl_p99_ms, '.1f'):>7} "
-                f"{_fmt(s.e2e_p50_ms, '.0f') + '/' + _fmt(s.e2e_p99_ms, '.0f'):>15} {load:>6.1f}"
+                f"{_fmt(s.e2e_p50_ms, '.0f') + '/' + _fmt(s.e2e_p99_ms, '.0f'):>15} "
+                f"{_fmt(p.serving_ms_per_token, '.2f'):>14} {load:>6.1f}"
             )
         lines.append("")
     notes = [
@@ -119,7 +133,11 @@ def format_table(runs: list[TargetRun], concurrencies: list[int]) -> str:
         for msg, count in p.summary.errors.items()
     ]
     lines += notes
-    lines.append(goal_line(runs))
+    lines += [goal_line(runs, g) for g in GOALS]
+    lines.append(
+        "srv CPU ms/tok: CPU of the serving path (proxy, ingress, router outside its engine"
+        " thread; a one-process server outside its engine) per output token."
+    )
     lines.append(
         "load1m: the highest 1-minute load average around the pass. The server adds about one"
         " per busy thread; well above the core count, neighbours were competing: rerun."
@@ -137,6 +155,7 @@ def report_json(
         "machine": machine,
         "baseline": base.label if base else None,
         "goal": goal_line(runs),
+        "goals": [goal_line(runs, g) for g in GOALS],
         "ratios": {label: {str(c): x for c, x in by_c.items()} for label, by_c in rs.items()},
         "targets": {
             r.label: {
@@ -149,6 +168,8 @@ def report_json(
                     str(p.summary.concurrency): {
                         "summary": p.summary.to_json(),
                         "loadavg": list(p.loadavg),
+                        "cpu_s": p.cpu.to_json() if p.cpu else None,
+                        "serving_cpu_ms_per_token": p.serving_ms_per_token,
                         "records": [x.to_json() for x in p.records],
                     }
                     for p in r.passes

@@ -29,12 +29,14 @@ from serve_app.engine.errors import (
 )
 from serve_app.engine.latency_window import RecentLatencies
 from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.platform import name_os_thread
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.base import ExpertExecutor
 
 log = logging.getLogger(__name__)
 
 _FAILED = object()  # queue sentinel: the engine loop died
+ENGINE_THREAD_NAME = "moeserve-engine"  # also the OS thread's name (profilers, bench CPU split)
 
 
 class AsyncLLMEngine:
@@ -52,7 +54,7 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(engine_factory,), name="moeserve-engine", daemon=True
+            target=self._run, args=(engine_factory,), name=ENGINE_THREAD_NAME, daemon=True
         )
         self._thread.start()
         self._ready.wait()
@@ -181,6 +183,7 @@ class AsyncLLMEngine:
     # ---- the engine thread ------------------------------------------------------------------
 
     def _run(self, engine_factory: Callable[[], LLMEngine]) -> None:
+        name_os_thread(ENGINE_THREAD_NAME)
         try:
             self.engine = engine_factory()
             self._stats = self.engine.stats()

@@ -194,7 +194,12 @@ def test_parse_targets_keeps_order_and_defaults() -> None:
         TargetSpec("moeserve-ep2", launch="moeserve-ep2"),
         TargetSpec("ext", "http://h:1"),
     ]
-    assert [t.label for t in parse_targets(None)] == ["moeserve-ep0", "moeserve-ep2", "vllm"]
+    assert [t.label for t in parse_targets(None)] == [
+        "inproc",
+        "moeserve-ep0",
+        "moeserve-ep2",
+        "vllm",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +269,8 @@ def test_ratios_against_first_target_that_ran() -> None:
     r = ratios(runs, [1, 32])
     assert r["moeserve-ep2"] == {1: 0.5, 32: 0.75} and r["moeserve-ep0"] == {1: 1.0, 32: 1.0}
     assert r["vllm"] == {1: None, 32: None}
-    assert "MET (0.75x" in goal_line(runs)
+    assert "NOT MET (0.75x" in goal_line(runs)  # ep2 >= 0.85x ep0
+    assert "MET (0.75x" in goal_line(runs, ("moeserve-ep2", "moeserve-ep0", 32, 0.7))
     table = format_table(runs, [1, 32])
     assert "vs moeserve-ep0" in table and "skipped: .venv-vllm missing" in table
 
@@ -279,10 +285,11 @@ def test_goal_line_verdicts() -> None:
 def test_report_json_shape(tmp_path) -> None:
     runs = [target("a", {1: 10, 8: 40}), target("b", {}, skipped="no venv")]
     data = json.loads(json.dumps(report_json(runs, [1, 8], {"num_prompts": 1}, {"cpus": 2})))
-    assert set(data) == {"config", "machine", "baseline", "goal", "ratios", "targets"}
+    assert set(data) == {"config", "machine", "baseline", "goal", "goals", "ratios", "targets"}
     assert data["baseline"] == "a" and data["ratios"]["a"] == {"1": 1.0, "8": 1.0}
     a = data["targets"]["a"]["passes"]["8"]
     assert a["summary"]["output_tok_s"] == 40 and a["loadavg"] == [0.5, 1.5]
+    assert a["cpu_s"] is None and a["serving_cpu_ms_per_token"] is None
     assert set(a["summary"]["ttft_ms"]) == {"mean", "p50", "p90", "p99"}
     assert a["records"][0]["completion_tokens"] == 40 and a["records"][0]["itl_s"] == [0.01, 0.02]
     assert data["targets"]["b"] == {

@@ -1,0 +1,145 @@
+"""Where a server's CPU goes during a benchmark pass: the serving path versus the engine.
+
+A launched server leads its own process session, so every process in it is part of the system
+under test. Each process (and the engine's own thread) is sampled from /proc before and after a
+pass and sorted into a role by its name:
+
+| role | processes |
+|---|---|
+| `engine` | the engine thread (`moeserve-engine`); expert shard actors; vLLM's `EngineCore` |
+| `proxy` | Serve's HTTP proxy actor |
+| `ingress` | the ingress replica(s) |
+| `router` | router replicas, *minus* their engine thread: event loop, Serve plumbing, stream I/O |
+| `api` | a one-process server (ours without Ray, vLLM's API server) minus its engine |
+| `ray` | Ray's own daemons (raylet, GCS, agents, Serve controller) |
+
+The serving path is every role but `engine` and `ray`; divided by the pass's output tokens it is
+the CPU that carrying one streamed token costs, whatever the accelerator does. Classification is
+pure (`role_of`); only `sample_session` reads /proc.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+ENGINE_THREAD = "moeserve-engine"  # threading.Thread name, as /proc/<pid>/task/<tid>/comm has it
+SERVING_ROLES = ("proxy", "ingress", "router", "api")
+ROLES = ("engine", *SERVING_ROLES, "ray")
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+class ProcCpu(NamedTuple):
+    pid: int
+    name: str  # the process title (Ray workers set `ray::ServeReplica:app:router` and the like)
+    cpu_s: float  # user + system, whole process
+    engine_thread_s: float  # of that, the engine thread's
+
+
+def role_of(name: str) -> str:
+    """The role of a process by its title; see the module's table."""
+    if "ProxyActor" in name:
+        return "proxy"
+    if name.startswith("ray::ServeReplica:") or "ServeReplica:" in name:
+        deployment = name.rsplit(":", 1)[-1].split()[0]
+        return "ingress" if deployment.startswith("ingress") else "router"
+    if "ExpertShard" in name or "EngineCore" in name:
+        return "engine"
+    if name.startswith("ray::") or _is_ray_daemon(name):
+        return "ray"
+    return "api"
+
+
+def _is_ray_daemon(name: str) -> bool:
+    daemons = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
+    return any(d in name for d in daemons) or "redis-server" in name
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSplit:
+    """CPU seconds per role over one pass; see the module's table."""
+
+    seconds: dict[str, float]
+
+    @property
+    def serving_s(self) -> float:
+        return sum(self.seconds.get(r, 0.0) for r in SERVING_ROLES)
+
+    def per_token_ms(self, output_tokens: int) -> float | None:
+        return self.serving_s / output_tokens * 1000 if output_tokens else None
+
+    def to_json(self) -> dict:
+        return {k: round(v, 3) for k, v in self.seconds.items()} | {
+            "serving": round(self.serving_s, 3)
+        }
+
+
+def split(before: Iterable[ProcCpu], after: Iterable[ProcCpu]) -> CpuSplit:
+    """CPU used between two samples, by role. A process that started in between counts from 0;
+    one that ended in between is lost (its last seconds are not in `after`)."""
+    start = {p.pid: p for p in before}
+    seconds = dict.fromkeys(ROLES, 0.0)
+    for p in after:
+        b = start.get(p.pid)
+        cpu = p.cpu_s - (b.cpu_s if b else 0.0)
+        engine = p.engine_thread_s - (b.engine_thread_s if b else 0.0)
+        role = role_of(p.name)
+        if role == "engine":
+            seconds["engine"] += cpu
+        else:
+            seconds["engine"] += engine
+            seconds[role] += cpu - engine
+    return CpuSplit(seconds)
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def sample_session(leader: int) -> list[ProcCpu]:
+    """Every live process of the session `leader` leads (the leader included)."""
+    from serve_app.procs import session_pids
+
+    out = []
+    for pid in {leader, *session_pids(leader)}:
+        cpu = _cpu_s(Path(f"/proc/{pid}/stat"))
+        if cpu is None:
+            continue
+        out.append(ProcCpu(pid, _title(pid), cpu, _engine_thread_s(pid)))
+    return out
+
+
+def sample_self() -> list[ProcCpu]:
+    """This process alone (the in-process reference)."""
+    pid = os.getpid()
+    return [ProcCpu(pid, "self", _cpu_s(Path(f"/proc/{pid}/stat")) or 0.0, _engine_thread_s(pid))]
+
+
+def _cpu_s(stat: Path) -> float | None:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after "pid (comm)": state is field 0, utime 11, stime 12 (proc(5) fields 14 and 15)
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _engine_thread_s(pid: int) -> float:
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "comm").read_text().strip() == ENGINE_THREAD:
+                total += _cpu_s(task / "stat") or 0.0
+        except OSError:
+            continue
+    return total
+
+
+def _title(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()

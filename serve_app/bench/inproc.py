@@ -1,0 +1,78 @@
+"""The in-process reference of `moeserve bench serve`: the same prompts at the same concurrency
+straight into AsyncLLMEngine, with no HTTP, no Serve and no Ray.
+
+It answers "how much of the engine's own speed does the serving path keep": a launched target's
+output tok/s over this one's, at the same concurrency, measured in the same run. The engine gets
+the settings `moeserve serve` gives it (the bench's scheduler limits, KV memory, every CPU), and
+each request records what the HTTP client records (TTFT at the first token, ITL, latency), so
+both sides are summarised by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from serve_app.bench.config import BenchConfig
+from serve_app.bench.load import PassResult, RequestRecord
+
+
+def build_engine(model: str, bench: BenchConfig, num_threads: int | None = None):
+    from serve_app.engine.async_engine import AsyncLLMEngine
+    from serve_app.engine.config import EngineConfig
+
+    return AsyncLLMEngine.from_config(
+        EngineConfig(
+            model=model,
+            max_num_seqs=bench.max_num_seqs,
+            max_num_batched_tokens=bench.max_num_batched_tokens,
+            num_threads=num_threads,
+        )
+    )
+
+
+async def _one(engine, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:
+    from serve_app.engine.request import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    ttft, last, itl, tokens, prompt_tokens = None, start, [], 0, None
+    async for out in engine.generate(prompt, params):
+        now = time.perf_counter()
+        prompt_tokens = len(out.prompt_token_ids)
+        n = sum(len(c.token_ids) for c in out.outputs)
+        if n:
+            if ttft is None:
+                ttft = now - start
+            else:
+                itl.append(now - last)
+            last = now
+            tokens += n
+    return RequestRecord(
+        ok=tokens > 0,
+        status=200,
+        error=None if tokens else "no token",
+        start_s=start - pass_start,
+        latency_s=time.perf_counter() - start,
+        ttft_s=ttft,
+        itl_s=itl,
+        completion_tokens=tokens,
+        prompt_tokens=prompt_tokens,
+        usage_reported=True,
+    )
+
+
+async def run_inproc_pass(
+    engine, prompts: Sequence[str], max_tokens: int, concurrency: int
+) -> PassResult:
+    """Like load.run_pass: every prompt, never more than `concurrency` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+    t0 = time.perf_counter()
+
+    async def one(prompt: str) -> RequestRecord:
+        async with gate:
+            return await _one(engine, prompt, max_tokens, t0)
+
+    records = await asyncio.gather(*(one(p) for p in prompts))
+    return PassResult(list(records), time.perf_counter() - t0)

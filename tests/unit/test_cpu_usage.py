@@ -1,0 +1,89 @@
+"""The serving benchmark's CPU split: roles by process title, deltas between two samples."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from serve_app.bench.cpu_usage import ProcCpu, role_of, sample_self, split
+
+
+@pytest.mark.parametrize(
+    "title, role",
+    [
+        ("ray::ProxyActor", "proxy"),
+        ("ray::ServeReplica:moeserve:ingress", "ingress"),
+        ("ray::ServeReplica:moeserve:router", "router"),
+        ("ray::ServeReplica:moeserve--v2:router", "router"),
+        ("ray::ExpertShardActor", "engine"),
+        ("VLLM::EngineCore", "engine"),
+        ("ray::ServeController", "ray"),
+        ("/x/ray/core/src/ray/raylet/raylet --node_id=1", "ray"),
+        ("/x/gcs_server --port=1", "ray"),
+        ("/usr/bin/redis-server 127.0.0.1:1", "ray"),
+        ("/v/bin/python /v/bin/moeserve serve --model m", "api"),
+        ("/v/bin/python vllm_cli.py serve m", "api"),
+    ],
+)
+def test_role_of_process_titles(title: str, role: str) -> None:
+    assert role_of(title) == role
+
+
+def test_split_subtracts_the_engine_thread_and_counts_new_processes_from_zero() -> None:
+    before = [
+        ProcCpu(1, "ray::ServeReplica:app:router", 10.0, 8.0),
+        ProcCpu(2, "ray::ServeReplica:app:ingress", 3.0, 0.0),
+        ProcCpu(3, "ray::ProxyActor", 1.0, 0.0),
+        ProcCpu(9, "ray::ProxyActor", 5.0, 0.0),  # gone by the second sample
+    ]
+    after = [
+        ProcCpu(1, "ray::ServeReplica:app:router", 16.0, 12.0),  # 6 s: 4 engine + 2 router
+        ProcCpu(2, "ray::ServeReplica:app:ingress", 4.5, 0.0),
+        ProcCpu(3, "ray::ProxyActor", 1.5, 0.0),
+        ProcCpu(4, "ray::ExpertShardActor", 2.0, 0.0),  # started in between
+        ProcCpu(5, "/x/raylet", 0.25, 0.0),
+    ]
+    s = split(before, after)
+    assert s.seconds == {
+        "engine": 6.0,
+        "proxy": 0.5,
+        "ingress": 1.5,
+        "router": 2.0,
+        "api": 0.0,
+        "ray": 0.25,
+    }
+    assert s.serving_s == 4.0
+    assert s.per_token_ms(1000) == 4.0 and s.per_token_ms(0) is None
+    assert s.to_json()["serving"] == 4.0
+
+
+def test_sample_self_sees_a_named_engine_thread() -> None:
+    from serve_app.engine.platform import name_os_thread
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        name_os_thread("moeserve-engine")
+        while not stop.is_set():
+            sum(range(10_000))
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        time.sleep(0.3)
+        (me,) = sample_self()
+    finally:
+        stop.set()
+        t.join()
+    assert me.pid == os.getpid()
+    assert 0 < me.engine_thread_s <= me.cpu_s
+
+
+def test_engine_thread_name_is_the_engines() -> None:
+    from serve_app.bench.cpu_usage import ENGINE_THREAD
+    from serve_app.engine.async_engine import ENGINE_THREAD_NAME
+
+    assert ENGINE_THREAD == ENGINE_THREAD_NAME
