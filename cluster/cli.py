@@ -76,7 +76,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="checkpoint directory (launched targets)")
     s.add_argument("--tokenizer", default=None, help="for the random prompts; default: --model")
     # --url and --launch share one list, so targets keep their command-line order (the
-    # first is the ratios' baseline). Default: --launch moeserve-ep0 moeserve-ep2 vllm.
+    # first is the ratios' baseline). Default: --launch inproc moeserve-ep0 moeserve-ep2 vllm.
     s.add_argument(
         "--url",
         dest="targets",
@@ -91,7 +91,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="append",
         type=lambda v: ("launch", v),
         metavar="NAME",
-        help="start, measure, stop: moeserve, moeserve-epN or vllm (repeatable)",
+        help="start, measure, stop: moeserve, moeserve-epN, vllm or inproc (repeatable)",
     )
     s.add_argument("--concurrency", default="1,8,32", help="comma list: one pass per level")
     s.add_argument("--num-prompts", type=int, default=64)
