@@ -43,3 +43,39 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+
+
+def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
+    """Several consecutive increments of one request as one: each choice's deltas joined in
+    order (text, token ids, logprobs), its finish from the last one that has it. What a
+    consumer that fell behind receives instead of a backlog of one-token items."""
+    if len(outputs) == 1:
+        return outputs[0]
+    merged: dict[int, CompletionOutput] = {}
+    for out in outputs:
+        for c in out.outputs:
+            m = merged.get(c.index)
+            if m is None:
+                merged[c.index] = CompletionOutput(
+                    c.index,
+                    c.text,
+                    list(c.token_ids),
+                    None if c.logprobs is None else list(c.logprobs),
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+                continue
+            m.text += c.text
+            m.token_ids.extend(c.token_ids)
+            if c.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + list(c.logprobs)
+            if c.finish_reason is not None:
+                m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+    first, last = outputs[0], outputs[-1]
+    return RequestOutput(
+        first.request_id,
+        first.prompt_token_ids,
+        [merged[i] for i in sorted(merged)],
+        last.finished,
+        first.num_cached_tokens,
+    )

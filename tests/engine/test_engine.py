@@ -194,3 +194,44 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
         assert len(engine.ttft) == 4  # one TTFT per request
     finally:
         engine.shutdown()
+
+
+async def test_a_lagging_stream_gets_its_backlog_as_one_item(qwen3_tiny):
+    """Consumer-paced coalescing: what piled up while nobody read comes as one increment, in
+    order, nothing lost; a sink gets each step's output as it is made."""
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+        want = [o async for o in engine.generate(PROMPTS[1], params)]
+        assert len(want) == 16  # read as fast as made: one token per item
+
+        stream = engine.add_request(PROMPTS[1], params)
+        for _ in range(200):  # the engine finishes it while nobody reads
+            if engine.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        got = [o async for o in stream]
+        assert len(got) == 1 and got[0].finished
+        ids = [t for o in want for t in o.outputs[0].token_ids]
+        assert got[0].outputs[0].token_ids == ids
+        assert [lp.token_id for lp in got[0].outputs[0].logprobs] == ids
+        assert got[0].outputs[0].text == "".join(o.outputs[0].text for o in want)
+
+        class Sink:
+            def __init__(self):
+                self.items = []
+
+            def put_nowait(self, item):
+                self.items.append(item)
+
+        sink = Sink()
+        engine.add_request_to(PROMPTS[1], params, sink)
+        for _ in range(200):
+            if sink.items and sink.items[-1].finished:
+                break
+            await asyncio.sleep(0.02)
+        assert [o.outputs[0].token_ids[0] for o in sink.items] == ids
+    finally:
+        engine.shutdown()
