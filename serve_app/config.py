@@ -271,6 +271,26 @@ class RolloutSettings(BaseModel):
         return self
 
 
+class StreamingSettings(BaseModel):
+    """How a response's tokens travel from the router to the client (docs/serving-path.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transport: Literal["channel", "serve"] = Field(
+        "channel",
+        description="Router -> ingress: `channel` sends each engine step's outputs for an "
+        "ingress as one frame over a direct TCP connection (the request itself still goes "
+        "through Serve); `serve` streams every token as its own Serve stream item.",
+    )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Tokens per streamed chunk (vLLM's --stream-interval): the first token and "
+        "the last chunk go out at once, the rest in groups of this many. 1: every token.",
+    )
+
+
 class FaultInjection(BaseModel):
     """Test-only: make this version fail or slow down, to exercise analysis and rollback."""
 
@@ -303,6 +323,7 @@ class AppConfig(BaseModel):
         "MOESERVE_API_KEY", description="Environment variable holding the API key(s)."
     )
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     fault_injection: FaultInjection | None = Field(
         None, description="Test-only faults for this version (see docs/rollouts.md)."
     )

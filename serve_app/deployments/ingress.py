@@ -7,12 +7,14 @@ need it, and it keeps that CPU work off the router replicas.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
@@ -20,9 +22,11 @@ from transformers import AutoTokenizer
 from serve_app.api.client import RouteHint
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
+from serve_app.deployments.output_channel import OutputInbox
+from serve_app.deployments.output_wire import decode_record
 from serve_app.deployments.versions import VersionRouter
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
 from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.actor import get_or_create_controller
@@ -35,8 +39,15 @@ log = logging.getLogger(__name__)
 class RemoteEngineClient:
     """EngineClient over Serve handles to the routers of every live model version."""
 
-    def __init__(self, versions: VersionRouter, config: AppConfig, max_model_len: int):
+    def __init__(
+        self,
+        versions: VersionRouter,
+        config: AppConfig,
+        max_model_len: int,
+        inbox: OutputInbox | None = None,
+    ):
         self.versions = versions
+        self.inbox = inbox  # None: outputs come back as Serve stream items (transport "serve")
         self.model_name = config.model_name
         self.version = versions.base
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -70,6 +81,8 @@ class RemoteEngineClient:
         return stream
 
     async def _submit_to(self, version: str, prompt, params, request_id: str):
+        if self.inbox is not None:
+            return await self._submit_over_channel(version, prompt, params, request_id)
         t0 = time.monotonic()
         handle = self.versions.handle(version)
         gen = handle.options(stream=True).generate.remote(prompt, params, request_id)
@@ -86,8 +99,112 @@ class RemoteEngineClient:
         ttft = (time.monotonic() - t0) * 1000
         return _relay(gen, out, _Reporter(self.versions, version, t0, ttft))
 
+    async def _submit_over_channel(self, version: str, prompt, params, request_id: str):
+        """The request through Serve, its outputs over the output channel (see
+        output_channel.py). Returns once the first token is here, like the Serve path."""
+        t0 = time.monotonic()
+        stream, queue = self.inbox.open()
+        handle = self.versions.handle(version)
+        response = handle.generate_to.remote(
+            prompt, params, request_id, self.inbox.reply_to, stream
+        )
+        reader = _ChannelReader(request_id, queue, response)
+        try:
+            first = await reader.next()
+        except BaseException:
+            reader.cancel()
+            self.inbox.close(stream)
+            raise
+        ttft = (time.monotonic() - t0) * 1000
+        reporter = _Reporter(self.versions, version, t0, ttft)
+        return _relay_channel(reader, first, reporter, lambda: self.inbox.close(stream))
+
     async def health(self) -> dict:
         return await self.versions.handle(self.versions.base).health.remote()
+
+
+CHANNEL_GRACE_S = 30.0  # after the call returned, how long its last records may take
+
+
+class _ChannelReader:
+    """One request's records from the inbox queue, and the Serve call that runs it.
+
+    The call ends when the request did: with {"error": ...} if it was refused, raising if the
+    router failed, else None; its records may still be on the wire then (two paths), so a
+    normal end only starts a grace period for them."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, response):
+        self.request_id, self.queue, self.response = request_id, queue, response
+        self.prompt_token_ids: list[int] = []
+        self.call = asyncio.ensure_future(_result(response))
+        self.call.add_done_callback(lambda _: queue.put_nowait(None))  # wakes next()
+        self.deadline: float | None = None
+
+    async def next(self) -> RequestOutput:
+        """What arrived since the last call, as one output; raises the request's error."""
+        records = [await self._get()]
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not None:
+                records.append(item)
+        outs = []
+        for record in records:
+            if record[1] is not None:
+                self.prompt_token_ids = record[1]
+            item = decode_record(record, self.request_id, self.prompt_token_ids)
+            if isinstance(item, EngineError):
+                raise item
+            outs.append(item)
+        return coalesce(outs)
+
+    async def _get(self) -> list:
+        while True:
+            if self.deadline is None:
+                item = await self.queue.get()
+            else:
+                left = self.deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(left, 0.0))
+                except asyncio.TimeoutError:
+                    raise EngineError("the router's output channel lost this stream") from None
+            if item is not None:
+                return item
+            if self.deadline is None:  # the call ended
+                result = self.call.result()  # raises what the router raised
+                if isinstance(result, dict) and "error" in result:
+                    raise result["error"]
+                self.deadline = time.monotonic() + CHANNEL_GRACE_S
+
+    def cancel(self) -> None:
+        if not self.call.done():
+            self.response.cancel()
+            self.call.cancel()
+
+
+async def _result(response):
+    return await response
+
+
+async def _relay_channel(
+    reader: _ChannelReader, first: RequestOutput, reporter: _Reporter, close
+) -> AsyncIterator[RequestOutput]:
+    """Yield the request's outputs (what piled up while the consumer was busy comes as one);
+    closing this early cancels the call, which aborts the request on the router."""
+    finished = first.finished
+    try:
+        yield first
+        while not finished:
+            out = await reader.next()
+            finished = out.finished
+            yield out
+        reporter.done(ok=True)
+    except Exception as e:
+        reporter.done(ok=_client_error(e))
+        raise
+    finally:
+        close()
+        if not finished:
+            reader.cancel()
 
 
 def _client_error(e: BaseException) -> bool:
@@ -141,7 +258,13 @@ class Ingress:
         versions = VersionRouter(base.name, self.router, controller)
         await versions.refresh()
         versions.start()
-        client = RemoteEngineClient(versions, self.config, info["max_model_len"])
+        inbox = None
+        if self.config.streaming.transport == "channel":
+            inbox = OutputInbox(ray.util.get_node_ip_address())
+            await inbox.start()
+        client = RemoteEngineClient(versions, self.config, info["max_model_len"], inbox)
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
-        return create_app(client, api_keys=keys)
+        return create_app(
+            client, api_keys=keys, stream_interval=self.config.streaming.stream_interval
+        )

@@ -19,6 +19,7 @@ from ray import serve
 
 from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
+from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError, InjectedFaultError
 from serve_app.engine.request import SamplingParams
@@ -59,6 +60,7 @@ class Router:
         self.metrics_reporter = start_engine_reporter(
             use_ray_metrics(), self.engine, config.version_name, replica, shard_tokens
         )
+        self.outbox: OutputOutbox | None = None  # made on the replica's event loop
 
     async def info(self) -> dict:
         return {
@@ -85,6 +87,38 @@ class Router:
         yield {"accepted": True}
         async for out in stream:
             yield out
+
+    async def generate_to(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        reply: ReplyTo,
+        stream: int,
+    ) -> dict | None:
+        """Run a request whose outputs go over the output channel to `reply` (the ingress's
+        inbox) as stream number `stream`, batched with the other requests of each engine
+        step; returns when it finished. A refusal is returned ({"error": EngineError}) before
+        anything is sent; cancelling the call aborts the request and frees its KV blocks."""
+        try:
+            await self._inject_fault()
+            if self.outbox is None:
+                self.outbox = OutputOutbox()
+            sink = self.outbox.sink(reply, stream)
+        except EngineError as e:
+            return {"error": e}
+        try:
+            self.engine.add_request_to(prompt, params, sink, request_id)
+        except EngineError as e:
+            sink.close()
+            return {"error": e}
+        try:
+            await asyncio.shield(sink.done)
+        finally:
+            if not sink.finished:
+                sink.close()  # drops whatever the engine still hands it
+                self.engine.abort(request_id)
+        return None
 
     async def _inject_fault(self) -> None:
         fault = self.config.fault_injection

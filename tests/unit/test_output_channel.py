@@ -1,0 +1,121 @@
+"""The router -> ingress output channel: wire form, one frame per event-loop turn, auth, loss.
+
+Plain asyncio on 127.0.0.1: no Ray, no model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.deployments.output_channel import OutputInbox, OutputOutbox, ReplyTo
+from serve_app.deployments.output_wire import (
+    WireError,
+    decode_frame,
+    decode_record,
+    encode_frame,
+    error_record,
+    output_record,
+)
+from serve_app.engine.errors import ExpertsUnavailableError, InvalidRequestError
+from serve_app.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob, coalesce
+
+
+def out(rid: str, i: int, text: str, ids: list[int], finish: str | None = None) -> RequestOutput:
+    lps = [TokenLogprob(t, -0.5, ((t, -0.5), (7, -1.0))) for t in ids]
+    return RequestOutput(
+        rid, [1, 2, 3], [CompletionOutput(i, text, ids, lps, finish)], finish is not None, 2
+    )
+
+
+def test_records_round_trip_and_the_prompt_travels_once() -> None:
+    a, b = out("r", 0, "he", [5]), out("r", 0, "llo", [6, 7], "length")
+    body = encode_frame([output_record(4, a, first=True), output_record(4, b, first=False)])[4:]
+    first, second = decode_frame(body)
+    assert first[0] == 4 and first[1] == [1, 2, 3] and second[1] is None
+    got_a = decode_record(first, "r", [])
+    got_b = decode_record(second, "r", got_a.prompt_token_ids)
+    assert got_a == a and got_b == b  # logprobs, finish, cached tokens, prompt ids included
+
+
+def test_errors_keep_their_class_and_param() -> None:
+    e = decode_record(error_record(1, InvalidRequestError("too long", "prompt")), "r", [])
+    assert isinstance(e, InvalidRequestError) and e.param == "prompt" and str(e) == "too long"
+    e = decode_record(error_record(1, ExpertsUnavailableError("shard 1")), "r", [])
+    assert isinstance(e, ExpertsUnavailableError) and e.http_status == 503
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["x",0,0,0,[],0]]'])
+def test_malformed_frames_are_refused(body: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_frame(body)
+
+
+def test_coalesce_joins_deltas_per_choice() -> None:
+    parts = [out("r", 0, "a", [1]), out("r", 1, "x", [9]), out("r", 0, "b", [2], "stop")]
+    m = coalesce(parts)
+    assert m.finished and [c.index for c in m.outputs] == [0, 1]
+    zero = m.outputs[0]
+    assert (zero.text, zero.token_ids, zero.finish_reason) == ("ab", [1, 2], "stop")
+    assert [lp.token_id for lp in zero.logprobs] == [1, 2]
+    assert parts[0].outputs[0].token_ids == [1]  # the inputs are not modified
+    assert coalesce(parts[:1]) is parts[0]
+
+
+async def _recv(queue: asyncio.Queue, n: int) -> list[list]:
+    return [await asyncio.wait_for(queue.get(), 5) for _ in range(n)]
+
+
+async def test_one_frame_carries_every_stream_of_a_turn() -> None:
+    inbox = OutputInbox("127.0.0.1")
+    await inbox.start()
+    outbox = OutputOutbox()
+    try:
+        (s1, q1), (s2, q2) = inbox.open(), inbox.open()
+        k1, k2 = outbox.sink(inbox.reply_to, s1), outbox.sink(inbox.reply_to, s2)
+        for step in range(3):  # three engine steps, each delivered in one loop turn
+            k1.put_nowait(out("a", 0, f"a{step}", [step], "length" if step == 2 else None))
+            k2.put_nowait(out("b", 0, f"b{step}", [step]))
+            await asyncio.sleep(0.05)
+        got1, got2 = await _recv(q1, 3), await _recv(q2, 3)
+        assert [r[4][0][1] for r in got1] == ["a0", "a1", "a2"]
+        assert [r[4][0][1] for r in got2] == ["b0", "b1", "b2"]
+        assert got1[0][1] == [1, 2, 3] and got1[1][1] is None
+        assert inbox.frames_received == 3 and outbox.num_connections == 1
+        assert k1.finished and k1.done.done() and not k2.done.done()
+        inbox.close(s2)  # a closed stream's records are dropped
+        k2.put_nowait(out("b", 0, "late", [9]))
+        await asyncio.sleep(0.05)
+        assert q2.empty()
+    finally:
+        outbox.close()
+        await inbox.stop()
+
+
+async def test_a_wrong_token_is_refused_and_its_requests_fail() -> None:
+    inbox = OutputInbox("127.0.0.1")
+    await inbox.start()
+    outbox = OutputOutbox()
+    try:
+        stream, queue = inbox.open()
+        forged = ReplyTo("127.0.0.1", inbox.port, "0" * 32)
+        sink = outbox.sink(forged, stream)
+        sink.put_nowait(out("a", 0, "x", [1]))
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(sink.done, 5)
+        assert queue.empty() and outbox.num_connections == 0
+    finally:
+        outbox.close()
+        await inbox.stop()
+
+
+async def test_an_unreachable_ingress_fails_the_sink() -> None:
+    inbox = OutputInbox("127.0.0.1")
+    await inbox.start()
+    port = inbox.port
+    await inbox.stop()
+    outbox = OutputOutbox()
+    sink = outbox.sink(ReplyTo("127.0.0.1", port, "0" * 32), 1)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(sink.done, 15)
+    outbox.close()
