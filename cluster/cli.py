@@ -98,6 +98,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--input-len", type=int, default=128)
     s.add_argument("--output-len", type=int, default=64)
     s.add_argument("--warmup", type=int, default=4, help="uncounted requests per target")
+    s.add_argument(
+        "--serve-args",
+        default="",
+        help="extra flags for every launched `moeserve serve`, e.g. '--stream-transport serve'",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="bench_results")
 

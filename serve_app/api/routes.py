@@ -23,7 +23,7 @@ from serve_app.api.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from serve_app.api.streaming import merge_streams, sse
+from serve_app.api.streaming import every_n_tokens, merge_streams, sse
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
@@ -36,16 +36,23 @@ def api_keys_from_env() -> frozenset[str]:
     return frozenset(k.strip() for k in raw.split(",") if k.strip())
 
 
-def create_app(client: EngineClient, api_keys: frozenset[str] | None = None) -> FastAPI:
+def create_app(
+    client: EngineClient, api_keys: frozenset[str] | None = None, stream_interval: int = 1
+) -> FastAPI:
+    """stream_interval: tokens per streamed chunk after the first (vLLM's --stream-interval)."""
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     app = FastAPI(title="moeserve", version="0.1.0")
     install_error_handlers(app)
     keys = api_keys_from_env() if api_keys is None else api_keys
-    app.include_router(build_router(client, keys))
+    app.include_router(build_router(client, keys, stream_interval))
     install_metrics(app, version=client.version)  # GET /metrics; times the routes above
     return app
 
 
-def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
+def build_router(
+    client: EngineClient, api_keys: frozenset[str], stream_interval: int = 1
+) -> APIRouter:
     async def authorize(request: Request) -> None:
         if not api_keys:
             return
@@ -93,7 +100,9 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
             await client.submit(p, params, f"{rid}-{i}", hint) for i, p in enumerate(body.prompts())
         ]
         kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
-        return await _respond(request, body.stream, body.include_usage, streams, kind, hint)
+        return await _respond(
+            request, body.stream, body.include_usage, streams, kind, hint, stream_interval
+        )
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -104,7 +113,9 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         hint = _route_hint(request, body.user, rid)
         stream = await client.submit(ids, params, rid, hint)
         kind = render.Chat(rid, client.model_name, client.tokenizer, params.n)
-        return await _respond(request, body.stream, body.include_usage, [stream], kind, hint)
+        return await _respond(
+            request, body.stream, body.include_usage, [stream], kind, hint, stream_interval
+        )
 
     @router.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -164,7 +175,10 @@ async def _respond(
     streams: list[AsyncIterator[RequestOutput]],
     kind: render.Renderer,
     hint: RouteHint,
+    stream_interval: int = 1,
 ):
+    if stream and stream_interval > 1:
+        streams = [every_n_tokens(s, stream_interval) for s in streams]
     merged = observe_stream(request, merge_streams(streams))
     headers = None
     if hint.served:

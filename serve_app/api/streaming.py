@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.outputs import RequestOutput, coalesce
 
 _DONE = object()
 
@@ -48,6 +48,26 @@ async def merge_streams(
         for t in tasks:
             t.cancel()  # cancelling a pump closes its stream, which aborts the request
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def every_n_tokens(
+    stream: AsyncIterator[RequestOutput], n: int
+) -> AsyncIterator[RequestOutput]:
+    """vLLM's stream_interval: the first token at once, then nothing until n more tokens (of
+    any choice) are ready or the request finished, sent as one increment. Closing this closes
+    (and so aborts) the source."""
+    held: list[RequestOutput] = []
+    tokens, started = 0, False
+    try:
+        async for out in stream:
+            held.append(out)
+            tokens += sum(len(c.token_ids) for c in out.outputs)
+            if out.finished or tokens >= n or (not started and tokens):
+                started = started or tokens > 0
+                yield coalesce(held)
+                held, tokens = [], 0
+    finally:
+        await stream.aclose()
 
 
 def sse(payload: dict | str) -> str:

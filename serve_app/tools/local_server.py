@@ -41,6 +41,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk after the first (vLLM's --stream-interval)",
+    )
+    p.add_argument(
+        "--stream-transport",
+        choices=("channel", "serve"),
+        default="channel",
+        help="--ray: router -> ingress outputs per engine step over a direct connection "
+        "(channel), or one Serve stream item per token (serve)",
+    )
     p.add_argument("--background", action="store_true", help="detach and return when ready")
     ray = p.add_argument_group("Ray Serve (--ray)")
     ray.add_argument(
@@ -82,7 +95,7 @@ def run_server(args: argparse.Namespace) -> int:
         )
     )
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(LocalEngineClient(engine, name))
+    app = create_app(LocalEngineClient(engine, name), stream_interval=args.stream_interval)
     reporter = start_engine_reporter(get_metrics(), engine, name, "local")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     reporter.stop()

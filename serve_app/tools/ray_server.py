@@ -37,6 +37,10 @@ def app_config(args: argparse.Namespace, num_cpus: int):
         },
         "router": {"num_replicas": args.routers, "num_cpus": share, "num_threads": threads},
         "experts": {"num_cpus": share, "num_threads": threads},
+        "streaming": {
+            "transport": getattr(args, "stream_transport", "channel"),
+            "stream_interval": getattr(args, "stream_interval", 1),
+        },
     }
     return AppConfig.model_validate(config)
 
