@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,6 +63,7 @@ class CpuSplit:
     """CPU seconds per role over one pass; see the module's table."""
 
     seconds: dict[str, float]
+    by_process: dict[str, float] = field(default_factory=dict)  # short title -> CPU s
 
     @property
     def serving_s(self) -> float:
@@ -72,8 +73,10 @@ class CpuSplit:
         return self.serving_s / output_tokens * 1000 if output_tokens else None
 
     def to_json(self) -> dict:
+        top = sorted(self.by_process.items(), key=lambda kv: -kv[1])[:12]
         return {k: round(v, 3) for k, v in self.seconds.items()} | {
-            "serving": round(self.serving_s, 3)
+            "serving": round(self.serving_s, 3),
+            "by_process": {k: round(v, 3) for k, v in top},
         }
 
 
@@ -82,17 +85,26 @@ def split(before: Iterable[ProcCpu], after: Iterable[ProcCpu]) -> CpuSplit:
     one that ended in between is lost (its last seconds are not in `after`)."""
     start = {p.pid: p for p in before}
     seconds = dict.fromkeys(ROLES, 0.0)
+    by_process: dict[str, float] = {}
     for p in after:
         b = start.get(p.pid)
         cpu = p.cpu_s - (b.cpu_s if b else 0.0)
         engine = p.engine_thread_s - (b.engine_thread_s if b else 0.0)
         role = role_of(p.name)
+        short = short_title(p.name)
+        by_process[short] = by_process.get(short, 0.0) + cpu
         if role == "engine":
             seconds["engine"] += cpu
         else:
             seconds["engine"] += engine
             seconds[role] += cpu - engine
-    return CpuSplit(seconds)
+    return CpuSplit(seconds, by_process)
+
+
+def short_title(name: str) -> str:
+    """`ray::ServeReplica:app:router` as is; a path's program name for everything else."""
+    head = name.split(" ", 1)[0]
+    return head if head.startswith(("ray::", "VLLM::")) else head.rsplit("/", 1)[-1]
 
 
 # --- /proc ----------------------------------------------------------------------------------

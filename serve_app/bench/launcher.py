@@ -61,8 +61,11 @@ def vllm_argv(python: Path, model: str, port: int, name: str, engine: BenchConfi
     ]
 
 
-def launch_command(name: str, model: str, port: int, run_dir: str) -> Launch | str:
-    """How to start `name`, or why it cannot be started here."""
+def launch_command(
+    name: str, model: str, port: int, run_dir: str, serve_args: tuple[str, ...] = ()
+) -> Launch | str:
+    """How to start `name`, or why it cannot be started here. serve_args: appended to every
+    `moeserve serve` command line (e.g. `--stream-transport serve` to compare transports)."""
     engine = BenchConfig()
     model = str(Path(model).resolve())
     if name == "vllm":
@@ -78,7 +81,8 @@ def launch_command(name: str, model: str, port: int, run_dir: str) -> Launch | s
     if ep is not None and not re.search(r"--ray\b.*--ep\b", _serve_help(), re.S):
         return "`moeserve serve` has no --ray/--ep flags yet"
     env = {**os.environ, "MOESERVE_RUN_DIR": run_dir}
-    return Launch(moeserve_argv(model, port, None if ep is None else int(ep), engine), env, None)
+    argv = moeserve_argv(model, port, None if ep is None else int(ep), engine)
+    return Launch([*argv, *serve_args], env, None)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import functools
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -62,6 +63,7 @@ class ServeBenchConfig:
     seed: int = 0
     ready_timeout_s: float = 300.0
     stop_grace_s: float = 60.0
+    serve_args: tuple[str, ...] = ()  # appended to each launched `moeserve serve`
 
     def __post_init__(self) -> None:
         if not self.concurrencies or any(c < 1 for c in self.concurrencies):
@@ -245,7 +247,7 @@ def run_target(
     port = free_port()
     run_dir = tempfile.mkdtemp(prefix=f"moeserve-bench-{spec.label}-")
     try:
-        launch = launch_command(spec.launch, model, port, run_dir)
+        launch = launch_command(spec.launch, model, port, run_dir, cfg.serve_args)
         if isinstance(launch, str):
             run.skipped = launch
             return run
@@ -307,6 +309,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             output_len=args.output_len,
             warmup_requests=args.warmup,
             seed=args.seed,
+            serve_args=tuple(shlex.split(args.serve_args or "")),
         )
         specs = parse_targets(args.targets)
     except ValueError as e:

@@ -150,3 +150,43 @@ def test_client_disconnect_mid_stream_frees_blocks(server, client):
             break
     stream.close()
     wait_idle(engine)
+
+
+def test_slow_sse_reader_gets_every_token_once_in_order(server):
+    from tests.streaming_checks import check_slow_reader
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    check_slow_reader(server[0], "tiny", "The river bends", headers=auth)
+    wait_idle(server[1])
+
+
+def test_stream_interval_groups_tokens_after_the_first(qwen3_tiny):
+    from tests.streaming_checks import read_sse, tokens_of
+
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=256)
+    )
+    app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset(), stream_interval=4)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        body = {
+            "model": "tiny",
+            "prompt": "Once upon a time",
+            "max_tokens": 11,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        counts, _, usage = tokens_of(read_sse(f"http://127.0.0.1:{port}/v1/completions", body))
+        assert counts == [1, 4, 4, 2] and usage["completion_tokens"] == 11
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()

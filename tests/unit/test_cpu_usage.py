@@ -58,6 +58,7 @@ def test_split_subtracts_the_engine_thread_and_counts_new_processes_from_zero() 
     assert s.serving_s == 4.0
     assert s.per_token_ms(1000) == 4.0 and s.per_token_ms(0) is None
     assert s.to_json()["serving"] == 4.0
+    assert s.by_process["ray::ExpertShardActor"] == 2.0 and s.by_process["raylet"] == 0.25
 
 
 def test_sample_self_sees_a_named_engine_thread() -> None:
