@@ -7,7 +7,7 @@ pass and sorted into a role by its name:
 | role | processes |
 |---|---|
 | `engine` | the engine thread (`moeserve-engine`); expert shard actors; vLLM's `EngineCore` |
-| `proxy` | Serve's HTTP proxy actor |
+| `proxy` | Serve's HTTP proxy actor, or HAProxy and its manager actor |
 | `ingress` | the ingress replica(s) |
 | `router` | router replicas, *minus* their engine thread: event loop, Serve plumbing, stream I/O |
 | `api` | a one-process server (ours without Ray, vLLM's API server) minus its engine |
@@ -41,7 +41,7 @@ class ProcCpu(NamedTuple):
 
 def role_of(name: str) -> str:
     """The role of a process by its title; see the module's table."""
-    if "ProxyActor" in name:
+    if "ProxyActor" in name or "HAProxy" in name or short_title(name) == "haproxy":
         return "proxy"
     if name.startswith("ray::ServeReplica:") or "ServeReplica:" in name:
         deployment = name.rsplit(":", 1)[-1].split()[0]

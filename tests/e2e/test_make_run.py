@@ -1,5 +1,6 @@
 """`make run`'s path: `moeserve serve --ray --background` starts a light local Ray with the app
-(2 expert shards), prints a working curl command, and `moeserve stop` ends all of it by PID."""
+(2 expert shards, HTTP through HAProxy), prints a working curl command, streams, and
+`moeserve stop` ends all of it by PID."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from serve_app.procs import session_pids
 from tests.conftest import free_port, tiny_model_dir
+from tests.streaming_checks import check_slow_reader
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +40,8 @@ def test_serve_ray_background_then_stop(tmp_path):
         body = json.loads(out.stdout)  # sampled at temperature 1: may stop early on EOS
         assert 1 <= body["usage"]["completion_tokens"] <= 32, out.stdout
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        # streamed through HAProxy and the output channel, read slowly: every token once
+        check_slow_reader(f"http://127.0.0.1:{port}", body["model"], "hello", max_tokens=16)
     finally:
         down = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True)
     assert down.returncode == 0 and f"pid {pid}" in down.stdout

