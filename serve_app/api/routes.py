@@ -24,6 +24,7 @@ from serve_app.api.protocol import (
     TokenizeRequest,
 )
 from serve_app.api.streaming import merge_streams, sse
+from serve_app.api.submit import submit_all
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
@@ -89,9 +90,7 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
-        streams = [
-            await client.submit(p, params, f"{rid}-{i}", hint) for i, p in enumerate(body.prompts())
-        ]
+        streams = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
         return await _respond(request, body.stream, body.include_usage, streams, kind, hint)
 

@@ -173,3 +173,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+
+def resolve_max_tokens(num_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The completion budget of a prompt of num_prompt tokens (None: all the room left), or an
+    InvalidRequestError when it does not fit max_model_len. Shared by the engine and the API,
+    which checks every prompt of a request before it submits any."""
+    if num_prompt >= max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {num_prompt} tokens, which leaves no room for output.",
+            "prompt",
+        )
+    if max_tokens is None:
+        return max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+            f"{max_tokens} in the completion). Reduce the length.",
+            "max_tokens",
+        )
+    return max_tokens
