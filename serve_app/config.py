@@ -328,6 +328,12 @@ class RolloutSettings(BaseModel):
     steps: list[int] = Field([5, 25, 50, 100], description="Canary percents; the last is 100.")
     interval_s: float = Field(60.0, ge=0, description="Least time at each step.")
     auto: bool = Field(True, description="Step on passing analyses; False: wait for promote.")
+    deploy_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for this version's replicas to start (model load included); "
+        "replicas no node can place fail sooner, once Serve reports them pending (30 s).",
+    )
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
 
     def strategy_config(self) -> Strategy:

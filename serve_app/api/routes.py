@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 
 from serve_app.api import render
 from serve_app.api.client import EngineClient, RouteHint
@@ -150,9 +151,14 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
     tok = client.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
-    text = tok.apply_chat_template(
-        body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
-    )
+    try:
+        text = tok.apply_chat_template(
+            body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+        )
+    except (ValueError, TemplateError) as e:  # the template refused these messages
+        raise InvalidRequestError(
+            f"the chat template refused the messages: {e}", "messages"
+        ) from None
     return tok.encode(text, add_special_tokens=False)
 
 

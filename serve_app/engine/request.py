@@ -86,6 +86,24 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# The ranges SamplingParams accepts, as pydantic Field keywords, so the HTTP API's schema
+# (serve_app/api/protocol.py, /openapi.json) states them; tests/unit/test_sampling_bounds.py
+# checks both agree at every edge.
+SAMPLING_BOUNDS: dict[str, dict[str, float]] = {
+    "n": {"ge": 1, "le": 128},
+    "max_tokens": {"ge": 1},
+    "min_tokens": {"ge": 0},
+    "temperature": {"ge": 0.0, "le": 100.0},
+    "top_p": {"gt": 0.0, "le": 1.0},
+    "top_k": {"ge": -1},
+    "min_p": {"ge": 0.0, "le": 1.0},
+    "presence_penalty": {"ge": -2.0, "le": 2.0},
+    "frequency_penalty": {"ge": -2.0, "le": 2.0},
+    "repetition_penalty": {"gt": 0.0, "le": 2.0},
+    "logprobs": {"ge": 0, "le": SamplingParams.MAX_LOGPROBS},
+}
+
+
 def _as_tuple(value: Any, kind: type, param: str) -> tuple:
     if value is None:
         return ()
