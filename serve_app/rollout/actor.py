@@ -84,6 +84,8 @@ class ServeDeployer:
         self._cancel.clear()
         self.pending = version
         try:
+            # NOTE: serve.run() waits until the app runs, for ever when no node can place a
+            # replica; Serve 2.60's _run(_blocking=False) returns at once and we poll instead.
             router = serve._run(app, name=name, route_prefix=None, _blocking=False)
             t0 = time.monotonic()
             while True:
