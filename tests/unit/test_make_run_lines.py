@@ -5,6 +5,9 @@ where the cache is (embedded / a URL without its password / not connected and wh
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +62,19 @@ def test_describe_down_at_start_says_why():
 
 def test_describe_off():
     assert describe_store(None, "single process") == "shared prefix cache: off (single process)"
+
+
+def test_make_run_stops_with_that_line_before_starting_anything(tmp_path, qwen3_tiny):
+    env = {k: v for k, v in os.environ.items() if k != REDIS_URL_ENV}
+    env.update(PATH=str(tmp_path), MOESERVE_RUN_DIR=str(tmp_path / "run"))  # no redis-server
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(qwen3_tiny)]
+        + ["--ray", "--background"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [shared_cache_preflight(args(), lambda _: None)]
+    assert not (tmp_path / "run" / "server.pid").exists()
