@@ -18,10 +18,19 @@ TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-ti
 PROM_DIR := $(VENV)/prometheus
 PROMETHEUS := $(PROM_DIR)/usr/bin/prometheus
 
-.PHONY: install model test-models prometheus test test-fast lint bench bench-serve bench-vllm-venv \
-	run stop clean
+.PHONY: install redis model test-models prometheus test test-fast lint bench bench-serve \
+	bench-vllm-venv run stop clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed redis
+
+# redis-server: each node's embedded shared prefix cache (make run) and the Redis test suites
+# need it. Installed from apt when missing: as root, else with passwordless sudo. When neither
+# works this only warns: `make run` then stops with the fix (install it, or REDIS_URL=...), and
+# `make test`'s Redis suites fail saying so.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || scripts/apt-install.sh redis-server || \
+		echo "warning: could not install redis-server (needs root or passwordless sudo);" \
+			"make run needs it or REDIS_URL=redis://HOST:6379/0, make test needs it" >&2
 
 # torch==2.13.0 first: it resolves to the CPU wheel on disk; any other spec pulls CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -82,7 +91,8 @@ bench-vllm-venv: .venv-vllm/.installed
 	touch $@
 
 # A local Ray (no dashboard unless DASHBOARD=1) owned by one background process; `make stop`
-# ends that process by PID, which shuts its Serve app and its Ray down.
+# ends that process by PID, which shuts its Serve app and its Ray down. It stops at once, with
+# the fix, when there is neither a redis-server nor a REDIS_URL for the shared prefix cache.
 run: install model
 	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) \
 		$(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) --background

@@ -7,9 +7,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_app.engine.config import EngineConfig, KVStoreConfig
+from serve_app.engine.config import (
+    DTYPES,
+    ConfigError,
+    EngineConfig,
+    KVStoreConfig,
+    default_of,
+)
 from serve_app.experts.balancer import BalancerConfig
 from serve_app.experts.rebalance import RebalanceConfig
 from serve_app.rollout.state import AnalysisConfig, Strategy
@@ -17,48 +23,111 @@ from serve_app.rollout.state import AnalysisConfig, Strategy
 REDIS_URL_ENV = "MOESERVE_REDIS_URL"
 
 
+def _engine(name: str):
+    return default_of(EngineConfig, name)
+
+
+def _store(name: str):
+    return default_of(KVStoreConfig, name)
+
+
+def _checked(build, section: str, renames: dict[str, str] | None = None) -> None:
+    """Build the engine-side dataclass; its ConfigError becomes a message naming the setting
+    as the user writes it (`engine.block_size must be a power of two, got 3`)."""
+    try:
+        build()
+    except ConfigError as e:
+        name = (renames or {}).get(e.field, f"{section}.{e.field}")
+        raise ValueError(f"{name} {e.message}") from None
+
+
 class EngineSettings(BaseModel):
+    """Engine knobs; defaults and bounds are EngineConfig's (serve_app/engine/config.py)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    block_size: int = Field(16, description="Tokens per KV block (power of two).")
-    num_kv_blocks: int | None = Field(None, description="KV blocks per router; None = by memory.")
-    kv_cache_memory_gb: float = Field(1.0, description="KV pool size on CPU, GiB per router.")
-    gpu_memory_utilization: float = Field(0.9, description="Fraction of GPU memory to use.")
-    max_num_seqs: int = Field(64, description="Most sequences in one batch.")
-    max_num_batched_tokens: int = Field(2048, description="Token budget of one engine step.")
-    max_model_len: int | None = Field(None, description="Context limit; None = the model's.")
-    enable_prefix_caching: bool = Field(True, description="Automatic prefix caching.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights and activations; auto = bf16 on CUDA, fp32 on CPU."
+    block_size: int = Field(_engine("block_size"), description="Tokens per KV block (power of 2).")
+    num_kv_blocks: int | None = Field(
+        _engine("num_kv_blocks"), description="KV blocks per router; None = by memory."
     )
+    kv_cache_memory_gb: float = Field(
+        _engine("kv_cache_memory_gb"), description="KV pool size on CPU, GiB per router."
+    )
+    gpu_memory_utilization: float = Field(
+        _engine("gpu_memory_utilization"), description="Fraction of GPU memory to use."
+    )
+    max_num_seqs: int = Field(_engine("max_num_seqs"), description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(
+        _engine("max_num_batched_tokens"), description="Token budget of one engine step."
+    )
+    max_model_len: int | None = Field(
+        _engine("max_model_len"), description="Context limit; None = the model's."
+    )
+    enable_prefix_caching: bool = Field(
+        _engine("enable_prefix_caching"), description="Automatic prefix caching."
+    )
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        _engine("dtype"), description="Weights and activations; auto = bf16 on CUDA, fp32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> EngineSettings:
+        _checked(lambda: EngineConfig(model="", **self.model_dump()), "engine")
+        return self
 
 
 class PrefixCacheSettings(BaseModel):
-    """The prefix cache shared by router replicas through Redis (on top of each local one)."""
+    """The prefix cache shared by router replicas through Redis (on top of each local one).
+    Defaults and bounds are KVStoreConfig's (serve_app/engine/config.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="Share full KV blocks across replicas via Redis.")
     redis_url: str | None = Field(
-        None,
+        _store("url"),
         description="redis://[:password@]host:port/db or rediss:// (TLS). None: the env var "
         f"{REDIS_URL_ENV}, else an embedded redis-server started on this node.",
     )
-    key_prefix: str = Field("moeserve:kv", description="Key prefix; keys add model digest, hash.")
-    lookup_timeout_ms: float = Field(10.0, gt=0, description="Longest wait for a lookup.")
-    load_timeout_ms: float = Field(2000.0, gt=0, description="Longest wait to fetch the hits.")
-    publish_queue_size: int = Field(1024, ge=1, description="Blocks queued for Redis; more drop.")
-    int8: bool = Field(False, description="Store blocks as INT8 (per layer/head scales), 1/4 size.")
-    ttl_s: int | None = Field(None, ge=1, description="Entry TTL, renewed on hit; None: LRU only.")
-    embedded_maxmemory_mb: int = Field(
-        1024, ge=1, description="maxmemory of the embedded redis-server (allkeys-lru)."
+    key_prefix: str = Field(
+        _store("key_prefix"), description="Key prefix; keys add model digest, hash."
     )
+    lookup_timeout_ms: float = Field(
+        _store("lookup_timeout_ms"), description="Longest wait for a lookup, in (0, 10000]."
+    )
+    load_timeout_ms: float = Field(
+        _store("load_timeout_ms"), description="Longest wait to fetch the hits, in (0, 60000]."
+    )
+    publish_queue_size: int = Field(
+        _store("publish_queue_size"), description="Blocks queued for Redis; more drop."
+    )
+    int8: bool = Field(
+        _store("int8"), description="Store blocks as INT8 (per layer/head scales), 1/4 size."
+    )
+    ttl_s: int | None = Field(
+        _store("ttl_s"), description="Entry TTL, renewed on hit; None: LRU only."
+    )
+    embedded_maxmemory_mb: int = Field(
+        _store("embedded_maxmemory_mb"),
+        description="maxmemory of the embedded redis-server (allkeys-lru).",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> PrefixCacheSettings:
+        # the configured URL only: an env URL is the replicas' (checked where they read it)
+        _checked(
+            lambda: self._store_config(self.redis_url),
+            "prefix_cache",
+            {"url": "prefix_cache.redis_url"},
+        )
+        return self
 
     def store_config(self) -> KVStoreConfig | None:
         if not self.enabled:
             return None
-        fields = self.model_dump(exclude={"enabled", "redis_url"})
-        return KVStoreConfig(url=self.redis_url or os.environ.get(REDIS_URL_ENV) or None, **fields)
+        return self._store_config(self.redis_url or os.environ.get(REDIS_URL_ENV) or None)
+
+    def _store_config(self, url: str | None) -> KVStoreConfig:
+        return KVStoreConfig(url=url, **self.model_dump(exclude={"enabled", "redis_url"}))
 
 
 class AutoscalingSettings(BaseModel):
@@ -259,6 +328,12 @@ class RolloutSettings(BaseModel):
     steps: list[int] = Field([5, 25, 50, 100], description="Canary percents; the last is 100.")
     interval_s: float = Field(60.0, ge=0, description="Least time at each step.")
     auto: bool = Field(True, description="Step on passing analyses; False: wait for promote.")
+    deploy_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for this version's replicas to start (model load included); "
+        "replicas no node can place fail sooner, once Serve reports them pending (30 s).",
+    )
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
 
     def strategy_config(self) -> Strategy:
@@ -347,3 +422,14 @@ class AppConfig(BaseModel):
             num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
             **self.engine.model_dump(),
         )
+
+
+def config_error_line(error: ValidationError) -> str:
+    """A pydantic ValidationError of an app config as one line: each setting and why."""
+    parts = []
+    for e in error.errors():
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        # our own checks already name the setting (engine.block_size ...)
+        parts.append(msg if not loc or msg.startswith(f"{loc}.") else f"{loc}: {msg}")
+    return "invalid app config: " + "; ".join(parts)

@@ -1,16 +1,27 @@
 """OpenAI-compatible request bodies (pydantic), plus vLLM's extra sampling fields.
 
 Unknown fields are ignored, as vLLM does, so clients that send newer OpenAI fields still work.
+Types and ranges are stated here so /openapi.json describes the bodies truly (fuzzers and
+generated clients rely on it); the sampling ranges are the engine's (SAMPLING_BOUNDS).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.request import SamplingParams
+from serve_app.engine.request import SAMPLING_BOUNDS, SamplingParams
+
+TokenId = Annotated[int, Field(ge=0)]
+# torch.Generator.manual_seed takes [-2**63, 2**64)
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _b(name: str, default: Any) -> Any:
+    return Field(default, **SAMPLING_BOUNDS[name])
 
 
 class StreamOptions(BaseModel):
@@ -21,18 +32,18 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    n: int = _b("n", 1)
+    temperature: float | None = _b("temperature", None)
+    top_p: float | None = _b("top_p", None)
+    top_k: int | None = _b("top_k", None)
+    min_p: float | None = _b("min_p", None)
+    seed: Seed | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    presence_penalty: float = _b("presence_penalty", 0.0)
+    frequency_penalty: float = _b("frequency_penalty", 0.0)
+    repetition_penalty: float = _b("repetition_penalty", 1.0)
+    min_tokens: int = _b("min_tokens", 0)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -67,11 +78,14 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A prompt string, a list of strings, token ids, or lists of token ids."
-    )
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: (
+        NonEmptyStr
+        | Annotated[list[NonEmptyStr], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    ) = Field(description="A prompt string, a list of strings, token ids, or lists of token ids.")
+    max_tokens: int | None = _b("max_tokens", 16)
+    logprobs: int | None = _b("logprobs", None)
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
@@ -110,11 +124,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = _b("max_tokens", None)
+    max_completion_tokens: int | None = _b("max_tokens", None)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _b("logprobs", None)
     add_generation_prompt: bool = True
 
     def to_sampling_params(self) -> SamplingParams:
@@ -135,7 +149,7 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -144,4 +158,4 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

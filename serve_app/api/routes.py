@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 
 from serve_app.api import render
 from serve_app.api.client import EngineClient, RouteHint
@@ -24,6 +25,7 @@ from serve_app.api.protocol import (
     TokenizeRequest,
 )
 from serve_app.api.streaming import every_n_tokens, merge_streams, sse
+from serve_app.api.submit import submit_all
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
@@ -96,9 +98,7 @@ def build_router(
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
-        streams = [
-            await client.submit(p, params, f"{rid}-{i}", hint) for i, p in enumerate(body.prompts())
-        ]
+        streams = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
         return await _respond(
             request, body.stream, body.include_usage, streams, kind, hint, stream_interval
@@ -162,9 +162,14 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
     tok = client.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
-    text = tok.apply_chat_template(
-        body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
-    )
+    try:
+        text = tok.apply_chat_template(
+            body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+        )
+    except (ValueError, TemplateError) as e:  # the template refused these messages
+        raise InvalidRequestError(
+            f"the chat template refused the messages: {e}", "messages"
+        ) from None
     return tok.encode(text, add_special_tokens=False)
 
 

@@ -1,11 +1,41 @@
-"""Engine-internal configuration: a frozen dataclass that refuses nonsense with ValueError."""
+"""Engine-internal configuration: frozen dataclasses that refuse nonsense with ConfigError.
+
+NOTE: these are the one definition of every engine and shared-prefix-cache setting (default
+and bounds). The user-facing pydantic models (serve_app/config.py) take their defaults from
+here (`default_of`) and validate by building these, so a bound is never restated by hand.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 _KV_STORE_SCHEMES = ("redis", "rediss", "unix")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting out of its bounds; `field` is its name in the dataclass that refused it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field, message)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a dataclass field (slots dataclasses keep it only in their fields)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,20 +61,42 @@ class KVStoreConfig:
     embedded_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.url is not None and urlsplit(self.url).scheme not in _KV_STORE_SCHEMES:
-            raise ValueError("kv store url must start with redis://, rediss:// or unix://")
-        if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
-            raise ValueError(f"key_prefix must be non-empty without spaces: {self.key_prefix!r}")
-        if not 0 < self.lookup_timeout_ms <= 10_000:
-            raise ValueError(f"lookup_timeout_ms must be in (0, 10000]: {self.lookup_timeout_ms}")
-        if not 0 < self.load_timeout_ms <= 60_000:
-            raise ValueError(f"load_timeout_ms must be in (0, 60000]: {self.load_timeout_ms}")
-        if self.publish_queue_size < 1:
-            raise ValueError("publish_queue_size must be >= 1")
-        if self.ttl_s is not None and self.ttl_s < 1:
-            raise ValueError("ttl_s must be >= 1 second (or None)")
-        if self.embedded_maxmemory_mb < 1:
-            raise ValueError("embedded_maxmemory_mb must be >= 1")
+        scheme = urlsplit(self.url).scheme if self.url is not None else None
+        _require(
+            scheme is None or scheme in _KV_STORE_SCHEMES,
+            "url",
+            f"must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme",
+        )
+        _require(
+            bool(self.key_prefix) and not any(c.isspace() for c in self.key_prefix),
+            "key_prefix",
+            f"must be non-empty without spaces, got {self.key_prefix!r}",
+        )
+        _require(
+            0 < self.lookup_timeout_ms <= 10_000,
+            "lookup_timeout_ms",
+            f"must be in (0, 10000], got {self.lookup_timeout_ms}",
+        )
+        _require(
+            0 < self.load_timeout_ms <= 60_000,
+            "load_timeout_ms",
+            f"must be in (0, 60000], got {self.load_timeout_ms}",
+        )
+        _require(
+            self.publish_queue_size >= 1,
+            "publish_queue_size",
+            f"must be >= 1, got {self.publish_queue_size}",
+        )
+        _require(
+            self.ttl_s is None or self.ttl_s >= 1,
+            "ttl_s",
+            f"must be >= 1 (or null), got {self.ttl_s}",
+        )
+        _require(
+            self.embedded_maxmemory_mb >= 1,
+            "embedded_maxmemory_mb",
+            f"must be >= 1, got {self.embedded_maxmemory_mb}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +117,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # one of DTYPES; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     prefix_hash_seed: int = 0
     max_waiting_requests: int = 4096
@@ -76,25 +128,54 @@ class EngineConfig:
     kv_store: KVStoreConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError("kv_cache_memory_gb must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < self.block_size:
-            raise ValueError("max_num_batched_tokens must be >= block_size")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.num_micro_batches not in (1, 2):
-            raise ValueError(f"num_micro_batches must be 1 or 2, got {self.num_micro_batches}")
-        if self.max_waiting_requests < 1:
-            raise ValueError("max_waiting_requests must be >= 1")
-        if self.kv_store is not None and not self.enable_prefix_caching:
-            raise ValueError("kv_store (shared prefix cache) needs enable_prefix_caching")
+        b = self.block_size
+        _require(b >= 1 and not b & (b - 1), "block_size", f"must be a power of two, got {b}")
+        _require(
+            self.num_kv_blocks is None or self.num_kv_blocks >= 2,
+            "num_kv_blocks",
+            f"must be >= 2 (or null), got {self.num_kv_blocks}",
+        )
+        _require(
+            self.kv_cache_memory_gb > 0,
+            "kv_cache_memory_gb",
+            f"must be positive, got {self.kv_cache_memory_gb}",
+        )
+        _require(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(
+            self.max_num_batched_tokens >= b,
+            "max_num_batched_tokens",
+            f"must be >= block_size ({b}), got {self.max_num_batched_tokens}",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 1,
+            "max_model_len",
+            f"must be >= 1 (or null), got {self.max_model_len}",
+        )
+        _require(
+            self.dtype in DTYPES, "dtype", f"must be one of {'|'.join(DTYPES)}, got {self.dtype!r}"
+        )
+        _require(
+            self.num_threads is None or self.num_threads >= 1,
+            "num_threads",
+            f"must be >= 1, got {self.num_threads}",
+        )
+        _require(
+            self.num_micro_batches in (1, 2),
+            "num_micro_batches",
+            f"must be 1 or 2, got {self.num_micro_batches}",
+        )
+        _require(
+            self.max_waiting_requests >= 1,
+            "max_waiting_requests",
+            f"must be >= 1, got {self.max_waiting_requests}",
+        )
+        _require(
+            self.kv_store is None or self.enable_prefix_caching,
+            "kv_store",
+            "(the shared prefix cache) needs enable_prefix_caching",
+        )

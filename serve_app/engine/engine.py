@@ -25,7 +25,7 @@ from serve_app.engine.platform import (
     resolve_dtype,
     tune_host_allocator,
 )
-from serve_app.engine.request import Request, RequestStatus, SamplingParams
+from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.experts.base import ExpertExecutor
 from serve_app.kvstore.stats import KVStoreStats
@@ -207,23 +207,7 @@ class LLMEngine:
         return prepared.prompt_token_ids
 
     def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        limit = self.max_model_len
-        if num_prompt >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"has {num_prompt} tokens, which leaves no room for output.",
-                "prompt",
-            )
-        if params.max_tokens is None:
-            return limit - num_prompt
-        if num_prompt + params.max_tokens > limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
-                f"{params.max_tokens} in the completion). Reduce the length.",
-                "max_tokens",
-            )
-        return params.max_tokens
+        return resolve_max_tokens(num_prompt, params.max_tokens, self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort every unfinished choice of a request; returns its final output."""

@@ -86,6 +86,24 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# The ranges SamplingParams accepts, as pydantic Field keywords, so the HTTP API's schema
+# (serve_app/api/protocol.py, /openapi.json) states them; tests/unit/test_sampling_bounds.py
+# checks both agree at every edge.
+SAMPLING_BOUNDS: dict[str, dict[str, float]] = {
+    "n": {"ge": 1, "le": 128},
+    "max_tokens": {"ge": 1},
+    "min_tokens": {"ge": 0},
+    "temperature": {"ge": 0.0, "le": 100.0},
+    "top_p": {"gt": 0.0, "le": 1.0},
+    "top_k": {"ge": -1},
+    "min_p": {"ge": 0.0, "le": 1.0},
+    "presence_penalty": {"ge": -2.0, "le": 2.0},
+    "frequency_penalty": {"ge": -2.0, "le": 2.0},
+    "repetition_penalty": {"gt": 0.0, "le": 2.0},
+    "logprobs": {"ge": 0, "le": SamplingParams.MAX_LOGPROBS},
+}
+
+
 def _as_tuple(value: Any, kind: type, param: str) -> tuple:
     if value is None:
         return ()
@@ -173,3 +191,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+
+def resolve_max_tokens(num_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The completion budget of a prompt of num_prompt tokens (None: all the room left), or an
+    InvalidRequestError when it does not fit max_model_len. Shared by the engine and the API,
+    which checks every prompt of a request before it submits any."""
+    if num_prompt >= max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {num_prompt} tokens, which leaves no room for output.",
+            "prompt",
+        )
+    if max_tokens is None:
+        return max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+            f"{max_tokens} in the completion). Reduce the length.",
+            "max_tokens",
+        )
+    return max_tokens

@@ -10,6 +10,7 @@ Torch lives here and in ModelRunner.{read,write}_blocks; Redis and bytes in Redi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,7 @@ class SharedPrefixCache:
         self.tier.publish([(h, arr[i]) for i, (_, h) in enumerate(new_blocks)])
 
     def stats(self) -> KVStoreStats:
-        return self.tier.stats()
+        return dataclasses.replace(self.tier.stats(), embedded=self.embedded is not None)
 
     def close(self) -> None:
         self.tier.close()

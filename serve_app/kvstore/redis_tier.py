@@ -62,6 +62,7 @@ class RedisKVTier:
         self._io_client: redis.Redis | None = None
         self._pub_client: redis.Redis | None = None
         self._up = False
+        self._last_error: str | None = None
         self._retry_at = 0.0
         self._backoff = BACKOFF_START_S
         self._inflight: Future | None = None  # the I/O thread's current job
@@ -173,7 +174,11 @@ class RedisKVTier:
     def stats(self) -> KVStoreStats:
         with self._lock:
             return KVStoreStats(
-                connected=self._up, lookup_latency=self._latency.snapshot(), **self._c
+                connected=self._up,
+                lookup_latency=self._latency.snapshot(),
+                url=_redact(self._url) if self._url else None,
+                last_error=None if self._up else self._last_error,
+                **self._c,
             )
 
     def close(self) -> None:
@@ -201,6 +206,7 @@ class RedisKVTier:
         with self._lock:
             was_up = self._up
             self._up = False
+            self._last_error = f"{where}: {type(error).__name__}: {error}"
             self._retry_at = self._clock() + self._backoff
             delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX_S)
             if was_up or where == "start":
@@ -233,9 +239,9 @@ class RedisKVTier:
         try:
             url = self._url_provider()
             if url != self._url or self._io_client is None:
+                self._url = url
                 self._io_client = _client(url, max(self.config.load_timeout_ms / 500, 1.0))
                 self._pub_client = _client(url, PUBLISH_SOCKET_TIMEOUT_S)
-                self._url = url
             self._io_client.connection_pool.disconnect()  # drop sockets of a dead server
             self._io_client.ping()
         except Exception as e:  # noqa: BLE001

@@ -52,3 +52,24 @@ class KVStoreStats:
     corrupt_entries: int  # undecodable entries, counted as misses and deleted
     degradation_events: int  # transitions to "unavailable"
     lookup_latency: dict
+    url: str | None = None  # the server's URL, password redacted (None before any connect)
+    embedded: bool = False  # the node's embedded redis-server, started by moeserve
+    last_error: str | None = None  # why it is not connected (None while connected)
+
+
+def describe_store(store: dict | None, off_reason: str) -> str:
+    """One line on where the shared prefix cache is, from /health's `prefix_cache.store`
+    (a KVStoreStats as a dict; None when the engine has none, for `off_reason`)."""
+    if store is None:
+        return f"shared prefix cache: off ({off_reason})"
+    url = store.get("url")
+    where = url or "redis (no URL yet)"
+    if store.get("embedded") and url:
+        where = f"embedded redis-server at {url.split('//', 1)[1].split('/', 1)[0]}"
+    if store.get("connected"):
+        return f"shared prefix cache: {where} (connected)"
+    why = store.get("last_error") or "not connected"
+    return (
+        f"shared prefix cache: NOT connected ({where}; {why}); serving from local compute "
+        "and retrying"
+    )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any
 
 import ray
@@ -19,6 +21,7 @@ from ray import serve
 
 from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.controller import RolloutController
+from serve_app.rollout.deploy_wait import AppSnapshot, deploy_verdict
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "moeserve"
 TICK_FLOOR_S = 0.2
+DEPLOY_POLL_S = 0.5
 
 
 def controller_name(app: str) -> str:
@@ -57,23 +61,66 @@ class GcsStateStore:
 
 class ServeDeployer:
     """Each non-base version is its own Serve application (router deployment + expert shards,
-    no HTTP route), reached by the ingress through a handle."""
+    no HTTP route), reached by the ingress through a handle.
+
+    deploy() waits for the app in a bounded loop (deploy_wait.deploy_verdict) that cancel()
+    ends from another thread: `rollout abort` while a candidate's replicas are pending."""
 
     def __init__(self, app: str):
         self.app = app
+        self.pending: str | None = None  # the version being deployed, if any
+        self._cancel = threading.Event()
 
     def app_name(self, version: str) -> str:
         return version_app_name(self.app, version)
 
     def deploy(self, version: str, config: dict[str, Any]) -> str | None:
         from serve_app.builder import build_version_app
+        from serve_app.config import AppConfig
 
+        timeout_s = AppConfig.model_validate(config).rollout.deploy_timeout_s
         app = build_version_app(config)
-        router = serve.run(app, name=self.app_name(version), route_prefix=None)
+        name = self.app_name(version)
+        self._cancel.clear()
+        self.pending = version
+        try:
+            # NOTE: serve.run() waits until the app runs, for ever when no node can place a
+            # replica; Serve 2.60's _run(_blocking=False) returns at once and we poll instead.
+            router = serve._run(app, name=name, route_prefix=None, _blocking=False)
+            t0 = time.monotonic()
+            while True:
+                if self._cancel.is_set():
+                    raise RolloutError("aborted by the operator while its replicas were pending")
+                verdict = deploy_verdict(_snapshot(name), time.monotonic() - t0, timeout_s)
+                if verdict.ready:
+                    break
+                if verdict.error:
+                    raise RolloutError(verdict.error)
+                self._cancel.wait(DEPLOY_POLL_S)
+        finally:
+            self.pending = None
         return router.info.remote().result(timeout_s=60).get("digest")
+
+    def cancel(self) -> str | None:
+        """Stop a deploy in progress (its app is then deleted); the version, or None."""
+        pending = self.pending
+        if pending is not None:
+            self._cancel.set()
+        return pending
 
     def delete(self, version: str) -> None:
         serve.delete(self.app_name(version), _blocking=False)
+
+
+def _snapshot(name: str) -> AppSnapshot | None:
+    app = serve.status().applications.get(name)
+    if app is None:
+        return None
+    return AppSnapshot(
+        getattr(app.status, "value", str(app.status)),
+        app.message or "",
+        tuple(d.message or "" for d in app.deployments.values()),
+    )
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -82,7 +129,8 @@ class RolloutControllerActor:
 
     def __init__(self, app: str, base: dict[str, Any]):
         self.app = app
-        self.ctl = RolloutController(Version(**base), GcsStateStore(app), ServeDeployer(app))
+        self.deployer = ServeDeployer(app)
+        self.ctl = RolloutController(Version(**base), GcsStateStore(app), self.deployer)
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
         self.metrics = use_ray_metrics()
@@ -144,8 +192,9 @@ class RolloutControllerActor:
     # ---- operator (the CLI) ---------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
+        """The controller's status, and the version being deployed (not yet in the state)."""
         self._ensure_loop()
-        return self.ctl.status()
+        return {**self.ctl.status(), "deploying": self.deployer.pending}
 
     async def start(
         self, version: str, config: dict, strategy: dict, analysis: dict | None
@@ -168,7 +217,14 @@ class RolloutControllerActor:
         return await self._event(self.ctl.resume)
 
     async def abort(self) -> dict[str, Any]:
-        return await self._event(self.ctl.abort)
+        """All traffic back to stable; while a candidate is still being deployed (its start
+        holds the lock), that deploy is stopped and its app deleted instead."""
+        cancelled = self.deployer.cancel()
+        if cancelled is None:
+            return await self._event(self.ctl.abort)
+        async with self.lock:  # the start() that deployed it has unwound
+            pass
+        return {**self.ctl.status(), "deploying": None, "cancelled": cancelled}
 
     async def undo(self, to_version: str | None = None) -> dict[str, Any]:
         return await self._event(self.ctl.undo, to_version)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,29 +79,37 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
+    if args.ray:
+        from serve_app.tools.ray_server import run_ray_server, shared_cache_preflight
+
+        problem = shared_cache_preflight(args)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
     if args.background:
         return _start_background(args)
     if args.ray:
-        from serve_app.tools.ray_server import run_ray_server
-
         return run_ray_server(args)
     import uvicorn
 
     from serve_app.api.client import LocalEngineClient
     from serve_app.api.routes import create_app
     from serve_app.engine.async_engine import AsyncLLMEngine
-    from serve_app.engine.config import EngineConfig
+    from serve_app.engine.config import ConfigError, EngineConfig
     from serve_app.metrics import get_metrics
     from serve_app.metrics.reporter import start_engine_reporter
 
-    engine = AsyncLLMEngine.from_config(
-        EngineConfig(
+    try:
+        config = EngineConfig(
             model=args.model,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
         )
-    )
+    except ConfigError as e:
+        print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
+        return 2
+    engine = AsyncLLMEngine.from_config(config)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(LocalEngineClient(engine, name), stream_interval=args.stream_interval)
     reporter = start_engine_reporter(get_metrics(), engine, name, "local")
@@ -143,9 +152,25 @@ def _start_background(args: argparse.Namespace) -> int:
         return 1
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
     print(f"moeserve is up at {url} (pid {proc.pid}, log {LOG_FILE})")
+    print(f"  {_prefix_cache_line(url, args.ray)}")
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     print("  stop it with: make stop")
     return 0
+
+
+def _prefix_cache_line(url: str, ray: bool) -> str:
+    """Where the shared prefix cache is, as /health reports it."""
+    from serve_app.kvstore.stats import describe_store
+
+    off = "single process: nothing to share" if not ray else "disabled in the app config"
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            health = json.load(r)
+    except urllib.error.HTTPError as e:  # 503 while degraded: the body still says it
+        health = json.load(e)
+    except OSError as e:
+        return f"shared prefix cache: unknown (/health did not answer: {e})"
+    return describe_store((health.get("prefix_cache") or {}).get("store"), off)
 
 
 def stop_command(_: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 # the ingress replica's own HTTP server: no Serve proxy hop per streamed chunk (see
 # docs/serving-path.md for the figures).
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Metric records reach the node's agent (and so /metrics) this often; Ray's default is 10 s.
+# Read by every Ray process at start-up, so it is set before ray.init. On a cluster set it in
+# the environment of `ray start` (docs/metrics.md has the trade-off).
+METRICS_REPORT_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
+METRICS_REPORT_INTERVAL_MS = "1000"
+# Logical CPUs per core that the local Ray advertises: the app reserves one share (all cores),
+# the other is room for one candidate version of `moeserve rollout start` on this machine.
+CPU_SHARES = 2
 
 
 def app_config(args: argparse.Namespace, num_cpus: int):
@@ -50,19 +59,40 @@ def app_config(args: argparse.Namespace, num_cpus: int):
     return AppConfig.model_validate(config)
 
 
+def shared_cache_preflight(args: argparse.Namespace, which=shutil.which) -> str | None:
+    """Why the shared prefix cache cannot start (one line), or None. Without a Redis URL each
+    node starts an embedded redis-server, which must be installed."""
+    from serve_app.config import REDIS_URL_ENV
+
+    if args.redis_url or os.environ.get(REDIS_URL_ENV) or which("redis-server"):
+        return None
+    return (
+        "error: redis-server (the shared prefix cache) is not installed: run `make install` as "
+        "root or with passwordless sudo (or `apt-get install redis-server`), or point it at a "
+        "running Redis with `make run REDIS_URL=redis://HOST:6379/0` "
+        f"(`--redis-url`, or ${REDIS_URL_ENV})"
+    )
+
+
 def run_ray_server(args: argparse.Namespace) -> int:
     # Read by Serve when it is imported, and by every Ray process this one starts: set first.
     haproxy = getattr(args, "http_proxy", "haproxy") == "haproxy"
     os.environ[HA_PROXY_ENV] = "1" if haproxy else "0"
     import ray
+    from pydantic import ValidationError
     from ray import serve
 
     from serve_app.builder import build_app
-    from serve_app.config import REDIS_URL_ENV
+    from serve_app.config import REDIS_URL_ENV, config_error_line
     from serve_app.tools.local_server import ADDRESS_FILE
 
     num_cpus = os.cpu_count() or 1
-    config = app_config(args, num_cpus)
+    try:
+        config = app_config(args, num_cpus)
+    except ValidationError as e:
+        print(f"error: {config_error_line(e)}", flush=True)
+        return 2
+    os.environ.setdefault(METRICS_REPORT_INTERVAL_ENV, METRICS_REPORT_INTERVAL_MS)
     if args.redis_url:
         # through the environment Ray's workers inherit, not the app config: a URL may hold a
         # password, and the config is visible to anyone who can read Serve's status
@@ -71,7 +101,7 @@ def run_ray_server(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     ray.init(
-        num_cpus=num_cpus,
+        num_cpus=num_cpus * CPU_SHARES,
         include_dashboard=args.dashboard,
         dashboard_port=args.dashboard_port if args.dashboard else None,
         log_to_driver=False,

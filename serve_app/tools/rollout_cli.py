@@ -62,6 +62,14 @@ def run_rollout(args: argparse.Namespace) -> int:
         if args.rollout_cmd == "start":
             call = _start_call(args)  # validated before connecting to anything
         controller = _connect(args.address, args.app)
+        if args.rollout_cmd == "start":
+            timeout = call["config"]["rollout"]["deploy_timeout_s"]
+            print(
+                f"deploying {call['version']} (waiting for its replicas, at most {timeout:.0f} s; "
+                "`moeserve rollout abort` stops it)",
+                file=sys.stderr,
+                flush=True,
+            )
         status = _dispatch(controller, args, call if args.rollout_cmd == "start" else None)
     except (RolloutError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -248,6 +256,10 @@ def format_status(status: dict[str, Any]) -> str:
     )
     history = " -> ".join(h["version"]["name"] for h in s["history"])
     lines = [head, table, f"reason: {s['reason']}", f"history: {history}"]
+    if status.get("deploying"):
+        lines.append(f"deploying: {status['deploying']} (its replicas are starting)")
+    if status.get("cancelled"):
+        lines.append(f"cancelled: the deploy of {status['cancelled']}; its app is deleted")
     if status["rollbacks"]:
         lines.append(f"rollbacks: {status['rollbacks']}")
     return "\n".join(lines)

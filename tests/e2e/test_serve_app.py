@@ -233,3 +233,23 @@ def test_killed_expert_shard_is_recreated_and_service_recovers(serve_app):
         model="tiny", prompt="again", max_tokens=5, extra_body={"ignore_eos": True}
     )
     assert got.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        ["hello there", " ".join(["word"] * 6000)],  # refused by the ingress before submitting
+        [[1, 2, 3], [10**6]],  # the router refuses the second once the first is running
+    ],
+    ids=["too-long", "bad-token"],
+)
+def test_refused_multi_prompt_completion_leaves_nothing_running(serve_app, prompt, stream):
+    """The first prompt alone would generate 500 tokens; after the 400 the router is idle at
+    once (a leaked first prompt would keep it busy for seconds)."""
+    _wait_idle(serve_app)
+    body = {"prompt": prompt, "max_tokens": 500, "ignore_eos": True, "stream": stream}
+    r = httpx.post(f"{serve_app.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+    _wait_idle(serve_app, timeout=3)

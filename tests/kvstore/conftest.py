@@ -1,4 +1,8 @@
-"""A real redis-server per test module, started on a free port and stopped by its PID."""
+"""A real redis-server per test module, started on a free port and stopped by its PID.
+
+NOTE: a missing redis-server fails these tests, it never skips them: a green run must have
+touched Redis. `make install` (so `make test`) installs it; see the Makefile's `redis` target.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,18 @@ import redis
 
 from tests.conftest import free_port
 
-if shutil.which("redis-server") is None:
-    pytest.skip("redis-server is not installed", allow_module_level=True)
+MISSING = (
+    "redis-server is not installed, and the shared prefix cache tests need a real one: run "
+    "`make install` as root or with passwordless sudo, or `apt-get install redis-server`"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        pytest.fail(MISSING, pytrace=False)
+    return path
 
 
 class RedisProc:

@@ -5,6 +5,7 @@ Every test uses its own prompt, so the engines' local caches never hide the remo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from serve_app.engine.config import KVStoreConfig
 from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
 from serve_app.kvstore.codec import HEADER_SIZE, decode_block
+from serve_app.kvstore.stats import describe_store
 from tests.kvstore.conftest import RedisProc
 
 BS = 16
@@ -323,6 +325,11 @@ def test_redis_unavailable_at_start_then_reconnects(qwen3_tiny, ref, caplog):
         s = e.engine.stats().kv_store
         assert not s.connected and s.degradation_events == 1
         assert "redis unavailable during start" in caplog.text
+        # /health (and make run's line) say where and why
+        assert s.url == server.url and s.last_error.startswith("start: ConnectionError")
+        assert describe_store(dataclasses.asdict(s), "-").startswith(
+            f"shared prefix cache: NOT connected ({server.url}; start: ConnectionError"
+        )
         p = prompt(70)
         assert run(e, p).choices[0].token_ids == run(ref, p).choices[0].token_ids
         server.start()
@@ -331,6 +338,7 @@ def test_redis_unavailable_at_start_then_reconnects(qwen3_tiny, ref, caplog):
             assert time.monotonic() < deadline
             run(e, [1, 2, 3])  # steps drive the (non-blocking) reconnect
             time.sleep(0.1)
+        assert e.engine.stats().kv_store.last_error is None
         publish(e, prompt(71))
         assert e.engine.stats().kv_store.blocks_published >= PREFIX // BS
     finally:
@@ -345,6 +353,11 @@ def test_embedded_redis_is_started_shared_taken_over_and_stopped(qwen3_tiny, tmp
     try:
         assert first is not None and b.engine.shared_kv.embedded.pid is None  # b uses a's
         assert a.engine.shared_kv.tier._url == b.engine.shared_kv.tier._url
+        s = b.engine.stats().kv_store
+        port = s.url.split(":")[-1].split("/")[0]
+        assert s.embedded and describe_store(dataclasses.asdict(s), "-") == (
+            f"shared prefix cache: embedded redis-server at 127.0.0.1:{port} (connected)"
+        )
         cfg = a.engine.shared_kv.tier._io_client.config_get("maxmemory*")
         assert cfg["maxmemory"] == str(64 << 20) and cfg["maxmemory-policy"] == "allkeys-lru"
         p = prompt(80)
@@ -379,6 +392,7 @@ def test_health_reports_the_shared_cache(pair):
     health = json.loads(json.dumps(eng.health()))
     pc = health["prefix_cache"]
     assert pc["remote_hit_tokens"] == b.engine.stats().prefix_remote_hit_tokens > 0
-    assert pc["store"]["connected"] is True
+    assert pc["store"]["connected"] is True and pc["store"]["last_error"] is None
+    assert pc["store"]["url"].startswith("redis://127.0.0.1:") and not pc["store"]["embedded"]
     assert sum(pc["store"]["lookup_latency"]["counts"]) == pc["store"]["lookups"]
     assert np.isfinite(pc["store"]["lookup_latency"]["sum_ms"])

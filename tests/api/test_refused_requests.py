@@ -1,0 +1,86 @@
+"""A refused request leaves nothing behind (in-process): a multi-prompt completion is checked
+whole before any prompt is queued, and prompts already queued are aborted when a later one is
+refused. Measured by the tokens the engine ran through its experts, not by time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from serve_app.api.client import LocalEngineClient
+from serve_app.api.routes import create_app
+from serve_app.api.submit import discard
+from serve_app.engine.async_engine import AsyncLLMEngine
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.request import SamplingParams
+
+LONG = " ".join(["word"] * 6000)  # far past the context
+
+
+@pytest.fixture(scope="module")
+def engine(qwen3_tiny):
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=str(qwen3_tiny), num_kv_blocks=256, max_model_len=2048)
+    )
+    yield engine
+    engine.shutdown()
+
+
+def tokens_computed(engine: AsyncLLMEngine) -> int:
+    return sum(engine.stats().expert_tokens)
+
+
+def wait_idle(engine: AsyncLLMEngine) -> None:
+    for _ in range(400):
+        s = engine.stats()
+        if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+async def post(engine: AsyncLLMEngine, body: dict) -> httpx.Response:
+    app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return await c.post("/v1/completions", json=body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_too_long_second_prompt_submits_nothing(engine, stream):
+    wait_idle(engine)
+    before = tokens_computed(engine)
+    body = {"prompt": ["hello there", LONG], "max_tokens": 2000, "ignore_eos": True}
+    r = await post(engine, {**body, "stream": stream})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+    wait_idle(engine)
+    assert tokens_computed(engine) == before  # "hello there" never ran
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_prompt_refused_by_the_engine_aborts_those_submitted(engine, stream):
+    """The API's check passes (lengths fit), the engine refuses the second prompt (a token id
+    outside the vocabulary) after the first was queued: the first is aborted."""
+    wait_idle(engine)
+    before = tokens_computed(engine)
+    vocab = engine.engine.spec.vocab_size
+    body = {"prompt": [[1, 2, 3], [vocab + 7]], "max_tokens": 2000, "ignore_eos": True}
+    r = await post(engine, {**body, "stream": stream})
+    assert r.status_code == 400, r.text
+    wait_idle(engine)
+    spec = engine.engine.spec
+    per_token = spec.num_layers * spec.top_k  # expert slots one token takes, all layers
+    # the first prompt ran for a few steps at most before its abort, not its 2000 tokens
+    assert tokens_computed(engine) - before < 100 * per_token
+
+
+async def test_discard_aborts_a_stream_never_read(engine):
+    wait_idle(engine)
+    stream = engine.add_request("hello there", SamplingParams(max_tokens=1500, ignore_eos=True))
+    await asyncio.sleep(0.2)  # queued and running
+    await discard([stream])
+    await asyncio.to_thread(wait_idle, engine)
