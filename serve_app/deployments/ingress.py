@@ -28,6 +28,7 @@ from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.actor import get_or_create_controller
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
+from serve_app.routing.key import RouteKeys
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class RemoteEngineClient:
         self.version = versions.base
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = max_model_len
+        self.route_keys = RouteKeys(self.tokenizer)
 
     async def submit(
         self,
@@ -56,7 +58,7 @@ class RemoteEngineClient:
         version = self.versions.choose(hint, request_id)
         retry = hint.pinned is None and version != self.versions.stable
         try:
-            stream = await self._submit_to(version, prompt, params, request_id)
+            stream = await self._submit_to(version, prompt, params, request_id, hint)
         except Exception as e:
             if not retry or _client_error(e):
                 if not _client_error(e):
@@ -65,14 +67,16 @@ class RemoteEngineClient:
             log.warning("request %s failed on %s, retrying on stable: %s", request_id, version, e)
             self.versions.report(Outcome(version, ok=False))
             version = self.versions.stable
-            stream = await self._submit_to(version, prompt, params, request_id)
+            stream = await self._submit_to(version, prompt, params, request_id, hint)
         hint.served = version
         return stream
 
-    async def _submit_to(self, version: str, prompt, params, request_id: str):
+    async def _submit_to(self, version: str, prompt, params, request_id: str, hint: RouteHint):
         t0 = time.monotonic()
         handle = self.versions.handle(version)
-        gen = handle.options(stream=True).generate.remote(prompt, params, request_id)
+        # prefix_affinity: the request router of this version's handle reads `route`.
+        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
+        gen = handle.options(stream=True).generate.remote(prompt, params, request_id, **route)
         try:
             first = await gen.__anext__()
             if "error" in first:
