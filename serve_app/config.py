@@ -148,6 +148,12 @@ class AffinitySettings(BaseModel):
         "+ 1 <= ceil(load_factor x (all in flight + 1) / replicas); past it, the least-loaded "
         "replica is used.",
     )
+    min_load: int = Field(
+        4,
+        ge=0,
+        description="A replica with fewer requests in flight than this is never past the load "
+        "bound (a few requests batch together; moving one costs its whole prefill).",
+    )
     max_kv_use: float = Field(
         0.9,
         gt=0,

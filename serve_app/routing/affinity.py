@@ -17,9 +17,10 @@ picks, in this order:
    rendezvous hash of the prefix (the same on every ingress replica).
 
 The load bound ("bounded loads", Mirrokni et al. 2018): a replica with `load` requests in
-flight takes one more while load + 1 <= ceil(load_factor * (total + 1) / n), and while its KV-cache
-use is at most max_kv_use, unless every replica is past max_kv_use. With no replica within the
-bound, the least loaded one is taken.
+flight takes one more while load + 1 <= ceil(load_factor * (total + 1) / n), or while
+load < min_load (a few requests batch together at little cost, and moving one costs its whole
+prefill), and while its KV-cache use is at most max_kv_use, unless every replica is past
+max_kv_use. With no replica within the bound, the least loaded one is taken.
 
 NOTE: replicas are compared only among `replicas` as given; entries of a replica that left
 (scale-down, death) are ignored at once and purged by AffinityState.retain, so its prefixes
@@ -42,6 +43,7 @@ REASONS: tuple[Reason, ...] = ("session", "prefix_match", "load_fallback", "no_m
 @dataclass(frozen=True, slots=True)
 class AffinityConfig:
     load_factor: float = 1.5  # bounded-load factor c >= 1 (1 = strict balance)
+    min_load: int = 4  # fewer requests in flight than this are never past the bound
     max_kv_use: float = 0.9  # a replica fuller than this is past the bound (if another is not)
     min_match_blocks: int = 1  # shorter tracked matches count as no match
     max_tracked_blocks: int = 65_536  # LRU bound of the block table (all replicas together)
@@ -53,6 +55,8 @@ class AffinityConfig:
             raise ValueError(f"load_factor must be >= 1, got {self.load_factor}")
         if not 0 < self.max_kv_use <= 1:
             raise ValueError(f"max_kv_use must be in (0, 1], got {self.max_kv_use}")
+        if self.min_load < 0:
+            raise ValueError(f"min_load must be >= 0, got {self.min_load}")
         for name in ("min_match_blocks", "max_tracked_blocks", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -158,7 +162,7 @@ def within_bound(loads: Sequence[ReplicaLoad], config: AffinityConfig) -> set[st
         return set()
     total = sum(r.load for r in loads)
     cap = math.ceil(config.load_factor * (total + 1) / len(loads))
-    ok = {r.replica for r in loads if r.load + 1 <= cap}
+    ok = {r.replica for r in loads if r.load < config.min_load or r.load + 1 <= cap}
     roomy = {r.replica for r in loads if r.kv_use is None or r.kv_use <= config.max_kv_use}
     return ok & roomy if roomy else ok
 

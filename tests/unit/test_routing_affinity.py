@@ -107,19 +107,23 @@ def test_longest_match_wins_then_the_least_loaded_of_equals():
     assert choose_replica(full, loads(a=0, b=1), st, 0.0) == Decision("a", "prefix_match", 4)
 
 
-def test_load_bound_is_relative_to_the_mean():
-    cfg = AffinityConfig(load_factor=1.5)
-    # 3 in flight, 2 replicas: cap = 1.5 * 4 / 2 = 3, so a replica with 2 may take a third.
+def test_load_bound_is_relative_to_the_mean_above_min_load():
+    cfg = AffinityConfig(load_factor=1.5, min_load=0)
+    # 3 in flight, 2 replicas: cap = ceil(1.5 * 4 / 2) = 3, so a replica with 2 takes a third.
     assert within_bound(loads(a=2, b=1), cfg) == {"a", "b"}
     assert within_bound(loads(a=3, b=0), cfg) == {"b"}
-    assert within_bound(loads(a=0, b=0), cfg) == {"a", "b"}
+    assert within_bound(loads(a=0, b=0, c=0), cfg) == {"a", "b", "c"}  # ceil: never 0
     assert within_bound(loads(a=5), cfg) == {"a"}  # one replica is never past the mean
-    strict = AffinityConfig(load_factor=1.0)
+    strict = AffinityConfig(load_factor=1.0, min_load=0)
     assert within_bound(loads(a=1, b=0), strict) == {"b"}
+    # Under min_load in flight a replica is within the bound whatever the others carry.
+    batching = AffinityConfig(load_factor=1.5, min_load=4)
+    assert within_bound(loads(a=3, b=0), batching) == {"a", "b"}
+    assert within_bound(loads(a=6, b=1), batching) == {"b"}  # cap = ceil(1.5 * 8 / 2) = 6
 
 
 def test_preferred_replica_past_the_bound_falls_back_to_least_loaded():
-    st = state()
+    st = state(min_load=0)
     p = prompt(1, 3)
     st.record(Decision("a", "no_match", 0), p, 0.0)
     assert choose_replica(p, loads(a=2, b=1), st, 0.0) == Decision("a", "prefix_match", 3)
@@ -140,7 +144,7 @@ def test_kv_use_past_max_counts_as_overloaded_unless_every_replica_is():
 
 
 def test_session_sticks_while_within_bound_and_expires():
-    st = state(session_ttl_s=60)
+    st = state(session_ttl_s=60, min_load=0)
     send(st, prompt(1, 2, session="s1"), loads(a=0, b=5))  # b is busy: a
     assert st.sessions["s1"] == ("a", 0.0)
     other = prompt(2, 3, session="s1")
@@ -199,6 +203,8 @@ def test_block_table_is_lru_bounded_and_counts_stay_exact():
 def test_config_is_checked():
     with pytest.raises(ValueError, match="load_factor"):
         AffinityConfig(load_factor=0.5)
+    with pytest.raises(ValueError, match="min_load"):
+        AffinityConfig(min_load=-1)
     with pytest.raises(ValueError, match="max_kv_use"):
         AffinityConfig(max_kv_use=0)
     with pytest.raises(ValueError, match="no replica"):
@@ -222,18 +228,16 @@ def _closed_loop(st: AffinityState, n: int, concurrency: int) -> tuple[list[Deci
 
 
 def test_one_hot_prefix_is_spread_over_both_replicas_by_the_load_bound():
-    decisions, peak = _closed_loop(state(load_factor=1.5), 32, concurrency=4)
+    # 8 clients. The first 4 requests fill a (under min_load); the 5th finds a past the bound
+    # (cap = ceil(1.5 * 5 / 2) = 4) and goes to b. Both then hold the prefix, and every later
+    # request takes the less loaded of the two: never more than 4 of the 8 on one replica.
+    decisions, peak = _closed_loop(state(load_factor=1.5, min_load=4), 64, concurrency=8)
     per = {r: sum(d.replica == r for d in decisions) for r in ("a", "b")}
-    assert min(per.values()) >= 8, per  # each replica takes at least a quarter
-    assert peak <= 3  # with 4 in flight, 1.5 x the mean: never all 4 on one replica
-    reasons = {d.reason for d in decisions}
-    assert reasons == {"no_match", "prefix_match", "load_fallback"}
-    # Both replicas now hold the prefix: later requests match on either.
-    assert _matched_replicas(decisions) == {"a", "b"}
-    # Without a bound (huge factor) the same traffic queues on one replica.
-    unbounded, peak = _closed_loop(state(load_factor=100.0), 32, concurrency=4)
-    assert len({d.replica for d in unbounded}) == 1 and peak == 4
-
-
-def _matched_replicas(decisions: list[Decision]) -> set[str]:
-    return {d.replica for d in decisions if d.reason == "prefix_match"}
+    assert min(per.values()) >= 16, per  # each replica takes at least a quarter
+    assert peak == 4
+    assert {d.reason for d in decisions} == {"no_match", "prefix_match", "load_fallback"}
+    # Both replicas now hold the prefix: requests match on either (the least loaded).
+    assert {d.replica for d in decisions if d.reason == "prefix_match"} == {"a", "b"}
+    # Without a bound (a huge factor) the same traffic queues on one replica.
+    unbounded, peak = _closed_loop(state(load_factor=100.0), 64, concurrency=8)
+    assert len({d.replica for d in unbounded}) == 1 and peak == 8
