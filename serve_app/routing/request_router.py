@@ -4,7 +4,8 @@ prefix_affinity` (Ray Serve 2.60 RequestRouter; see serve_app.builder).
 It runs inside every DeploymentHandle to one version's router deployment (so in each ingress
 replica), after the rollout split chose that version: affinity is always among one version's
 replicas. The ingress passes the request's RouteRequest as the `route` keyword of `generate`;
-a request without one (another caller, a pow2 ingress) is placed by load alone.
+a call without one (health, info, a pow2 ingress) is placed by load alone and not counted in
+moeserve_router_routed_requests_total.
 
 Load per replica: the requests this handle has in flight there (exact, updated on routing and
 completion), or Serve's queue-length cache when larger (other ingress replicas' requests); KV
@@ -62,6 +63,10 @@ class PrefixAffinityRequestRouter(RequestRouter):
         if not candidate_replicas:
             return []
         route = route_of(pending_request)
+        counted = route is not None  # a generation request (not health, info, ...)
+        if route is None:
+            internal = pending_request.metadata.internal_request_id if pending_request else ""
+            route = RouteRequest((), None, internal)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = [ReplicaLoad(rid, self._load(r), _kv_use(r)) for rid, r in by_id.items()]
         now = time.monotonic()
@@ -69,7 +74,7 @@ class PrefixAffinityRequestRouter(RequestRouter):
         self._state.record(decision, route, now)
         if pending_request is not None:
             internal = pending_request.metadata.internal_request_id
-            if self._release(internal) is None:
+            if self._release(internal) is None and counted:
                 get_metrics().inc(ROUTED_METRIC, version=self._version, reason=decision.reason)
             self._hold(internal, decision.replica)
         chosen = by_id[decision.replica]
@@ -111,14 +116,14 @@ class PrefixAffinityRequestRouter(RequestRouter):
         return max(self._inflight[r.replica_id.unique_id], cached)
 
 
-def route_of(pending_request: PendingRequest | None) -> RouteRequest:
-    """The RouteRequest passed with the call (any argument), else an empty one."""
+def route_of(pending_request: PendingRequest | None) -> RouteRequest | None:
+    """The RouteRequest passed with the call (any argument); None for calls without one."""
     if pending_request is None:
-        return RouteRequest(())
+        return None
     for value in (*pending_request.kwargs.values(), *pending_request.args):
         if isinstance(value, RouteRequest):
             return value
-    return RouteRequest((), None, pending_request.metadata.internal_request_id)
+    return None
 
 
 def _kv_use(r: RunningReplica) -> float | None:
