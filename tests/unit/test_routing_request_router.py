@@ -60,12 +60,15 @@ def make_router(**affinity) -> PrefixAffinityRequestRouter:
 
 
 def test_route_is_found_in_any_argument_and_absent_for_other_calls():
-    route = route_request(list(range(8)), NS, None, "r")
-    assert route_of(pending("a", route)) is route
-    args_only = pending("b")
-    args_only.args.append(route)
-    assert route_of(args_only) is route
-    assert route_of(pending("c")) is None and route_of(None) is None
+    async def go():  # a PendingRequest holds a future: it needs a running loop
+        route = route_request(list(range(8)), NS, None, "r")
+        assert route_of(pending("a", route)) is route
+        args_only = pending("b")
+        args_only.args.append(route)
+        assert route_of(args_only) is route
+        assert route_of(pending("c")) is None and route_of(None) is None
+
+    asyncio.run(go())
 
 
 def test_prefix_sticks_load_is_counted_and_released():
