@@ -8,12 +8,15 @@ matching, and a bound on the work per request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.engine.block_hash import extend_block_hashes, root_hash
 from serve_app.routing.affinity import RouteRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,8 @@ class RouteKeys:
     """The ingress's side: the `route` keyword for a call to one version's routers.
 
     Each version's HashNamespace is asked of its routers once (info()), cached per handle (a
-    version redeployed under the same name gets a new handle). A string prompt is tokenized as
+    version redeployed under the same name gets a new handle; when info() fails, the request
+    goes without a key and it is asked again next time). A string prompt is tokenized as
     the engine does (add_special_tokens=True); ids the engine would refuse give no key (the
     engine answers the 4xx).
     """
@@ -62,7 +66,12 @@ class RouteKeys:
     ) -> dict[str, RouteRequest]:
         cached = self._namespaces.get(version)
         if cached is None or cached[0] is not handle:
-            cached = (handle, HashNamespace.of_version(await handle.info.remote()))
+            try:
+                info = await handle.info.remote()
+            except Exception as e:  # noqa: BLE001 - no key this time; the call itself may work
+                log.warning("no routing key for version %s: info() failed: %s", version, e)
+                return {}
+            cached = (handle, HashNamespace.of_version(info))
             self._namespaces[version] = cached
         ns = cached[1]
         if ns is None:

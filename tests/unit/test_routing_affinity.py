@@ -241,3 +241,54 @@ def test_one_hot_prefix_is_spread_over_both_replicas_by_the_load_bound():
     # Without a bound (a huge factor) the same traffic queues on one replica.
     unbounded, peak = _closed_loop(state(load_factor=100.0), 64, concurrency=8)
     assert len({d.replica for d in unbounded}) == 1 and peak == 8
+
+
+class _Info:
+    def __init__(self, info: dict | Exception):
+        self.info, self.calls = info, 0
+
+    async def remote(self):
+        self.calls += 1
+        if isinstance(self.info, Exception):
+            raise self.info
+        return self.info
+
+
+class _Handle:
+    def __init__(self, info: dict | Exception):
+        self.info = _Info(info)
+
+
+class _Tokenizer:
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        assert add_special_tokens  # as the engine encodes a string prompt
+        return [ord(c) for c in text]
+
+
+def test_route_keys_per_version_text_tokenized_bad_ids_and_pow2_without_key():
+    import asyncio
+
+    from serve_app.routing.key import RouteKeys
+
+    info = {"digest": "d", "block_size": BS, "prefix_hash_seed": 0, "route_key_blocks": 64}
+    affine = _Handle({**info, "routing": "prefix_affinity"})
+    pow2 = _Handle({**info, "routing": "pow2"})
+    broken = _Handle(RuntimeError("replica down"))
+    keys = RouteKeys(_Tokenizer())
+    ns = HashNamespace(root_hash(0, "d"), BS, 64)
+
+    async def go():
+        text = await keys.kwargs("v1", affine, "abcdefghij", "s", "r1")
+        assert text == {"route": route_request([ord(c) for c in "abcdefghij"], ns, "s", "r1")}
+        ids = await keys.kwargs("v1", affine, list(range(9)), None, "r2")
+        assert (
+            ids["route"].block_hashes == route_request(list(range(9)), ns, None, "r2").block_hashes
+        )
+        assert await keys.kwargs("v1", affine, [1, -5, 3, 4], None, "r3") == {}
+        assert await keys.kwargs("v2", pow2, list(range(9)), None, "r4") == {}
+        assert await keys.kwargs("v2", pow2, list(range(9)), None, "r5") == {}
+        assert await keys.kwargs("v3", broken, list(range(9)), None, "r6") == {}
+        assert await keys.kwargs("v3", broken, list(range(9)), None, "r7") == {}
+
+    asyncio.run(go())
+    assert (affine.info.calls, pow2.info.calls, broken.info.calls) == (1, 1, 2)
