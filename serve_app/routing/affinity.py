@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Reason = Literal["session", "prefix_match", "load_fallback", "no_match"]
-REASONS: tuple[Reason, ...] = ("session", "prefix_match", "load_fallback", "no_match")
 
 
 @dataclass(frozen=True, slots=True)
