@@ -11,6 +11,7 @@ MODEL ?= models/$(ARCH)-$(PRESET)
 PORT ?= 8000
 EP ?= 0
 ROUTERS ?= 1
+ROUTING ?= pow2
 REDIS_URL ?=
 DASHBOARD ?=
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
@@ -94,7 +95,7 @@ bench-vllm-venv: .venv-vllm/.installed
 # ends that process by PID, which shuts its Serve app and its Ray down. It stops at once, with
 # the fix, when there is neither a redis-server nor a REDIS_URL for the shared prefix cache.
 run: install model
-	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) \
+	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) --routing $(ROUTING) \
 		$(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) --background
 
 stop:

@@ -8,12 +8,13 @@ when one dies, and removed with the application.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application, Deployment
-from ray.serve.config import DeploymentActorConfig
+from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
 from serve_app.config import AppConfig, AutoscalingSettings
 from serve_app.deployments.ingress import Ingress
@@ -61,7 +62,27 @@ def router_deployment(config: AppConfig) -> Deployment:
         },
         health_check_period_s=10,
         deployment_actors=expert_shard_actors(config) + expert_balancer_actor(config),
+        **request_routing(config),
     )
+
+
+AFFINITY_ROUTER = "serve_app.routing.request_router:PrefixAffinityRequestRouter"
+
+
+def request_routing(config: AppConfig) -> dict[str, Any]:
+    """Deployment options for `router.routing`: none for pow2 (Serve's default)."""
+    r = config.router
+    if r.routing == "pow2":
+        return {}
+    a = r.affinity
+    kwargs = {"version": config.version_name, **dataclasses.asdict(a.affinity_config())}
+    return {
+        "request_router_config": RequestRouterConfig(
+            request_router_class=AFFINITY_ROUTER,
+            request_router_kwargs=kwargs,
+            request_routing_stats_period_s=a.stats_period_s,
+        )
+    }
 
 
 def _validated(args: dict[str, Any] | AppConfig) -> AppConfig:

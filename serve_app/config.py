@@ -19,6 +19,7 @@ from serve_app.engine.config import (
 from serve_app.experts.balancer import BalancerConfig
 from serve_app.experts.rebalance import RebalanceConfig
 from serve_app.rollout.state import AnalysisConfig, Strategy
+from serve_app.routing.affinity import AffinityConfig
 
 REDIS_URL_ENV = "MOESERVE_REDIS_URL"
 
@@ -204,6 +205,53 @@ def _check_resources(resources: dict[str, float]) -> dict[str, float]:
 PlacementResources = Annotated[dict[str, float], AfterValidator(_check_resources)]
 
 
+class AffinitySettings(BaseModel):
+    """Thresholds of `routing: prefix_affinity` (serve_app/routing/affinity.py; docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_factor: float = Field(
+        1.5,
+        ge=1,
+        description="Load bound: a replica takes one more request while its in-flight requests "
+        "+ 1 <= ceil(load_factor x (all in flight + 1) / replicas); past it, the least-loaded "
+        "replica is used.",
+    )
+    min_load: int = Field(
+        4,
+        ge=0,
+        description="A replica with fewer requests in flight than this is never past the load "
+        "bound (a few requests batch together; moving one costs its whole prefill).",
+    )
+    max_kv_use: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="A replica whose KV-cache use is above this is past the bound too (unless "
+        "every replica is).",
+    )
+    min_match_blocks: int = Field(
+        1, ge=1, description="Shortest tracked prefix (in KV blocks) that counts as a match."
+    )
+    max_key_blocks: int = Field(
+        256, ge=1, description="Leading prompt blocks hashed for routing (longer prefixes tie)."
+    )
+    max_tracked_blocks: int = Field(
+        65_536, ge=1, description="Block hashes each ingress remembers (LRU), all replicas."
+    )
+    session_ttl_s: float = Field(
+        600.0, gt=0, description="A session (user / x-session-id) silent this long is re-placed."
+    )
+    stats_period_s: float = Field(
+        2.0, gt=0, description="How often each router replica reports its KV-cache use."
+    )
+
+    def affinity_config(self) -> AffinityConfig:
+        return AffinityConfig(
+            **self.model_dump(exclude={"max_key_blocks", "stats_period_s"}),
+        )
+
+
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -227,6 +275,13 @@ class RouterSettings(BaseModel):
         ge=0,
         description="How long a stopping router (scale-down, redeploy) lets its streams finish.",
     )
+    routing: Literal["pow2", "prefix_affinity"] = Field(
+        "pow2",
+        description="How a request picks a router replica: pow2 (Serve's power of two choices "
+        "on queue length) or prefix_affinity (the replica that holds its longest prompt "
+        "prefix, within a load bound; docs/routing.md).",
+    )
+    affinity: AffinitySettings = Field(default_factory=AffinitySettings)
 
 
 class RebalanceSettings(BaseModel):

@@ -19,12 +19,14 @@ class RouteHint:
     """What decides a request's model version (see serve_app.rollout.split).
 
     session_key: the `user` field or x-session-id header (sticky split); pinned: the
-    x-moeserve-version header. `served` is filled in by the client with the version that took
+    x-moeserve-version header; session: the client's own session key, if any (session_key falls
+    back to the request id). `served` is filled in by the client with the version that took
     the request (None where there are no versions, in-process)."""
 
     session_key: str | None = None
     pinned: str | None = None
     served: str | None = None
+    session: str | None = None  # the session key only when the client gave one (replica affinity)
 
 
 class EngineClient(Protocol):

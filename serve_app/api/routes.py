@@ -154,8 +154,9 @@ def _request_id(request: Request, prefix: str) -> str:
 def _route_hint(request: Request, user: str | None, request_id: str) -> RouteHint:
     """Sticky per session (the `user` field, else x-session-id), else per request: all prompts
     of one request go to one version."""
-    key = session_key(user, request.headers.get(SESSION_HEADER)) or request_id
-    return RouteHint(session_key=key, pinned=request.headers.get(PIN_HEADER) or None)
+    session = session_key(user, request.headers.get(SESSION_HEADER))
+    pinned = request.headers.get(PIN_HEADER) or None
+    return RouteHint(session_key=session or request_id, pinned=pinned, session=session)
 
 
 def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> list[int]:

@@ -130,7 +130,7 @@ def error_message(body: dict | str) -> str:
     return json.dumps(body)[:200]
 
 
-def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
+def completion_body(model: str, prompt: str | list[int], max_tokens: int) -> dict:
     """What `vllm bench serve --backend openai` sends (PEERS.md), greedy as it defaults to."""
     return {
         "model": model,
@@ -161,7 +161,7 @@ class Endpoint:
 async def send_request(
     session: aiohttp.ClientSession,
     endpoint: Endpoint,
-    prompt: str,
+    prompt: str | list[int],
     max_tokens: int,
     pass_start: float,
 ) -> RequestRecord:
@@ -193,10 +193,11 @@ class PassResult(NamedTuple):
 
 
 async def run_pass(
-    endpoint: Endpoint, prompts: Sequence[str], max_tokens: int, concurrency: int
+    endpoint: Endpoint, prompts: Sequence[str | list[int]], max_tokens: int, concurrency: int
 ) -> PassResult:
     """Send every prompt, never more than `concurrency` in flight (all queued at once, as
-    `vllm bench serve --max-concurrency C` does with an infinite request rate)."""
+    `vllm bench serve --max-concurrency C` does with an infinite request rate). A prompt is
+    text or token ids."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     gate = asyncio.Semaphore(concurrency)
@@ -205,7 +206,7 @@ async def run_pass(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         t0 = time.perf_counter()
 
-        async def one(prompt: str) -> RequestRecord:
+        async def one(prompt: str | list[int]) -> RequestRecord:
             async with gate:
                 return await send_request(session, endpoint, prompt, max_tokens, t0)
 

@@ -32,6 +32,7 @@ from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.actor import get_or_create_controller
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
+from serve_app.routing.key import RouteKeys
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RemoteEngineClient:
         self.version = versions.base
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = max_model_len
+        self.route_keys = RouteKeys(self.tokenizer)
 
     async def submit(
         self,
@@ -67,7 +69,7 @@ class RemoteEngineClient:
         version = self.versions.choose(hint, request_id)
         retry = hint.pinned is None and version != self.versions.stable
         try:
-            stream = await self._submit_to(version, prompt, params, request_id)
+            stream = await self._submit_to(version, prompt, params, request_id, hint)
         except Exception as e:
             if not retry or _client_error(e):
                 if not _client_error(e):
@@ -76,16 +78,18 @@ class RemoteEngineClient:
             log.warning("request %s failed on %s, retrying on stable: %s", request_id, version, e)
             self.versions.report(Outcome(version, ok=False))
             version = self.versions.stable
-            stream = await self._submit_to(version, prompt, params, request_id)
+            stream = await self._submit_to(version, prompt, params, request_id, hint)
         hint.served = version
         return stream
 
-    async def _submit_to(self, version: str, prompt, params, request_id: str):
+    async def _submit_to(self, version: str, prompt, params, request_id: str, hint: RouteHint):
         if self.inbox is not None:
-            return await self._submit_over_channel(version, prompt, params, request_id)
+            return await self._submit_over_channel(version, prompt, params, request_id, hint)
         t0 = time.monotonic()
         handle = self.versions.handle(version)
-        gen = handle.options(stream=True).generate.remote(prompt, params, request_id)
+        # prefix_affinity: the request router of this version's handle reads `route`.
+        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
+        gen = handle.options(stream=True).generate.remote(prompt, params, request_id, **route)
         try:
             first = await gen.__anext__()
             if "error" in first:
@@ -99,14 +103,17 @@ class RemoteEngineClient:
         ttft = (time.monotonic() - t0) * 1000
         return _relay(gen, out, _Reporter(self.versions, version, t0, ttft))
 
-    async def _submit_over_channel(self, version: str, prompt, params, request_id: str):
+    async def _submit_over_channel(
+        self, version: str, prompt, params, request_id: str, hint: RouteHint
+    ):
         """The request through Serve, its outputs over the output channel (see
         output_channel.py). Returns once the first token is here, like the Serve path."""
         t0 = time.monotonic()
-        stream, queue = self.inbox.open()
         handle = self.versions.handle(version)
+        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
+        stream, queue = self.inbox.open()
         response = handle.generate_to.remote(
-            prompt, params, request_id, self.inbox.reply_to, stream
+            prompt, params, request_id, self.inbox.reply_to, stream, **route
         )
         reader = _ChannelReader(request_id, queue, response)
         try:

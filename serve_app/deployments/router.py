@@ -28,6 +28,8 @@ from serve_app.experts.remote import RemoteExperts
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
+from serve_app.routing.affinity import RouteRequest
+from serve_app.routing.request_router import KV_USE_STAT
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +70,25 @@ class Router:
             "expert_parallel_size": self.config.expert_parallel_size,
             "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
             "digest": self.engine.engine.model_digest,  # the exact weights this version serves
+            # How the ingress computes the routing key (serve_app.routing.key.HashNamespace):
+            "routing": self.config.router.routing,
+            "block_size": self.engine.engine.config.block_size,
+            "prefix_hash_seed": self.engine.engine.config.prefix_hash_seed,
+            "route_key_blocks": self.config.router.affinity.max_key_blocks,
         }
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        route: RouteRequest | None = None,
     ) -> AsyncIterator:
         """First item: {"accepted": True} or {"error": EngineError}; then RequestOutputs.
 
         Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
-        before it sends any byte of the response.
+        before it sends any byte of the response. `route` is read by the handle's request
+        router before the call arrives here (serve_app.routing.request_router); unused here.
         """
         try:
             await self._inject_fault()
@@ -95,11 +107,13 @@ class Router:
         request_id: str,
         reply: ReplyTo,
         stream: int,
+        route: RouteRequest | None = None,
     ) -> dict | None:
         """Run a request whose outputs go over the output channel to `reply` (the ingress's
         inbox) as stream number `stream`, batched with the other requests of each engine
         step; returns when it finished. A refusal is returned ({"error": EngineError}) before
-        anything is sent; cancelling the call aborts the request and frees its KV blocks."""
+        anything is sent; cancelling the call aborts the request and frees its KV blocks.
+        `route`: read by the request router, as for `generate`."""
         try:
             await self._inject_fault()
             if self.outbox is None:
@@ -159,6 +173,12 @@ class Router:
         """Serve's autoscaling hook: this replica's load for autoscaling.policy (the TTFT key
         is left out while no request started within the TTFT window)."""
         return load_signals(self.engine).to_stats()
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """Serve's request-routing hook: what PrefixAffinityRequestRouter reads per replica."""
+        s = self.engine.stats()
+        kv_use = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        return {KV_USE_STAT: kv_use}
 
     def check_health(self) -> None:
         """Serve's replica health check: a dead engine loop makes Serve replace the replica."""

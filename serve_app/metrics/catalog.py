@@ -98,6 +98,13 @@ CATALOG: tuple[MetricSpec, ...] = (
         REPLICA,
         "Max over mean of per-expert tokens in the last minute (1 = balanced).",
     ),
+    # ---- replica choice (the handles to the routers, in the ingress; routing: prefix_affinity) --
+    _c(
+        "moeserve_router_routed_requests_total",
+        ("version", "reason"),
+        "Requests sent to a router replica by reason: session, prefix_match, load_fallback, "
+        "no_match.",
+    ),
     # ---- memory (router replicas and expert shards) ----
     _g(
         "moeserve_accelerator_memory_used_bytes",

@@ -70,6 +70,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
     ray.add_argument("--routers", type=int, default=1, help="router replicas")
     ray.add_argument(
+        "--routing",
+        choices=("pow2", "prefix_affinity"),
+        default="pow2",
+        help="how a request picks a router replica (router.routing; docs/routing.md)",
+    )
+    ray.add_argument(
         "--redis-url",
         default=None,
         help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",

@@ -49,7 +49,12 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_memory_gb": args.kv_cache_memory_gb,
         },
-        "router": {"num_replicas": args.routers, "num_cpus": share, "num_threads": threads},
+        "router": {
+            "num_replicas": args.routers,
+            "num_cpus": share,
+            "num_threads": threads,
+            "routing": getattr(args, "routing", "pow2"),
+        },
         "experts": {"num_cpus": share, "num_threads": threads},
         "streaming": {
             "transport": getattr(args, "stream_transport", "channel"),

@@ -141,3 +141,25 @@ def test_placement_resources_are_checked(resources):
         AppConfig.model_validate({"model": "m", "router": {"resources": resources}})
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"model": "m", "experts": {"resources": resources}})
+
+
+def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_tiny):
+    from serve_app.routing.affinity import AffinityConfig
+    from serve_app.routing.request_router import PrefixAffinityRequestRouter
+
+    router = {"routing": "prefix_affinity", "affinity": {"load_factor": 1.25, "stats_period_s": 1}}
+    dep = _router(build_app({"model": str(qwen3_tiny), "version": "v7", "router": router}))
+    cfg = dep._deployment_config.request_router_config
+    assert cfg.get_request_router_class() is PrefixAffinityRequestRouter
+    assert cfg.request_routing_stats_period_s == 1
+    kwargs = dict(cfg.request_router_kwargs)
+    assert kwargs.pop("version") == "v7"
+    assert AffinityConfig(**kwargs) == AffinityConfig(load_factor=1.25)
+    pow2 = _router(build_app({"model": str(qwen3_tiny)}))._deployment_config
+    assert pow2.request_router_config.get_request_router_class() is not (
+        PrefixAffinityRequestRouter
+    )
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": "m", "router": {"routing": "random"}})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": "m", "router": {"affinity": {"load_factor": 0.9}}})

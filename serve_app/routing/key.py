@@ -1,0 +1,84 @@
+"""The routing key of a request, computed where the prompt is tokenized (the ingress).
+
+The block hashes are the engine's own (serve_app.engine.block_hash with the version's model
+digest, seed and block size), so "replica r was sent block h" means r's prefix cache was
+filled under the very key h. Only the leading max_blocks are hashed: the longest prefix worth
+matching, and a bound on the work per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.engine.block_hash import extend_block_hashes, root_hash
+from serve_app.routing.affinity import RouteRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HashNamespace:
+    """How one model version hashes its blocks (Router.info reports it)."""
+
+    root: bytes
+    block_size: int
+    max_blocks: int
+
+    @classmethod
+    def of_version(cls, info: dict) -> HashNamespace | None:
+        """From a router's info(); None when that version routes by pow2 (no key needed)."""
+        if info.get("routing") != "prefix_affinity":
+            return None
+        return cls(
+            root_hash(info["prefix_hash_seed"], info["digest"]),
+            info["block_size"],
+            info["route_key_blocks"],
+        )
+
+
+def route_request(
+    token_ids: Sequence[int], ns: HashNamespace, session_key: str | None, request_id: str
+) -> RouteRequest:
+    ids = token_ids[: ns.max_blocks * ns.block_size]
+    hashes = extend_block_hashes([], ids, ns.block_size, ns.root)
+    return RouteRequest(tuple(hashes), session_key, request_id)
+
+
+class RouteKeys:
+    """The ingress's side: the `route` keyword for a call to one version's routers.
+
+    Each version's HashNamespace is asked of its routers once (info()), cached per handle (a
+    version redeployed under the same name gets a new handle; when info() fails, the request
+    goes without a key and it is asked again next time). A string prompt is tokenized as
+    the engine does (add_special_tokens=True); ids the engine would refuse give no key (the
+    engine answers the 4xx).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._namespaces: dict[str, tuple[Any, HashNamespace | None]] = {}
+
+    async def kwargs(
+        self, version: str, handle: Any, prompt: str | list[int], session: str | None, rid: str
+    ) -> dict[str, RouteRequest]:
+        cached = self._namespaces.get(version)
+        if cached is None or cached[0] is not handle:
+            try:
+                info = await handle.info.remote()
+            except Exception as e:  # noqa: BLE001 - no key this time; the call itself may work
+                log.warning("no routing key for version %s: info() failed: %s", version, e)
+                return {}
+            cached = (handle, HashNamespace.of_version(info))
+            self._namespaces[version] = cached
+        ns = cached[1]
+        if ns is None:
+            return {}
+        ids = prompt
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not all(isinstance(t, int) and 0 <= t < 2**32 for t in ids):
+            return {}
+        return {"route": route_request(ids, ns, session, rid)}
