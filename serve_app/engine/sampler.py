@@ -4,7 +4,7 @@ Shape legend: B rows in the batch (one per request), V vocabulary entries, and s
 R random (temperature > 0) rows, P rows with penalties, L rows that want logprobs.
 
 Order of operations (vLLM v1):
-  raw logprobs -> min_tokens mask -> penalties -> greedy argmax
+  [logit_bias, grammar bitmask: only in steps that have such a row] -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax
   random rows: / temperature -> min_p -> top_k -> top_p -> exponential-race sample
 """
 
@@ -17,6 +17,7 @@ import torch
 
 from serve_app.engine.outputs import SamplerOutput, TokenLogprob
 from serve_app.engine.request import Request, SamplingParams
+from serve_app.engine.structured import apply_grammar_bitmask, apply_logit_bias
 
 # vLLM clamps tiny positive temperatures: logits / 1e-6 overflows float32 into inf and NaN probs.
 _MIN_TEMPERATURE = 1e-2
@@ -63,6 +64,12 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         if not requests:
             return SamplerOutput(token_ids=[], logprobs=[])
+        if any(r.grammar is not None or r.sampling_params.logit_bias for r in requests):
+            # Logits processors, before everything else (as vLLM applies the grammar bitmask
+            # before its sampler); only in steps with such a row.
+            logits = logits.to(torch.float32, copy=True)
+            apply_logit_bias(logits, requests)
+            apply_grammar_bitmask(logits, requests)
         # Hot path: argmax is exact in the input dtype (upcasting to float32 preserves order).
         if all(_is_plain_greedy(r) for r in requests):
             return SamplerOutput(
