@@ -4,7 +4,8 @@ Shape legend: B rows in the batch (one per request), V vocabulary entries, and s
 R random (temperature > 0) rows, P rows with penalties, L rows that want logprobs.
 
 Order of operations (vLLM v1):
-  [logit_bias, grammar bitmask: only in steps that have such a row] -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax
+  [logit_bias, grammar bitmask: only in steps with such a row]
+  -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax
   random rows: / temperature -> min_p -> top_k -> top_p -> exponential-race sample
 """
 
