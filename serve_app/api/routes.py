@@ -92,7 +92,7 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         streams = [
             await client.submit(p, params, f"{rid}-{i}", hint) for i, p in enumerate(body.prompts())
         ]
-        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
+        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n, body.echo)
         return await _respond(request, body.stream, body.include_usage, streams, kind, hint)
 
     @v1.post("/chat/completions")
@@ -103,7 +103,9 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         rid = _request_id(request, "chatcmpl")
         hint = _route_hint(request, body.user, rid)
         stream = await client.submit(ids, params, rid, hint)
-        kind = render.Chat(rid, client.model_name, client.tokenizer, params.n)
+        kind = render.Chat(
+            rid, client.model_name, client.tokenizer, params.n, body.parses_tool_calls
+        )
         return await _respond(request, body.stream, body.include_usage, [stream], kind, hint)
 
     @router.post("/tokenize", dependencies=[Depends(authorize)])
@@ -152,7 +154,10 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
     text = tok.apply_chat_template(
-        body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+        body.chat_messages(),
+        tools=body.template_tools(),
+        add_generation_prompt=body.add_generation_prompt,
+        tokenize=False,
     )
     return tok.encode(text, add_special_tokens=False)
 

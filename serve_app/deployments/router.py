@@ -78,6 +78,7 @@ class Router:
         """
         try:
             await self._inject_fault()
+            await self.engine.compile_grammar(params)
             stream = self.engine.add_request(prompt, params, request_id)
         except EngineError as e:
             yield {"error": e}

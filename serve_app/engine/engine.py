@@ -52,6 +52,7 @@ class _Parent:
     request_id: str
     prompt_token_ids: list[int]
     children: list[Request]
+    sent_first: bool = False
 
 
 @dataclass(slots=True)
@@ -343,6 +344,10 @@ class LLMEngine:
                     False,
                     max(req.num_cached_tokens, 0),
                 )
+                if not parent.sent_first:
+                    parent.sent_first = True
+                    if req.sampling_params.prompt_logprobs is not None:
+                        ro.prompt_logprobs = [None, *req.prompt_logprobs]
             ro.outputs.append(out)
         for ro in by_parent.values():
             parent = self._parents[ro.request_id]

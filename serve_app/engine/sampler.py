@@ -228,14 +228,17 @@ def _gather_logprobs(
 ) -> list[TokenLogprob]:
     """raw_logprobs: [L, V] log_softmax of the raw logits of the rows in lp_rows."""
     rows = torch.tensor(lp_rows, device=sampled.device)
-    ids = sampled[rows]
-    chosen = raw_logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
-    ks = [params[i].logprobs or 0 for i in lp_rows]
-    k_max = min(max(ks), raw_logprobs.shape[1])
-    top_vals: list[list[float]] = [[] for _ in lp_rows]
-    top_ids: list[list[int]] = [[] for _ in lp_rows]
+    return token_logprobs(raw_logprobs, sampled[rows], [params[i].logprobs or 0 for i in lp_rows])
+
+
+def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """logprobs [L, V], ids [L]: each row's logprob of ids[row] and its top ks[row] tokens."""
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    k_max = min(max(ks), logprobs.shape[1])
+    top_vals: list[list[float]] = [[] for _ in ks]
+    top_ids: list[list[int]] = [[] for _ in ks]
     if k_max > 0:
-        vals, idx = raw_logprobs.topk(k_max, dim=-1)  # [L, k_max], sorted descending
+        vals, idx = logprobs.topk(k_max, dim=-1)  # [L, k_max], sorted descending
         top_vals, top_ids = vals.tolist(), idx.tolist()
     return [
         TokenLogprob(

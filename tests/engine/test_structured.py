@@ -126,3 +126,23 @@ def test_abort_releases_blocks(llm):
     out = llm.engine.abort_request("ab")
     assert out.outputs[0].finish_reason == "abort"
     assert_no_leaks(llm)
+
+
+def test_prompt_logprobs_match_a_full_forward(llm):
+    prompt = "The river bends and the water runs"
+    p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    eng = llm.engine
+    ids = eng.add_request("plp", prompt, p)
+    first = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            first = first or out
+    plp = first.prompt_logprobs
+    assert plp[0] is None and len(plp) == len(ids)
+    assert [lp.token_id for lp in plp[1:]] == ids[1:]
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in plp[1:])
+    # the greedy continuation of prompt[:k] is the top-1 of prompt logprob k
+    k = 4
+    nxt = llm.generate([ids[:k]], SamplingParams(temperature=0, max_tokens=1))
+    assert plp[k].top[0][0] == nxt[0].choices[0].token_ids[0]
+    assert_no_leaks(llm)
