@@ -162,9 +162,9 @@ def test_regex_and_choice_via_extra_body(client):
         messages=MSGS,
         max_tokens=40,
         seed=3,
-        extra_body={"structured_outputs": {"regex": r"[A-Z][a-z]{2,5} \d{3}"}},
+        extra_body={"structured_outputs": {"regex": r"[A-Z][a-z]{2,5} [0-9]{3}"}},
     )
-    assert re.fullmatch(r"[A-Z][a-z]{2,5} \d{3}", r.choices[0].message.content)
+    assert re.fullmatch(r"[A-Z][a-z]{2,5} [0-9]{3}", r.choices[0].message.content)
     r = client.completions.create(
         model="tiny",
         prompt="Pick:",

@@ -54,14 +54,14 @@ def test_json_schema_output_validates_for_n_sequences(llm, seed):
 
 def test_greedy_regex_and_choice(llm):
     regex = SamplingParams(
-        temperature=0, max_tokens=40, structured=GrammarSpec("regex", r"[a-z]{3}-\d{2,4}")
+        temperature=0, max_tokens=40, structured=GrammarSpec("regex", r"[a-z]{3}-[0-9]{2,4}")
     )
     choice = SamplingParams(
         temperature=0, max_tokens=20, structured=GrammarSpec("choice", '["yes", "no", "maybe"]')
     )
     free = SamplingParams(temperature=0, max_tokens=8)
     out = llm.generate(["Code:", "Answer:", "Code:"], [regex, choice, free])
-    assert re.fullmatch(r"[a-z]{3}-\d{2,4}", out[0].choices[0].text)
+    assert re.fullmatch(r"[a-z]{3}-[0-9]{2,4}", out[0].choices[0].text)
     assert out[1].choices[0].text in {"yes", "no", "maybe"}
     # a row without grammar in the same batch is sampled as if alone
     alone = llm.generate(["Code:"], free)[0].choices[0].token_ids
@@ -146,3 +146,29 @@ def test_prompt_logprobs_match_a_full_forward(llm):
     nxt = llm.generate([ids[:k]], SamplingParams(temperature=0, max_tokens=1))
     assert plp[k].top[0][0] == nxt[0].choices[0].token_ids[0]
     assert_no_leaks(llm)
+
+
+def test_prompt_logprobs_are_the_same_with_chunked_prefill(llm, qwen3_tiny):
+    chunked = LLM(
+        str(qwen3_tiny),
+        num_kv_blocks=128,
+        block_size=4,
+        max_model_len=256,
+        max_num_batched_tokens=8,
+    )
+    prompt = "Once upon a time there was a river that bent around the old mill"
+    p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+
+    def plp(engine_llm: LLM) -> list:
+        eng = engine_llm.engine
+        eng.add_request("c", prompt, p)
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += eng.step()
+        return outs[0].prompt_logprobs
+
+    a, b = plp(llm), plp(chunked)
+    assert len(a) == len(b) > 9  # several 8-token chunks
+    assert [x.token_id for x in a[1:]] == [x.token_id for x in b[1:]]
+    assert all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a[1:], b[1:], strict=True))
+    assert_no_leaks(chunked)
