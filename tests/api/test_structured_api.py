@@ -360,3 +360,18 @@ def test_sdk_raises_bad_request_for_unknown_tool(client):
             tool_choice={"type": "function", "function": {"name": "missing"}},
             stream=True,
         )
+
+
+def test_disconnect_mid_grammar_stream_frees_blocks(server, client):
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MSGS,
+        max_tokens=400,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": "[a-z ]{300}"}},
+    )
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    wait_idle(server[1])
