@@ -113,7 +113,9 @@ def build_router(client: EngineClient, api_keys: frozenset[str]) -> APIRouter:
         check_model(body.model)
         if body.messages is not None:
             chat_body = ChatCompletionRequest(
-                messages=body.messages, add_generation_prompt=body.add_generation_prompt
+                messages=body.messages,
+                tools=body.tools,
+                add_generation_prompt=body.add_generation_prompt,
             )
             tokens = _apply_chat_template(client, chat_body)
         elif body.prompt is not None:

@@ -255,7 +255,7 @@ def test_tool_result_round_trip_and_template(client, server):
     assert r.choices[0].message.tool_calls is None
     toks = httpx.post(
         f"{server[0]}/tokenize",
-        json={"messages": msgs},
+        json={"messages": msgs, "tools": [WEATHER]},
         headers={"Authorization": f"Bearer {KEY}"},
     ).json()["tokens"]
     text = AutoTokenizer.from_pretrained(server[1].engine.config.model).decode(toks)
@@ -263,6 +263,7 @@ def test_tool_result_round_trip_and_template(client, server):
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     )
     assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in text
+    assert "<tools>\n" + json.dumps(WEATHER) in text
 
 
 # ---- logit_bias, echo, max_completion_tokens -----------------------------------------------
