@@ -112,7 +112,6 @@ def test_json_object_with_n(client):
         n=3,
         seed=4,
         max_tokens=300,
-        extra_body={"structured_outputs": None},
     )
     for c in r.choices:
         if c.finish_reason == "stop":
