@@ -63,6 +63,7 @@ class LocalEngineClient:
         request_id: str,
         hint: RouteHint | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        await self.engine.compile_grammar(params)
         return self.engine.add_request(prompt, params, request_id)
 
     async def health(self) -> dict:

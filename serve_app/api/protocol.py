@@ -1,18 +1,22 @@
 """OpenAI-compatible request bodies (pydantic), plus vLLM's extra sampling fields.
 
-Unknown fields are ignored, as vLLM does, so clients that send newer OpenAI fields still work.
+Fields this server does not know are ignored, as vLLM does, so clients that send newer fields
+still work; but an OpenAI field that it knows and cannot honour is a 400 (`_UNSUPPORTED`),
+never silently dropped. docs/structured-outputs.md lists what is accepted and ignored.
 Types and ranges are stated here so /openapi.json describes the bodies truly (fuzzers and
 generated clients rely on it); the sampling ranges are the engine's (SAMPLING_BOUNDS).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api.tools import tool_call_grammar
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.request import SAMPLING_BOUNDS, SamplingParams
+from serve_app.engine.request import SAMPLING_BOUNDS, GrammarSpec, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
 # torch.Generator.manual_seed takes [-2**63, 2**64)
@@ -24,12 +28,90 @@ def _b(name: str, default: Any) -> Any:
     return Field(default, **SAMPLING_BOUNDS[name])
 
 
+# OpenAI fields that would change the output and that this server cannot honour.
+_UNSUPPORTED = {
+    "suffix": "suffix (insertion) is not supported",
+    "functions": "functions is deprecated and not supported; use tools",
+    "function_call": "function_call is deprecated and not supported; use tool_choice",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+}
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")
+_TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object or json_schema (enforced by a grammar)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> GrammarSpec | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return GrammarSpec("json", '{"type": "object"}', "response_format")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequestError(
+                    "response_format.json_schema is required for type json_schema",
+                    "response_format",
+                )
+            schema = self.json_schema.schema_ or {"type": "object"}
+            return GrammarSpec("json", _canonical(schema), "response_format")
+        raise InvalidRequestError(
+            f"response_format.type {self.type!r} is not supported "
+            "(one of 'text', 'json_object', 'json_schema')",
+            "response_format",
+        )
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (extra_body): exactly one of json, regex, choice, grammar,
+    json_object. Other vLLM keys (structural_tag, whitespace_pattern...) are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_object: bool | None = None
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+def _canonical(schema: Any) -> str:
+    return json.dumps(schema, sort_keys=True, ensure_ascii=False)
+
+
+def _spec(kind: str, value: Any, param: str) -> GrammarSpec:
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise InvalidRequestError(f"{param}: json is not valid JSON: {e}", param) from e
+        return GrammarSpec("json", _canonical(value), param)
+    if kind == "choice":
+        return GrammarSpec("choice", json.dumps(list(value), ensure_ascii=False), param)
+    return GrammarSpec(kind, value, param)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # "allow" only to see the _UNSUPPORTED fields in model_extra; other extras are unused.
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = _b("n", 1)
@@ -50,8 +132,76 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Accepted and ignored on purpose (no effect on the output): see the docs.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _check_supported(self) -> None:
+        extra = self.model_extra or {}
+        for name, why in _UNSUPPORTED.items():
+            if extra.get(name) is not None:
+                raise InvalidRequestError(why, name)
+
+    def _grammar(self) -> GrammarSpec | None:
+        """The one output constraint, from response_format, structured_outputs or guided_*."""
+        found: list[GrammarSpec] = []
+        if self.response_format is not None:
+            spec = self.response_format.grammar()
+            found += [spec] if spec is not None else []
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            values = {
+                "json": so.json_,
+                "regex": so.regex,
+                "choice": so.choice,
+                "grammar": so.grammar,
+            }
+            found += [_spec(k, v, "structured_outputs") for k, v in values.items() if v is not None]
+        for k in _STRUCTURED_KEYS:
+            v = getattr(self, f"guided_{k}")
+            if v is not None:
+                found.append(_spec(k, v, f"guided_{k}"))
+        if len(found) > 1:
+            raise InvalidRequestError(
+                "give at most one output constraint (response_format, structured_outputs, "
+                "guided_json/regex/choice/grammar)",
+                found[1].param,
+            )
+        return found[0] if found else None
+
+    def _logit_bias(self) -> dict[int, float]:
+        out = {}
+        for k, v in (self.logit_bias or {}).items():
+            try:
+                out[int(k)] = float(v)
+            except ValueError as e:
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids, got {k!r}", "logit_bias"
+                ) from e
+        return out
+
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        grammar: GrammarSpec | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        self._check_supported()
+        if grammar is None:
+            grammar = self._grammar()
+        elif self._grammar() is not None:
+            raise InvalidRequestError(
+                "tool_choice required/named cannot be combined with response_format", "tool_choice"
+            )
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -70,6 +220,9 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self._logit_bias(),
+            structured=grammar,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @property
@@ -85,8 +238,11 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     ) = Field(description="A prompt string, a list of strings, token ids, or lists of token ids.")
     max_tokens: int | None = _b("max_tokens", 16)
+    max_completion_tokens: int | None = _b("max_tokens", None)
     logprobs: int | None = _b("logprobs", None)
     echo: bool = False
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -99,9 +255,49 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", "echo")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of other than n is not supported", "best_of")
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        # echo with logprobs needs the prompt's logprobs (lm-eval-harness' loglikelihood).
+        prompt_lp = self.prompt_logprobs
+        if self.echo and self.logprobs is not None and prompt_lp is None:
+            prompt_lp = self.logprobs
+        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs=prompt_lp)
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    class _Name(BaseModel):
+        name: str
+
+    type: Literal["function"] = "function"
+    function: _Name
 
 
 class ChatMessage(BaseModel):
@@ -109,6 +305,23 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it (Qwen's: tool_calls[].function)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": c.function.model_dump()}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -130,6 +343,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = _b("logprobs", None)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Accepted and ignored on purpose: see the docs.
+    modalities: list[Literal["text"]] | None = None
+    reasoning_effort: str | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if not self.messages:
@@ -138,10 +357,50 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("top_logprobs requires logprobs=true", "top_logprobs")
         lp = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self.sampling_params(max_tokens, lp)
+        return self.sampling_params(max_tokens, lp, grammar=self._tool_grammar())
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    @property
+    def effective_tool_choice(self) -> str:
+        """none | auto | required | named; OpenAI's default is auto with tools, else none."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def _tool_grammar(self) -> GrammarSpec | None:
+        tools = {t.function.name: t.function for t in self.tools or ()}
+        for name in tools:
+            if not name or len(name) > 64 or not set(name) <= _TOOL_NAME_CHARS:
+                raise InvalidRequestError(
+                    f"tool name {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", "tools"
+                )
+        choice = self.effective_tool_choice
+        if choice in ("none", "auto"):
+            return None
+        if not tools:
+            raise InvalidRequestError(f"tool_choice {choice!r} requires tools", "tool_choice")
+        if choice == "named":
+            name = self.tool_choice.function.name
+            if name not in tools:
+                raise InvalidRequestError(f"tool_choice names unknown tool {name!r}", "tool_choice")
+            chosen, parallel = [tools[name]], False
+        else:
+            chosen, parallel = list(tools.values()), self.parallel_tool_calls
+        return tool_call_grammar(
+            [(f.name, f.parameters or {"type": "object"}) for f in chosen], parallel
+        )
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.template_dict() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """Tools as chat templates take them; none when tool_choice is none (as vLLM)."""
+        if not self.tools or self.effective_tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class TokenizeRequest(BaseModel):
@@ -150,6 +409,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from serve_app.api.tools import ToolCallParser, merge_tool_deltas
 from serve_app.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 
@@ -85,7 +86,48 @@ class Renderer:
 
 
 class Completion(Renderer):
+    """echo=True puts the prompt (text, and its logprobs when asked) before each choice's
+    output, as lm-eval-harness' loglikelihood requests expect."""
+
     object_final = object_chunk = "text_completion"
+
+    def __init__(self, request_id: str, model: str, tokenizer: Any, n: int, echo: bool = False):
+        super().__init__(request_id, model, tokenizer, n)
+        self.echo = echo
+        self._echoed: set[int] = set()
+        self._prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs
+
+    def _echo(self, i: int, out: RequestOutput, c: CompletionOutput) -> CompletionOutput:
+        """The first output of a choice, with the prompt put in front when echoing."""
+        idx = i * self.n + c.index
+        if idx in self._echoed:
+            return c
+        self._echoed.add(idx)
+        prompt = self.tokenizer.decode(out.prompt_token_ids)
+        lps = c.logprobs
+        prompt_lps = self._prompt_lps.get(i)
+        if lps is not None and prompt_lps is not None:
+            first = out.prompt_token_ids[0]
+            lps = [lp or TokenLogprob(first, None) for lp in prompt_lps] + lps
+        return CompletionOutput(
+            c.index, prompt + c.text, c.token_ids, lps, c.finish_reason, c.stop_reason
+        )
+
+    def accumulate(self, i: int, out: RequestOutput) -> None:
+        super().accumulate(i, self._echoed_output(i, out))
+
+    def chunks(self, i: int, out: RequestOutput) -> list[dict]:
+        return super().chunks(i, self._echoed_output(i, out))
+
+    def _echoed_output(self, i: int, out: RequestOutput) -> RequestOutput:
+        if not self.echo:
+            return out
+        if out.prompt_logprobs is not None:
+            self._prompt_lps[i] = out.prompt_logprobs
+        outs = [self._echo(i, out, c) for c in out.outputs]
+        return RequestOutput(
+            out.request_id, out.prompt_token_ids, outs, out.finished, out.num_cached_tokens
+        )
 
     def _logprobs(self, lps: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
         if not lps:
@@ -98,7 +140,10 @@ class Completion(Renderer):
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{self._token_str(t): v for t, v in lp.top} for lp in lps],
+            "top_logprobs": [
+                {self._token_str(t): v for t, v in lp.top} if lp.logprob is not None else None
+                for lp in lps
+            ],
             "text_offset": offsets,
         }
 
@@ -141,18 +186,78 @@ class Chat(Renderer):
             ]
         }
 
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Any, n: int, tool_calls: bool = False
+    ):
+        super().__init__(request_id, model, tokenizer, n)
+        self.parse_tools = tool_calls  # parse <tool_call> output into tool_calls
+        self._parsers: dict[int, ToolCallParser] = {}
+        self.calls: dict[int, list[dict]] = {}
+
+    def _split(self, idx: int, c: CompletionOutput) -> tuple[str, list[dict]]:
+        """(content, tool-call deltas) of one output delta; flushed when the choice ends."""
+        if not self.parse_tools:
+            return c.text, []
+        parser = self._parsers.setdefault(idx, ToolCallParser())
+        content, calls = parser.feed(c.text)
+        if c.finish_reason is not None:
+            more, last = parser.finish()
+            content, calls = content + more, calls + last
+        return content, calls
+
+    def _reason(self, idx: int, reason: str | None) -> str | None:
+        parser = self._parsers.get(idx)
+        if reason == "stop" and parser is not None and parser.num_calls:
+            return "tool_calls"
+        return reason
+
+    def accumulate(self, i: int, out: RequestOutput) -> None:
+        if not self.parse_tools:
+            return super().accumulate(i, out)
+        for idx, c in self._track(i, out):
+            content, calls = self._split(idx, c)
+            self.texts[idx] = self.texts.get(idx, "") + content
+            self.calls.setdefault(idx, []).extend(calls)
+            self.lps.setdefault(idx, []).extend(c.logprobs or ())
+            if c.finish_reason is not None:
+                self.finish[idx] = (c.finish_reason, c.stop_reason)
+
     def _final_choice(self, idx: int) -> dict:
         reason, stop = self.finish.get(idx, (None, None))
+        message: dict = {"role": "assistant", "content": self.texts[idx]}
+        calls = merge_tool_deltas(self.calls.get(idx, []))
+        if calls:
+            message["content"] = self.texts[idx] or None
+            message["tool_calls"] = calls
         return {
             "index": idx,
-            "message": {"role": "assistant", "content": self.texts[idx]},
+            "message": message,
             "logprobs": self._logprobs(self.lps[idx]),
-            "finish_reason": reason,
+            "finish_reason": self._reason(idx, reason),
             "stop_reason": stop,
         }
 
+    def chunks(self, i: int, out: RequestOutput) -> list[dict]:
+        if not self.parse_tools:
+            return super().chunks(i, out)
+        result = []
+        for idx, c in self._track(i, out):
+            content, calls = self._split(idx, c)
+            if not content and not calls and c.finish_reason is None and not c.logprobs:
+                continue
+            delta: dict = {}
+            if content or not calls:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = calls
+            choice = self._delta_choice(idx, c, delta)
+            result.append(self._envelope(self.object_chunk, [choice]))
+        return result
+
     def _chunk_choice(self, idx: int, c: CompletionOutput) -> dict:
-        delta: dict = {"content": c.text}
+        return self._delta_choice(idx, c, {"content": c.text})
+
+    def _delta_choice(self, idx: int, c: CompletionOutput, delta: dict) -> dict:
         if idx not in self._started:
             self._started.add(idx)
             delta["role"] = "assistant"
@@ -160,6 +265,6 @@ class Chat(Renderer):
             "index": idx,
             "delta": delta,
             "logprobs": self._logprobs(c.logprobs),
-            "finish_reason": c.finish_reason,
+            "finish_reason": self._reason(idx, c.finish_reason),
             "stop_reason": c.stop_reason,
         }

@@ -99,7 +99,7 @@ def build_router(
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
         streams = await submit_all(client, body.prompts(), params, rid, hint)
-        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n)
+        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n, body.echo)
         return await _respond(
             request, body.stream, body.include_usage, streams, kind, hint, stream_interval
         )
@@ -112,7 +112,9 @@ def build_router(
         rid = _request_id(request, "chatcmpl")
         hint = _route_hint(request, body.user, rid)
         stream = await client.submit(ids, params, rid, hint)
-        kind = render.Chat(rid, client.model_name, client.tokenizer, params.n)
+        kind = render.Chat(
+            rid, client.model_name, client.tokenizer, params.n, body.parses_tool_calls
+        )
         return await _respond(
             request, body.stream, body.include_usage, [stream], kind, hint, stream_interval
         )
@@ -122,7 +124,9 @@ def build_router(
         check_model(body.model)
         if body.messages is not None:
             chat_body = ChatCompletionRequest(
-                messages=body.messages, add_generation_prompt=body.add_generation_prompt
+                messages=body.messages,
+                tools=body.tools,
+                add_generation_prompt=body.add_generation_prompt,
             )
             tokens = _apply_chat_template(client, chat_body)
         elif body.prompt is not None:
@@ -165,7 +169,10 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
     try:
         text = tok.apply_chat_template(
-            body.chat_messages(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+            body.chat_messages(),
+            tools=body.template_tools(),
+            add_generation_prompt=body.add_generation_prompt,
+            tokenize=False,
         )
     except (ValueError, TemplateError) as e:  # the template refused these messages
         raise InvalidRequestError(

@@ -2,9 +2,11 @@
 
 A frame is a 4-byte big-endian length and a JSON array of records, one per request increment:
 
-    [stream, prompt_token_ids | null, finished, num_cached_tokens, choices, error | null]
+    [stream, prompt_token_ids | null, finished, num_cached_tokens, choices, error | null,
+     prompt_logprobs | null]
     choice = [index, text, token_ids, logprobs | null, finish_reason, stop_reason]
-    logprob = [token_id, logprob, [[token_id, logprob], ...]]
+    logprob = [token_id, logprob | null, [[token_id, logprob], ...]]
+    prompt_logprobs = [logprob | null, ...]  (the first output only, when asked)
     error = [type name, message, param]
 
 `stream` is the number the ingress gave the request (unique per ingress, unlike request ids,
@@ -21,6 +23,7 @@ from serve_app.engine import errors
 from serve_app.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
 HEADER = struct.Struct(">I")
+RECORD_FIELDS = 7
 MAX_FRAME = 64 << 20  # a frame past this is a protocol error, not a bigger buffer
 _ERRORS = {
     cls.__name__: cls
@@ -41,35 +44,36 @@ class WireError(ValueError):
 
 def output_record(stream: int, out: RequestOutput, first: bool) -> list:
     choices = [
-        [
-            c.index,
-            c.text,
-            c.token_ids,
-            None
-            if c.logprobs is None
-            else [[lp.token_id, lp.logprob, lp.top] for lp in c.logprobs],
-            c.finish_reason,
-            c.stop_reason,
-        ]
+        [c.index, c.text, c.token_ids, _logprobs_out(c.logprobs), c.finish_reason, c.stop_reason]
         for c in out.outputs
     ]
     prompt = out.prompt_token_ids if first else None
-    return [stream, prompt, out.finished, out.num_cached_tokens, choices, None]
+    prompt_lps = None
+    if out.prompt_logprobs is not None:
+        prompt_lps = [None if lp is None else _logprob_out(lp) for lp in out.prompt_logprobs]
+    return [stream, prompt, out.finished, out.num_cached_tokens, choices, None, prompt_lps]
+
+
+def _logprob_out(lp: TokenLogprob) -> list:
+    return [lp.token_id, lp.logprob, lp.top]
+
+
+def _logprob_in(lp: list) -> TokenLogprob:
+    token_id, logprob, top = lp
+    return TokenLogprob(token_id, logprob, tuple(map(tuple, top)))
 
 
 def _logprobs_out(lps: list[TokenLogprob] | None) -> list | None:
-    return None if lps is None else [[lp.token_id, lp.logprob, lp.top] for lp in lps]
+    return None if lps is None else [_logprob_out(lp) for lp in lps]
 
 
 def _logprobs_in(lps: list | None) -> list[TokenLogprob] | None:
-    return (
-        None if lps is None else [TokenLogprob(t, lp, tuple(map(tuple, top))) for t, lp, top in lps]
-    )
+    return None if lps is None else [_logprob_in(lp) for lp in lps]
 
 
 def error_record(stream: int, error: errors.EngineError) -> list:
     param = getattr(error, "param", None)
-    return [stream, None, True, 0, [], [type(error).__name__, str(error), param]]
+    return [stream, None, True, 0, [], [type(error).__name__, str(error), param], None]
 
 
 def encode_frame(records: list[list]) -> bytes:
@@ -83,9 +87,9 @@ def decode_frame(body: bytes) -> list[list]:
     except ValueError as e:
         raise WireError(f"frame is not JSON: {e}") from None
     if not isinstance(records, list) or not all(
-        isinstance(r, list) and len(r) == 6 and isinstance(r[0], int) for r in records
+        isinstance(r, list) and len(r) == RECORD_FIELDS and isinstance(r[0], int) for r in records
     ):
-        raise WireError("frame is not a list of 6-field records")
+        raise WireError(f"frame is not a list of {RECORD_FIELDS}-field records")
     return records
 
 
@@ -93,24 +97,16 @@ def decode_record(
     record: list, request_id: str, prompt_token_ids: list[int]
 ) -> RequestOutput | errors.EngineError:
     """A record as the engine handed it out; prompt_token_ids: what the first record carried."""
-    _, prompt, finished, cached, choices, error = record
+    _, prompt, finished, cached, choices, error, prompt_lps = record
     if error is not None:
         name, message, param = error
         cls = _ERRORS.get(name, errors.EngineError)
         return cls(message, param) if cls is errors.InvalidRequestError else cls(message)
     outs = [
-        CompletionOutput(
-            index,
-            text,
-            token_ids,
-            None
-            if lps is None
-            else [TokenLogprob(t, lp, tuple(map(tuple, top))) for t, lp, top in lps],
-            finish,
-            stop,
-        )
+        CompletionOutput(index, text, token_ids, _logprobs_in(lps), finish, stop)
         for index, text, token_ids, lps, finish, stop in choices
     ]
-    return RequestOutput(
-        request_id, prompt if prompt is not None else prompt_token_ids, outs, finished, cached
-    )
+    prompt = prompt if prompt is not None else prompt_token_ids
+    if prompt_lps is not None:
+        prompt_lps = [None if lp is None else _logprob_in(lp) for lp in prompt_lps]
+    return RequestOutput(request_id, prompt, outs, finished, cached, prompt_lps)

@@ -92,6 +92,7 @@ class Router:
         """
         try:
             await self._inject_fault()
+            await self.engine.compile_grammar(params)
             stream = self.engine.add_request(prompt, params, request_id)
         except EngineError as e:
             yield {"error": e}
@@ -116,6 +117,7 @@ class Router:
         `route`: read by the request router, as for `generate`."""
         try:
             await self._inject_fault()
+            await self.engine.compile_grammar(params)
             if self.outbox is None:
                 self.outbox = OutputOutbox()
             sink = self.outbox.sink(reply, stream)

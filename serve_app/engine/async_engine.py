@@ -106,6 +106,14 @@ class AsyncLLMEngine:
         async for out in stream:
             yield out
 
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Wait, off the event loop and off the step loop, for the request's grammar to be
+        compiled (cached by schema); raises InvalidRequestError for a bad one. Calling it
+        before add_request keeps add_request from blocking on a first compile."""
+        fut = self.engine.compile_grammar(params)
+        if fut is not None:
+            await asyncio.wrap_future(fut)
+
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:

@@ -27,6 +27,7 @@ from serve_app.engine.platform import (
 )
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
+from serve_app.engine.structured import GrammarCompiler
 from serve_app.experts.base import ExpertExecutor
 from serve_app.kvstore.stats import KVStoreStats
 from serve_app.model.config import load_model_spec
@@ -51,6 +52,7 @@ class _Parent:
     request_id: str
     prompt_token_ids: list[int]
     children: list[Request]
+    sent_first: bool = False
 
 
 @dataclass(slots=True)
@@ -137,6 +139,7 @@ class LLMEngine:
             )
             self.scheduler.external = self.shared_kv
             self.kv.record_new_blocks = True
+        self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
         log.info(
@@ -175,14 +178,29 @@ class LLMEngine:
         """Validate and tokenize without touching engine state (safe from any thread)."""
         ids = self.encode_prompt(prompt)
         max_tokens = self._resolve_max_tokens(len(ids), params)
+        vocab = self.spec.vocab_size
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias has token ids outside [0, {vocab}): {bad[:5]}", "logit_bias"
+            )
         children = []
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = replace(params, seed=params.seed + i, n=1)
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            children.append(Request(rid, ids, child_params, self.eos_token_ids, max_tokens))
+            req = Request(rid, ids, child_params, self.eos_token_ids, max_tokens)
+            if params.structured is not None:  # one matcher per sequence
+                req.grammar = self.grammars.matcher(params.structured)
+            children.append(req)
         return PreparedRequest(request_id, ids, children)
+
+    def compile_grammar(self, params: SamplingParams):
+        """Start compiling the request's grammar on the pool; a future (None: no grammar).
+        Awaiting it before prepare_request keeps even the first compile off the caller's
+        event loop."""
+        return None if params.structured is None else self.grammars.submit(params.structured)
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self._parents:
@@ -253,14 +271,38 @@ class LLMEngine:
         sampled = dict(zip(ids, result.sampled.token_ids, strict=True))
         logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
         advanced, _ = self.scheduler.update_from_output(sched, sampled)
-        return self._process_outputs(advanced, logprobs)
+        completed = self._advance_grammars(advanced)
+        return self._process_outputs(advanced, logprobs, completed)
 
-    def _process_outputs(self, advanced: list[Request], logprobs: dict) -> list[RequestOutput]:
+    def _advance_grammars(self, advanced: list[Request]) -> set[str]:
+        """Feed each constrained request its new token; stop it when its grammar is complete.
+        Returns the ids stopped that way: their last token is output, not a stop token."""
+        completed: set[str] = set()
+        for req in advanced:
+            g = req.grammar
+            if g is None:
+                continue
+            token = req.output_token_ids[-1]
+            ok = g.accept(token)
+            if not ok:
+                # Only when no allowed token could be sampled (e.g. min_tokens banned eos,
+                # the only one left): end the request rather than emit invalid output.
+                log.warning("%s: grammar refused token %d: %s", req.request_id, token, g.error)
+            if not req.is_finished and (g.is_terminated or not ok):
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                completed.add(req.request_id)
+        return completed
+
+    def _process_outputs(
+        self, advanced: list[Request], logprobs: dict, completed: set[str]
+    ) -> list[RequestOutput]:
         by_parent: dict[str, RequestOutput] = {}
         for req in advanced:
             child = self._children[req.request_id]
             token = req.output_token_ids[-1]
-            stop_terminated = req.status == RequestStatus.FINISHED_STOPPED
+            stop_terminated = (
+                req.status == RequestStatus.FINISHED_STOPPED and req.request_id not in completed
+            )
             stop_str = child.detok.update([token], stop_terminated)
             if stop_str is not None and not req.is_finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
@@ -286,6 +328,10 @@ class LLMEngine:
                     False,
                     max(req.num_cached_tokens, 0),
                 )
+                if not parent.sent_first:
+                    parent.sent_first = True
+                    if req.sampling_params.prompt_logprobs is not None:
+                        ro.prompt_logprobs = [None, *req.prompt_logprobs]
             ro.outputs.append(out)
         for ro in by_parent.values():
             parent = self._parents[ro.request_id]
@@ -324,6 +370,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the shared-cache threads (and the embedded redis-server this engine started)."""
+        self.grammars.close()
         if self.shared_kv is not None:
             self.shared_kv.close()
             self.shared_kv = None

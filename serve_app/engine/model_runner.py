@@ -12,7 +12,7 @@ import torch
 
 from serve_app.engine.outputs import SamplerOutput
 from serve_app.engine.request import Request
-from serve_app.engine.sampler import Sampler
+from serve_app.engine.sampler import Sampler, token_logprobs
 from serve_app.engine.scheduler import SchedulerOutput
 from serve_app.engine.transfer import tensor_to_device, to_device
 from serve_app.model.config import ModelSpec
@@ -46,6 +46,8 @@ class _Built:
     batch: MicroBatch
     sample_rows: list[int]
     sample_reqs: list[Request]
+    # (request, first row, first position) of chunks whose prompt logprobs are wanted
+    prompt_lp: list[tuple[Request, int, int]]
 
 
 def split_micro_batches(sched: SchedulerOutput, num_micro_batches: int) -> list[list[int]]:
@@ -113,6 +115,9 @@ class ModelRunner:
         self.num_split_steps += len(split) > 1
         parts = [self._build(sched, idx, block_ids) for idx in split]
         hidden = self.model.forward_micro_batches([p.batch for p in parts], self.kv_caches)
+        for h, p in zip(hidden, parts, strict=True):
+            for req, row, start in p.prompt_lp:
+                self._prompt_logprobs(h, req, row, start)
         rows = [
             h[tensor_to_device(p.sample_rows, self.device)]
             for h, p in zip(hidden, parts, strict=True)
@@ -122,6 +127,20 @@ class ModelRunner:
             return StepResult([], SamplerOutput([], []))
         logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else rows[0])
         return StepResult(sample_reqs, self.sampler(logits, sample_reqs))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, row: int, start: int) -> None:
+        """Append to req.prompt_logprobs the logprobs of the prompt tokens that this chunk
+        (rows from `row`, positions from `start`) predicts; positions already recorded (before
+        a preemption) are skipped."""
+        first = len(req.prompt_logprobs)  # predicts prompt token first + 1
+        stop = min(req.num_computed_tokens, req.num_prompt_tokens - 1)
+        if stop <= first or first < start:
+            return
+        h = hidden[row + first - start : row + stop - start]
+        lps = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+        targets = tensor_to_device(req.prompt_token_ids[first + 1 : stop + 1], self.device)
+        k = req.sampling_params.prompt_logprobs or 0
+        req.prompt_logprobs.extend(token_logprobs(lps, targets, [k] * len(targets)))
 
     def _build(
         self, sched: SchedulerOutput, indices: list[int], block_ids: dict[str, list[int]]
@@ -140,6 +159,7 @@ class ModelRunner:
         prefills: list[PrefillSeq] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
+        prompt_lp: list[tuple[Request, int, int]] = []
         slot_parts: list[torch.Tensor] = []
         for i in order:
             req, n = sched.requests[i], sched.num_new_tokens[i]
@@ -160,6 +180,8 @@ class ModelRunner:
             if end == req.num_tokens:
                 sample_rows.append(tok_off + n - 1)
                 sample_reqs.append(req)
+            if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                prompt_lp.append((req, tok_off, start))
 
         groups = []
         for g in range(0, len(decode_lens), DECODE_GROUP_SIZE):
@@ -184,7 +206,7 @@ class ModelRunner:
         )
         input_ids = tensor_to_device(ids, self.device)
         pos = tensor_to_device(positions, self.device)
-        return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs)
+        return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs, prompt_lp)
 
     # ---- whole-block copies for the shared prefix cache (L layers, n blocks) ----------------
 

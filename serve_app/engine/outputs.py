@@ -10,7 +10,7 @@ class TokenLogprob:
     """Logprob of one generated token, plus the top-k alternatives (token id, logprob)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, echoed (it has no context)
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -43,6 +43,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # In a request's first output only, when asked: None for the first prompt token (it has
+    # no context), then one entry per prompt token (vLLM's prompt_logprobs).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
@@ -78,4 +81,5 @@ def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
         [merged[i] for i in sorted(merged)],
         last.finished,
         first.num_cached_tokens,
+        first.prompt_logprobs,
     )

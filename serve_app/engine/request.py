@@ -5,9 +5,30 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from serve_app.engine.errors import InvalidRequestError
+
+GrammarKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on the output, enforced token by token (see engine/structured.py).
+
+    kind "json": value is a JSON schema as canonical JSON text ("{}" = any JSON object);
+    "regex": a regular expression; "choice": a JSON list of strings; "grammar": Lark (or GBNF)
+    text. `param` names the request field it came from, for 400 errors; the compile cache is
+    keyed by (kind, value) only.
+    """
+
+    kind: GrammarKind
+    value: str
+    param: str = field(default="structured_outputs", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +56,11 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: GrammarSpec | None = None
+    # Logprobs of every prompt token after the first (with this many top alternatives).
+    prompt_logprobs: int | None = None
 
     MAX_LOGPROBS = 20
 
@@ -44,6 +70,8 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids")
         )
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         self._validate()
 
     def _validate(self) -> None:
@@ -80,6 +108,16 @@ class SamplingParams:
             raise bad("logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
         if any(s == "" for s in self.stop):
             raise bad("stop", "must not contain empty strings")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS:
+            raise bad(
+                "prompt_logprobs",
+                f"must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}",
+            )
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad("logit_bias", f"keys must be token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"values must be in [-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -167,6 +205,11 @@ class Request:
     stop_reason: int | str | None = None
     # Opaque per-request sampler state (e.g. a seeded generator), owned by the sampler.
     sampler_state: Any = None
+    # The grammar matcher (engine/structured.py) when the output is constrained; it has
+    # accepted exactly output_token_ids, also across preemption and recompute.
+    grammar: Any = None
+    # Logprobs of prompt tokens 1.. (TokenLogprob), filled while the prompt is computed.
+    prompt_logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

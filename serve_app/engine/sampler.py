@@ -4,7 +4,8 @@ Shape legend: B rows in the batch (one per request), V vocabulary entries, and s
 R random (temperature > 0) rows, P rows with penalties, L rows that want logprobs.
 
 Order of operations (vLLM v1):
-  raw logprobs -> min_tokens mask -> penalties -> greedy argmax
+  [logit_bias, grammar bitmask: only in steps with such a row]
+  -> raw logprobs -> min_tokens mask -> penalties -> greedy argmax
   random rows: / temperature -> min_p -> top_k -> top_p -> exponential-race sample
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from serve_app.engine.outputs import SamplerOutput, TokenLogprob
 from serve_app.engine.request import Request, SamplingParams
+from serve_app.engine.structured import apply_grammar_bitmask, apply_logit_bias
 
 # vLLM clamps tiny positive temperatures: logits / 1e-6 overflows float32 into inf and NaN probs.
 _MIN_TEMPERATURE = 1e-2
@@ -63,6 +65,12 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         if not requests:
             return SamplerOutput(token_ids=[], logprobs=[])
+        if any(r.grammar is not None or r.sampling_params.logit_bias for r in requests):
+            # Logits processors, before everything else (as vLLM applies the grammar bitmask
+            # before its sampler); only in steps with such a row.
+            logits = logits.to(torch.float32, copy=True)
+            apply_logit_bias(logits, requests)
+            apply_grammar_bitmask(logits, requests)
         # Hot path: argmax is exact in the input dtype (upcasting to float32 preserves order).
         if all(_is_plain_greedy(r) for r in requests):
             return SamplerOutput(
@@ -220,14 +228,17 @@ def _gather_logprobs(
 ) -> list[TokenLogprob]:
     """raw_logprobs: [L, V] log_softmax of the raw logits of the rows in lp_rows."""
     rows = torch.tensor(lp_rows, device=sampled.device)
-    ids = sampled[rows]
-    chosen = raw_logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
-    ks = [params[i].logprobs or 0 for i in lp_rows]
-    k_max = min(max(ks), raw_logprobs.shape[1])
-    top_vals: list[list[float]] = [[] for _ in lp_rows]
-    top_ids: list[list[int]] = [[] for _ in lp_rows]
+    return token_logprobs(raw_logprobs, sampled[rows], [params[i].logprobs or 0 for i in lp_rows])
+
+
+def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """logprobs [L, V], ids [L]: each row's logprob of ids[row] and its top ks[row] tokens."""
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    k_max = min(max(ks), logprobs.shape[1])
+    top_vals: list[list[float]] = [[] for _ in ks]
+    top_ids: list[list[int]] = [[] for _ in ks]
     if k_max > 0:
-        vals, idx = raw_logprobs.topk(k_max, dim=-1)  # [L, k_max], sorted descending
+        vals, idx = logprobs.topk(k_max, dim=-1)  # [L, k_max], sorted descending
         top_vals, top_ids = vals.tolist(), idx.tolist()
     return [
         TokenLogprob(

@@ -155,9 +155,11 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            hit = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else NO_HIT
+            # Prompt logprobs need every prompt position computed: no prefix-cache hit (vLLM).
+            fresh = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+            hit = self.kv.get_computed_blocks(req) if fresh else NO_HIT
             num_ext, handle = 0, None
-            if self.external is not None and req.num_computed_tokens == 0:
+            if self.external is not None and fresh:
                 num_ext_blocks, handle = self.external.match(req, len(hit.blocks))
                 num_ext = num_ext_blocks * self.kv.block_size
             num_new = req.num_tokens - req.num_computed_tokens - hit.num_tokens - num_ext

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.api.client import LocalEngineClient
@@ -17,7 +15,7 @@ from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.metrics import get_metrics
 from serve_app.metrics.reporter import start_engine_reporter
-from tests.conftest import free_port
+from tests.api.inproc import serving
 
 COMPLETIONS = {"route": "/v1/completions", "version": "tiny"}
 
@@ -29,15 +27,8 @@ def url(qwen3_tiny):
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset())
     reporter = start_engine_reporter(get_metrics(), engine, "tiny", "local", interval_s=0.1)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
     reporter.stop()
     engine.shutdown()
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
-from tests.conftest import free_port
+from tests.api.inproc import serving, wait_idle
 
 KEY = "test-key"
 
@@ -25,30 +21,14 @@ def server(qwen3_tiny):
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=128, max_model_len=512)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset({KEY}))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url, engine
     engine.shutdown()
 
 
 @pytest.fixture
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
-
-
-def wait_idle(engine: AsyncLLMEngine) -> None:
-    for _ in range(200):
-        s = engine.stats()
-        if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
 
 
 def test_models_lists_id_and_root(client):
@@ -167,26 +147,19 @@ def test_stream_interval_groups_tokens_after_the_first(qwen3_tiny):
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=256)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset(), stream_interval=4)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
     try:
-        while not srv.started:
-            time.sleep(0.05)
-        body = {
-            "model": "tiny",
-            "prompt": "Once upon a time",
-            "max_tokens": 11,
-            "temperature": 0,
-            "ignore_eos": True,
-            "logprobs": 1,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        counts, _, usage = tokens_of(read_sse(f"http://127.0.0.1:{port}/v1/completions", body))
+        with serving(app) as url:
+            body = {
+                "model": "tiny",
+                "prompt": "Once upon a time",
+                "max_tokens": 11,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": 1,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            counts, _, usage = tokens_of(read_sse(f"{url}/v1/completions", body))
         assert counts == [1, 4, 4, 2] and usage["completion_tokens"] == 11
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         engine.shutdown()

@@ -38,6 +38,13 @@ def test_records_round_trip_and_the_prompt_travels_once() -> None:
     assert got_a == a and got_b == b  # logprobs, finish, cached tokens, prompt ids included
 
 
+def test_prompt_logprobs_travel_with_the_first_record() -> None:
+    a = out("r", 0, "x", [5])
+    a.prompt_logprobs = [None, TokenLogprob(2, -1.5, ((2, -1.5),)), TokenLogprob(3, None)]
+    (rec,) = decode_frame(encode_frame([output_record(1, a, first=True)])[4:])
+    assert decode_record(rec, "r", []) == a
+
+
 def test_errors_keep_their_class_and_param() -> None:
     e = decode_record(error_record(1, InvalidRequestError("too long", "prompt")), "r", [])
     assert isinstance(e, InvalidRequestError) and e.param == "prompt" and str(e) == "too long"
@@ -45,7 +52,7 @@ def test_errors_keep_their_class_and_param() -> None:
     assert isinstance(e, ExpertsUnavailableError) and e.http_status == 503
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["x",0,0,0,[],0]]'])
+@pytest.mark.parametrize("body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["x",0,0,0,[],0,0]]'])
 def test_malformed_frames_are_refused(body: bytes) -> None:
     with pytest.raises(WireError):
         decode_frame(body)
