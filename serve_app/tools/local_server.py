@@ -56,11 +56,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "(channel), or one Serve stream item per token (serve)",
     )
     p.add_argument(
-        "--http-proxy",
-        choices=("haproxy", "serve"),
-        default="haproxy",
-        help="--ray: HTTP enters through HAProxy straight to the ingress replica (haproxy), or "
-        "through Serve's proxy actor (serve)",
+        "--serve-mode",
+        choices=("throughput", "standard"),  # serve_app.tools.ray_server.SERVE_MODES
+        default="throughput",
+        help="--ray: `throughput`: HTTP through HAProxy straight to the ingress replica and "
+        "Serve's throughput-optimized settings; `standard`: Serve's proxy actor and defaults",
     )
     p.add_argument("--background", action="store_true", help="detach and return when ready")
     ray = p.add_argument_group("Ray Serve (--ray)")

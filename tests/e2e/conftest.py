@@ -43,8 +43,23 @@ def ray_serve() -> RayServe:
     # Processes send their metrics to the node agent every second (default 10 s), so the
     # metrics tests see a request on /metrics within a few seconds. Read at Ray start-up.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # The Serve mode `moeserve serve --ray` (make run) uses: HAProxy in front of the ingress
+    # replicas' own HTTP servers, Serve's throughput-optimized settings. Read at Ray start-up,
+    # and only for this Ray: servers the tests start later pick their own HAProxy ports.
+    from serve_app.tools.ray_server import serve_mode_env
+
+    mode = serve_mode_env("throughput")
+    saved = {k: os.environ.get(k) for k in mode}
+    os.environ.update(mode)
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield RayServe(f"http://127.0.0.1:{port}")
     serve.shutdown()
     ray.shutdown()
