@@ -155,6 +155,12 @@ def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_ti
     kwargs = dict(cfg.request_router_kwargs)
     assert kwargs.pop("version") == "v7"
     assert AffinityConfig(**kwargs) == AffinityConfig(load_factor=1.25)
+    # A rollout version's routers (their own app) carry their own version's router.
+    from serve_app.builder import build_version_app
+
+    version = build_version_app({"model": str(qwen3_tiny), "version": "v8", "router": router})
+    vcfg = version._bound_deployment._deployment_config.request_router_config
+    assert vcfg.request_router_kwargs["version"] == "v8"
     pow2 = _router(build_app({"model": str(qwen3_tiny)}))._deployment_config
     assert pow2.request_router_config.get_request_router_class() is not (
         PrefixAffinityRequestRouter
