@@ -25,7 +25,7 @@ from serve_app.api.protocol import (
     TokenizeRequest,
 )
 from serve_app.api.streaming import every_n_tokens, merge_streams, sse
-from serve_app.api.submit import submit_all
+from serve_app.api.submit import discard, submit_all
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
@@ -190,6 +190,7 @@ async def _respond(
     hint: RouteHint,
     stream_interval: int = 1,
 ):
+    raw = streams
     if stream and stream_interval > 1:
         streams = [every_n_tokens(s, stream_interval) for s in streams]
     merged = observe_stream(request, merge_streams(streams))
@@ -198,21 +199,42 @@ async def _respond(
         headers = {PIN_HEADER: hint.served}
         set_request_version(request, hint.served)
     if stream:
-        return StreamingResponse(
+        return EndingStreamingResponse(
             _sse_events(merged, kind, include_usage),
+            raw,
             media_type="text/event-stream",
             headers=headers,
         )
-    # Non-streaming: stop work if the client goes away while we wait.
+    # Non-streaming: stop work if the client goes away while we wait, or this task is cancelled.
     collect = asyncio.ensure_future(_collect(merged, kind))
     watch = asyncio.ensure_future(_wait_disconnect(request))
-    done, _ = await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if collect not in done:
-        collect.cancel()
-        await asyncio.gather(collect, return_exceptions=True)
+    try:
+        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not collect.done():
+            collect.cancel()
+            await asyncio.gather(collect, return_exceptions=True)
+            await discard(raw)  # a collect cancelled before its first step never closed them
+    if collect.cancelled():
         return JSONResponse(error_body("client disconnected", "aborted", 499), 499)
-    watch.cancel()
     return JSONResponse(collect.result(), headers=headers)
+
+
+class EndingStreamingResponse(StreamingResponse):
+    """A streamed response that ends its engine streams however it ends. NOTE: a client that
+    leaves before the body starts never runs the body's own cleanup (Starlette does not close
+    a body iterator it never started), which would leave the streams generating unread."""
+
+    def __init__(self, content, streams: list[AsyncIterator[RequestOutput]], **kwargs):
+        super().__init__(content, **kwargs)
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await discard(self._streams)
 
 
 async def _collect(merged, kind: render.Renderer) -> dict:

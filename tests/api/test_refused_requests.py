@@ -84,3 +84,26 @@ async def test_discard_aborts_a_stream_never_read(engine):
     await asyncio.sleep(0.2)  # queued and running
     await discard([stream])
     await asyncio.to_thread(wait_idle, engine)
+
+
+async def test_a_client_gone_before_the_body_starts_leaves_nothing_running(engine):
+    from serve_app.api.routes import EndingStreamingResponse
+
+    wait_idle(engine)
+    stream = engine.add_request("hello there", SamplingParams(max_tokens=1500, ignore_eos=True))
+
+    async def body():
+        async for out in stream:
+            yield out.outputs[0].text if out.outputs else ""
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")  # before the response's first byte
+
+    response = EndingStreamingResponse(body(), [stream], media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "headers": []}
+    with pytest.raises(Exception):  # noqa: B017 - Starlette's ClientDisconnect or the OSError
+        await response(scope, receive, send)
+    await asyncio.to_thread(wait_idle, engine)
