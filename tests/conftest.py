@@ -67,3 +67,15 @@ def wait_healthy(url: str, timeout_s: float = 180, path: str = "/health") -> Non
         what=f"{url}{path} to answer 200",
         ignore=(httpx.HTTPError,),
     )
+
+
+# What ray.init() exports into its driver's environment (Ray 2.60). A `moeserve` process that
+# a test starts must not inherit it: it would take the test session's Ray auth mode for its own
+# cluster and the CLI's (the README path fails only when another e2e module started Ray first).
+DRIVER_ENV = ("RAY_AUTH_MODE", "RAY_CLIENT_MODE", "PYTHONBREAKPOINT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ as a new user's shell has it (no Ray driver state), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in DRIVER_ENV}
+    return env | extra

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -13,14 +12,14 @@ import sys
 import pytest
 
 from serve_app.procs import session_pids
-from tests.conftest import free_port, tiny_model_dir
+from tests.conftest import free_port, subprocess_env, tiny_model_dir
 from tests.streaming_checks import check_slow_reader
 
 pytestmark = pytest.mark.slow
 
 
 def test_serve_ray_background_then_stop(tmp_path):
-    env = {**os.environ, "MOESERVE_RUN_DIR": str(tmp_path)}
+    env = subprocess_env(MOESERVE_RUN_DIR=str(tmp_path))
     port = free_port()
     cli = [sys.executable, "-m", "cluster.cli"]
     model = str(tiny_model_dir("qwen3_moe"))

@@ -7,7 +7,6 @@ with one line naming the resource, and `abort` stops a deploy that is still pend
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from serve_app.procs import session_pids
-from tests.conftest import free_port, tiny_model_dir
+from tests.conftest import free_port, subprocess_env, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,7 @@ README_START = ["--steps", "5,25,50,100", "--interval", "60s"]
 def make_run(tmp_path_factory):
     """`make run MODEL=<tiny>` without make: the same command line its recipe runs."""
     run_dir = tmp_path_factory.mktemp("run")
-    env = {**os.environ, "MOESERVE_RUN_DIR": str(run_dir)}
+    env = subprocess_env(MOESERVE_RUN_DIR=str(run_dir))
     port = free_port()
     model = str(tiny_model_dir("qwen3_moe"))
     cli = [sys.executable, "-m", "cluster.cli"]
