@@ -4,7 +4,8 @@ Tokens are grouped by expert so each expert runs one batched matmul over all its
 weights are input-major (`x @ w`, not `F.linear(x, w)`: MKL runs the transposed form 2-4x
 slower at the few tokens per expert of a decode step). On the CPU in float32 they are further
 packed into column panels for the grouped kernel of serve_app/kernels/cpu.py, which
-streams each expert's weights once per step (docs/benchmarks.md).
+streams each expert's weights once per step; bigger groups (prefill) go to MKL only on CPUs
+where the calibration found it faster (serve_app/kernels/tuning.py, docs/benchmarks.md).
 Shapes: T tokens, K experts per token, E experts, D hidden, I expert intermediate size.
 """
 
@@ -104,13 +105,15 @@ def _grouped_matmul(
             torch.mm(xs[s:e], w[local], out=out[s:e])
         return out
     out = xs.new_empty(xs.shape[0], w.shape[1] * w.shape[3])
-    small = [sp for sp in spans if sp[2] - sp[1] <= cpu_kernel.SMALL_ROWS]
+    kernel = cpu_kernel.load()
+    assert kernel is not None, "packed weights without the kernel"
+    # groups above mkl_rows run torch matmuls where those are faster on this CPU (tuning.py)
+    limit = kernel.blocking.mkl_rows or xs.shape[0]
+    small = [sp for sp in spans if sp[2] - sp[1] <= limit]
     if small:
-        kernel = cpu_kernel.load()
-        assert kernel is not None, "packed weights without the kernel"
         kernel.grouped_mm(xs, w, small, out)
     for local, s, e in spans:
-        if e - s > cpu_kernel.SMALL_ROWS:
+        if e - s > limit:
             out[s:e] = cpu_kernel.panel_matmul(xs[s:e], w[local])
     return out
 
