@@ -64,6 +64,8 @@ def run_experts(
     The (token, k) slots are sorted by expert and gathered once; each expert then runs its two
     matmuls on its contiguous rows, and the activation, the routing weights and the scatter
     back run once over all rows (per-expert small ops cost as much as the matmuls at decode).
+    With packed weights the matmuls, the activation and the routing weights are one kernel
+    call (one parallel region per layer); only the scatter back is torch.
     """
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
@@ -87,12 +89,27 @@ def run_experts(
         for local, expert in enumerate(w.expert_ids)
         if starts[expert] < starts[expert + 1]
     ]
+    row_weights = topk_weights.reshape(-1)[order].to(x.dtype)
+    if w.packed and _fused_applies(w, spans, x):
+        kernel = cpu_kernel.load()
+        y = kernel.moe_mlp(xs, w.w13, w.w2, spans, row_weights.contiguous())  # type: ignore
+        return out.index_add_(0, token_idx, y)
     inter = w.intermediate_size
     gate_up = _grouped_matmul(w.w13, w.packed, xs, spans)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     y = _grouped_matmul(w.w2, w.packed, act, spans)
-    y *= topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+    y *= row_weights[:, None]
     return out.index_add_(0, token_idx, y)
+
+
+def _fused_applies(w: ExpertWeights, spans: list[tuple[int, int, int]], x: torch.Tensor) -> bool:
+    """The one-region kernel runs when the gate and up halves split at a panel boundary and
+    no group goes to MKL on this CPU (tuning.py)."""
+    kernel = cpu_kernel.load()
+    if kernel is None or x.dtype != torch.float32 or w.intermediate_size % cpu_kernel.PANEL:
+        return False
+    limit = kernel.blocking.mkl_rows
+    return not limit or all(e - s <= limit for _, s, e in spans)
 
 
 def _grouped_matmul(

@@ -57,6 +57,10 @@ class CpuKernels:
         self._mm = lib.moeserve_grouped_mm
         self._mm.restype = None
         self._mm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+        self._mlp = lib.moeserve_moe_mlp
+        self._mlp.restype = None
+        self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P]
+        self._mlp.argtypes += [_I64, _I64, ctypes.c_int]
         self._attn = lib.moeserve_paged_decode
         self._attn.restype = None
         self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
@@ -96,13 +100,53 @@ class CpuKernels:
         """out[s:e] = x[s:e] @ W[local] for each (local, s, e) span, in one parallel call.
 
         x [R, K] and out [R, N] contiguous float32; w packed [E, N/P, K, P]."""
-        num_experts = w.shape[0]
-        starts = torch.zeros(num_experts, dtype=torch.int64)
-        ends = torch.zeros(num_experts, dtype=torch.int64)
-        active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
+        starts, ends = [0] * w.shape[0], [0] * w.shape[0]
+        for local, s, e in spans:  # plain lists: per-element tensor writes cost ~3 us each
+            starts[local], ends[local] = s, e
+        self._run_mm(
+            x,
+            w,
+            torch.tensor(starts, dtype=torch.int64),
+            torch.tensor(ends, dtype=torch.int64),
+            torch.tensor([local for local, _, _ in spans], dtype=torch.int64),
+            out,
+            blocking or self.blocking,
+        )
+
+    def moe_mlp(
+        self,
+        xs: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+        row_weights: torch.Tensor,
+        blocking: Blocking | None = None,
+    ) -> torch.Tensor:
+        """Every span's expert MLP, w * down(silu(gate) * up), in one parallel region.
+
+        xs [n, D] rows sorted by expert; w13 [E, 2I/P, D, P], w2 [E, D/P, I, P] packed;
+        row_weights [n] float32 -> [n, D] (the caller scatters the rows back to tokens)."""
+        n, d = xs.shape
+        inter = w2.shape[2]
+        starts, ends = [0] * w13.shape[0], [0] * w13.shape[0]
         for local, s, e in spans:
             starts[local], ends[local] = s, e
-        self._run_mm(x, w, starts, ends, active, out, blocking or self.blocking)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        ends_t = torch.tensor(ends, dtype=torch.int64)
+        active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
+        for t in (xs, w13, w2, row_weights):
+            if not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError("moe_mlp needs contiguous float32 tensors")
+        gate_up = xs.new_empty(n, 2 * inter)
+        act = xs.new_empty(n, inter)
+        y = xs.new_empty(n, d)
+        b = blocking or self.blocking
+        self._mlp(
+            _ptr(xs), _I64(d), _ptr(starts_t), _ptr(ends_t), _ptr(active), _I64(len(spans)),
+            _ptr(w13), _ptr(w2), _I64(inter), _ptr(row_weights), _ptr(gate_up), _ptr(act),
+            _ptr(y), _I64(b.mr), _I64(b.kc), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        return y
 
     def linear(
         self, x: torch.Tensor, panels: torch.Tensor, blocking: Blocking | None = None

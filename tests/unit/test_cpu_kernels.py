@@ -33,11 +33,13 @@ BLOCKINGS = [
 D, INTER = 64, 80  # 2 * INTER = 160 and D are panel multiples, INTER alone is not
 
 
-def _weights(expert_ids: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(
+    expert_ids: list[int], seed: int = 0, inter: int = INTER
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = len(expert_ids)
-    return torch.randn(n, D, 2 * INTER, generator=g) * 0.1, torch.randn(
-        n, INTER, D, generator=g
+    return torch.randn(n, D, 2 * inter, generator=g) * 0.1, torch.randn(
+        n, inter, D, generator=g
     ) * 0.1
 
 
@@ -82,9 +84,10 @@ def blocked(kernel, request, monkeypatch):
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])  # 300: some go to MKL if mkl_rows=48
 @pytest.mark.parametrize("expert_ids", [[0, 1, 2, 3, 4, 5], [5, 2, 7]])  # a shard, unsorted
-def test_packed_matches_torch_and_reference(blocked, num_tokens, expert_ids):
+@pytest.mark.parametrize("inter", [INTER, 64])  # 64: gate|up split at a panel: the fused kernel
+def test_packed_matches_torch_and_reference(blocked, num_tokens, expert_ids, inter):
     g = torch.Generator().manual_seed(num_tokens)
-    w13, w2 = _weights(expert_ids)
+    w13, w2 = _weights(expert_ids, inter=inter)
     x = torch.randn(num_tokens, D, generator=g)
     ids = torch.randint(0, 8, (num_tokens, 2), generator=g)
     ids[::3, 1] = -1  # slots another shard serves

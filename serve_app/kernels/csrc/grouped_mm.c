@@ -79,3 +79,58 @@ void moeserve_grouped_mm(const float *x, int64_t K, const int64_t *row_start,
                    out + r0 * N + p * NB, N, mr, kc);
     }
 }
+
+/* silu(g) * u over n floats, with the vector exp of simd.h (silu(g) = g * sigmoid(g), and
+   sigmoid from exp(-|g|) <= 1 so it never overflows). */
+static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const v16 gv = load16(g + i), uv = load16(u + i);
+        const v16i neg = gv < (v16){0};
+        const v16 e = exp16_nonpos(select16(neg, gv, -gv)); /* exp(-|g|) */
+        const v16 sig = select16(neg, e, (v16){0} + 1.0f) / (1.0f + e);
+        store16(out + i, gv * sig * uv);
+    }
+}
+
+/* A whole MoE expert MLP for the rows of every active expert, in one parallel region:
+   phase 1, per (expert, gate panel p): the gate panel p and the up panel p + I/NB of w13 into
+   gate_up [R, 2I], then act[:, p-th 32 columns] = silu(gate) * up (both halves were just
+   computed by this task); phase 2, per (expert, panel of w2): y = act @ w2, each row scaled
+   by its routing weight. w13 [E, 2I/NB, D, NB], w2 [E, D/NB, I, NB]; I and D multiples of NB.
+   The scatter back to tokens (rows of different experts add into one token) is the
+   caller's. */
+void moeserve_moe_mlp(const float *x, int64_t D, const int64_t *row_start,
+                      const int64_t *row_end, const int64_t *active, int64_t n_active,
+                      const float *w13, const float *w2, int64_t I, const float *row_weight,
+                      float *gate_up, float *act, float *y, int64_t mr, int64_t kc,
+                      int num_threads) {
+    const int64_t p1 = I / NB, p2 = D / NB, N1 = 2 * I;
+    if (mr < 1 || mr > MAX_MR) mr = 8;
+    if (kc < 1) kc = D > I ? D : I;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * p1; t++) {
+            const int64_t e = active[t / p1], p = t % p1, r0 = row_start[e], n = row_end[e] - r0;
+            const float *we = w13 + e * 2 * p1 * D * NB;
+            float *gu = gate_up + r0 * N1;
+            panel_rows(x + r0 * D, n, D, we + p * D * NB, gu + p * NB, N1, mr, kc);
+            panel_rows(x + r0 * D, n, D, we + (p + p1) * D * NB, gu + I + p * NB, N1, mr, kc);
+            for (int64_t r = 0; r < n; r++)
+                silu_mul(gu + r * N1 + p * NB, gu + r * N1 + I + p * NB,
+                         act + (r0 + r) * I + p * NB, NB);
+        }
+        /* the implicit barrier of `omp for`: every act row is complete */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * p2; t++) {
+            const int64_t e = active[t / p2], p = t % p2, r0 = row_start[e], n = row_end[e] - r0;
+            float *yo = y + r0 * D + p * NB;
+            panel_rows(act + r0 * I, n, I, w2 + (e * p2 + p) * I * NB, yo, D, mr, kc);
+            for (int64_t r = 0; r < n; r++) {
+                const float s = row_weight[r0 + r];
+                store16(yo + r * D, load16(yo + r * D) * s);
+                store16(yo + r * D + 16, load16(yo + r * D + 16) * s);
+            }
+        }
+    }
+}
