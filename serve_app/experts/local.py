@@ -65,7 +65,7 @@ def run_experts(
     matmuls on its contiguous rows, and the activation, the routing weights and the scatter
     back run once over all rows (per-expert small ops cost as much as the matmuls at decode).
     With packed weights the matmuls, the activation and the routing weights are one kernel
-    call (one parallel region per layer); only the scatter back is torch.
+    call (one parallel region per layer), which writes each row to its (token, k) slot.
     """
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
@@ -91,9 +91,13 @@ def run_experts(
     ]
     row_weights = topk_weights.reshape(-1)[order].to(x.dtype)
     if w.packed and _fused_applies(w, spans, x):
+        # rows land in their (token, k) slot: summing the k slots replaces a scatter-add,
+        # which torch runs row by row (~10% of a prefill step)
+        slots = (x.new_zeros if n < len(flat_ids) else x.new_empty)(len(flat_ids), x.shape[1])
         kernel = cpu_kernel.load()
-        y = kernel.moe_mlp(xs, w.w13, w.w2, spans, row_weights.contiguous())  # type: ignore
-        return out.index_add_(0, token_idx, y)
+        assert kernel is not None
+        kernel.moe_mlp(xs, w.w13, w.w2, spans, row_weights.contiguous(), order, slots)
+        return slots.view(-1, k, x.shape[1]).sum(1)
     inter = w.intermediate_size
     gate_up = _grouped_matmul(w.w13, w.packed, xs, spans)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]

@@ -59,8 +59,8 @@ class CpuKernels:
         self._mm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, ctypes.c_int]
         self._mlp = lib.moeserve_moe_mlp
         self._mlp.restype = None
-        self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P]
-        self._mlp.argtypes += [_I64, _I64, ctypes.c_int]
+        self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P]
+        self._mlp.argtypes += [_P, _I64, _I64, ctypes.c_int]
         self._attn = lib.moeserve_paged_decode
         self._attn.restype = None
         self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
@@ -120,12 +120,15 @@ class CpuKernels:
         w2: torch.Tensor,
         spans: list[tuple[int, int, int]],
         row_weights: torch.Tensor,
+        dest: torch.Tensor,
+        y: torch.Tensor,
         blocking: Blocking | None = None,
-    ) -> torch.Tensor:
-        """Every span's expert MLP, w * down(silu(gate) * up), in one parallel region.
+    ) -> None:
+        """Every span's expert MLP, w * down(silu(gate) * up), in one parallel region: row r
+        of the result goes to y[dest[r]].
 
         xs [n, D] rows sorted by expert; w13 [E, 2I/P, D, P], w2 [E, D/P, I, P] packed;
-        row_weights [n] float32 -> [n, D] (the caller scatters the rows back to tokens)."""
+        row_weights [n] float32; dest [n] int64, distinct rows of y [S, D]."""
         n, d = xs.shape
         inter = w2.shape[2]
         starts, ends = [0] * w13.shape[0], [0] * w13.shape[0]
@@ -134,19 +137,21 @@ class CpuKernels:
         starts_t = torch.tensor(starts, dtype=torch.int64)
         ends_t = torch.tensor(ends, dtype=torch.int64)
         active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
-        for t in (xs, w13, w2, row_weights):
+        for t in (xs, w13, w2, row_weights, y):
             if not t.is_contiguous() or t.dtype != torch.float32:
                 raise ValueError("moe_mlp needs contiguous float32 tensors")
+        if dest.dtype != torch.int64 or not dest.is_contiguous() or dest.numel() != n:
+            raise ValueError("moe_mlp needs one contiguous int64 destination per row")
         gate_up = xs.new_empty(n, 2 * inter)
         act = xs.new_empty(n, inter)
-        y = xs.new_empty(n, d)
+        down = xs.new_empty(n, d)
         b = blocking or self.blocking
         self._mlp(
             _ptr(xs), _I64(d), _ptr(starts_t), _ptr(ends_t), _ptr(active), _I64(len(spans)),
-            _ptr(w13), _ptr(w2), _I64(inter), _ptr(row_weights), _ptr(gate_up), _ptr(act),
-            _ptr(y), _I64(b.mr), _I64(b.kc), ctypes.c_int(torch.get_num_threads()),
+            _ptr(w13), _ptr(w2), _I64(inter), _ptr(row_weights), _ptr(dest), _ptr(gate_up),
+            _ptr(act), _ptr(down), _ptr(y), _I64(b.mr), _I64(b.kc),
+            ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
-        return y
 
     def linear(
         self, x: torch.Tensor, panels: torch.Tensor, blocking: Blocking | None = None

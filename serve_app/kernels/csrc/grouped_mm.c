@@ -95,15 +95,15 @@ static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
 /* A whole MoE expert MLP for the rows of every active expert, in one parallel region:
    phase 1, per (expert, gate panel p): the gate panel p and the up panel p + I/NB of w13 into
    gate_up [R, 2I], then act[:, p-th 32 columns] = silu(gate) * up (both halves were just
-   computed by this task); phase 2, per (expert, panel of w2): y = act @ w2, each row scaled
-   by its routing weight. w13 [E, 2I/NB, D, NB], w2 [E, D/NB, I, NB]; I and D multiples of NB.
-   The scatter back to tokens (rows of different experts add into one token) is the
-   caller's. */
+   computed by this task); phase 2, per (expert, panel of w2): y = act @ w2 into `down`, each
+   row scaled by its routing weight and stored at row dest[r] of y (dest is a permutation
+   into the (token, k) slots, so no two rows collide; the caller sums the k slots of a token).
+   w13 [E, 2I/NB, D, NB], w2 [E, D/NB, I, NB]; I and D multiples of NB. */
 void moeserve_moe_mlp(const float *x, int64_t D, const int64_t *row_start,
                       const int64_t *row_end, const int64_t *active, int64_t n_active,
                       const float *w13, const float *w2, int64_t I, const float *row_weight,
-                      float *gate_up, float *act, float *y, int64_t mr, int64_t kc,
-                      int num_threads) {
+                      const int64_t *dest, float *gate_up, float *act, float *down, float *y,
+                      int64_t mr, int64_t kc, int num_threads) {
     const int64_t p1 = I / NB, p2 = D / NB, N1 = 2 * I;
     if (mr < 1 || mr > MAX_MR) mr = 8;
     if (kc < 1) kc = D > I ? D : I;
@@ -124,12 +124,13 @@ void moeserve_moe_mlp(const float *x, int64_t D, const int64_t *row_start,
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_active * p2; t++) {
             const int64_t e = active[t / p2], p = t % p2, r0 = row_start[e], n = row_end[e] - r0;
-            float *yo = y + r0 * D + p * NB;
-            panel_rows(act + r0 * I, n, I, w2 + (e * p2 + p) * I * NB, yo, D, mr, kc);
+            float *dn = down + r0 * D + p * NB;
+            panel_rows(act + r0 * I, n, I, w2 + (e * p2 + p) * I * NB, dn, D, mr, kc);
             for (int64_t r = 0; r < n; r++) {
                 const float s = row_weight[r0 + r];
-                store16(yo + r * D, load16(yo + r * D) * s);
-                store16(yo + r * D + 16, load16(yo + r * D + 16) * s);
+                float *yo = y + dest[r0 + r] * D + p * NB;
+                store16(yo, load16(dn + r * D) * s);
+                store16(yo + 16, load16(dn + r * D + 16) * s);
             }
         }
     }
