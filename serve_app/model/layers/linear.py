@@ -46,7 +46,7 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
 
 def _panels(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     weights = [m.weight for m in linears]
-    versions = tuple((w.data_ptr(), w._version) for w in weights)
+    versions = tuple((w.data_ptr(), _version(w)) for w in weights)
     cached = _packed.get(linears[0])
     if cached is not None and cached[0] == versions:
         return cached[1]
@@ -66,3 +66,11 @@ def _panels(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor 
             entry = (cpu_kernel.pack(w), bias)
     _packed[linears[0]] = (versions, entry)
     return entry
+
+
+def _version(w: torch.Tensor) -> int:
+    """In-place updates bump it (a reload repacks); inference tensors have none."""
+    try:
+        return w._version
+    except RuntimeError:
+        return -1
