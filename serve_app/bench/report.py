@@ -109,13 +109,16 @@ def write_plot(
                 continue
             xs.append(x)
             ys.append(r.output_tokens_per_s)
-        bars = ax.bar(xs, ys, width, label=system, color=COLORS[system])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        if xs:
+            bars = ax.bar(xs, ys, width, color=COLORS[system])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(workloads)), [w.name for w in workloads])
     ax.set_xlim(-0.6, len(workloads) - 0.4)
     ax.set_ylabel("output tokens / s")
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    # NOTE: explicit handles: an empty bar call (a skipped system) would draw its legend patch
+    # in the default colour, the same blue as moeserve's
+    ax.legend(handles=legend_handles(by_workload))
     rows = ratio_rows(workloads, by_workload)
     table = ax.table(
         cellText=[cells for _, cells in rows],
@@ -129,6 +132,14 @@ def write_plot(
     fig.subplots_adjust(left=0.22, bottom=0.36, top=0.9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def legend_handles(by_workload: dict[str, dict[str, RunResult]]) -> list:
+    """One patch per system in its own colour; '(not run)' for a system with no results."""
+    from matplotlib.patches import Patch
+
+    ran = {s for runs in by_workload.values() for s in runs}
+    return [Patch(color=COLORS[s], label=s if s in ran else f"{s} (not run)") for s in SYSTEMS]
 
 
 def ratio_rows(

@@ -37,3 +37,10 @@ def test_plot_is_written(tmp_path):
     path = tmp_path / "engine_bench.png"
     report.write_plot(path, [_workload("random"), _workload("prefix")], _runs(), "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_legend_keeps_each_colour_when_a_system_did_not_run():
+    handles = report.legend_handles(_runs())  # transformers did not run
+    labels = {h.get_label(): h.get_facecolor() for h in handles}
+    assert set(labels) == {"moeserve", "transformers (not run)", "vllm"}
+    assert len({tuple(c) for c in labels.values()}) == 3
