@@ -104,7 +104,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     write_json(out_dir / "engine_bench.json", data)
     title = (
         f"{Path(model_dir).name} on {machine['cpu_count']} CPU ({machine['cpu_model']}), "
-        f"output tok/s, higher is better"
+        f"output tok/s, higher is better\nkernels: {machine['kernel_blocking']}"
     )
     write_plot(out_dir / "engine_bench.png", workloads, by_workload, title)
     print(f"wrote {out_dir / 'engine_bench.json'} and {out_dir / 'engine_bench.png'}")
@@ -116,8 +116,11 @@ def machine_info(vllm_version: str | None) -> dict:
     import transformers
 
     from serve_app.bench.vllm_baseline import usable_cpus
+    from serve_app.kernels import cpu as cpu_kernels
 
+    kernels = cpu_kernels.load()
     return {
+        "kernel_blocking": str(kernels.blocking) if kernels is not None else None,
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable_cpus(),
         "cpu_model": _cpu_model(),

@@ -10,7 +10,8 @@ from serve_app.bench.workloads import Workload
 
 SYSTEMS = ("moeserve", "transformers", "vllm")
 BASELINES = ("transformers", "vllm")
-COLORS = {"moeserve": "tab:blue", "transformers": "tab:orange", "vllm": "tab:green"}
+# one colour per system, distinct also in grey print and for red-green colour blindness
+COLORS = {"moeserve": "#0072B2", "transformers": "#E69F00", "vllm": "#009E73"}
 
 
 def ratio(results: dict[str, RunResult], system: str, baseline: str) -> float | None:
@@ -85,13 +86,14 @@ def write_json(path: Path, data: dict) -> None:
 def write_plot(
     path: Path, workloads: list[Workload], by_workload: dict[str, dict[str, RunResult]], title: str
 ) -> None:
-    """Grouped bars: one group per workload, one bar per system; 'n/a' where it did not run."""
+    """Grouped bars: one group per workload, one bar (and colour) per system, 'n/a' where it did
+    not run; under them a table of moeserve's ratios to each baseline and the load average."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on the bench machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 + 2.4 * len(workloads), 4.5))
+    fig, ax = plt.subplots(figsize=(1.6 + 2.6 * len(workloads), 5.6))
     width = 0.8 / len(SYSTEMS)
     top = max(
         (r.output_tokens_per_s for runs in by_workload.values() for r in runs.values()),
@@ -107,16 +109,56 @@ def write_plot(
                 continue
             xs.append(x)
             ys.append(r.output_tokens_per_s)
-        bars = ax.bar(xs, ys, width, label=system, color=COLORS[system])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        if xs:
+            bars = ax.bar(xs, ys, width, color=COLORS[system])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(workloads)), [w.name for w in workloads])
     ax.set_xlim(-0.6, len(workloads) - 0.4)
     ax.set_ylabel("output tokens / s")
     ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
+    # NOTE: explicit handles: an empty bar call (a skipped system) would draw its legend patch
+    # in the default colour, the same blue as moeserve's
+    ax.legend(handles=legend_handles(by_workload))
+    rows = ratio_rows(workloads, by_workload)
+    table = ax.table(
+        cellText=[cells for _, cells in rows],
+        rowLabels=[label for label, _ in rows],
+        colLabels=[w.name for w in workloads],
+        loc="bottom",
+        bbox=[0.0, -0.42, 1.0, 0.3],
+        cellLoc="center",
+    )
+    table.set_fontsize(8)
+    fig.subplots_adjust(left=0.22, bottom=0.36, top=0.9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def legend_handles(by_workload: dict[str, dict[str, RunResult]]) -> list:
+    """One patch per system in its own colour; '(not run)' for a system with no results."""
+    from matplotlib.patches import Patch
+
+    ran = {s for runs in by_workload.values() for s in runs}
+    return [Patch(color=COLORS[s], label=s if s in ran else f"{s} (not run)") for s in SYSTEMS]
+
+
+def ratio_rows(
+    workloads: list[Workload], by_workload: dict[str, dict[str, RunResult]]
+) -> list[tuple[str, list[str]]]:
+    """Rows of the table under the plot: moeserve / each baseline, and the peak load."""
+    rows = [
+        (
+            f"moeserve / {b}",
+            [_fmt_ratio(ratio(by_workload.get(w.name, {}), "moeserve", b)) for w in workloads],
+        )
+        for b in BASELINES
+    ]
+    loads = []
+    for w in workloads:
+        runs = by_workload.get(w.name, {}).values()
+        loads.append(f"{max(max(r.loadavg) for r in runs):.1f}" if runs else "-")
+    rows.append(("load avg 1m (peak)", loads))
+    return rows
 
 
 def _fmt_ratio(x: float | None) -> str:

@@ -176,7 +176,7 @@ class ModelRunner:
                 bt = tensor_to_device(table[: -(-end // bs)], self.device)
                 slots = (bt[:, None] * bs + self._block_offsets).reshape(-1)
                 slot_parts.append(slots[start:end])
-                prefills.append(PrefillSeq(tok_off, n, end, bt if start > 0 else None))
+                prefills.append(PrefillSeq(tok_off, n, end, bt))
             if end == req.num_tokens:
                 sample_rows.append(tok_off + n - 1)
                 sample_reqs.append(req)

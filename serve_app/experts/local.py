@@ -4,7 +4,8 @@ Tokens are grouped by expert so each expert runs one batched matmul over all its
 weights are input-major (`x @ w`, not `F.linear(x, w)`: MKL runs the transposed form 2-4x
 slower at the few tokens per expert of a decode step). On the CPU in float32 they are further
 packed into column panels for the grouped kernel of serve_app/kernels/cpu.py, which
-streams each expert's weights once per step (docs/benchmarks.md).
+streams each expert's weights once per step; bigger groups (prefill) go to MKL only on CPUs
+where the calibration found it faster (serve_app/kernels/tuning.py, docs/benchmarks.md).
 Shapes: T tokens, K experts per token, E experts, D hidden, I expert intermediate size.
 """
 
@@ -63,6 +64,8 @@ def run_experts(
     The (token, k) slots are sorted by expert and gathered once; each expert then runs its two
     matmuls on its contiguous rows, and the activation, the routing weights and the scatter
     back run once over all rows (per-expert small ops cost as much as the matmuls at decode).
+    With packed weights the matmuls, the activation and the routing weights are one kernel
+    call (one parallel region per layer), which writes each row to its (token, k) slot.
     """
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
@@ -86,12 +89,31 @@ def run_experts(
         for local, expert in enumerate(w.expert_ids)
         if starts[expert] < starts[expert + 1]
     ]
+    row_weights = topk_weights.reshape(-1)[order].to(x.dtype)
+    if w.packed and _fused_applies(w, spans, x):
+        # rows land in their (token, k) slot: summing the k slots replaces a scatter-add,
+        # which torch runs row by row (~10% of a prefill step)
+        slots = (x.new_zeros if n < len(flat_ids) else x.new_empty)(len(flat_ids), x.shape[1])
+        kernel = cpu_kernel.load()
+        assert kernel is not None
+        kernel.moe_mlp(xs, w.w13, w.w2, spans, row_weights.contiguous(), order, slots)
+        return slots.view(-1, k, x.shape[1]).sum(1)
     inter = w.intermediate_size
     gate_up = _grouped_matmul(w.w13, w.packed, xs, spans)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     y = _grouped_matmul(w.w2, w.packed, act, spans)
-    y *= topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+    y *= row_weights[:, None]
     return out.index_add_(0, token_idx, y)
+
+
+def _fused_applies(w: ExpertWeights, spans: list[tuple[int, int, int]], x: torch.Tensor) -> bool:
+    """The one-region kernel runs when the gate and up halves split at a panel boundary and
+    no group goes to MKL on this CPU (tuning.py)."""
+    kernel = cpu_kernel.load()
+    if kernel is None or x.dtype != torch.float32 or w.intermediate_size % cpu_kernel.PANEL:
+        return False
+    limit = kernel.blocking.mkl_rows
+    return not limit or all(e - s <= limit for _, s, e in spans)
 
 
 def _grouped_matmul(
@@ -104,13 +126,15 @@ def _grouped_matmul(
             torch.mm(xs[s:e], w[local], out=out[s:e])
         return out
     out = xs.new_empty(xs.shape[0], w.shape[1] * w.shape[3])
-    small = [sp for sp in spans if sp[2] - sp[1] <= cpu_kernel.SMALL_ROWS]
+    kernel = cpu_kernel.load()
+    assert kernel is not None, "packed weights without the kernel"
+    # groups above mkl_rows run torch matmuls where those are faster on this CPU (tuning.py)
+    limit = kernel.blocking.mkl_rows or xs.shape[0]
+    small = [sp for sp in spans if sp[2] - sp[1] <= limit]
     if small:
-        kernel = cpu_kernel.load()
-        assert kernel is not None, "packed weights without the kernel"
         kernel.grouped_mm(xs, w, small, out)
     for local, s, e in spans:
-        if e - s > cpu_kernel.SMALL_ROWS:
+        if e - s > limit:
             out[s:e] = cpu_kernel.panel_matmul(xs[s:e], w[local])
     return out
 

@@ -1,15 +1,19 @@
 """moeserve's CPU kernels (csrc/*.c): built on first use, loaded with ctypes.
 
-- `grouped_mm`: the expert matmuls of a MoE layer for the few rows per expert of decode;
-- `paged_decode`: attention of decoding sequences, reading K/V in place through block tables.
+- `grouped_mm`: the expert matmuls of a MoE layer (and, as one "expert", the dense projections
+  through `linear`);
+- `paged_decode`: attention of decoding sequences, reading K/V in place through block tables;
+- `paged_prefill`: attention of prefill chunks over their cached context, the same way.
+Their blocking (register tile rows, K chunk, query tile) comes from this CPU's caches and ISA,
+and one threshold from a short calibration cached beside the library (`tuning.py`).
 
 They are compiled with the system C compiler (`-O3 -march=native -fopenmp`) into a per-user cache
 keyed by the source, the flags, the compiler and this CPU's model and flags, so a cache shared
 by different machines never hands one of them another's instructions. It links torch's own
 libgomp (already loaded), so torch and the kernel share one OpenMP pool.
 
-Nothing to install: with no C compiler, a failed build, or MOESERVE_CPU_KERNEL=0, `load()`
-returns None and the callers run plain torch instead (same results up to float32 rounding).
+Nothing to install: with no C compiler, a failed build, or MOESERVE_CPU_KERNEL=0 (settings.py),
+`load()` returns None and the callers run plain torch instead (same results up to float32 rounding).
 Packed expert weights are [E, N/P, K, P] (P = `PANEL` columns): `pack` / `panel_matmul`.
 """
 
@@ -23,30 +27,48 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from serve_app.kernels import settings, tuning
+from serve_app.kernels.tuning import Blocking
+
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("grouped_mm.c", "paged_decode.c"))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c"))
+HEADERS = (CSRC / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 PANEL = 32  # must match NB in the C source (checked when it loads)
-SMALL_ROWS = 48  # experts with more rows than this are compute-bound: MKL does them better
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return _P(t.data_ptr())
+
+
 class CpuKernels:
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, blocking: Blocking):
+        self.blocking = blocking
         self._mm = lib.moeserve_grouped_mm
         self._mm.restype = None
-        self._mm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, ctypes.c_int]
+        self._mm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64, ctypes.c_int]
+        self._mlp = lib.moeserve_moe_mlp
+        self._mlp.restype = None
+        self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P]
+        self._mlp.argtypes += [_P, _I64, _I64, ctypes.c_int]
         self._attn = lib.moeserve_paged_decode
         self._attn.restype = None
         self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
         self._attn.argtypes += [ctypes.c_float, _P, ctypes.c_int]
+        self._prefill = lib.moeserve_paged_prefill
+        self._prefill.restype = None
+        self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
+        self._prefill.argtypes += [_I64, _I64, ctypes.c_float, _I64, _P, ctypes.c_int]
         limits = lib.moeserve_paged_decode_limits
         limits.restype = _I64
         limits.argtypes = [_I64]
@@ -57,26 +79,97 @@ class CpuKernels:
             self.max_block_size,
             self.head_dim_multiple,
         ) = (limits(i) for i in range(5))
+        prefill_limits = lib.moeserve_paged_prefill_limits
+        prefill_limits.restype = _I64
+        prefill_limits.argtypes = [_I64]
+        if prefill_limits(0) != tuning.MAX_QUERY_ROWS:
+            raise RuntimeError("query rows of the built prefill kernel differ from tuning's")
+        lib.moeserve_max_row_tile.restype = _I64
+        if lib.moeserve_max_row_tile() != tuning.MAX_ROW_TILE:
+            raise RuntimeError("row tile of the built kernel differs from tuning's")
+        self._one = torch.zeros(1, dtype=torch.int64)  # expert 0 / row 0 of a dense `linear`
 
     def grouped_mm(
-        self, x: torch.Tensor, w: torch.Tensor, spans: list[tuple[int, int, int]], out: torch.Tensor
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+        out: torch.Tensor,
+        blocking: Blocking | None = None,
     ) -> None:
         """out[s:e] = x[s:e] @ W[local] for each (local, s, e) span, in one parallel call.
 
         x [R, K] and out [R, N] contiguous float32; w packed [E, N/P, K, P]."""
-        num_experts, _, k, _ = w.shape
-        starts = torch.zeros(num_experts, dtype=torch.int64)
-        ends = torch.zeros(num_experts, dtype=torch.int64)
-        active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
+        starts, ends = [0] * w.shape[0], [0] * w.shape[0]
+        for local, s, e in spans:  # plain lists: per-element tensor writes cost ~3 us each
+            starts[local], ends[local] = s, e
+        self._run_mm(
+            x,
+            w,
+            torch.tensor(starts, dtype=torch.int64),
+            torch.tensor(ends, dtype=torch.int64),
+            torch.tensor([local for local, _, _ in spans], dtype=torch.int64),
+            out,
+            blocking or self.blocking,
+        )
+
+    def moe_mlp(
+        self,
+        xs: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+        row_weights: torch.Tensor,
+        dest: torch.Tensor,
+        y: torch.Tensor,
+        blocking: Blocking | None = None,
+    ) -> None:
+        """Every span's expert MLP, w * down(silu(gate) * up), in one parallel region: row r
+        of the result goes to y[dest[r]].
+
+        xs [n, D] rows sorted by expert; w13 [E, 2I/P, D, P], w2 [E, D/P, I, P] packed;
+        row_weights [n] float32; dest [n] int64, distinct rows of y [S, D]."""
+        n, d = xs.shape
+        inter = w2.shape[2]
+        starts, ends = [0] * w13.shape[0], [0] * w13.shape[0]
         for local, s, e in spans:
             starts[local], ends[local] = s, e
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        ends_t = torch.tensor(ends, dtype=torch.int64)
+        active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
+        for t in (xs, w13, w2, row_weights, y):
+            if not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError("moe_mlp needs contiguous float32 tensors")
+        if dest.dtype != torch.int64 or not dest.is_contiguous() or dest.numel() != n:
+            raise ValueError("moe_mlp needs one contiguous int64 destination per row")
+        gate_up = xs.new_empty(n, 2 * inter)
+        act = xs.new_empty(n, inter)
+        down = xs.new_empty(n, d)
+        b = blocking or self.blocking
+        self._mlp(
+            _ptr(xs), _I64(d), _ptr(starts_t), _ptr(ends_t), _ptr(active), _I64(len(spans)),
+            _ptr(w13), _ptr(w2), _I64(inter), _ptr(row_weights), _ptr(dest), _ptr(gate_up),
+            _ptr(act), _ptr(down), _ptr(y), _I64(b.mr), _I64(b.kc),
+            ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+
+    def linear(
+        self, x: torch.Tensor, panels: torch.Tensor, blocking: Blocking | None = None
+    ) -> torch.Tensor:
+        """x [M, K] @ one packed matrix [1, N/P, K, P] -> [M, N] (a dense projection)."""
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], panels.shape[1] * PANEL)
+        ends = torch.tensor([x.shape[0]], dtype=torch.int64)
+        self._run_mm(x, panels, self._one, ends, self._one, out, blocking or self.blocking)
+        return out
+
+    def _run_mm(self, x, w, starts, ends, active, out, blocking: Blocking) -> None:
         if not (x.is_contiguous() and out.is_contiguous() and w.is_contiguous()):
             raise ValueError("grouped_mm needs contiguous tensors")
         self._mm(
-            _P(x.data_ptr()), _I64(k),
-            _P(starts.data_ptr()), _P(ends.data_ptr()), _P(active.data_ptr()), _I64(len(spans)),
-            _P(w.data_ptr()), _I64(out.shape[1]), _P(out.data_ptr()),
-            ctypes.c_int(torch.get_num_threads()),
+            _ptr(x), _I64(w.shape[2]), _ptr(starts), _ptr(ends), _ptr(active),
+            _I64(active.numel()), _ptr(w), _I64(out.shape[1]), _ptr(out),
+            _I64(blocking.mr), _I64(blocking.kc), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
 
     def paged_decode_applies(
@@ -116,12 +209,51 @@ class CpuKernels:
         starts = starts.to(torch.int64).contiguous()
         out = torch.empty_like(q)
         self._attn(
-            _P(q.data_ptr()), _P(k_cache.data_ptr()), _P(v_cache.data_ptr()),
-            _P(tables.data_ptr()), _I64(tables.shape[1]), _P(lens.data_ptr()),
-            _P(starts.data_ptr()), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
-            ctypes.c_float(scale), _P(out.data_ptr()), ctypes.c_int(torch.get_num_threads()),
+            _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
+            _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
+            ctypes.c_float(scale), _ptr(out), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
         return out
+
+    def paged_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        seqs: PrefillBatch,
+        scale: float,
+        window: int | None,
+        out: torch.Tensor,
+        blocking: Blocking | None = None,
+    ) -> None:
+        """Causal attention of every prefill chunk in `seqs` over its whole context (cached and
+        new K/V, already in the cache): q [T, H, D] -> out [T, H, D] at the chunks' rows."""
+        _, h, d = q.shape
+        _, b, hkv, _ = k_cache.shape
+        if not (q.is_contiguous() and out.is_contiguous()):
+            raise ValueError("paged_prefill needs contiguous q and out")
+        qt = (blocking or self.blocking).query_tile(h // hkv)
+        self._prefill(
+            _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(seqs.tables), _I64(seqs.tables.shape[1]),
+            _ptr(seqs.q_starts), _ptr(seqs.q_lens), _ptr(seqs.ctx_lens), _I64(len(seqs.q_lens)),
+            _I64(h), _I64(hkv), _I64(d), _I64(b), _I64(window or 0), ctypes.c_float(scale),
+            _I64(qt), _ptr(out), ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+
+
+class PrefillBatch:
+    """The prefill chunks of a step as the prefill kernel reads them (int64, contiguous)."""
+
+    __slots__ = ("tables", "q_starts", "q_lens", "ctx_lens")
+
+    def __init__(self, tables: list[torch.Tensor], q_starts, q_lens, ctx_lens):
+        width = max(len(t) for t in tables)
+        self.tables = torch.zeros(len(tables), width, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            self.tables[i, : len(t)] = t
+        self.q_starts = torch.tensor(q_starts, dtype=torch.int64)
+        self.q_lens = torch.tensor(q_lens, dtype=torch.int64)
+        self.ctx_lens = torch.tensor(ctx_lens, dtype=torch.int64)
 
 
 def applies(w: torch.Tensor) -> bool:
@@ -148,28 +280,63 @@ def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def load() -> CpuKernels | None:
     """The kernels, built if needed; None where they cannot be (callers fall back to torch)."""
-    if os.environ.get("MOESERVE_CPU_KERNEL", "1") == "0":
+    env = settings.read()
+    if not env.enabled:
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(env.compiler) or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: no CPU kernels, plain torch is used instead")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        so = _build(compiler, env.cache_dir)
+        lib = ctypes.CDLL(str(so))
+        lib.moeserve_panel_width.restype = _I64
         if lib.moeserve_panel_width() != PANEL:
             raise RuntimeError("panel width of the built kernel differs from PANEL")
-        return CpuKernels(lib)
+        kernels = CpuKernels(lib, tuning.from_cpu(tuning.cpu_info()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU kernels unavailable (%s): plain torch is used instead", e)
         return None
+    base = kernels.blocking
+    if "mkl_rows" not in env.forced_blocking:
+        calib = so.with_suffix(f".mkl_rows.{torch.__version__}.{torch.get_num_threads()}t")
+        mkl_rows = tuning.cached_value(calib, lambda: _calibrate_mkl_rows(kernels))
+        base = tuning.Blocking(base.mr, base.kc, base.qt, mkl_rows)
+    kernels.blocking = tuning.apply_forced(base, env.forced_blocking)
+    logger.info("CPU kernels: %s", kernels.blocking)
+    return kernels
 
 
-def _build(compiler: str) -> Path:
+def _calibrate_mkl_rows(kernels: CpuKernels) -> int:
+    """48 (rows) if torch's matmul beats the C kernel on a compute-bound expert group, else
+    tuning.NEVER. Takes ~50 ms; the answer differs by 2-3x between CPU vendors, so it is
+    stable under the noise of a shared machine."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 512, generator=g)
+    panels = pack(torch.randn(1, 512, 1024, generator=g))
+
+    def best(f) -> float:
+        for _ in range(3):  # wake the thread pool, fault the pages in
+            f()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    c = best(lambda: kernels.linear(x, panels))
+    mkl = best(lambda: panel_matmul(x, panels[0]))
+    logger.info("calibration: C kernel %.2f ms, torch matmul %.2f ms", c * 1e3, mkl * 1e3)
+    return 48 if mkl < c else tuning.NEVER
+
+
+def _build(compiler: str, cache_dir: Path) -> Path:
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode()):
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode()):
         key.update(part)
     key.update(_compiler_id(compiler) + _cpu_id())
-    out = _cache_dir() / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
+    out = cache_dir / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +346,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -191,11 +358,6 @@ def _build(compiler: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moeserve" / "kernels"
 
 
 def _compiler_id(compiler: str) -> bytes:

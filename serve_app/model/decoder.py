@@ -16,6 +16,7 @@ from torch import nn
 from serve_app.experts.base import DoneFuture, ExpertFuture
 from serve_app.model.config import ModelSpec
 from serve_app.model.layers.attention import AttentionMetadata, paged_attention
+from serve_app.model.layers.linear import project
 from serve_app.model.layers.mlp import GatedMLP
 from serve_app.model.layers.moe import SparseMoeBlock
 from serve_app.model.layers.norm import RMSNorm
@@ -53,14 +54,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin: tuple, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)
-        return self.o_proj(o.reshape(t, -1))
+        return project(o.reshape(t, -1), self.o_proj)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -149,4 +151,4 @@ class CausalLM(nn.Module):
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return project(hidden, self.lm_head)[0]

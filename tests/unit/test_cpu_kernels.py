@@ -1,6 +1,7 @@
-"""The CPU kernels against plain torch: the grouped expert matmul (any routing, packed weights
-that select and concatenate like experts) and paged decode attention (GQA, windows, ragged
-contexts)."""
+"""The CPU kernels against plain torch and a float64 reference: the grouped expert matmul (any
+routing, packed weights that select and concatenate like experts, dense projections), paged
+decode and prefill attention (GQA, windows, ragged contexts, cached prefixes), each under more
+than one blocking choice."""
 
 from __future__ import annotations
 
@@ -12,21 +13,33 @@ import torch.nn.functional as F
 
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.kernels import cpu as cpu_kernel
+from serve_app.kernels.tuning import Blocking
 from serve_app.model.layers.attention import (
     AttentionMetadata,
     DecodeGroup,
     GatherWorkspace,
+    PrefillSeq,
     paged_attention,
 )
+
+# blocking choices every kernel test runs under: this CPU's, and ones another CPU would pick
+BLOCKINGS = [
+    None,
+    Blocking(mr=3, kc=0, qt=1, mkl_rows=0),
+    Blocking(mr=12, kc=32, qt=5, mkl_rows=48),
+    Blocking(mr=1, kc=16, qt=64, mkl_rows=0),
+]
 
 D, INTER = 64, 80  # 2 * INTER = 160 and D are panel multiples, INTER alone is not
 
 
-def _weights(expert_ids: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(
+    expert_ids: list[int], seed: int = 0, inter: int = INTER
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = len(expert_ids)
-    return torch.randn(n, D, 2 * INTER, generator=g) * 0.1, torch.randn(
-        n, INTER, D, generator=g
+    return torch.randn(n, D, 2 * inter, generator=g) * 0.1, torch.randn(
+        n, inter, D, generator=g
     ) * 0.1
 
 
@@ -61,11 +74,20 @@ def test_builds_and_packs_here(kernel):
     assert w.intermediate_size == INTER
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])  # 300: some experts take the MKL path
+@pytest.fixture(params=BLOCKINGS, ids=lambda b: "native" if b is None else str(b))
+def blocked(kernel, request, monkeypatch):
+    """The kernels under one blocking choice (None: the one chosen for this CPU)."""
+    if request.param is not None:
+        monkeypatch.setattr(kernel, "blocking", request.param)
+    return kernel
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])  # 300: some go to MKL if mkl_rows=48
 @pytest.mark.parametrize("expert_ids", [[0, 1, 2, 3, 4, 5], [5, 2, 7]])  # a shard, unsorted
-def test_packed_matches_torch_and_reference(kernel, num_tokens, expert_ids):
+@pytest.mark.parametrize("inter", [INTER, 64])  # 64: gate|up split at a panel: the fused kernel
+def test_packed_matches_torch_and_reference(blocked, num_tokens, expert_ids, inter):
     g = torch.Generator().manual_seed(num_tokens)
-    w13, w2 = _weights(expert_ids)
+    w13, w2 = _weights(expert_ids, inter=inter)
     x = torch.randn(num_tokens, D, generator=g)
     ids = torch.randint(0, 8, (num_tokens, 2), generator=g)
     ids[::3, 1] = -1  # slots another shard serves
@@ -139,3 +161,84 @@ def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads,
     with_kernel = attend()
     monkeypatch.setattr(cpu_kernel, "load", lambda: None)
     torch.testing.assert_close(with_kernel, attend(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 200])
+def test_linear_matches_matmul(blocked, rows):
+    """A dense projection as one packed "expert" (decode and prefill row counts)."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(1, D, 96, generator=g) * 0.1
+    x = torch.randn(rows, D, generator=g)
+    got = blocked.linear(x, cpu_kernel.pack(w))
+    torch.testing.assert_close(got, x @ w[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), x.double() @ w[0].double(), atol=1e-5, rtol=1e-5)
+
+
+def _prefill_reference(q, k_seq, v_seq, ctx_len, window, scale):
+    """float64, one query at a time: q [q_len, H, D] over keys [0, ctx_len) of one sequence."""
+    q_len, h, _ = q.shape
+    group = h // k_seq.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for j in range(q_len):
+        pos = ctx_len - q_len + j
+        lo = max(0, pos - window + 1) if window else 0
+        for head in range(h):
+            kk = k_seq[lo : pos + 1, head // group].double()
+            vv = v_seq[lo : pos + 1, head // group].double()
+            p = torch.softmax(kk @ q[j, head].double() * scale, dim=0)
+            out[j, head] = p @ vv
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8)])
+def test_paged_prefill_matches_torch_and_reference(
+    blocked, monkeypatch, window, heads, kv_heads, dim, block
+):
+    """Chunks after cached prefixes (block-aligned or not), a whole prompt, a 2-token chunk,
+    beside two decodes, through shuffled block tables; against the SDPA path and float64."""
+    g = torch.Generator().manual_seed(heads * dim + (window or 0))
+    num_blocks = 96
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    # (cached tokens, new tokens) per sequence; the first two decode
+    shapes = [(9, 1), (3 * block, 1), (4 * block, 19), (0, 23), (2 * block + 3, 2), (7, 40)]
+    tables, ctx_lens, slots = [], [], []
+    for cached, new in shapes:
+        n = -(-(cached + new) // block)
+        table = [perm.pop() for _ in range(n)]
+        tables.append(torch.tensor(table))
+        ctx_lens.append(cached + new)
+        slots += [table[p // block] * block + p % block for p in range(cached, cached + new)]
+    total = sum(new for _, new in shapes)
+    q = torch.randn(total, heads, dim, generator=g) * 2
+    k_new = torch.randn(total, kv_heads, dim, generator=g)
+    v_new = torch.randn(total, kv_heads, dim, generator=g)
+    width = max(len(t) for t in tables[:2])
+    decode_tables = torch.stack([F.pad(t, (0, width - len(t))) for t in tables[:2]])
+    prefills, start = [], 2
+    for (_cached, new), table, ctx in zip(shapes[2:], tables[2:], ctx_lens[2:], strict=True):
+        prefills.append(PrefillSeq(start, new, ctx, table))
+        start += new
+    scale = dim**-0.5
+
+    def attend() -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        groups = [DecodeGroup(0, decode_tables, torch.tensor(ctx_lens[:2]))]
+        meta = AttentionMetadata(torch.tensor(slots), groups, prefills, GatherWorkspace())
+        cache = (k_cache.clone(), v_cache.clone())
+        return paged_attention(q, k_new, v_new, cache, meta, scale, window), cache
+
+    with_kernel, (k_full, v_full) = attend()
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    plain, _ = attend()
+    torch.testing.assert_close(with_kernel, plain, atol=1e-5, rtol=1e-5)
+    row = 0
+    for (_cached, new), table, ctx in zip(shapes, tables, ctx_lens, strict=True):
+        k_seq = k_full[table].reshape(-1, kv_heads, dim)[:ctx]
+        v_seq = v_full[table].reshape(-1, kv_heads, dim)[:ctx]
+        want = _prefill_reference(q[row : row + new], k_seq, v_seq, ctx, window, scale)
+        torch.testing.assert_close(
+            with_kernel[row : row + new].double(), want, atol=1e-5, rtol=1e-5
+        )
+        row += new

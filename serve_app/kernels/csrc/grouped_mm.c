@@ -1,75 +1,137 @@
-/* Grouped small-M matmul for MoE experts on the CPU (float32).
+/* Grouped matmul for MoE experts and dense projections on the CPU (float32).
 
    out[r, :] = x[r, :] @ W[e] for the rows r in [row_start[e], row_end[e]) of each expert e
-   listed in `active`. x [R, K] and out [R, N] are row-major; the weights are packed as
-   [E, N/NB, K, NB]: each NB-column panel of an expert is one contiguous stream, read once per
-   call (the rows of that expert reuse it from L1/L2). At decode an expert sees a handful of
-   rows and the step is bound by streaming the weights from DRAM; MKL's general sgemm reaches
-   about half the DRAM bandwidth at that size (docs/benchmarks.md).
+   listed in `active` (a dense projection is one expert over all rows). x [R, K] and out
+   [R, N] are row-major; the weights are packed as [E, N/NB, K, NB]: each NB-column panel of
+   an expert is one contiguous stream, read once per call. A task is one (expert, panel); it
+   walks K in chunks of `kc` (the panel chunk stays in L1 while every row tile of the expert
+   passes over it) and the rows in register tiles of `mr` rows x NB columns.
+   At decode an expert sees a handful of rows and the step is bound by streaming the weights
+   from DRAM; for prefill the tiles are compute-bound. Both blocking choices come from the
+   caller (serve_app/kernels/tuning.py derives them from the CPU's caches and registers).
 
-   Plain C with GCC vector extensions (AVX-512 or AVX2 code from -march=native); OpenMP from
-   torch's own libgomp, already loaded in the process, so there is one thread pool.
-   serve_app/kernels/cpu.py builds and loads it. */
-#include <stdint.h>
-#include <string.h>
+   Plain C with GCC vector extensions; OpenMP from torch's own libgomp, already loaded in the
+   process, so there is one thread pool. serve_app/kernels/cpu.py builds and loads it. */
+#include "simd.h"
 
-#define NB 32 /* columns per panel: two 16-float vectors */
-#define MB 8  /* rows per register tile: 16 accumulators */
+#define NB 32     /* columns per panel: two 16-float vectors */
+#define MAX_MR 12 /* rows per register tile: 24 accumulators + 2 panel vectors of 32 */
 
-typedef float v16 __attribute__((vector_size(64)));
-
-static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-
-/* ROWS x NB tile: out[m, 0:NB] = sum_k x[m, k] * panel[k, 0:NB]; ROWS is a constant so the
-   accumulators stay in registers. */
+/* ROWS x NB tile over k in [0, kc): out[m, 0:NB] (+)= sum_k x[m, k] * panel[k, 0:NB]; ROWS
+   is a constant so the accumulators stay in registers. */
 #define TILE(ROWS)                                                                         \
-    static void tile_##ROWS(const float *x, int64_t K, const float *panel, float *out,     \
-                            int64_t ldo) {                                                 \
+    static void tile_##ROWS(const float *x, int64_t ldx, int64_t kc, const float *panel,   \
+                            float *out, int64_t ldo, int add) {                            \
         v16 lo[ROWS], hi[ROWS];                                                            \
         for (int m = 0; m < ROWS; m++) lo[m] = hi[m] = (v16){0};                           \
-        for (int64_t k = 0; k < K; k++) {                                                  \
+        for (int64_t k = 0; k < kc; k++) {                                                 \
             const v16 w0 = load16(panel + k * NB), w1 = load16(panel + k * NB + 16);       \
             for (int m = 0; m < ROWS; m++) {                                               \
-                const float xv = x[m * K + k];                                             \
+                const float xv = x[m * ldx + k];                                           \
                 lo[m] += xv * w0;                                                          \
                 hi[m] += xv * w1;                                                          \
             }                                                                              \
         }                                                                                  \
         for (int m = 0; m < ROWS; m++) {                                                   \
+            if (add) {                                                                     \
+                lo[m] += load16(out + m * ldo);                                            \
+                hi[m] += load16(out + m * ldo + 16);                                       \
+            }                                                                              \
             store16(out + m * ldo, lo[m]);                                                 \
             store16(out + m * ldo + 16, hi[m]);                                            \
         }                                                                                  \
     }
-TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+
+typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, float *, int64_t, int);
+static const tile_fn TILES[MAX_MR + 1] = {
+    0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
+    tile_7, tile_8, tile_9, tile_10, tile_11, tile_12,
+};
 
 static void panel_rows(const float *x, int64_t n, int64_t K, const float *panel, float *out,
-                       int64_t ldo) {
-    for (int64_t r = 0; r < n; r += MB, x += MB * K, out += MB * ldo) {
-        switch (n - r < MB ? n - r : MB) {
-        case 1: tile_1(x, K, panel, out, ldo); break;
-        case 2: tile_2(x, K, panel, out, ldo); break;
-        case 3: tile_3(x, K, panel, out, ldo); break;
-        case 4: tile_4(x, K, panel, out, ldo); break;
-        case 5: tile_5(x, K, panel, out, ldo); break;
-        case 6: tile_6(x, K, panel, out, ldo); break;
-        case 7: tile_7(x, K, panel, out, ldo); break;
-        default: tile_8(x, K, panel, out, ldo); break;
+                       int64_t ldo, int64_t mr, int64_t kc) {
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kn = K - k0 < kc ? K - k0 : kc;
+        for (int64_t r = 0; r < n; r += mr) {
+            const int64_t rows = n - r < mr ? n - r : mr;
+            TILES[rows](x + r * K + k0, K, kn, panel + k0 * NB, out + r * ldo, ldo, k0 > 0);
         }
     }
 }
 
 int64_t moeserve_panel_width(void) { return NB; }
+int64_t moeserve_max_row_tile(void) { return MAX_MR; }
 
 void moeserve_grouped_mm(const float *x, int64_t K, const int64_t *row_start,
                          const int64_t *row_end, const int64_t *active, int64_t n_active,
-                         const float *w, int64_t N, float *out, int num_threads) {
+                         const float *w, int64_t N, float *out, int64_t mr, int64_t kc,
+                         int num_threads) {
     const int64_t panels = N / NB;
     const int64_t tasks = n_active * panels;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads)
+    if (mr < 1 || mr > MAX_MR) mr = 8;
+    if (kc < 1) kc = K;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t e = active[t / panels], p = t % panels, r0 = row_start[e];
         panel_rows(x + r0 * K, row_end[e] - r0, K, w + (e * panels + p) * K * NB,
-                   out + r0 * N + p * NB, N);
+                   out + r0 * N + p * NB, N, mr, kc);
+    }
+}
+
+/* silu(g) * u over n floats, with the vector exp of simd.h (silu(g) = g * sigmoid(g), and
+   sigmoid from exp(-|g|) <= 1 so it never overflows). */
+static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const v16 gv = load16(g + i), uv = load16(u + i);
+        const v16i neg = gv < (v16){0};
+        const v16 e = exp16_nonpos(select16(neg, gv, -gv)); /* exp(-|g|) */
+        const v16 sig = select16(neg, e, (v16){0} + 1.0f) / (1.0f + e);
+        store16(out + i, gv * sig * uv);
+    }
+}
+
+/* A whole MoE expert MLP for the rows of every active expert, in one parallel region:
+   phase 1, per (expert, gate panel p): the gate panel p and the up panel p + I/NB of w13 into
+   gate_up [R, 2I], then act[:, p-th 32 columns] = silu(gate) * up (both halves were just
+   computed by this task); phase 2, per (expert, panel of w2): y = act @ w2 into `down`, each
+   row scaled by its routing weight and stored at row dest[r] of y (dest is a permutation
+   into the (token, k) slots, so no two rows collide; the caller sums the k slots of a token).
+   w13 [E, 2I/NB, D, NB], w2 [E, D/NB, I, NB]; I and D multiples of NB. */
+void moeserve_moe_mlp(const float *x, int64_t D, const int64_t *row_start,
+                      const int64_t *row_end, const int64_t *active, int64_t n_active,
+                      const float *w13, const float *w2, int64_t I, const float *row_weight,
+                      const int64_t *dest, float *gate_up, float *act, float *down, float *y,
+                      int64_t mr, int64_t kc, int num_threads) {
+    const int64_t p1 = I / NB, p2 = D / NB, N1 = 2 * I;
+    if (mr < 1 || mr > MAX_MR) mr = 8;
+    if (kc < 1) kc = D > I ? D : I;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * p1; t++) {
+            const int64_t e = active[t / p1], p = t % p1, r0 = row_start[e], n = row_end[e] - r0;
+            const float *we = w13 + e * 2 * p1 * D * NB;
+            float *gu = gate_up + r0 * N1;
+            panel_rows(x + r0 * D, n, D, we + p * D * NB, gu + p * NB, N1, mr, kc);
+            panel_rows(x + r0 * D, n, D, we + (p + p1) * D * NB, gu + I + p * NB, N1, mr, kc);
+            for (int64_t r = 0; r < n; r++)
+                silu_mul(gu + r * N1 + p * NB, gu + r * N1 + I + p * NB,
+                         act + (r0 + r) * I + p * NB, NB);
+        }
+        /* the implicit barrier of `omp for`: every act row is complete */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * p2; t++) {
+            const int64_t e = active[t / p2], p = t % p2, r0 = row_start[e], n = row_end[e] - r0;
+            float *dn = down + r0 * D + p * NB;
+            panel_rows(act + r0 * I, n, I, w2 + (e * p2 + p) * I * NB, dn, D, mr, kc);
+            for (int64_t r = 0; r < n; r++) {
+                const float s = row_weight[r0 + r];
+                float *yo = y + dest[r0 + r] * D + p * NB;
+                store16(yo, load16(dn + r * D) * s);
+                store16(yo + 16, load16(dn + r * D + 16) * s);
+            }
+        }
     }
 }

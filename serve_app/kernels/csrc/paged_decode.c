@@ -10,61 +10,14 @@
    sliding window). D is a multiple of 16 up to MAX_D; the caller checks the limits.
    serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "simd.h"
 
 #define MAX_H 64     /* query heads */
 #define MAX_D 256    /* head dim */
 #define MAX_HD 8192  /* query heads x head dim */
 #define MAX_B 64     /* block size */
 #define VD (MAX_D / 16)
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-
-/* mask ? a : b, lane by lane (mask lanes all ones or zero, as comparisons give) */
-static inline v16 select16(v16i mask, v16 a, v16 b) {
-    v16i ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    const v16i r = (mask & ai) | (~mask & bi);
-    v16 out;
-    memcpy(&out, &r, sizeof out);
-    return out;
-}
-
-static inline float hsum(v16 a) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += a[i];
-    return s;
-}
-
-/* exp(x) for x <= 0 (scores minus their running max): 2^n * 2^f, f in (-1, 0], polynomial
-   for 2^f; relative error below 2e-7 on [-87, 0], 0 below. */
-static inline v16 exp16_nonpos(v16 x) {
-    const v16 lo = (v16){0} - 87.0f;
-    x = select16(x < lo, lo, x);
-    const v16 t = x * 1.4426950408889634f;
-    const v16i n = __builtin_convertvector(t, v16i); /* truncates toward 0: n >= t */
-    v16 f = t - __builtin_convertvector(n, v16);     /* in (-1, 0] */
-    f = f * 0.6931471805599453f;                     /* exp(f) for f in (-0.7, 0] */
-    v16 p = (v16){0} + 1.0f / 5040.0f;
-    p = p * f + 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const v16i bits = (n + 127) << 23;
-    v16 scale;
-    memcpy(&scale, &bits, sizeof scale);
-    const v16 tiny = (v16){0} - 86.9f;
-    return select16(x < tiny, (v16){0}, p * scale);
-}
 
 /* Sequence attention for KV heads [h0, h0 + nh): their K/V rows are adjacent in the cache, so
    a task over several heads reads each token's K and V as one contiguous stream. */

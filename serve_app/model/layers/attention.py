@@ -5,12 +5,13 @@ N blocks, B block size, S context length (cached + new tokens) of a sequence.
 The KV cache of one layer is a pair of tensors [N, B, Hkv, D]; a token at position p of a
 request lives in slot block_table[p // B] * B + p % B of the flattened [N * B, Hkv, D] view.
 
-On the CPU in float32, decoding sequences use the C kernel of serve_app/kernels/cpu.py, which
-reads K/V in place through the block tables. Otherwise (GPU, other dtypes, no C compiler) this
-is plain torch: decoding sequences are batched into one SDPA call over padded contexts. Prefill
-chunks run one sequence at a time with SDPA. Context K/V are copied out of the pool whole blocks
-at a time into a reused workspace: per-slot gathers and fresh buffers each layer cost more than
-the attention itself (see docs/benchmarks.md).
+On the CPU in float32, the C kernels of serve_app/kernels/cpu.py read K/V in place through the
+block tables: one call for all decoding sequences and one for all prefill chunks of a step (no
+gather of the cached context, no masks). Otherwise (GPU, other dtypes, no C compiler) this is
+plain torch: decoding sequences are batched into one SDPA call per group over padded contexts,
+prefill chunks run one sequence at a time with SDPA, and context K/V are copied out of the pool
+whole blocks at a time into a reused workspace: per-slot gathers and fresh buffers each layer
+cost more than the attention itself (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ class PrefillSeq:
     token_start: int  # offset in the flattened batch
     q_len: int
     ctx_len: int  # tokens of context after this chunk (cached + new)
-    ctx_blocks: torch.Tensor | None  # block ids of the whole context; None if nothing cached
+    ctx_blocks: torch.Tensor  # block ids of the whole context (cached + this chunk)
+
+    @property
+    def has_cached(self) -> bool:
+        return self.ctx_len > self.q_len
 
 
 @dataclass(slots=True)
@@ -80,6 +85,30 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     workspace: GatherWorkspace
     _masks: dict = field(default_factory=dict)
+
+    def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All decode groups as one ([n, max_blocks] tables, [n] context lengths), for the
+        kernel that reads ragged contexts (one parallel region per layer, not one per group)."""
+        if "decode_batch" not in self._masks:
+            width = max(g.blocks.shape[1] for g in self.decode_groups)
+            tables = [F.pad(g.blocks, (0, width - g.blocks.shape[1])) for g in self.decode_groups]
+            self._masks["decode_batch"] = (
+                torch.cat(tables).to(torch.int64),
+                torch.cat([g.ctx_lens for g in self.decode_groups]).to(torch.int64),
+            )
+        return self._masks["decode_batch"]
+
+    def prefill_batch(self) -> cpu_kernels.PrefillBatch:
+        """The prefill chunks as the prefill kernel reads them, built once per step."""
+        if "prefill_batch" not in self._masks:
+            seqs = self.prefills
+            self._masks["prefill_batch"] = cpu_kernels.PrefillBatch(
+                [s.ctx_blocks for s in seqs],
+                [s.token_start for s in seqs],
+                [s.q_len for s in seqs],
+                [s.ctx_len for s in seqs],
+            )
+        return self._masks["prefill_batch"]
 
     def decode_mask(self, g: int, window: int | None, block_size: int) -> torch.Tensor:
         """[n, 1, 1, max_blocks * B] bool: inside the context and, if set, the window."""
@@ -137,21 +166,36 @@ def paged_attention(
     sequence in the batch may read blocks another one fills in this very step."""
     k_cache, v_cache = kv_cache
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    b = k_cache.shape[1]
     out = torch.empty_like(q)
-    kernels = cpu_kernels.load() if meta.decode_groups and q.device.type == "cpu" else None
+    kernels = cpu_kernels.load() if q.device.type == "cpu" else None
     if kernels is not None and not kernels.paged_decode_applies(q, k_cache, v_cache):
         kernels = None
+    if kernels is not None:
+        _kernel_attention(kernels, q.contiguous(), kv_cache, meta, scale, window, out)
+        return out
+    _torch_decode(q, kv_cache, meta, scale, window, out)
+    _torch_prefill(q, k, v, kv_cache, meta, scale, window, out)
+    return out
 
+
+def _kernel_attention(kernels, q, kv_cache, meta, scale, window, out) -> None:
+    """Every decode in one kernel call and every prefill chunk in another."""
+    k_cache, v_cache = kv_cache
+    if meta.decode_groups:
+        tables, lens = meta.decode_batch()
+        starts = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
+        out[: len(lens)] = kernels.paged_decode(
+            q[: len(lens)], k_cache, v_cache, tables, lens, starts, scale
+        )
+    if meta.prefills:
+        kernels.paged_prefill(q, k_cache, v_cache, meta.prefill_batch(), scale, window, out)
+
+
+def _torch_decode(q, kv_cache, meta, scale, window, out) -> None:
+    k_cache, v_cache = kv_cache
+    b = k_cache.shape[1]
     for g, group in enumerate(meta.decode_groups):
         s, e = group.token_start, group.token_start + group.blocks.shape[0]
-        if kernels is not None:
-            lens = group.ctx_lens
-            starts = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
-            out[s:e] = kernels.paged_decode(
-                q[s:e], k_cache, v_cache, group.blocks, lens, starts, scale
-            )
-            continue
         nd, span = group.blocks.shape[0], group.blocks.shape[1] * b
         kd, vd = meta.workspace.gather(k_cache, v_cache, group.blocks.reshape(-1))
         kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [n, Hkv, span, D]
@@ -166,9 +210,12 @@ def paged_attention(
         )
         out[s:e] = o.squeeze(2)
 
+
+def _torch_prefill(q, k, v, kv_cache, meta, scale, window, out) -> None:
+    k_cache, v_cache = kv_cache
     for i, seq in enumerate(meta.prefills):
         s, e = seq.token_start, seq.token_start + seq.q_len
-        if seq.ctx_blocks is None:  # nothing cached before this chunk: use the fresh K/V
+        if not seq.has_cached:  # nothing cached before this chunk: use the fresh K/V
             kp, vp = k[s:e], v[s:e]
         else:
             kp, vp = meta.workspace.gather(k_cache, v_cache, seq.ctx_blocks)
@@ -183,4 +230,3 @@ def paged_attention(
             enable_gqa=True,
         )
         out[s:e] = o.transpose(0, 1)
-    return out
