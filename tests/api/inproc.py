@@ -29,9 +29,9 @@ def serving(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def wait_idle(engine: AsyncLLMEngine) -> None:
+def wait_idle(engine: AsyncLLMEngine, timeout_s: float = 10.0) -> None:
     """Until no request runs and no KV block is held (else fail: a leak)."""
-    for _ in range(200):
+    for _ in range(int(timeout_s / 0.05)):
         s = engine.stats()
         if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
             return

@@ -5,7 +5,6 @@ refused. Measured by the tokens the engine ran through its experts, not by time.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -16,6 +15,7 @@ from serve_app.api.submit import discard
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.request import SamplingParams
+from tests.api import inproc
 
 LONG = " ".join(["word"] * 6000)  # far past the context
 
@@ -34,12 +34,7 @@ def tokens_computed(engine: AsyncLLMEngine) -> int:
 
 
 def wait_idle(engine: AsyncLLMEngine) -> None:
-    for _ in range(400):
-        s = engine.stats()
-        if s.kv_blocks_used == 0 and s.num_running == 0 and engine.num_in_flight == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
+    inproc.wait_idle(engine, timeout_s=20.0)
 
 
 async def post(engine: AsyncLLMEngine, body: dict) -> httpx.Response:
