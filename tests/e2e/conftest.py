@@ -43,12 +43,13 @@ def ray_serve() -> RayServe:
     # Processes send their metrics to the node agent every second (default 10 s), so the
     # metrics tests see a request on /metrics within a few seconds. Read at Ray start-up.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    # The Serve mode `moeserve serve --ray` (make run) uses: HAProxy in front of the ingress
-    # replicas' own HTTP servers, Serve's throughput-optimized settings. Read at Ray start-up,
-    # and only for this Ray: servers the tests start later pick their own HAProxy ports.
+    # Serve's standard mode (its proxy actor) for this shared Ray. NOTE: `make run`'s
+    # throughput mode (HAProxy, direct ingress) is what test_make_run and test_readme_path
+    # start; two throughput-mode Rays on one machine interfere (a second one's ingress never
+    # built its app, so no rollout controller), so this one stays standard. Read at start-up.
     from serve_app.tools.ray_server import serve_mode_env
 
-    mode = serve_mode_env("throughput")
+    mode = serve_mode_env("standard")
     saved = {k: os.environ.get(k) for k in mode}
     os.environ.update(mode)
     try:
