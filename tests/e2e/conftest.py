@@ -79,7 +79,7 @@ def serve_app(ray_serve: RayServe) -> ServeApp:
             "model": str(model),
             "served_model_name": "tiny",
             "expert_parallel_size": EXPERT_PARALLEL_SIZE,
-            "engine": {"num_kv_blocks": 256, "max_model_len": 512},
+            "engine": {"num_kv_blocks": 256, "max_model_len": 1024},
             "router": {"num_replicas": 1, "num_cpus": 0},
             "experts": {"num_cpus": 0, "call_timeout_s": 60},
         }
