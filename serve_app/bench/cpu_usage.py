@@ -6,7 +6,7 @@ pass and sorted into a role by its name:
 
 | role | processes |
 |---|---|
-| `engine` | the engine thread (`moeserve-engine`); expert shard actors; vLLM's `EngineCore` |
+| `engine` | the engine thread (`moeserve-engine`); expert shards; vLLM's EngineCore and Worker |
 | `proxy` | Serve's HTTP proxy actor, or HAProxy and its manager actor |
 | `ingress` | the ingress replica(s) |
 | `router` | router replicas, *minus* their engine thread: event loop, Serve plumbing, stream I/O |
@@ -46,7 +46,7 @@ def role_of(name: str) -> str:
     if name.startswith("ray::ServeReplica:") or "ServeReplica:" in name:
         deployment = name.rsplit(":", 1)[-1].split()[0]
         return "ingress" if deployment.startswith("ingress") else "router"
-    if "ExpertShard" in name or "EngineCore" in name:
+    if "ExpertShard" in name or name.startswith(("VLLM::EngineCore", "VLLM::Worker")):
         return "engine"
     if name.startswith("ray::") or _is_ray_daemon(name):
         return "ray"

@@ -22,6 +22,7 @@ from serve_app.bench.cpu_usage import ProcCpu, role_of, sample_self, split
         ("ray::ServeReplica:moeserve--v2:router", "router"),
         ("ray::ExpertShardActor", "engine"),
         ("VLLM::EngineCore", "engine"),
+        ("VLLM::Worker", "engine"),
         ("ray::ServeController", "ray"),
         ("/x/ray/core/src/ray/raylet/raylet --node_id=1", "ray"),
         ("/x/gcs_server --port=1", "ray"),
