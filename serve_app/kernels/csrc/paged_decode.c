@@ -27,6 +27,7 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
                         float scale) {
     v16 qv[MAX_HD / 16], acc[MAX_HD / 16];
     float m[MAX_H], l[MAX_H], s[MAX_H][MAX_B] __attribute__((aligned(64)));
+    v16 part[MAX_H][16]; /* per query head, 16 keys' partial products */
     const int64_t nq = nh * G, nv = D / 16, row = Hkv * D; /* floats between tokens */
     q += h0 * G * D;
     out += h0 * G * D;
@@ -44,16 +45,33 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
         const int64_t t1 = len - p0 < B ? len - p0 : B;
         const float *kb = k_cache + blk * B * row + h0 * D;
         const float *vb = v_cache + blk * B * row + h0 * D;
-        for (int64_t t = t0; t < t1; t++) {
-            for (int64_t hk = 0; hk < nh; hk++) {
-                v16 kv[VD];
-                for (int64_t i = 0; i < nv; i++) kv[i] = load16(kb + t * row + hk * D + i * 16);
-                for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
-                    v16 a = qv[g * nv] * kv[0];
-                    for (int64_t i = 1; i < nv; i++) a += qv[g * nv + i] * kv[i];
-                    s[g][t] = hsum(a);
+        /* the next block sits anywhere in the cache, out of the hardware prefetcher's sight:
+           fetch its K while this block's scores are computed, its V during this block's P @ V */
+        const int64_t nxt = p0 + B < len ? table[p0 / B + 1] : blk;
+        const char *kn = (const char *)(k_cache + nxt * B * row + h0 * D);
+        const char *vn = (const char *)(v_cache + nxt * B * row + h0 * D);
+        const int64_t lines = (nh * D * 4 + 63) / 64; /* per key */
+        /* scores of 16 keys at a time: keys in memory order, one vector of partial products
+           per (query head, key), then one transpose-and-add tree per head for all 16 keys (no
+           serial horizontal sum per key) */
+        for (int64_t c = 0; c < B; c += 16) {
+            const int64_t lo = t0 > c ? t0 : c, hi = t1 < c + 16 ? t1 : c + 16;
+            if (lo >= hi) continue;
+            for (int64_t t = 0; t < 16; t++) {
+                const float *kr = kb + (c + t) * row;
+                const int in = c + t >= lo && c + t < hi;
+                for (int64_t ln = 0; ln < lines; ln++)
+                    __builtin_prefetch(kn + (c + t) * row * 4 + ln * 64);
+                for (int64_t hk = 0; hk < nh; hk++, kr += D) {
+                    for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
+                        v16 p = (v16){0};
+                        if (in)
+                            for (int64_t i = 0; i < nv; i++) p += qv[g * nv + i] * load16(kr + i * 16);
+                        part[g][t] = p;
+                    }
                 }
             }
+            for (int64_t g = 0; g < nq; g++) store16(&s[g][c], hsum16x16(part[g]));
         }
         for (int64_t g = 0; g < nq; g++) {
             float mx = m[g];
@@ -74,6 +92,7 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
             m[g] = mx;
         }
         for (int64_t t = t0; t < t1; t++) {
+            for (int64_t ln = 0; ln < lines; ln++) __builtin_prefetch(vn + t * row * 4 + ln * 64);
             for (int64_t hk = 0; hk < nh; hk++) {
                 v16 vv[VD];
                 for (int64_t i = 0; i < nv; i++) vv[i] = load16(vb + t * row + hk * D + i * 16);
