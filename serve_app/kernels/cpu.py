@@ -38,7 +38,9 @@ from serve_app.kernels.tuning import Blocking
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c"))
+SOURCES = tuple(
+    CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c", "rms_norm.c")
+)
 HEADERS = (CSRC / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 PANEL = 32  # must match NB in the C source (checked when it loads)
@@ -69,6 +71,10 @@ class CpuKernels:
         self._prefill.restype = None
         self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
         self._prefill.argtypes += [_I64, _I64, ctypes.c_float, _I64, _P, ctypes.c_int]
+        self._norm = lib.moeserve_rms_norm
+        self._norm.restype = None
+        self._norm.argtypes = [_P, _I64, _I64, _P, _P, ctypes.c_float, _I64, _I64, _P, _P]
+        self._norm.argtypes += [ctypes.c_int]
         limits = lib.moeserve_paged_decode_limits
         limits.restype = _I64
         limits.argtypes = [_I64]
@@ -171,6 +177,47 @@ class CpuKernels:
             _I64(active.numel()), _ptr(w), _I64(out.shape[1]), _ptr(out),
             _I64(blocking.mr), _I64(blocking.kc), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
+
+    def rms_norm_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """x [T, D] or [T, H, D] float32 on the CPU, rows contiguous (tokens may be strided),
+        D a multiple of 16."""
+        d = x.shape[-1]
+        return (
+            x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
+            and x.dim() in (2, 3)
+            and d % 16 == 0
+            and x.stride(-1) == 1
+            and (x.dim() == 2 or x.stride(1) == d)
+            and weight.is_contiguous()
+        )
+
+    def rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(x + residual, rms_norm(x + residual)), or (None, rms_norm(x)) without a residual;
+        x as rms_norm_applies says, residual (2-D only) any layout."""
+        t, d = x.shape[0], x.shape[-1]
+        heads = x.shape[1] if x.dim() == 3 else 1
+        out = torch.empty(x.shape, dtype=x.dtype)
+        summed = None
+        if residual is not None:
+            if heads != 1:
+                raise ValueError("rms_norm with a residual takes [T, D] rows")
+            residual = residual.contiguous()
+            summed = torch.empty(x.shape, dtype=x.dtype)
+        self._norm(
+            _ptr(x), _I64(x.stride(0)), _I64(heads),
+            _ptr(residual) if residual is not None else None, _ptr(weight),
+            ctypes.c_float(eps), _I64(t), _I64(d),
+            _ptr(summed) if summed is not None else None, _ptr(out),
+            ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        return summed, out
 
     def paged_decode_applies(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor

@@ -19,7 +19,7 @@ from serve_app.model.layers.attention import AttentionMetadata, paged_attention
 from serve_app.model.layers.linear import project
 from serve_app.model.layers.mlp import GatedMLP
 from serve_app.model.layers.moe import SparseMoeBlock
-from serve_app.model.layers.norm import RMSNorm
+from serve_app.model.layers.norm import RMSNorm, add_rms_norm
 from serve_app.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -84,12 +84,17 @@ class DecoderLayer(nn.Module):
         return h + ffn.result()
 
     def start(
-        self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata
+        self, x, cos_sin, kv_cache: KVCache, meta: AttentionMetadata, residual=None
     ) -> tuple[torch.Tensor, ExpertFuture]:
-        """Attention, then start the FFN: the layer's output is h + ffn.result()."""
-        h = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        """Attention, then start the FFN: the layer's output is h + ffn.result(). The layer's
+        input is x, or x + residual (the previous layer's FFN output, added in the norm's pass)."""
+        if residual is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = add_rms_norm(x, residual, self.input_layernorm)
+        attn = self.self_attn(normed, cos_sin, kv_cache, meta)
+        h, y = add_rms_norm(x, attn, self.post_attention_layernorm)
         ffn = getattr(self, self.ffn_name)
-        y = self.post_attention_layernorm(h)
         return h, ffn.submit(y) if isinstance(ffn, SparseMoeBlock) else DoneFuture(ffn(y))
 
 
@@ -140,14 +145,15 @@ class CausalLM(nn.Module):
         pending: list[tuple[torch.Tensor, ExpertFuture] | None] = [None] * len(batches)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             for i, b in enumerate(batches):
-                if pending[i] is not None:
+                if pending[i] is None:
+                    pending[i] = layer.start(xs[i], rope[i], kv, b.meta)
+                else:
                     h, ffn = pending[i]
-                    xs[i] = h + ffn.result()
-                pending[i] = layer.start(xs[i], rope[i], kv, b.meta)
+                    pending[i] = layer.start(h, rope[i], kv, b.meta, residual=ffn.result())
         out = []
         for p in pending:
             h, ffn = p
-            out.append(self.model.norm(h + ffn.result()))
+            out.append(add_rms_norm(h, ffn.result(), self.model.norm)[1])
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -242,3 +242,47 @@ def test_paged_prefill_matches_torch_and_reference(
             with_kernel[row : row + new].double(), want, atol=1e-5, rtol=1e-5
         )
         row += new
+
+
+def _rms_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return w.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 3000])  # 3000 x 64: a parallel call
+def test_rms_norm_matches_reference(kernel, rows):
+    """Plain rows, rows with the residual added in the same pass, and the per-head rows of a
+    column slice of a fused projection (strided tokens)."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(64, generator=g)
+    x = torch.randn(rows, 64, generator=g) * 3
+    res = torch.randn(rows, 64, generator=g)
+    summed, out = kernel.rms_norm(x, w, 1e-6)
+    assert summed is None
+    torch.testing.assert_close(out.double(), _rms_reference(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    summed, out = kernel.rms_norm(x, w, 1e-6, res)
+    torch.testing.assert_close(summed, x + res)
+    torch.testing.assert_close(out.double(), _rms_reference(x + res, w, 1e-6), atol=1e-5, rtol=1e-5)
+    fused = torch.randn(rows, 5 * 32, generator=g)
+    heads = fused[:, 32:].view(rows, 2, 64)  # strided tokens, contiguous heads
+    assert kernel.rms_norm_applies(heads, w)
+    got = kernel.rms_norm(heads, w, 1e-6)[1]
+    assert got.is_contiguous()
+    torch.testing.assert_close(got.double(), _rms_reference(heads, w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_module_and_residual_match_torch(kernel, monkeypatch):
+    """RMSNorm and add_rms_norm give torch's results with the kernel and without it."""
+    from serve_app.model.layers.norm import RMSNorm, add_rms_norm
+
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(48 + 16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x, res = torch.randn(7, 64, generator=g), torch.randn(7, 64, generator=g)
+    with torch.no_grad():
+        fast = (norm(x), *add_rms_norm(x, res, norm))
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+        slow = (norm(x), *add_rms_norm(x, res, norm))
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
