@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 MAX_ROW_TILE = 12  # must match MAX_MR in csrc/grouped_mm.c
 MAX_QUERY_ROWS = 64  # must match MAX_R in csrc/paged_prefill.c
-PREFILL_SCRATCH_BYTES = 290 * 1024  # sizeof(Scratch) in csrc/paged_prefill.c, rounded up
+PREFILL_SCRATCH_BYTES = 160 * 1024  # sizeof(Scratch) in csrc/paged_prefill.c, rounded up
 NEVER = 0  # mkl_rows: the C kernel runs every expert group
 
 

@@ -3,13 +3,16 @@
    Every sequence computing q_len > 1 tokens (a prompt chunk after a cached prefix, or a whole
    prompt) attends causally to its context through its block table, all sequences in one
    parallel call: no gather of the cached context, no mask tensors, no padding. A task is one
-   (sequence, tile of `qt` query tokens, KV head): its qt x G query rows (G query heads share
-   the KV head) stay in L1/L2 while the context streams past in steps of 64 keys (whole
-   blocks). Per step, K is transposed into [D, 64] so the scores of 4 query rows x 64 keys are
-   16 vector accumulators fed by one broadcast each, then an online softmax per row (vector
-   max, masks from the row's visible range, vector exp), then P @ V with each row's
-   accumulators in registers. Steps of 64 keys rather than one 16-key block: the per-row
-   softmax work is paid once per 64 keys (measured ~1.6x faster than per block).
+   (sequence, tile of `qt` query tokens, KV head): its R = qt x G query rows (G query heads
+   share the KV head) stay in L1/L2 while the context streams past in steps of 64 keys (whole
+   blocks), read in place in the cache's own [key, D] layout.
+   The query rows live in the lanes of the vectors (Q is transposed once per task into
+   [D, R]): the scores of 4 keys x up to 64 rows are 16 vector accumulators fed by one
+   broadcast of a K element each, so K is never transposed; the online softmax is then plain
+   vector work across rows (running max, masks from each row's visible range, exp, sums: no
+   horizontal max or sum), and P @ V takes 4 rows x 64 values per key with each V row loaded
+   once for the 4 rows. (The previous kernel transposed every 64-key step of K for every query
+   tile and kept rows in scalars: ~2x slower on an AMD EPYC.)
    Layouts: q, out [T, H, D] (the flattened batch; sequence i's tokens start at q_start[i]);
    k_cache, v_cache [num_blocks, B, Hkv, D]; block_tables [n, max_blocks]. The query tokens of
    sequence i are its positions [ctx_len - q_len, ctx_len); a key at position p is visible to
@@ -22,120 +25,158 @@
 #include "simd.h"
 
 #define MAX_R 64  /* query rows of a task: qt x G */
+#define MAX_RV (MAX_R / 16)
 #define MAX_D 256 /* head dim */
 #define MAX_B 64  /* block size */
 #define KC 64     /* keys per softmax step: whole blocks, at least one */
 #define MAX_KC (KC > MAX_B ? KC : MAX_B)
-#define RB 4      /* query rows whose scores are computed together */
+#define KB 4      /* keys whose scores are computed together */
+#define RB 4      /* rows whose P @ V is computed together */
 
 typedef struct {
-    float q[MAX_R + RB][MAX_D];     /* scaled queries, padded to a multiple of RB rows */
-    float acc[MAX_R][MAX_D];        /* unnormalised outputs */
-    float kt[MAX_D][MAX_KC];        /* this step's keys, transposed */
-    float vb[MAX_KC][MAX_D];        /* this step's values */
-    float s[MAX_R + RB][MAX_KC];    /* scores, then probabilities */
-    float m[MAX_R], l[MAX_R];       /* running max and sum per row */
-    int64_t pos[MAX_R];             /* position of each row's query token */
+    float qt[MAX_D][MAX_R];        /* scaled queries, transposed: rows in lanes */
+    float st[MAX_KC + KB][MAX_R];  /* this step's scores, then probabilities, [key][row] */
+    float acc[MAX_R + RB][MAX_D];  /* unnormalised outputs */
+    float m[MAX_R], l[MAX_R];      /* running max and sum per row */
+    float pos[MAX_R];              /* position of each row's query token (-1: padding) */
+    float kpos[MAX_KC + KB];       /* position of each key of the step (+inf: padding) */
+    const float *kr[MAX_KC + KB];  /* this step's K and V rows, in place in the cache */
+    const float *vr[MAX_KC + KB];
+    float zero[MAX_D];             /* K of padding keys */
 } Scratch;
 
-/* scores s[r0..r0+RB)[0..nk) = q rows . kt columns, 16 keys per vector, all chunks of the
-   step at once (RB x NC accumulators, the K^T loads shared by the RB rows) */
-#define SCORES(NC)                                                                          \
-    static void scores_##NC(Scratch *w, int64_t r0, int64_t D) {                            \
-        v16 a[RB][NC];                                                                      \
-        for (int i = 0; i < RB; i++)                                                        \
-            for (int c = 0; c < NC; c++) a[i][c] = (v16){0};                                \
+/* st[t0..t0+KB)[0..16 RV) = the KB keys' rows of K . the transposed query rows */
+#define SCORES(RV)                                                                          \
+    static void scores_##RV(Scratch *w, int64_t t0, int64_t D) {                            \
+        v16 a[KB][RV];                                                                      \
+        for (int j = 0; j < KB; j++)                                                        \
+            for (int c = 0; c < RV; c++) a[j][c] = (v16){0};                                \
+        const float *k0 = w->kr[t0], *k1 = w->kr[t0 + 1], *k2 = w->kr[t0 + 2],              \
+                    *k3 = w->kr[t0 + 3];                                                    \
         for (int64_t d = 0; d < D; d++) {                                                   \
-            v16 kv[NC];                                                                     \
-            for (int c = 0; c < NC; c++) kv[c] = load16(&w->kt[d][16 * c]);                 \
-            for (int i = 0; i < RB; i++) {                                                  \
-                const float qv = w->q[r0 + i][d];                                           \
-                for (int c = 0; c < NC; c++) a[i][c] += qv * kv[c];                         \
-            }                                                                               \
+            v16 qv[RV];                                                                     \
+            for (int c = 0; c < RV; c++) qv[c] = load16(&w->qt[d][16 * c]);                 \
+            const float kv[KB] = {k0[d], k1[d], k2[d], k3[d]};                              \
+            for (int j = 0; j < KB; j++)                                                    \
+                for (int c = 0; c < RV; c++) a[j][c] += kv[j] * qv[c];                      \
         }                                                                                   \
-        for (int i = 0; i < RB; i++)                                                        \
-            for (int c = 0; c < NC; c++) store16(&w->s[r0 + i][16 * c], a[i][c]);           \
+        for (int j = 0; j < KB; j++)                                                        \
+            for (int c = 0; c < RV; c++) store16(&w->st[t0 + j][16 * c], a[j][c]);          \
     }
 SCORES(1) SCORES(2) SCORES(3) SCORES(4)
+
+/* acc[r0..r0+RB)[d0..d0+64) += P[r][t] V[t][d0..d0+64) over the step's nk keys */
+static void pv_rows(Scratch *w, int64_t r0, int64_t d0, int64_t nk) {
+    v16 a[RB][4];
+    for (int i = 0; i < RB; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = load16(&w->acc[r0 + i][d0 + 16 * c]);
+    for (int64_t t = 0; t < nk; t++) {
+        const float *vt = w->vr[t] + d0;
+        const v16 v0 = load16(vt), v1 = load16(vt + 16), v2 = load16(vt + 32), v3 = load16(vt + 48);
+        for (int i = 0; i < RB; i++) {
+            const float p = w->st[t][r0 + i];
+            a[i][0] += p * v0;
+            a[i][1] += p * v1;
+            a[i][2] += p * v2;
+            a[i][3] += p * v3;
+        }
+    }
+    for (int i = 0; i < RB; i++)
+        for (int c = 0; c < 4; c++) store16(&w->acc[r0 + i][d0 + 16 * c], a[i][c]);
+}
+
+/* the same for D - d0 < 64 values (a head dim that is no multiple of 64) */
+static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t nk) {
+    for (int64_t t = 0; t < nk; t++)
+        for (int i = 0; i < RB; i++) {
+            const float p = w->st[t][r0 + i];
+            for (int64_t d = d0; d < D; d += 16)
+                store16(&w->acc[r0 + i][d], load16(&w->acc[r0 + i][d]) + p * load16(w->vr[t] + d));
+        }
+}
 
 static void prefill_task(const float *q, const float *k_cache, const float *v_cache,
                          const int64_t *table, int64_t q_len, int64_t ctx_len, int64_t tok0,
                          int64_t ntok, int64_t hk, int64_t H, int64_t Hkv, int64_t D,
                          int64_t B, int64_t window, float scale, float *out, Scratch *w) {
-    const int64_t G = H / Hkv, R = ntok * G, nv = D / 16, row = Hkv * D;
+    const int64_t G = H / Hkv, R = ntok * G, RV = (R + 15) / 16, row = Hkv * D;
     const int64_t first = ctx_len - q_len + tok0, last = first + ntok - 1; /* positions */
     const int64_t step = KC >= B ? KC / B * B : B; /* keys per softmax step: whole blocks */
-    memset(w->q, 0, sizeof(float) * (size_t)((R + RB - 1) / RB * RB) * MAX_D);
+    for (int64_t r = 0; r < RV * 16; r++) {
+        w->m[r] = -INFINITY;
+        w->l[r] = 0.0f;
+        w->pos[r] = -1.0f;
+    }
+    for (int64_t r = 0; r < RV * 16; r++)
+        for (int64_t d = 0; d < D; d++) w->acc[r][d] = 0.0f;
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t r = R; r < RV * 16; r++) w->qt[d][r] = 0.0f;
     for (int64_t t = 0; t < ntok; t++)
         for (int64_t g = 0; g < G; g++) {
             const int64_t r = t * G + g;
             const float *src = q + ((tok0 + t) * H + hk * G + g) * D;
-            for (int64_t i = 0; i < D; i++) w->q[r][i] = src[i] * scale;
-            memset(w->acc[r], 0, sizeof(float) * D);
-            w->m[r] = -INFINITY;
-            w->l[r] = 0.0f;
-            w->pos[r] = first + t;
+            for (int64_t d = 0; d < D; d++) w->qt[d][r] = src[d] * scale;
+            w->pos[r] = (float)(first + t);
         }
-    v16 iota;
-    for (int i = 0; i < 16; i++) iota[i] = (float)i;
+    for (int64_t d = 0; d < D; d++) w->zero[d] = 0.0f;
+    const v16 ninf = (v16){0} - INFINITY;
     const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
     for (int64_t p0 = lo - lo % B; p0 <= last; p0 += step) {
         /* keys [p0, p0 + nk): whole blocks up to the tile's last position */
         const int64_t end = last + 1 < p0 + step ? last + 1 : p0 + step;
-        const int64_t nk = end - p0, nc = (nk + 15) / 16;
+        const int64_t nk = end - p0, nkb = (nk + KB - 1) / KB * KB;
         for (int64_t t = 0; t < nk; t++) {
             const int64_t p = p0 + t, slot = table[p / B] * B + p % B;
-            const float *kr = k_cache + slot * row + hk * D;
-            for (int64_t d = 0; d < D; d++) w->kt[d][t] = kr[d];
-            memcpy(w->vb[t], v_cache + slot * row + hk * D, sizeof(float) * D);
+            w->kr[t] = k_cache + slot * row + hk * D;
+            w->vr[t] = v_cache + slot * row + hk * D;
+            w->kpos[t] = (float)p;
         }
-        for (int64_t t = nk; t < nc * 16; t++)
-            for (int64_t d = 0; d < D; d++) w->kt[d][t] = 0.0f; /* padding: masked below */
+        for (int64_t t = nk; t < nkb; t++) {
+            w->kr[t] = w->zero;
+            w->kpos[t] = INFINITY;
+        }
+        for (int64_t t = 0; t < nkb; t += KB) {
+            switch (RV) {
+            case 1: scores_1(w, t, D); break;
+            case 2: scores_2(w, t, D); break;
+            case 3: scores_3(w, t, D); break;
+            default: scores_4(w, t, D); break;
+            }
+        }
+        /* online softmax, 16 rows per vector: mask, running max, exp, sums */
+        for (int64_t c = 0; c < RV; c++) {
+            const v16 pos = load16(&w->pos[16 * c]);
+            const v16 wlo = window > 0 ? pos - (float)window : (v16){0} - INFINITY;
+            const v16 m_old = load16(&w->m[16 * c]);
+            v16 mx = m_old;
+            for (int64_t t = 0; t < nk; t++) {
+                const v16 kp = (v16){0} + w->kpos[t];
+                const v16 sv = select16((kp <= pos) & (kp > wlo), load16(&w->st[t][16 * c]), ninf);
+                store16(&w->st[t][16 * c], sv);
+                mx = select16(sv > mx, sv, mx);
+            }
+            /* rows with nothing visible yet keep max -inf: exponents against 0 give 0 */
+            const v16 base = select16(mx == ninf, (v16){0}, mx);
+            const v16 corr = exp16_nonpos(m_old - base);
+            v16 sum = (v16){0};
+            for (int64_t t = 0; t < nk; t++) {
+                const v16 e = exp16_nonpos(load16(&w->st[t][16 * c]) - base);
+                store16(&w->st[t][16 * c], e);
+                sum += e;
+            }
+            store16(&w->l[16 * c], load16(&w->l[16 * c]) * corr + sum);
+            store16(&w->m[16 * c], mx);
+            for (int i = 0; i < 16; i++) {
+                const float f = corr[i];
+                float *ar = w->acc[16 * c + i];
+                if (f != 1.0f)
+                    for (int64_t d = 0; d < D; d += 16) store16(ar + d, load16(ar + d) * f);
+            }
+        }
         for (int64_t r0 = 0; r0 < R; r0 += RB) {
-            switch (nc) {
-            case 1: scores_1(w, r0, D); break;
-            case 2: scores_2(w, r0, D); break;
-            case 3: scores_3(w, r0, D); break;
-            default: scores_4(w, r0, D); break;
-            }
-        }
-        for (int64_t r = 0; r < R; r++) {
-            /* visible keys of this row in this step: [t0, t1) */
-            const int64_t s_pos = w->pos[r];
-            int64_t t1 = s_pos + 1 - p0;
-            t1 = t1 < nk ? t1 : nk;
-            int64_t t0 = window > 0 ? s_pos - window + 1 - p0 : 0;
-            t0 = t0 > 0 ? t0 : 0;
-            if (t1 <= t0) continue;
-            float *sr = w->s[r];
-            const v16 vt0 = (v16){0} + (float)t0, vt1 = (v16){0} + (float)t1;
-            v16 mxv = (v16){0} - INFINITY;
-            for (int64_t c = 0; c < nc; c++) {
-                const v16 idx = iota + (float)(16 * c);
-                const v16 sv = select16((idx >= vt0) & (idx < vt1), load16(sr + 16 * c),
-                                        (v16){0} - INFINITY);
-                mxv = select16(sv > mxv, sv, mxv);
-                store16(sr + 16 * c, sv);
-            }
-            float mx = hmax(mxv);
-            mx = w->m[r] > mx ? w->m[r] : mx;
-            const float corr = expf(w->m[r] - mx); /* 0 on the first visible step */
-            v16 sumv = (v16){0};
-            for (int64_t c = 0; c < nc; c++) {
-                const v16 e = exp16_nonpos(load16(sr + 16 * c) - mx); /* -inf -> 0 */
-                store16(sr + 16 * c, e);
-                sumv += e;
-            }
-            w->l[r] = w->l[r] * corr + hsum(sumv);
-            w->m[r] = mx;
-            /* acc[r] = acc[r] * corr + P[r] @ V, the row's accumulators in registers */
-            v16 a[MAX_D / 16];
-            for (int64_t i = 0; i < nv; i++) a[i] = load16(w->acc[r] + i * 16) * corr;
-            for (int64_t t = t0; t < t1; t++) {
-                const float p = sr[t];
-                for (int64_t i = 0; i < nv; i++) a[i] += p * load16(w->vb[t] + i * 16);
-            }
-            for (int64_t i = 0; i < nv; i++) store16(w->acc[r] + i * 16, a[i]);
+            int64_t d0 = 0;
+            for (; d0 + 64 <= D; d0 += 64) pv_rows(w, r0, d0, nk);
+            if (d0 < D) pv_rows_tail(w, r0, d0, D, nk);
         }
     }
     for (int64_t t = 0; t < ntok; t++)
