@@ -66,7 +66,11 @@ class CpuKernels:
         self._attn = lib.moeserve_paged_decode
         self._attn.restype = None
         self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
-        self._attn.argtypes += [ctypes.c_float, _P, ctypes.c_int]
+        self._attn.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
+        self._shared = lib.moeserve_shared_prefix
+        self._shared.restype = None
+        self._shared.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64]
+        self._shared.argtypes += [_I64, ctypes.c_float, _P, _P, ctypes.c_int]
         self._prefill = lib.moeserve_paged_prefill
         self._prefill.restype = None
         self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
@@ -245,9 +249,14 @@ class CpuKernels:
         ctx_lens: torch.Tensor,
         starts: torch.Tensor,
         scale: float,
+        shared: SharedPrefixes | None = None,
     ) -> torch.Tensor:
         """q [n, H, D] (one token per sequence) -> [n, H, D]; keys at positions
-        [starts[i], ctx_lens[i]) of sequence i, found through block_tables [n, max_blocks]."""
+        [starts[i], ctx_lens[i]) of sequence i, found through block_tables [n, max_blocks].
+
+        With `shared` (no sliding window), the sequences of each group first attend together
+        to the keys their tables share (moeserve_shared_prefix: cascade attention), then each
+        to the rest of its own; starts must be 0 then."""
         n, h, d = q.shape
         _, b, hkv, _ = k_cache.shape
         q = q.contiguous()
@@ -255,10 +264,26 @@ class CpuKernels:
         lens = ctx_lens.to(torch.int64).contiguous()
         starts = starts.to(torch.int64).contiguous()
         out = torch.empty_like(q)
+        init_out = init_lse = None
+        if shared is not None:
+            init_out = torch.zeros_like(q)
+            init_lse = torch.full((n, h), float("-inf"))
+            self._shared(
+                _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(shared.rows), _ptr(shared.starts),
+                _ptr(shared.tables), _I64(shared.tables.shape[1]), _ptr(shared.prefix_lens),
+                _I64(len(shared.prefix_lens)), _I64(h), _I64(hkv), _I64(d), _I64(b),
+                ctypes.c_float(scale), _ptr(init_out), _ptr(init_lse),
+                ctypes.c_int(torch.get_num_threads()),
+            )  # fmt: skip
+            starts = starts.clone()
+            starts[shared.rows] = shared.row_starts
         self._attn(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
             _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
-            ctypes.c_float(scale), _ptr(out), ctypes.c_int(torch.get_num_threads()),
+            ctypes.c_float(scale), _ptr(out),
+            _ptr(init_out) if init_out is not None else None,
+            _ptr(init_lse) if init_lse is not None else None,
+            ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
         return out
 
@@ -286,6 +311,29 @@ class CpuKernels:
             _I64(h), _I64(hkv), _I64(d), _I64(b), _I64(window or 0), ctypes.c_float(scale),
             _I64(qt), _ptr(out), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
+
+
+class SharedPrefixes:
+    """Groups of decoding sequences whose block tables begin with the same blocks: rows
+    [starts[g], starts[g+1]) of `rows` (indices into the decode batch) share the first
+    prefix_lens[g] keys, through tables[g] (int64, contiguous)."""
+
+    __slots__ = ("rows", "starts", "tables", "prefix_lens", "row_starts")
+
+    def __init__(self, groups: list[tuple[list[int], list[int], int]]):
+        """groups: (decode rows, the shared blocks, shared keys) each."""
+        rows = [r for g in groups for r in g[0]]
+        self.rows = torch.tensor(rows, dtype=torch.int64)
+        bounds = [0]
+        for g in groups:
+            bounds.append(bounds[-1] + len(g[0]))
+        self.starts = torch.tensor(bounds, dtype=torch.int64)
+        width = max(len(g[1]) for g in groups)
+        self.tables = torch.zeros(len(groups), width, dtype=torch.int64)
+        for i, g in enumerate(groups):
+            self.tables[i, : len(g[1])] = torch.tensor(g[1], dtype=torch.int64)
+        self.prefix_lens = torch.tensor([g[2] for g in groups], dtype=torch.int64)
+        self.row_starts = torch.tensor([g[2] for g in groups for _ in g[0]], dtype=torch.int64)
 
 
 class PrefillBatch:

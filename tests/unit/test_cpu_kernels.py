@@ -286,3 +286,66 @@ def test_rms_norm_module_and_residual_match_torch(kernel, monkeypatch):
         slow = (norm(x), *add_rms_norm(x, res, norm))
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8)])
+def test_cascade_decode_matches_per_sequence(kernel, monkeypatch, heads, kv_heads, dim, block):
+    """Decoding sequences that share their first blocks (two groups of different sizes, one
+    member ending right after the shared part, one sequence on its own) give what the plain
+    per-sequence kernel and torch give."""
+    from serve_app.model.layers.attention import find_shared_prefixes
+
+    g = torch.Generator().manual_seed(heads * block)
+    num_blocks = 120
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    prefix_a, prefix_b = perm[:6], perm[6:11]  # shared blocks of two groups
+    own = iter(perm[11:])
+    lens = [6 * block + 1, 6 * block + 9, 8 * block, 5 * block + 3, 7 * block + 2, 9 * block]
+    heads_of = [prefix_a, prefix_a, prefix_a, prefix_b, prefix_b, [next(own)]]
+    tables = []
+    for n, head in zip(lens, heads_of, strict=True):
+        need = (n + block - 1) // block
+        tables.append(head[:need] + [next(own) for _ in range(need - len(head[:need]))])
+    groups = find_shared_prefixes(tables, lens, block)
+    assert sorted(len(rows) for rows, _, _ in groups) == [2, 3]
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    lens_t = torch.tensor(lens)
+    q = torch.randn(len(lens), heads, dim, generator=g) * 3
+    starts = torch.zeros(len(lens), dtype=torch.int64)
+    shared = cpu_kernel.SharedPrefixes(groups)
+    cascade = kernel.paged_decode(q, k_cache, v_cache, table_t, lens_t, starts, dim**-0.5, shared)
+    plain = kernel.paged_decode(q, k_cache, v_cache, table_t, lens_t, starts, dim**-0.5)
+    torch.testing.assert_close(cascade, plain, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lens):  # float64 reference, sequence by sequence
+        slots = torch.tensor([tables[i][p // block] * block + p % block for p in range(n)])
+        kk = k_cache.view(-1, kv_heads, dim)[slots].double()
+        vv = v_cache.view(-1, kv_heads, dim)[slots].double()
+        for h in range(heads):
+            p = torch.softmax(kk[:, h * kv_heads // heads] @ q[i, h].double() * dim**-0.5, 0)
+            want = p @ vv[:, h * kv_heads // heads]
+            torch.testing.assert_close(cascade[i, h].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_find_shared_prefixes_groups_by_common_blocks():
+    """Groups need >= 2 members and >= min_blocks common full blocks; every member keeps its
+    newest token out of the shared part; a short context or a different first block is alone."""
+    from serve_app.model.layers.attention import find_shared_prefixes
+
+    b = 4
+    tables = [
+        [1, 2, 3, 4, 5, 9],  # 24 tokens
+        [1, 2, 3, 4, 5, 6, 7],  # 25 tokens
+        [1, 2, 3, 8, 10],  # diverges after 3 blocks
+        [20, 21, 22, 23, 24],
+        [20, 21, 22, 23, 25],
+        [30, 31],
+    ]
+    lens = [24, 25, 20, 20, 17, 8]
+    groups = find_shared_prefixes(tables, lens, b, min_blocks=4)
+    assert groups == [([3, 4], [20, 21, 22, 23], 16)]  # rows 0-2 share only 3 blocks
+    groups = find_shared_prefixes(tables[:2], lens[:2], b, min_blocks=4)
+    assert groups == [([0, 1], [1, 2, 3, 4, 5], 20)]  # (24 - 1) // 4 = 5 blocks for row 0
+    assert find_shared_prefixes(tables[:2], [16, 25], b, min_blocks=4) == []  # 16 <= 4 blocks

@@ -7,7 +7,10 @@
    buffer grows with the context.
    Layouts: q, out [n, H, D]; k_cache, v_cache [num_blocks, B, Hkv, D]; block_tables [n,
    max_blocks]; keys of sequence i are positions [start[i], ctx_lens[i]) (start > 0 for a
-   sliding window). D is a multiple of 16 up to MAX_D; the caller checks the limits.
+   sliding window, or after a prefix shared with other sequences: then init_out [n, H, D] and
+   init_lse [n, H] hold the attention over keys [0, start[i]) from moeserve_shared_prefix, and
+   -inf in init_lse marks rows without one). D is a multiple of 16 up to MAX_D; the caller
+   checks the limits.
    serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 
@@ -24,7 +27,7 @@
 static void decode_task(const float *q, const float *k_cache, const float *v_cache,
                         const int64_t *table, int64_t start, int64_t len, float *out,
                         int64_t G, int64_t D, int64_t B, int64_t Hkv, int64_t h0, int64_t nh,
-                        float scale) {
+                        float scale, const float *init_out, const float *init_lse) {
     v16 qv[MAX_HD / 16], acc[MAX_HD / 16];
     float m[MAX_H], l[MAX_H], s[MAX_H][MAX_B] __attribute__((aligned(64)));
     v16 part[MAX_H][16]; /* per query head, 16 keys' partial products */
@@ -37,6 +40,18 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
         for (int64_t i = 0; i < nv; i++) {
             qv[g * nv + i] = load16(q + g * D + i * 16) * scale;
             acc[g * nv + i] = (v16){0};
+        }
+    }
+    /* continuing after a shared prefix (moeserve_shared_prefix): its normalised output and
+       log-sum-exp are the state (acc = out, l = 1, m = lse) the remaining keys update */
+    if (init_lse != NULL) {
+        init_lse += h0 * G;
+        init_out += h0 * G * D;
+        for (int64_t g = 0; g < nq; g++) {
+            if (init_lse[g] == -INFINITY) continue;
+            m[g] = init_lse[g];
+            l[g] = 1.0f;
+            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = load16(init_out + g * D + i * 16);
         }
     }
     for (int64_t p0 = start - start % B; p0 < len; p0 += B) {
@@ -120,7 +135,8 @@ void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_
                            const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *ctx_lens, const int64_t *starts, int64_t n,
                            int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale,
-                           float *out, int num_threads) {
+                           float *out, const float *init_out, const float *init_lse,
+                           int num_threads) {
     const int64_t G = H / Hkv;
     /* one task per sequence when there are enough of them, else one per (sequence, KV head) */
     const int64_t nh = n >= 4 * num_threads ? Hkv : 1, chunks = Hkv / nh;
@@ -128,6 +144,7 @@ void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_
     for (int64_t task = 0; task < n * chunks; task++) {
         const int64_t i = task / chunks, h0 = (task % chunks) * nh;
         decode_task(q + i * H * D, k_cache, v_cache, block_tables + i * max_blocks, starts[i],
-                    ctx_lens[i], out + i * H * D, G, D, B, Hkv, h0, nh, scale);
+                    ctx_lens[i], out + i * H * D, G, D, B, Hkv, h0, nh, scale,
+                    init_lse ? init_out + i * H * D : NULL, init_lse ? init_lse + i * H : NULL);
     }
 }

@@ -95,35 +95,17 @@ static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t 
         }
 }
 
-static void prefill_task(const float *q, const float *k_cache, const float *v_cache,
-                         const int64_t *table, int64_t q_len, int64_t ctx_len, int64_t tok0,
-                         int64_t ntok, int64_t hk, int64_t H, int64_t Hkv, int64_t D,
-                         int64_t B, int64_t window, float scale, float *out, Scratch *w) {
-    const int64_t G = H / Hkv, R = ntok * G, RV = (R + 15) / 16, row = Hkv * D;
-    const int64_t first = ctx_len - q_len + tok0, last = first + ntok - 1; /* positions */
+/* Rows [0, R) of the scratch (queries in w->qt, positions in w->pos, state in m, l, acc)
+   attend to the keys at positions [p_begin, p_end) of one KV head through `table`, in steps of
+   whole blocks. */
+static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float *v_cache,
+                        const int64_t *table, int64_t p_begin, int64_t p_end, int64_t hk,
+                        int64_t Hkv, int64_t D, int64_t B, int64_t window) {
+    const int64_t RV = (R + 15) / 16, row = Hkv * D;
     const int64_t step = KC >= B ? KC / B * B : B; /* keys per softmax step: whole blocks */
-    for (int64_t r = 0; r < RV * 16; r++) {
-        w->m[r] = -INFINITY;
-        w->l[r] = 0.0f;
-        w->pos[r] = -1.0f;
-    }
-    for (int64_t r = 0; r < RV * 16; r++)
-        for (int64_t d = 0; d < D; d++) w->acc[r][d] = 0.0f;
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t r = R; r < RV * 16; r++) w->qt[d][r] = 0.0f;
-    for (int64_t t = 0; t < ntok; t++)
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t r = t * G + g;
-            const float *src = q + ((tok0 + t) * H + hk * G + g) * D;
-            for (int64_t d = 0; d < D; d++) w->qt[d][r] = src[d] * scale;
-            w->pos[r] = (float)(first + t);
-        }
-    for (int64_t d = 0; d < D; d++) w->zero[d] = 0.0f;
     const v16 ninf = (v16){0} - INFINITY;
-    const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
-    for (int64_t p0 = lo - lo % B; p0 <= last; p0 += step) {
-        /* keys [p0, p0 + nk): whole blocks up to the tile's last position */
-        const int64_t end = last + 1 < p0 + step ? last + 1 : p0 + step;
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += step) {
+        const int64_t end = p_end < p0 + step ? p_end : p0 + step;
         const int64_t nk = end - p0, nkb = (nk + KB - 1) / KB * KB;
         for (int64_t t = 0; t < nk; t++) {
             const int64_t p = p0 + t, slot = table[p / B] * B + p % B;
@@ -146,7 +128,7 @@ static void prefill_task(const float *q, const float *k_cache, const float *v_ca
         /* online softmax, 16 rows per vector: mask, running max, exp, sums */
         for (int64_t c = 0; c < RV; c++) {
             const v16 pos = load16(&w->pos[16 * c]);
-            const v16 wlo = window > 0 ? pos - (float)window : (v16){0} - INFINITY;
+            const v16 wlo = window > 0 ? pos - (float)window : ninf;
             const v16 m_old = load16(&w->m[16 * c]);
             v16 mx = m_old;
             for (int64_t t = 0; t < nk; t++) {
@@ -179,6 +161,41 @@ static void prefill_task(const float *q, const float *k_cache, const float *v_ca
             if (d0 < D) pv_rows_tail(w, r0, d0, D, nk);
         }
     }
+}
+
+/* empty state for R rows (padded to whole vectors: position -1, so nothing is visible) */
+static void reset_rows(Scratch *w, int64_t R, int64_t D) {
+    const int64_t RV = (R + 15) / 16;
+    for (int64_t r = 0; r < RV * 16; r++) {
+        w->m[r] = -INFINITY;
+        w->l[r] = 0.0f;
+        w->pos[r] = -1.0f;
+        for (int64_t d = 0; d < D; d++) w->acc[r][d] = 0.0f;
+    }
+    for (int64_t d = 0; d < D; d++) {
+        w->zero[d] = 0.0f;
+        for (int64_t r = R; r < RV * 16; r++) w->qt[d][r] = 0.0f;
+    }
+}
+
+static void load_row(Scratch *w, int64_t r, const float *src, int64_t D, float scale, float pos) {
+    for (int64_t d = 0; d < D; d++) w->qt[d][r] = src[d] * scale;
+    w->pos[r] = pos;
+}
+
+static void prefill_task(const float *q, const float *k_cache, const float *v_cache,
+                         const int64_t *table, int64_t q_len, int64_t ctx_len, int64_t tok0,
+                         int64_t ntok, int64_t hk, int64_t H, int64_t Hkv, int64_t D,
+                         int64_t B, int64_t window, float scale, float *out, Scratch *w) {
+    const int64_t G = H / Hkv, R = ntok * G;
+    const int64_t first = ctx_len - q_len + tok0, last = first + ntok - 1; /* positions */
+    reset_rows(w, R, D);
+    for (int64_t t = 0; t < ntok; t++)
+        for (int64_t g = 0; g < G; g++)
+            load_row(w, t * G + g, q + ((tok0 + t) * H + hk * G + g) * D, D, scale,
+                     (float)(first + t));
+    const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
+    attend_rows(w, R, k_cache, v_cache, table, lo - lo % B, last + 1, hk, Hkv, D, B, window);
     for (int64_t t = 0; t < ntok; t++)
         for (int64_t g = 0; g < G; g++) {
             const int64_t r = t * G + g;
@@ -188,10 +205,63 @@ static void prefill_task(const float *q, const float *k_cache, const float *v_ca
         }
 }
 
+/* cs[i] = the chunks before item i, when item i's sizes[i] units are cut in chunks of `per`
+   (cs has n + 1 entries; the caller frees it) */
+static int64_t *chunk_starts(const int64_t *sizes, int64_t n, int64_t per) {
+    int64_t *cs = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    cs[0] = 0;
+    for (int64_t i = 0; i < n; i++) cs[i + 1] = cs[i] + (sizes[i] + per - 1) / per;
+    return cs;
+}
+
+/* the item that chunk `c` belongs to, searched from the previous answer *i (tasks of one
+   thread move forward) */
+static int64_t item_of(const int64_t *cs, int64_t *i, int64_t c) {
+    while (cs[*i + 1] <= c) (*i)++;
+    while (cs[*i] > c) (*i)--;
+    return *i;
+}
+
 /* 0: max query rows per task (qt x G), 1: max head dim, 2: max block size */
 int64_t moeserve_paged_prefill_limits(int64_t which) {
     const int64_t limits[] = {MAX_R, MAX_D, MAX_B};
     return limits[which];
+}
+
+typedef void (*task_fn)(const void *args, int64_t task, int64_t *item, Scratch *w);
+
+/* every task in one parallel region, handed out one at a time, each thread with its own
+   scratch; *item is the thread's last item, for item_of */
+static void run_tasks(int64_t tasks, task_fn fn, const void *args, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        Scratch *w = aligned_alloc(64, (sizeof(Scratch) + 63) / 64 * 64);
+        int64_t item = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) fn(args, task, &item, w);
+        free(w);
+    }
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *block_tables, *q_start, *q_lens, *ctx_lens, *tile_start;
+    int64_t max_blocks, H, Hkv, D, B, window, qt;
+    float scale;
+    float *out;
+} PrefillArgs;
+
+static void prefill_tile(const void *args, int64_t task, int64_t *item, Scratch *w) {
+    const PrefillArgs *a = args;
+    const int64_t tile = task / a->Hkv, hk = task % a->Hkv;
+    const int64_t i = item_of(a->tile_start, item, tile);
+    const int64_t j = a->tile_start[i + 1] - 1 - tile; /* last tile first */
+    const int64_t tok0 = j * a->qt;
+    const int64_t ntok = a->q_lens[i] - tok0 < a->qt ? a->q_lens[i] - tok0 : a->qt;
+    const int64_t at = a->q_start[i] * a->H * a->D;
+    prefill_task(a->q + at, a->k_cache, a->v_cache, a->block_tables + i * a->max_blocks,
+                 a->q_lens[i], a->ctx_lens[i], tok0, ntok, hk, a->H, a->Hkv, a->D, a->B,
+                 a->window, a->scale, a->out + at, w);
 }
 
 void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v_cache,
@@ -202,26 +272,66 @@ void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v
                             float *out, int num_threads) {
     /* tasks: (sequence, query tile, KV head); tiles of one sequence are listed last-first so
        the long (late) tiles start early under dynamic scheduling */
-    int64_t *tile_start = malloc(sizeof(int64_t) * (size_t)(n + 1));
-    tile_start[0] = 0;
-    for (int64_t i = 0; i < n; i++) tile_start[i + 1] = tile_start[i] + (q_lens[i] + qt - 1) / qt;
-    const int64_t tasks = tile_start[n] * Hkv;
-#pragma omp parallel num_threads(num_threads)
-    {
-        Scratch *w = aligned_alloc(64, (sizeof(Scratch) + 63) / 64 * 64);
-        int64_t i = 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < tasks; task++) {
-            const int64_t tile = task / Hkv, hk = task % Hkv;
-            while (tile_start[i + 1] <= tile) i++;
-            while (tile_start[i] > tile) i--;
-            const int64_t j = tile_start[i + 1] - 1 - tile; /* last tile first */
-            const int64_t tok0 = j * qt, ntok = q_lens[i] - tok0 < qt ? q_lens[i] - tok0 : qt;
-            prefill_task(q + q_start[i] * H * D, k_cache, v_cache, block_tables + i * max_blocks,
-                         q_lens[i], ctx_lens[i], tok0, ntok, hk, H, Hkv, D, B, window, scale,
-                         out + q_start[i] * H * D, w);
-        }
-        free(w);
-    }
+    int64_t *tile_start = chunk_starts(q_lens, n, qt);
+    const PrefillArgs args = {q,     k_cache, v_cache, block_tables, q_start, q_lens, ctx_lens,
+                              tile_start, max_blocks, H, Hkv, D, B, window, qt, scale, out};
+    run_tasks(tile_start[n] * Hkv, prefill_tile, &args, num_threads);
     free(tile_start);
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *rows, *starts, *tables, *prefix_lens, *chunk_start;
+    int64_t max_blocks, H, Hkv, D, B;
+    float scale;
+    float *out, *lse;
+} SharedArgs;
+
+static void shared_chunk(const void *args, int64_t task, int64_t *item, Scratch *w) {
+    const SharedArgs *a = args;
+    const int64_t G = a->H / a->Hkv, per = MAX_R / G, D = a->D;
+    const int64_t chunk = task / a->Hkv, hk = task % a->Hkv;
+    const int64_t i = item_of(a->chunk_start, item, chunk);
+    const int64_t s0 = a->starts[i] + (chunk - a->chunk_start[i]) * per;
+    const int64_t ns = a->starts[i + 1] - s0 < per ? a->starts[i + 1] - s0 : per;
+    const int64_t R = ns * G, P = a->prefix_lens[i];
+    reset_rows(w, R, D);
+    for (int64_t j = 0; j < ns; j++)
+        for (int64_t g = 0; g < G; g++)
+            load_row(w, j * G + g, a->q + (a->rows[s0 + j] * a->H + hk * G + g) * D, D, a->scale,
+                     (float)(P - 1));
+    attend_rows(w, R, a->k_cache, a->v_cache, a->tables + i * a->max_blocks, 0, P, hk, a->Hkv, D,
+                a->B, 0);
+    for (int64_t j = 0; j < ns; j++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t r = j * G + g, h = hk * G + g, n = a->rows[s0 + j];
+            const float inv = 1.0f / w->l[r];
+            float *dst = a->out + (n * a->H + h) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = w->acc[r][d] * inv;
+            a->lse[n * a->H + h] = w->m[r] + logf(w->l[r]);
+        }
+}
+
+/* Cascade decode, its shared part: decoding sequences whose block tables begin with the same
+   blocks (a common system prompt or few-shot prefix) attend to those keys together. A task is
+   (group, up to MAX_R / G of its sequences, KV head): their query rows sit in the vectors'
+   lanes like a prefill tile's, so the shared keys are read once per task and the scores are
+   vector FMAs, where per-sequence decode reads them once per sequence with a horizontal
+   reduction per key. Output per row: the attention over the shared keys, normalised, and its
+   log-sum-exp, from which moeserve_paged_decode continues over each sequence's own keys.
+   q, out [n, H, D] (the decode rows); lse [n, H]; group g covers rows[starts[g]..starts[g+1])
+   and keys [0, prefix_lens[g]) through tables[g]. */
+void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v_cache,
+                            const int64_t *rows, const int64_t *starts, const int64_t *tables,
+                            int64_t max_blocks, const int64_t *prefix_lens, int64_t groups,
+                            int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale, float *out,
+                            float *lse, int num_threads) {
+    int64_t *sizes = malloc(sizeof(int64_t) * (size_t)(groups + 1));
+    for (int64_t i = 0; i < groups; i++) sizes[i] = starts[i + 1] - starts[i];
+    int64_t *chunk_start = chunk_starts(sizes, groups, MAX_R / (H / Hkv));
+    free(sizes);
+    const SharedArgs args = {q,   k_cache, v_cache, rows, starts, tables, prefix_lens, chunk_start,
+                             max_blocks, H, Hkv, D, B, scale, out, lse};
+    run_tasks(chunk_start[groups] * Hkv, shared_chunk, &args, num_threads);
+    free(chunk_start);
 }

@@ -98,6 +98,15 @@ class AttentionMetadata:
             )
         return self._masks["decode_batch"]
 
+    def shared_prefixes(self, block_size: int) -> cpu_kernels.SharedPrefixes | None:
+        """Groups of decoding sequences whose tables begin with the same blocks (cascade
+        attention's shared part), built once per step; None when no group is worth it."""
+        if "shared_prefixes" not in self._masks:
+            tables, lens = self.decode_batch()
+            groups = find_shared_prefixes(tables.tolist(), lens.tolist(), block_size)
+            self._masks["shared_prefixes"] = cpu_kernels.SharedPrefixes(groups) if groups else None
+        return self._masks["shared_prefixes"]
+
     def prefill_batch(self) -> cpu_kernels.PrefillBatch:
         """The prefill chunks as the prefill kernel reads them, built once per step."""
         if "prefill_batch" not in self._masks:
@@ -144,6 +153,42 @@ class AttentionMetadata:
         return self._masks[key]
 
 
+# Below this many shared blocks a group attends per sequence: the shared pass costs a parallel
+# region and a merge, which a short prefix does not pay back.
+MIN_SHARED_BLOCKS = 4
+
+
+def find_shared_prefixes(
+    tables: list[list[int]], lens: list[int], block_size: int, min_blocks: int = MIN_SHARED_BLOCKS
+) -> list[tuple[list[int], list[int], int]]:
+    """(decode rows, shared block ids, shared keys) for each group of >= 2 decoding sequences
+    whose block tables begin with the same >= min_blocks blocks (prefix caching hands
+    sequences with a common prompt prefix the very same blocks).
+
+    Sequences are grouped by their first block; a group shares the longest common run of its
+    members' tables, cut so that every member keeps at least its newest token for its own
+    pass. Pure: the model runner's tables in, no tensors."""
+    by_first: dict[int, list[int]] = {}
+    for i, (t, n) in enumerate(zip(tables, lens, strict=True)):
+        if n > block_size * min_blocks:
+            by_first.setdefault(t[0], []).append(i)
+    groups = []
+    for rows in by_first.values():
+        if len(rows) < 2:
+            continue
+        first = tables[rows[0]]
+        shared = min((lens[i] - 1) // block_size for i in rows)
+        for i in rows[1:]:
+            t = tables[i]
+            k = 0
+            while k < shared and t[k] == first[k]:
+                k += 1
+            shared = k
+        if shared >= min_blocks:
+            groups.append((rows, first[:shared], shared * block_size))
+    return groups
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
 ) -> None:
@@ -184,8 +229,9 @@ def _kernel_attention(kernels, q, kv_cache, meta, scale, window, out) -> None:
     if meta.decode_groups:
         tables, lens = meta.decode_batch()
         starts = (lens - window).clamp(min=0) if window is not None else torch.zeros_like(lens)
+        shared = meta.shared_prefixes(k_cache.shape[1]) if window is None else None
         out[: len(lens)] = kernels.paged_decode(
-            q[: len(lens)], k_cache, v_cache, tables, lens, starts, scale
+            q[: len(lens)], k_cache, v_cache, tables, lens, starts, scale, shared
         )
     if meta.prefills:
         kernels.paged_prefill(q, k_cache, v_cache, meta.prefill_batch(), scale, window, out)
