@@ -30,7 +30,7 @@
 #define MAX_B 64  /* block size */
 #define KC 64     /* keys per softmax step: whole blocks, at least one */
 #define MAX_KC (KC > MAX_B ? KC : MAX_B)
-#define KB 4      /* keys whose scores are computed together */
+#define KB 16     /* most keys whose scores are computed together */
 #define RB 4      /* rows whose P @ V is computed together */
 
 typedef struct {
@@ -45,25 +45,29 @@ typedef struct {
     float zero[MAX_D];             /* K of padding keys */
 } Scratch;
 
-/* st[t0..t0+KB)[0..16 RV) = the KB keys' rows of K . the transposed query rows */
-#define SCORES(RV)                                                                          \
+/* st[t0..t0+NK)[0..16 RV) = the NK keys' rows of K . the transposed query rows: NK x RV
+   vector accumulators, one broadcast of a K element per key and d (few rows: more keys) */
+#define SCORES(RV, NK)                                                                      \
     static void scores_##RV(Scratch *w, int64_t t0, int64_t D) {                            \
-        v16 a[KB][RV];                                                                      \
-        for (int j = 0; j < KB; j++)                                                        \
+        v16 a[NK][RV];                                                                      \
+        const float *k[NK];                                                                 \
+        for (int j = 0; j < NK; j++) {                                                      \
+            k[j] = w->kr[t0 + j];                                                           \
             for (int c = 0; c < RV; c++) a[j][c] = (v16){0};                                \
-        const float *k0 = w->kr[t0], *k1 = w->kr[t0 + 1], *k2 = w->kr[t0 + 2],              \
-                    *k3 = w->kr[t0 + 3];                                                    \
+        }                                                                                   \
         for (int64_t d = 0; d < D; d++) {                                                   \
             v16 qv[RV];                                                                     \
             for (int c = 0; c < RV; c++) qv[c] = load16(&w->qt[d][16 * c]);                 \
-            const float kv[KB] = {k0[d], k1[d], k2[d], k3[d]};                              \
-            for (int j = 0; j < KB; j++)                                                    \
-                for (int c = 0; c < RV; c++) a[j][c] += kv[j] * qv[c];                      \
+            for (int j = 0; j < NK; j++) {                                                  \
+                const float kv = k[j][d];                                                   \
+                for (int c = 0; c < RV; c++) a[j][c] += kv * qv[c];                         \
+            }                                                                               \
         }                                                                                   \
-        for (int j = 0; j < KB; j++)                                                        \
+        for (int j = 0; j < NK; j++)                                                        \
             for (int c = 0; c < RV; c++) store16(&w->st[t0 + j][16 * c], a[j][c]);          \
     }
-SCORES(1) SCORES(2) SCORES(3) SCORES(4)
+SCORES(1, 16) SCORES(2, 8) SCORES(3, 4) SCORES(4, 4)
+static const int KEYS_PER_CALL[5] = {0, 16, 8, 4, 4}; /* NK of scores_RV */
 
 /* acc[r0..r0+RB)[d0..d0+64) += P[r][t] V[t][d0..d0+64) over the step's nk keys */
 static void pv_rows(Scratch *w, int64_t r0, int64_t d0, int64_t nk) {
@@ -106,7 +110,7 @@ static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float
     const v16 ninf = (v16){0} - INFINITY;
     for (int64_t p0 = p_begin; p0 < p_end; p0 += step) {
         const int64_t end = p_end < p0 + step ? p_end : p0 + step;
-        const int64_t nk = end - p0, nkb = (nk + KB - 1) / KB * KB;
+        const int64_t nkc = KEYS_PER_CALL[RV], nk = end - p0, nkb = (nk + nkc - 1) / nkc * nkc;
         for (int64_t t = 0; t < nk; t++) {
             const int64_t p = p0 + t, slot = table[p / B] * B + p % B;
             w->kr[t] = k_cache + slot * row + hk * D;
@@ -117,7 +121,7 @@ static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float
             w->kr[t] = w->zero;
             w->kpos[t] = INFINITY;
         }
-        for (int64_t t = 0; t < nkb; t += KB) {
+        for (int64_t t = 0; t < nkb; t += nkc) {
             switch (RV) {
             case 1: scores_1(w, t, D); break;
             case 2: scores_2(w, t, D); break;
