@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from serve_app.api.client import RouteHint
+from serve_app.api.errors import http_status
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
@@ -215,7 +216,7 @@ async def _relay_channel(
 
 
 def _client_error(e: BaseException) -> bool:
-    return isinstance(e, EngineError) and e.http_status < 500
+    return isinstance(e, EngineError) and http_status(e)[0] < 500
 
 
 @dataclass(slots=True)

@@ -21,15 +21,17 @@ from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
 from serve_app.engine.async_engine import AsyncLLMEngine
-from serve_app.engine.errors import EngineError, InjectedFaultError
+from serve_app.engine.errors import EngineError
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import Placement, place_experts
 from serve_app.experts.remote import RemoteExperts
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
+from serve_app.rollout.faults import InjectedFaultError
 from serve_app.routing.affinity import RouteRequest
 from serve_app.routing.request_router import KV_USE_STAT
+from serve_app.runtime.factory import build_async_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class Router:
                 self.experts, replica, config.experts.rebalance.sync_interval_s
             )
         scaling = config.router.autoscaling
-        self.engine = AsyncLLMEngine.from_config(
+        self.engine = build_async_engine(
             config.engine_config(),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,

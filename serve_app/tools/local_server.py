@@ -98,12 +98,12 @@ def run_server(args: argparse.Namespace) -> int:
         return run_ray_server(args)
     import uvicorn
 
-    from serve_app.api.client import LocalEngineClient
     from serve_app.api.routes import create_app
-    from serve_app.engine.async_engine import AsyncLLMEngine
     from serve_app.engine.config import ConfigError, EngineConfig
     from serve_app.metrics import get_metrics
     from serve_app.metrics.reporter import start_engine_reporter
+    from serve_app.runtime.factory import build_async_engine
+    from serve_app.tools.local_client import LocalEngineClient
 
     try:
         config = EngineConfig(
@@ -115,7 +115,7 @@ def run_server(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
         return 2
-    engine = AsyncLLMEngine.from_config(config)
+    engine = build_async_engine(config)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(LocalEngineClient(engine, name), stream_interval=args.stream_interval)
     reporter = start_engine_reporter(get_metrics(), engine, name, "local")

@@ -13,6 +13,7 @@ from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import place_experts
 from serve_app.experts.remote import RemoteExperts
 from serve_app.model.config import load_model_spec
+from serve_app.runtime.factory import build_engine
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
     model = str(qwen3_tiny)
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Story {i}: once upon a time " * (1 + i % 3) for i in range(12)]
-    reference = _run(LLMEngine(config), prompts)
+    reference = _run(build_engine(config), prompts)
 
     spec = load_model_spec(model)
     placement = place_experts(spec.num_experts, 2)
@@ -45,7 +46,7 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
     assert [ray_cluster.get(a.info.remote())["owned"] for a in actors] == [
         list(s) for s in placement.shards
     ]
-    remote = LLMEngine(config, RemoteExperts(placement, lambda s: actors[s]))
+    remote = build_engine(config, RemoteExperts(placement, lambda s: actors[s]))
     assert remote.runner.num_micro_batches == 2
     assert _run(remote, prompts) == reference
     assert remote.runner.num_split_steps > 0  # the ping-pong path ran
@@ -63,7 +64,7 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
     model = str(qwen3_tiny)
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Tale {i}: the river bends " * (1 + i % 2) for i in range(6)]
-    reference = _run(LLMEngine(config), prompts)
+    reference = _run(build_engine(config), prompts)
 
     spec = load_model_spec(model)
     placement = place_experts(spec.num_experts, 2)
@@ -72,7 +73,7 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
         for s in placement.shards
     ]
     experts = RemoteExperts(placement, lambda s: actors[s])
-    engine = LLMEngine(config, experts)
+    engine = build_engine(config, experts)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.experts.base import ExpertExecutor, ExpertFuture
 from serve_app.model.config import ModelSpec
+from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 from serve_app.model.layers.mlp import GatedMLP
 
 
