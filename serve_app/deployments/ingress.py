@@ -25,12 +25,12 @@ from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
 from serve_app.deployments.output_wire import decode_record
+from serve_app.deployments.rollout_actor import get_or_create_controller
 from serve_app.deployments.versions import VersionRouter
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
 from serve_app.metrics import use_ray_metrics
-from serve_app.rollout.actor import get_or_create_controller
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
 from serve_app.routing.key import RouteKeys

@@ -1,6 +1,6 @@
 """The expert balancer's decisions: which placement the routers use, and when to move weights.
 
-Pure state (no Ray, no sleeping; the clock is passed in); serve_app.experts.balancer_actor runs
+Pure state (no Ray, no sleeping; the clock is passed in); serve_app.deployments.balancer_actor runs
 it in the app. Router replicas report (cumulative per-expert tokens, the placement generation
 they dispatch by) every `sync_interval_s` and get the current generation back. The balancer
 sums the routers' token deltas over `window_s`; once a full window is measured and

@@ -1,6 +1,6 @@
 """One expert shard: the experts it owns, of every MoE layer, and nothing else of the model.
 
-Plain torch, no Ray: serve_app.experts.actor wraps it as an actor; tests use it directly.
+Plain torch, no Ray: serve_app.deployments.expert_actor wraps it as an actor; tests use it directly.
 Between processes the payloads take the wire form of serve_app.experts.wire; the shard
 converts at its edge so the compute stays torch.
 Shapes: Ts tokens sent to this shard, K experts per token, D hidden.

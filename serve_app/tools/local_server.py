@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,19 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from serve_app.procs import pid_alive, stop_session
-
-RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
-PID_FILE = RUN_DIR / "server.pid"
-LOG_FILE = RUN_DIR / "server.log"
-ADDRESS_FILE = RUN_DIR / "ray_address"  # the GCS address of the Ray that `--ray` started
-
-
-def local_ray_address() -> str | None:
-    """The Ray cluster of the server `make run` started from this directory, if it runs."""
-    if pid_alive(_read_pid()) and ADDRESS_FILE.is_file():
-        return ADDRESS_FILE.read_text().strip() or None
-    return None
-
+from serve_app.tools.run_files import LOG_FILE, PID_FILE, RUN_DIR, read_pid
 
 STOP_TIMEOUT_S = 60
 
@@ -127,8 +114,8 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _start_background(args: argparse.Namespace) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    if pid_alive(_read_pid()):
-        print(f"already running (pid {_read_pid()}); `make stop` first", file=sys.stderr)
+    if pid_alive(read_pid()):
+        print(f"already running (pid {read_pid()}); `make stop` first", file=sys.stderr)
         return 1
     argv = [a for a in sys.argv[1:] if a != "--background"]
     with open(LOG_FILE, "ab") as log:
@@ -184,7 +171,7 @@ def stop_command(_: argparse.Namespace) -> int:
 
 
 def stop_server() -> int:
-    pid = _read_pid()
+    pid = read_pid()
     if not pid_alive(pid):
         print("no moeserve server running")
         PID_FILE.unlink(missing_ok=True)
@@ -194,10 +181,3 @@ def stop_server() -> int:
     PID_FILE.unlink(missing_ok=True)
     print(f"stopped moeserve (pid {pid})")
     return 0
-
-
-def _read_pid() -> int | None:
-    try:
-        return int(PID_FILE.read_text().strip())
-    except (OSError, ValueError):
-        return None

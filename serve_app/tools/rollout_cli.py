@@ -1,7 +1,7 @@
 """`moeserve rollout start|status|promote|pause|resume|abort|undo`: the operator's commands.
 
 Each connects to the Ray cluster as a driver (`--address`, default $RAY_ADDRESS or the local
-cluster) and talks to the app's rollout controller actor (serve_app.rollout.actor). A candidate
+cluster) and talks to the app's rollout controller actor (deployments/rollout_actor.py). A candidate
 config is validated here, before anything is deployed.
 """
 
@@ -161,7 +161,7 @@ def parse_duration(text: str) -> float:
 
 
 def _connect(address: str | None, app: str):
-    from serve_app.tools.local_server import local_ray_address
+    from serve_app.tools.run_files import local_ray_address
 
     address = address or os.environ.get("RAY_ADDRESS") or local_ray_address() or "auto"
     # NOTE: Ray 2.60 turns token auth on for every local `ray.init()` cluster (make run's), but
@@ -172,7 +172,7 @@ def _connect(address: str | None, app: str):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # after RAY_AUTH_MODE: Ray reads it once
 
-    from serve_app.rollout.actor import NAMESPACE, get_controller
+    from serve_app.deployments.rollout_actor import NAMESPACE, get_controller
 
     try:
         ray.init(

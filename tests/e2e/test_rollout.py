@@ -88,7 +88,7 @@ def rollout(ray_serve, tmp_path_factory):
     from ray import serve
 
     from serve_app.builder import build_app
-    from serve_app.rollout.actor import get_controller
+    from serve_app.deployments.rollout_actor import get_controller
     from tests.conftest import tiny_model_dir
 
     base = app_config(tiny_model_dir("qwen3_moe", 0), "v1")

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import place_experts
-from serve_app.experts.remote import RemoteExperts
 from serve_app.model.config import load_model_spec
 from serve_app.runtime.factory import build_engine
 
@@ -30,7 +30,7 @@ def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
 
 
 def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
 
     model = str(qwen3_tiny)
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
@@ -58,7 +58,7 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
 def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, qwen3_tiny):
     """Add replicas on the shards, switch the dispatcher between steps, then drop: the same
     greedy tokens as in-process, with requests running across both switches."""
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
     from serve_app.experts.rebalance import RebalanceConfig, plan_rebalance
 
     model = str(qwen3_tiny)
@@ -114,7 +114,7 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
 def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen3_tiny):
     import asyncio
 
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
 
     model = str(qwen3_tiny)
     placement = place_experts(load_model_spec(model).num_experts, 2)

@@ -19,6 +19,8 @@ from typing import Any
 import ray
 from ray import serve
 
+from serve_app.config import AppConfig
+from serve_app.deployments.version_app import build_version_app
 from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.controller import RolloutController
 from serve_app.rollout.deploy_wait import AppSnapshot, deploy_verdict
@@ -75,9 +77,6 @@ class ServeDeployer:
         return version_app_name(self.app, version)
 
     def deploy(self, version: str, config: dict[str, Any]) -> str | None:
-        from serve_app.builder import build_version_app
-        from serve_app.config import AppConfig
-
         timeout_s = AppConfig.model_validate(config).rollout.deploy_timeout_s
         app = build_version_app(config)
         name = self.app_name(version)
