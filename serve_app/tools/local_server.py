@@ -21,56 +21,6 @@ from serve_app.tools.run_files import LOG_FILE, PID_FILE, RUN_DIR, read_pid
 STOP_TIMEOUT_S = 60
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="tokens per streamed chunk after the first (vLLM's --stream-interval)",
-    )
-    p.add_argument(
-        "--stream-transport",
-        choices=("channel", "serve"),
-        default="channel",
-        help="--ray: router -> ingress outputs per engine step over a direct connection "
-        "(channel), or one Serve stream item per token (serve)",
-    )
-    p.add_argument(
-        "--serve-mode",
-        choices=("throughput", "standard"),  # serve_app.tools.ray_server.SERVE_MODES
-        default="throughput",
-        help="--ray: `throughput`: HTTP through HAProxy straight to the ingress replica and "
-        "Serve's throughput-optimized settings; `standard`: Serve's proxy actor and defaults",
-    )
-    p.add_argument("--background", action="store_true", help="detach and return when ready")
-    ray = p.add_argument_group("Ray Serve (--ray)")
-    ray.add_argument(
-        "--ray", action="store_true", help="start a local Ray and serve the Serve app on it"
-    )
-    ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
-    ray.add_argument("--routers", type=int, default=1, help="router replicas")
-    ray.add_argument(
-        "--routing",
-        choices=("pow2", "prefix_affinity"),
-        default="pow2",
-        help="how a request picks a router replica (router.routing; docs/routing.md)",
-    )
-    ray.add_argument(
-        "--redis-url",
-        default=None,
-        help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
-    )
-    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
-    ray.add_argument("--dashboard-port", type=int, default=8265)
-
-
 def run_server(args: argparse.Namespace) -> int:
     if args.ray:
         from serve_app.tools.ray_server import run_ray_server, shared_cache_preflight
@@ -120,7 +70,7 @@ def _start_background(args: argparse.Namespace) -> int:
     argv = [a for a in sys.argv[1:] if a != "--background"]
     with open(LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", *argv],
+            [sys.executable, "-m", "serve_app.cli", *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -46,7 +46,7 @@ def test_builder_refuses_them_before_deploying(section, message, qwen3_tiny):
 def test_cli_refuses_them_with_one_line(qwen3_tiny, tmp_path):
     """`moeserve serve --ray` (make run) stops before starting Ray."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(qwen3_tiny), "--ray"]
+        [sys.executable, "-m", "serve_app.cli", "serve", "--model", str(qwen3_tiny), "--ray"]
         + ["--max-num-batched-tokens", "8", "--redis-url", "redis://127.0.0.1:1/0"],
         capture_output=True,
         text=True,
