@@ -26,7 +26,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
 from serve_app.deployments.output_wire import decode_record
 from serve_app.deployments.rollout_actor import get_or_create_controller
-from serve_app.deployments.versions import VersionRouter
+from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
@@ -43,7 +43,7 @@ class RemoteEngineClient:
 
     def __init__(
         self,
-        versions: VersionRouter,
+        versions: TrafficSplit,
         config: AppConfig,
         max_model_len: int,
         inbox: OutputInbox | None = None,
@@ -221,7 +221,7 @@ def _client_error(e: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Reporter:
-    versions: VersionRouter
+    versions: TrafficSplit
     version: str
     t0: float
     ttft_ms: float
@@ -263,7 +263,7 @@ class Ingress:
         base = Version(self.config.version_name, self.config.model, info.get("digest"))
         controller, registered = get_or_create_controller(app, base)
         await registered
-        versions = VersionRouter(base.name, self.router, controller)
+        versions = TrafficSplit(base.name, self.router, controller)
         await versions.refresh()
         versions.start()
         inbox = None

@@ -28,7 +28,9 @@ FLUSH_S = 1.0
 MAX_PENDING = 10_000
 
 
-class VersionRouter:
+class TrafficSplit:
+    """The ingress's traffic split between model versions (the router replicas of each)."""
+
     def __init__(self, base: str, base_handle: DeploymentHandle, controller):
         self.base = base
         self.controller = controller

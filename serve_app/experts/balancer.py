@@ -55,7 +55,7 @@ class Drop(NamedTuple):
 
 
 @dataclass(slots=True)
-class _Router:
+class _RouterReport:
     seen: float
     generation: int
     tokens: tuple[int, ...] | None  # last cumulative snapshot; None until its first report
@@ -67,7 +67,7 @@ class Balancer:
         self.current = Versioned(0, initial)
         self._previous: Placement | None = None  # still in use by some router while draining
         self._drop: Drop | None = None
-        self._routers: dict[str, _Router] = {}
+        self._routers: dict[str, _RouterReport] = {}
         self._deltas: deque[tuple[float, list[int]]] = deque()
         self._window_start = now
 
@@ -77,7 +77,7 @@ class Balancer:
 
     def register(self, router: str, now: float) -> Versioned:
         """A router starting up: it will dispatch by the placement returned."""
-        self._routers[router] = _Router(now, self.current.generation, None)
+        self._routers[router] = _RouterReport(now, self.current.generation, None)
         return self.current
 
     def report(
@@ -96,7 +96,7 @@ class Balancer:
         r = self._routers.get(router)
         if r is not None and r.tokens is not None:
             self._deltas.append((now, window_load(r.tokens, tokens)))
-        self._routers[router] = _Router(now, used.generation, tokens)
+        self._routers[router] = _RouterReport(now, used.generation, tokens)
         return self.current
 
     def window(self, now: float) -> list[int]:
