@@ -130,7 +130,7 @@ class SamplingParams:
 
 
 # The ranges SamplingParams accepts, as pydantic Field keywords, so the HTTP API's schema
-# (serve_app/api/protocol.py, /openapi.json) states them; tests/unit/test_sampling_bounds.py
+# (serve_app/api/protocol.py, /openapi.json) states them; tests/engine/test_sampling_bounds.py
 # checks both agree at every edge.
 SAMPLING_BOUNDS: dict[str, dict[str, float]] = {
     "n": {"ge": 1, "le": 128},

@@ -24,6 +24,7 @@ def assert_no_leaks(llm: LLM) -> None:
     s = llm.engine.stats()
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
     assert not llm.engine.has_unfinished_requests()
+    assert len(llm.engine.runner.sampler.states) == 0  # seeded generators released on finish
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(llm):
