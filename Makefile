@@ -70,8 +70,9 @@ test-fast: install test-models prometheus
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check serve_app autoscaling cluster tests
-	$(VENV)/bin/ruff format --check serve_app autoscaling cluster tests
+	$(VENV)/bin/ruff check serve_app autoscaling tests
+	$(VENV)/bin/ruff format --check serve_app autoscaling tests
+	$(VENV)/bin/lint-imports
 
 bench: install model
 	$(MOESERVE) bench engine --model $(MODEL) --out bench_results

@@ -1,6 +1,7 @@
 """What the HTTP layer needs from an engine, wherever the engine runs.
 
-The in-process client wraps AsyncLLMEngine; the Serve ingress wraps a deployment handle.
+The in-process client (serve_app/tools/local_client.py) wraps AsyncLLMEngine; the Serve ingress
+wraps a deployment handle. Nothing here imports the engine's torch side.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
 
@@ -46,25 +46,3 @@ class EngineClient(Protocol):
         ...
 
     async def health(self) -> dict: ...
-
-
-class LocalEngineClient:
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
-        self.engine = engine
-        self.model_name = model_name
-        self.version = model_name
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
-
-    async def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        hint: RouteHint | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        await self.engine.compile_grammar(params)
-        return self.engine.add_request(prompt, params, request_id)
-
-    async def health(self) -> dict:
-        return self.engine.health()

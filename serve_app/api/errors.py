@@ -6,7 +6,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serve_app.engine.errors import EngineError, InvalidRequestError
+from serve_app.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    ExpertsUnavailableError,
+    InvalidRequestError,
+)
+from serve_app.rollout.faults import InjectedFaultError
+
+# Each typed engine error's HTTP status and OpenAI error type; the first match wins.
+_STATUSES: tuple[tuple[type[EngineError], int, str], ...] = (
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (EngineOverloadedError, 503, "service_unavailable"),
+    (EngineDeadError, 503, "service_unavailable"),
+    (ExpertsUnavailableError, 503, "service_unavailable"),
+    (InjectedFaultError, 503, "service_unavailable"),
+)
 
 
 class APIError(Exception):
@@ -21,14 +37,22 @@ def error_body(message: str, type_: str, status: int, param: str | None = None) 
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
+def http_status(exc: BaseException) -> tuple[int, str]:
+    """(status, OpenAI error type) of an engine error; 500 internal_error for anything else."""
+    for cls, status, type_ in _STATUSES:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "internal_error"
+
+
 def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, APIError):
         return JSONResponse(error_body(exc.message, exc.type, exc.status, exc.param), exc.status)
     if isinstance(exc, InvalidRequestError):
-        return JSONResponse(error_body(exc.message, exc.error_type, 400, exc.param), 400)
+        return JSONResponse(error_body(exc.message, "invalid_request_error", 400, exc.param), 400)
     if isinstance(exc, EngineError):
-        status = exc.http_status
-        return JSONResponse(error_body(str(exc), exc.error_type, status), status)
+        status, type_ = http_status(exc)
+        return JSONResponse(error_body(str(exc), type_, status), status)
     return JSONResponse(error_body("internal server error", "internal_error", 500), 500)
 
 

@@ -47,12 +47,12 @@ def create_app(
     app = FastAPI(title="moeserve", version="0.1.0")
     install_error_handlers(app)
     keys = api_keys_from_env() if api_keys is None else api_keys
-    app.include_router(build_router(client, keys, stream_interval))
+    app.include_router(build_api_routes(client, keys, stream_interval))
     install_metrics(app, version=client.version)  # GET /metrics; times the routes above
     return app
 
 
-def build_router(
+def build_api_routes(
     client: EngineClient, api_keys: frozenset[str], stream_interval: int = 1
 ) -> APIRouter:
     async def authorize(request: Request) -> None:

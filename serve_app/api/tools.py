@@ -16,8 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from serve_app.engine.request import GrammarSpec
-from serve_app.engine.structured import JSON_OPTIONS
+from serve_app.engine.request import JSON_OPTIONS, GrammarSpec
 
 START, END = "<tool_call>", "</tool_call>"
 # Calls the grammar allows in one turn when parallel_tool_calls is true.

@@ -19,10 +19,10 @@ from serve_app.bench.load import PassResult, RequestRecord
 
 
 def build_engine(model: str, bench: BenchConfig, num_threads: int | None = None):
-    from serve_app.engine.async_engine import AsyncLLMEngine
     from serve_app.engine.config import EngineConfig
+    from serve_app.runtime.factory import build_async_engine
 
-    return AsyncLLMEngine.from_config(
+    return build_async_engine(
         EngineConfig(
             model=model,
             max_num_seqs=bench.max_num_seqs,

@@ -32,9 +32,8 @@ class Launch(NamedTuple):
 
 
 def moeserve_cmd() -> list[str]:
-    """Our venv's `moeserve` (or the module, when the script is not installed)."""
-    exe = Path(sys.executable).with_name("moeserve")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cluster.cli"]
+    """`moeserve` as this interpreter's module: the code of this checkout, installed or not."""
+    return [sys.executable, "-m", "serve_app.cli"]
 
 
 def moeserve_argv(model: str, port: int, ep: int | None, engine: BenchConfig) -> list[str]:

@@ -8,8 +8,8 @@ import time
 from serve_app.bench.config import BenchConfig
 from serve_app.bench.result import RunResult, loadavg_1m
 from serve_app.bench.workloads import Workload
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.llm import LLM
 
 SYSTEM = "moeserve"
 

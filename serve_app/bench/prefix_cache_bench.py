@@ -26,6 +26,7 @@ from serve_app.bench.result import loadavg_1m
 from serve_app.engine.config import EngineConfig, KVStoreConfig
 from serve_app.engine.engine import LLMEngine
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.factory import build_engine
 
 CASES = ("cold", "remote", "local")
 FIRST_TOKEN = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -74,7 +75,7 @@ def run_prefix_cache_bench(args: argparse.Namespace) -> int:
 def _engine(args: argparse.Namespace, url: str, int8: bool, key_prefix: str) -> LLMEngine:
     bs = 16
     per_prompt = -(-(args.prefix_len + args.suffix_len + 1) // bs)
-    return LLMEngine(
+    return build_engine(
         EngineConfig(
             model=args.model,
             block_size=bs,

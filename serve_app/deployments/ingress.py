@@ -20,16 +20,17 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from serve_app.api.client import RouteHint
+from serve_app.api.errors import http_status
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
 from serve_app.deployments.output_wire import decode_record
-from serve_app.deployments.versions import VersionRouter
+from serve_app.deployments.rollout_actor import get_or_create_controller
+from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
 from serve_app.metrics import use_ray_metrics
-from serve_app.rollout.actor import get_or_create_controller
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
 from serve_app.routing.key import RouteKeys
@@ -42,7 +43,7 @@ class RemoteEngineClient:
 
     def __init__(
         self,
-        versions: VersionRouter,
+        versions: TrafficSplit,
         config: AppConfig,
         max_model_len: int,
         inbox: OutputInbox | None = None,
@@ -215,12 +216,12 @@ async def _relay_channel(
 
 
 def _client_error(e: BaseException) -> bool:
-    return isinstance(e, EngineError) and e.http_status < 500
+    return isinstance(e, EngineError) and http_status(e)[0] < 500
 
 
 @dataclass(slots=True)
 class _Reporter:
-    versions: VersionRouter
+    versions: TrafficSplit
     version: str
     t0: float
     ttft_ms: float
@@ -262,7 +263,7 @@ class Ingress:
         base = Version(self.config.version_name, self.config.model, info.get("digest"))
         controller, registered = get_or_create_controller(app, base)
         await registered
-        versions = VersionRouter(base.name, self.router, controller)
+        versions = TrafficSplit(base.name, self.router, controller)
         await versions.refresh()
         versions.start()
         inbox = None

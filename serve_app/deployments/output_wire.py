@@ -21,6 +21,7 @@ import struct
 
 from serve_app.engine import errors
 from serve_app.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from serve_app.rollout.faults import InjectedFaultError
 
 HEADER = struct.Struct(">I")
 RECORD_FIELDS = 7
@@ -33,7 +34,7 @@ _ERRORS = {
         errors.EngineOverloadedError,
         errors.EngineDeadError,
         errors.ExpertsUnavailableError,
-        errors.InjectedFaultError,
+        InjectedFaultError,
     )
 }
 

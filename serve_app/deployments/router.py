@@ -20,16 +20,18 @@ from ray import serve
 from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
+from serve_app.deployments.remote_experts import RemoteExperts
+from serve_app.deployments.request_router import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
-from serve_app.engine.errors import EngineError, InjectedFaultError
+from serve_app.engine.errors import EngineError
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import Placement, place_experts
-from serve_app.experts.remote import RemoteExperts
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
+from serve_app.rollout.faults import InjectedFaultError
 from serve_app.routing.affinity import RouteRequest
-from serve_app.routing.request_router import KV_USE_STAT
+from serve_app.runtime.factory import build_async_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class Router:
                 self.experts, replica, config.experts.rebalance.sync_interval_s
             )
         scaling = config.router.autoscaling
-        self.engine = AsyncLLMEngine.from_config(
+        self.engine = build_async_engine(
             config.engine_config(),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
@@ -88,7 +90,7 @@ class Router:
 
         Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
         before it sends any byte of the response. `route` is read by the handle's request
-        router before the call arrives here (serve_app.routing.request_router); unused here.
+        router before the call arrives here (serve_app.deployments.request_router); unused here.
         """
         try:
             await self._inject_fault()
@@ -216,7 +218,7 @@ def remote_experts(config: AppConfig) -> RemoteExperts:
 
 
 class PlacementSync:
-    """A router's link to the expert balancer (serve_app.experts.balancer_actor): takes the
+    """A router's link to the expert balancer (serve_app.deployments.balancer_actor): takes the
     current placement before the router serves, then a daemon thread reports this router's
     cumulative expert tokens and placement generation every interval_s and switches the
     dispatcher when the balancer publishes a newer one (between two MoE calls)."""

@@ -1,6 +1,6 @@
 """The ingress's side of rollouts: which version serves a request, and how it went.
 
-Every ingress replica polls the app's rollout controller (serve_app.rollout.actor) for the
+Every ingress replica polls the app's rollout controller (deployments/rollout_actor.py) for the
 routing table, picks a version per request with the pure sticky split (serve_app.rollout.split)
 and reports each finished request's outcome back in small batches. When the controller is
 briefly unreachable (restarting), the last table keeps serving.
@@ -28,7 +28,9 @@ FLUSH_S = 1.0
 MAX_PENDING = 10_000
 
 
-class VersionRouter:
+class TrafficSplit:
+    """The ingress's traffic split between model versions (the router replicas of each)."""
+
     def __init__(self, base: str, base_handle: DeploymentHandle, controller):
         self.base = base
         self.controller = controller

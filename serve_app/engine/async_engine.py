@@ -26,8 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from serve_app.engine.config import EngineConfig
-from serve_app.engine.engine import EngineStats, LLMEngine, PreparedRequest
+from serve_app.engine.engine import LLMEngine, PreparedRequest
 from serve_app.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -36,9 +35,9 @@ from serve_app.engine.errors import (
 )
 from serve_app.engine.latency_window import RecentLatencies
 from serve_app.engine.outputs import RequestOutput, coalesce
-from serve_app.engine.platform import name_os_thread
 from serve_app.engine.request import SamplingParams
-from serve_app.experts.base import ExpertExecutor
+from serve_app.engine.stats import EngineStats
+from serve_app.platform.device import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +81,6 @@ class AsyncLLMEngine:
         self._ready.wait()
         if self.dead_error is not None:
             raise self.dead_error
-
-    @classmethod
-    def from_config(
-        cls,
-        config: EngineConfig,
-        experts: ExpertExecutor | None = None,
-        ttft_window_s: float = 60.0,
-    ) -> AsyncLLMEngine:
-        """Build the engine (model load included) on the engine thread; returns when ready."""
-        return cls(lambda: LLMEngine(config, experts), ttft_window_s)
 
     # ---- public API -------------------------------------------------------------------------
 

@@ -16,24 +16,21 @@ from serve_app.engine.block_hash import root_hash
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
+from serve_app.engine.kv_budget import num_kv_blocks
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.engine.outputs import CompletionOutput, RequestOutput
-from serve_app.engine.platform import (
-    num_kv_blocks,
-    resolve_device,
-    resolve_dtype,
-    tune_host_allocator,
-)
+from serve_app.engine.prefix_source import PrefixSourceFactory
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
+from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
-from serve_app.experts.base import ExpertExecutor
-from serve_app.kvstore.stats import KVStoreStats
 from serve_app.model.config import load_model_spec
 from serve_app.model.digest import model_digest
+from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
+from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +59,17 @@ class _Child:
     detok: IncrementalDetokenizer
 
 
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    prefix_queried_tokens: int  # local prefix cache
-    prefix_hit_tokens: int
-    num_preemptions: int
-    prefix_remote_queried_tokens: int = 0  # shared (Redis) tier, after the local hit
-    prefix_remote_hit_tokens: int = 0
-    kv_store: KVStoreStats | None = None
-    expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
-
-
 class LLMEngine:
-    """experts: where the experts run; None loads them in-process from the checkpoint."""
+    """experts: where the experts run (in-process or remote shards). prefix_source: builds the
+    shared prefix cache for this engine's KV pool, or None. Both are injected:
+    serve_app/runtime/factory.py's build_engine picks them from the config."""
 
-    def __init__(self, config: EngineConfig, experts: ExpertExecutor | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        experts: ExpertExecutor,
+        prefix_source: PrefixSourceFactory | None = None,
+    ):
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
@@ -90,7 +79,7 @@ class LLMEngine:
         self.spec = load_model_spec(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
-        self.model = load_model(config.model, self.device, self.dtype, self.spec, experts)
+        self.model = load_model(config.model, self.device, self.dtype, experts, self.spec)
         self.expert_token_counts = count_expert_tokens(self.model, self.spec.num_experts)
         num_blocks = num_kv_blocks(
             config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
@@ -121,7 +110,7 @@ class LLMEngine:
             ),
             self.kv,
         )
-        remote = experts is not None and experts.is_remote
+        remote = experts.is_remote
         self.runner = ModelRunner(
             self.model,
             num_blocks,
@@ -130,13 +119,10 @@ class LLMEngine:
             self.dtype,
             config.num_micro_batches if remote else 1,
         )
+        self.scheduler.on_finish = self.runner.sampler.states.release
         self.shared_kv = None
-        if config.kv_store is not None:
-            from serve_app.kvstore.connector import open_shared_prefix_cache
-
-            self.shared_kv = open_shared_prefix_cache(
-                config.kv_store, self.runner, self.model_digest
-            )
+        if prefix_source is not None:
+            self.shared_kv = prefix_source(self.runner, self.model_digest)
             self.scheduler.external = self.shared_kv
             self.kv.record_new_blocks = True
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)

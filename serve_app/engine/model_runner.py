@@ -14,7 +14,6 @@ from serve_app.engine.outputs import SamplerOutput
 from serve_app.engine.request import Request
 from serve_app.engine.sampler import Sampler, token_logprobs
 from serve_app.engine.scheduler import SchedulerOutput
-from serve_app.engine.transfer import tensor_to_device, to_device
 from serve_app.model.config import ModelSpec
 from serve_app.model.decoder import CausalLM, MicroBatch
 from serve_app.model.layers.attention import (
@@ -23,6 +22,7 @@ from serve_app.model.layers.attention import (
     GatherWorkspace,
     PrefillSeq,
 )
+from serve_app.platform.transfer import tensor_to_device, to_device
 
 # Decodes are attended in groups of similar context length: padding every sequence to the
 # longest one in the batch wastes gather bandwidth when lengths vary (64..768 is typical).

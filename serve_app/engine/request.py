@@ -12,6 +12,11 @@ from serve_app.engine.errors import InvalidRequestError
 GrammarKind = Literal["json", "regex", "choice", "grammar"]
 
 
+# llguidance's JSON options for every JSON grammar (engine/structured.py, api/tools.py).
+# Compact JSON ("a":1,"b":2): free whitespace lets an unsure model pad until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
     """A constraint on the output, enforced token by token (see engine/structured.py).
@@ -125,7 +130,7 @@ class SamplingParams:
 
 
 # The ranges SamplingParams accepts, as pydantic Field keywords, so the HTTP API's schema
-# (serve_app/api/protocol.py, /openapi.json) states them; tests/unit/test_sampling_bounds.py
+# (serve_app/api/protocol.py, /openapi.json) states them; tests/engine/test_sampling_bounds.py
 # checks both agree at every edge.
 SAMPLING_BOUNDS: dict[str, dict[str, float]] = {
     "n": {"ge": 1, "le": 128},
@@ -203,8 +208,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
-    # Opaque per-request sampler state (e.g. a seeded generator), owned by the sampler.
-    sampler_state: Any = None
     # The grammar matcher (engine/structured.py) when the output is constrained; it has
     # accepted exactly output_token_ids, also across preemption and recompute.
     grammar: Any = None

@@ -26,11 +26,35 @@ _MIN_TEMPERATURE = 1e-2
 
 @dataclass(slots=True)
 class _RowState:
-    """What the sampler keeps in `Request.sampler_state` across steps."""
+    """What the sampler keeps for one request across steps (and across preemption)."""
 
     generator: torch.Generator | None = None
     # [V] bool: which tokens occur in the prompt; built once, only for repetition_penalty.
     prompt_mask: torch.Tensor | None = None
+
+
+class RowStates:
+    """Per-request sampler state by request id, kept here so Request stays torch-free.
+    NOTE: release() must see every finished request (the scheduler's on_finish), or the seeded
+    generators of finished requests pile up."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, _RowState] = {}
+
+    def of(self, r: Request) -> _RowState:
+        state = self._by_id.get(r.request_id)
+        if state is None:
+            state = self._by_id[r.request_id] = _RowState()
+        return state
+
+    def release(self, requests: list[Request]) -> None:
+        for r in requests:
+            self._by_id.pop(r.request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
 
 def _has_penalties(p: SamplingParams) -> bool:
@@ -51,14 +75,12 @@ def _is_plain_greedy(r: Request) -> bool:
     )
 
 
-def _state(r: Request) -> _RowState:
-    if r.sampler_state is None:
-        r.sampler_state = _RowState()
-    return r.sampler_state
-
-
 class Sampler:
-    """Samples one token per row. Stateless apart from per-request state kept on the Request."""
+    """Samples one token per row. Stateless apart from per-request state (seeded generators,
+    prompt masks) in `states`, released when the scheduler finishes a request."""
+
+    def __init__(self) -> None:
+        self.states = RowStates()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -89,7 +111,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
 
         apply_min_tokens(logits, requests)
-        apply_penalties(logits, requests)
+        apply_penalties(logits, requests, self.states)
 
         # Greedy rows take the argmax of the penalised logits; random rows overwrite theirs.
         sampled = logits.argmax(dim=-1)
@@ -97,7 +119,7 @@ class Sampler:
         if rand_rows:
             rand_reqs = [requests[i] for i in rand_rows]
             rows = torch.tensor(rand_rows, device=device)
-            sampled[rows] = _sample_random(logits[rows], rand_reqs)
+            sampled[rows] = _sample_random(logits[rows], rand_reqs, self.states)
 
         token_ids = sampled.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
@@ -131,12 +153,16 @@ def apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
         logits.index_put_(idx, torch.tensor(-math.inf, device=device))
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+def apply_penalties(
+    logits: torch.Tensor, requests: list[Request], states: RowStates | None = None
+) -> None:
     """In place on logits [B, V]: vLLM/HF penalties, only on the P rows that use any.
 
     repetition: tokens seen in prompt or output, logit > 0 -> logit / r, else logit * r.
     frequency: -= f * (count in output). presence: -= p * (token occurs in output).
+    states: where prompt masks are cached (the sampler's; None: not kept).
     """
+    states = states if states is not None else RowStates()
     pen_rows = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
     if not pen_rows:
         return
@@ -157,7 +183,7 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
 
     rep = [r.sampling_params.repetition_penalty for r in reqs]
     if any(x != 1.0 for x in rep):
-        seen = out_mask | torch.stack([_prompt_mask(r, vocab, device) for r in reqs])
+        seen = out_mask | torch.stack([_prompt_mask(states.of(r), r, vocab, device) for r in reqs])
         scale = torch.where(seen, torch.tensor(rep, device=device).unsqueeze(1), 1.0)
         sub = torch.where(sub > 0, sub / scale, sub * scale)
     freq = torch.tensor([r.sampling_params.frequency_penalty for r in reqs], device=device)
@@ -167,7 +193,7 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     logits[rows] = sub
 
 
-def _sample_random(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def _sample_random(logits: torch.Tensor, reqs: list[Request], states: RowStates) -> torch.Tensor:
     """logits: [R, V] copy of the random rows. Returns [R] sampled ids."""
     device = logits.device
     params = [r.sampling_params for r in reqs]
@@ -196,7 +222,7 @@ def _sample_random(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     if len(seeded) < len(params):
         q.exponential_()
     for i in seeded:
-        q[i].exponential_(generator=_generator(reqs[i], device))
+        q[i].exponential_(generator=_generator(states.of(reqs[i]), reqs[i], device))
     return probs.div_(q).argmax(dim=-1)
 
 
@@ -248,18 +274,16 @@ def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, ks: list[int]) -> 
     ]
 
 
-def _generator(r: Request, device: torch.device) -> torch.Generator:
+def _generator(state: _RowState, r: Request, device: torch.device) -> torch.Generator:
     """The request's own generator, created on first use and seeded with params.seed."""
-    state = _state(r)
     if state.generator is None or state.generator.device != device:
         state.generator = torch.Generator(device=device)
         state.generator.manual_seed(r.sampling_params.seed)
     return state.generator
 
 
-def _prompt_mask(r: Request, vocab: int, device: torch.device) -> torch.Tensor:
+def _prompt_mask(state: _RowState, r: Request, vocab: int, device: torch.device) -> torch.Tensor:
     """[V] bool of prompt tokens, cached: the prompt never changes, rebuilding it costs O(L)."""
-    state = _state(r)
     mask = state.prompt_mask
     if mask is None or mask.device != device or mask.shape[0] != vocab:
         mask = torch.zeros(vocab, dtype=torch.bool, device=device)

@@ -13,7 +13,7 @@ step runs. No torch here.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,6 +83,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Told of every request that finishes (the sampler drops its per-request state).
+        self.on_finish: Callable[[list[Request]], None] | None = None
 
     # ---- admission and removal -------------------------------------------------------------
 
@@ -105,6 +107,8 @@ class Scheduler:
             req.status = status
             self.kv.free(req)
             done.append(req)
+        if self.on_finish is not None and done:
+            self.on_finish(done)
         return done
 
     @property

@@ -24,12 +24,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.request import GrammarSpec, Request
+from serve_app.engine.request import JSON_OPTIONS, GrammarSpec, Request
 
 log = logging.getLogger(__name__)
 
-# Compact JSON ("a":1,"b":2): free whitespace lets an unsure model pad until max_tokens.
-JSON_OPTIONS = {"whitespace_flexible": False}
 COMPILE_TIMEOUT_S = 30.0
 _CACHE_SIZE = 256
 

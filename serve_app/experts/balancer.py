@@ -1,6 +1,6 @@
 """The expert balancer's decisions: which placement the routers use, and when to move weights.
 
-Pure state (no Ray, no sleeping; the clock is passed in); serve_app.experts.balancer_actor runs
+Pure state (no Ray, no sleeping; the clock is passed in); serve_app.deployments.balancer_actor runs
 it in the app. Router replicas report (cumulative per-expert tokens, the placement generation
 they dispatch by) every `sync_interval_s` and get the current generation back. The balancer
 sums the routers' token deltas over `window_s`; once a full window is measured and
@@ -55,7 +55,7 @@ class Drop(NamedTuple):
 
 
 @dataclass(slots=True)
-class _Router:
+class _RouterReport:
     seen: float
     generation: int
     tokens: tuple[int, ...] | None  # last cumulative snapshot; None until its first report
@@ -67,7 +67,7 @@ class Balancer:
         self.current = Versioned(0, initial)
         self._previous: Placement | None = None  # still in use by some router while draining
         self._drop: Drop | None = None
-        self._routers: dict[str, _Router] = {}
+        self._routers: dict[str, _RouterReport] = {}
         self._deltas: deque[tuple[float, list[int]]] = deque()
         self._window_start = now
 
@@ -77,7 +77,7 @@ class Balancer:
 
     def register(self, router: str, now: float) -> Versioned:
         """A router starting up: it will dispatch by the placement returned."""
-        self._routers[router] = _Router(now, self.current.generation, None)
+        self._routers[router] = _RouterReport(now, self.current.generation, None)
         return self.current
 
     def report(
@@ -96,7 +96,7 @@ class Balancer:
         r = self._routers.get(router)
         if r is not None and r.tokens is not None:
             self._deltas.append((now, window_load(r.tokens, tokens)))
-        self._routers[router] = _Router(now, used.generation, tokens)
+        self._routers[router] = _RouterReport(now, used.generation, tokens)
         return self.current
 
     def window(self, now: float) -> list[int]:

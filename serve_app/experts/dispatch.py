@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from serve_app.engine.transfer import to_device
 from serve_app.experts.placement import Placement
+from serve_app.platform.transfer import to_device
 
 
 @dataclass(frozen=True, slots=True)

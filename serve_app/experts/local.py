@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve_app.experts.base import ExpertExecutor
 from serve_app.kernels import cpu as cpu_kernel
+from serve_app.model.expert_executor import ExpertExecutor
 
 
 class ExpertWeights:

@@ -1,6 +1,6 @@
 """One expert shard: the experts it owns, of every MoE layer, and nothing else of the model.
 
-Plain torch, no Ray: serve_app.experts.actor wraps it as an actor; tests use it directly.
+Plain torch, no Ray: serve_app.deployments.expert_actor wraps it as an actor; tests use it directly.
 Between processes the payloads take the wire form of serve_app.experts.wire; the shard
 converts at its edge so the compute stays torch.
 Shapes: Ts tokens sent to this shard, K experts per token, D hidden.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serve_app.engine.transfer import to_device, to_host
 from serve_app.experts.local import ExpertWeights, run_experts
+from serve_app.experts.weights import load_expert_weights
 from serve_app.experts.wire import pack_response, unpack_request
-from serve_app.model.loader import load_expert_shard
+from serve_app.platform.transfer import to_device, to_host
 
 
 class ExpertShard:
@@ -23,7 +23,7 @@ class ExpertShard:
         self.owned = sorted(owned)
         self.device = device
         self.dtype = dtype
-        self.layers = load_expert_shard(model_dir, self.owned, device, dtype)
+        self.layers = load_expert_weights(model_dir, device, dtype, self.owned)
 
     def add_experts(self, experts: list[int]) -> list[int]:
         """Load more experts (every MoE layer) from the checkpoint; returns what it now owns.
@@ -33,7 +33,7 @@ class ExpertShard:
         """
         new = sorted(set(experts) - set(self.owned))
         if new:
-            extra = load_expert_shard(self.model_dir, new, self.device, self.dtype)
+            extra = load_expert_weights(self.model_dir, self.device, self.dtype, new)
             self.layers = {
                 layer: w.with_experts(
                     torch.cat([w.w13, extra[layer].w13]),
@@ -95,7 +95,7 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """The wire form: float32 (numpy has no bfloat16) or the integer dtype, on the CPU.
 
-    From CUDA the copy goes through pinned memory (serve_app.engine.transfer); bf16 is
+    From CUDA the copy goes through pinned memory (serve_app.platform.transfer); bf16 is
     widened on the host, so the device-to-host copy moves half the bytes."""
     t = to_host(t)
     return (t if not t.is_floating_point() else t.float()).numpy()

@@ -20,11 +20,11 @@ from serve_app.engine.config import KVStoreConfig
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.request import Request
 from serve_app.engine.scheduler import ExternalLoad
-from serve_app.engine.transfer import to_host
 from serve_app.kvstore.codec import KVLayout
 from serve_app.kvstore.embedded import EmbeddedRedis
 from serve_app.kvstore.redis_tier import RedisKVTier
 from serve_app.kvstore.stats import KVStoreStats
+from serve_app.platform.transfer import to_host
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from serve_app.engine.engine import EngineStats
+from serve_app.engine.stats import EngineStats
 from serve_app.metrics.recorder import Metrics
 
 log = logging.getLogger(__name__)

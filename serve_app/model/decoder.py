@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from serve_app.experts.base import DoneFuture, ExpertFuture
 from serve_app.model.config import ModelSpec
+from serve_app.model.expert_executor import DoneFuture, ExpertFuture
 from serve_app.model.layers.attention import AttentionMetadata, paged_attention
 from serve_app.model.layers.linear import project
 from serve_app.model.layers.mlp import GatedMLP

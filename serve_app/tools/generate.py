@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.llm import LLM
 
 
 def read_prompts(path: str) -> list[str]:

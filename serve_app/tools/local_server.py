@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,71 +16,9 @@ import urllib.request
 from pathlib import Path
 
 from serve_app.procs import pid_alive, stop_session
-
-RUN_DIR = Path(os.environ.get("MOESERVE_RUN_DIR", ".run"))
-PID_FILE = RUN_DIR / "server.pid"
-LOG_FILE = RUN_DIR / "server.log"
-ADDRESS_FILE = RUN_DIR / "ray_address"  # the GCS address of the Ray that `--ray` started
-
-
-def local_ray_address() -> str | None:
-    """The Ray cluster of the server `make run` started from this directory, if it runs."""
-    if pid_alive(_read_pid()) and ADDRESS_FILE.is_file():
-        return ADDRESS_FILE.read_text().strip() or None
-    return None
-
+from serve_app.tools.run_files import LOG_FILE, PID_FILE, RUN_DIR, read_pid
 
 STOP_TIMEOUT_S = 60
-
-
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="tokens per streamed chunk after the first (vLLM's --stream-interval)",
-    )
-    p.add_argument(
-        "--stream-transport",
-        choices=("channel", "serve"),
-        default="channel",
-        help="--ray: router -> ingress outputs per engine step over a direct connection "
-        "(channel), or one Serve stream item per token (serve)",
-    )
-    p.add_argument(
-        "--serve-mode",
-        choices=("throughput", "standard"),  # serve_app.tools.ray_server.SERVE_MODES
-        default="throughput",
-        help="--ray: `throughput`: HTTP through HAProxy straight to the ingress replica and "
-        "Serve's throughput-optimized settings; `standard`: Serve's proxy actor and defaults",
-    )
-    p.add_argument("--background", action="store_true", help="detach and return when ready")
-    ray = p.add_argument_group("Ray Serve (--ray)")
-    ray.add_argument(
-        "--ray", action="store_true", help="start a local Ray and serve the Serve app on it"
-    )
-    ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
-    ray.add_argument("--routers", type=int, default=1, help="router replicas")
-    ray.add_argument(
-        "--routing",
-        choices=("pow2", "prefix_affinity"),
-        default="pow2",
-        help="how a request picks a router replica (router.routing; docs/routing.md)",
-    )
-    ray.add_argument(
-        "--redis-url",
-        default=None,
-        help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
-    )
-    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
-    ray.add_argument("--dashboard-port", type=int, default=8265)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -98,12 +35,12 @@ def run_server(args: argparse.Namespace) -> int:
         return run_ray_server(args)
     import uvicorn
 
-    from serve_app.api.client import LocalEngineClient
     from serve_app.api.routes import create_app
-    from serve_app.engine.async_engine import AsyncLLMEngine
     from serve_app.engine.config import ConfigError, EngineConfig
     from serve_app.metrics import get_metrics
     from serve_app.metrics.reporter import start_engine_reporter
+    from serve_app.runtime.factory import build_async_engine
+    from serve_app.tools.local_client import LocalEngineClient
 
     try:
         config = EngineConfig(
@@ -115,7 +52,7 @@ def run_server(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
         return 2
-    engine = AsyncLLMEngine.from_config(config)
+    engine = build_async_engine(config)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(LocalEngineClient(engine, name), stream_interval=args.stream_interval)
     reporter = start_engine_reporter(get_metrics(), engine, name, "local")
@@ -127,13 +64,13 @@ def run_server(args: argparse.Namespace) -> int:
 
 def _start_background(args: argparse.Namespace) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    if pid_alive(_read_pid()):
-        print(f"already running (pid {_read_pid()}); `make stop` first", file=sys.stderr)
+    if pid_alive(read_pid()):
+        print(f"already running (pid {read_pid()}); `make stop` first", file=sys.stderr)
         return 1
     argv = [a for a in sys.argv[1:] if a != "--background"]
     with open(LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", *argv],
+            [sys.executable, "-m", "serve_app.cli", *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -184,7 +121,7 @@ def stop_command(_: argparse.Namespace) -> int:
 
 
 def stop_server() -> int:
-    pid = _read_pid()
+    pid = read_pid()
     if not pid_alive(pid):
         print("no moeserve server running")
         PID_FILE.unlink(missing_ok=True)
@@ -194,10 +131,3 @@ def stop_server() -> int:
     PID_FILE.unlink(missing_ok=True)
     print(f"stopped moeserve (pid {pid})")
     return 0
-
-
-def _read_pid() -> int | None:
-    try:
-        return int(PID_FILE.read_text().strip())
-    except (OSError, ValueError):
-        return None

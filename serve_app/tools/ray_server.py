@@ -113,7 +113,7 @@ def run_ray_server(args: argparse.Namespace) -> int:
 
     from serve_app.builder import build_app
     from serve_app.config import REDIS_URL_ENV, config_error_line
-    from serve_app.tools.local_server import ADDRESS_FILE
+    from serve_app.tools.run_files import ADDRESS_FILE
 
     num_cpus = os.cpu_count() or 1
     try:

@@ -1,7 +1,7 @@
 """`moeserve rollout start|status|promote|pause|resume|abort|undo`: the operator's commands.
 
 Each connects to the Ray cluster as a driver (`--address`, default $RAY_ADDRESS or the local
-cluster) and talks to the app's rollout controller actor (serve_app.rollout.actor). A candidate
+cluster) and talks to the app's rollout controller actor (deployments/rollout_actor.py). A candidate
 config is validated here, before anything is deployed.
 """
 
@@ -21,40 +21,6 @@ from serve_app.config import AppConfig
 from serve_app.rollout.state import ACTIVE_PHASES, RolloutError
 
 WATCH_S = 2.0
-
-
-def add_rollout_args(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rollout", help="canary / blue-green rollout of a new model version")
-    rsub = p.add_subparsers(dest="rollout_cmd", required=True)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        c = rsub.add_parser(name, help=help)
-        c.add_argument(
-            "--address",
-            default=None,
-            help="Ray address; default: $RAY_ADDRESS, else the Ray of `make run`, else auto",
-        )
-        c.add_argument("--app", default="moeserve", help="the Serve application (moeserve)")
-        c.add_argument("--json", action="store_true", help="print the status as JSON")
-        return c
-
-    s = command("start", "deploy a candidate version and start moving traffic to it")
-    s.add_argument("config", help="the candidate's app config (YAML; a Serve config works too)")
-    s.add_argument("--version", dest="version_name", help="version name (default: config's)")
-    s.add_argument("--strategy", choices=["canary", "bluegreen"], default=None)
-    s.add_argument("--steps", default=None, help="canary percents, e.g. 5,25,50,100")
-    s.add_argument("--interval", default=None, help="least time per step, e.g. 60s, 5m")
-    s.add_argument("--manual", action="store_true", help="wait for promote after each step")
-    w = command("status", "versions, weights and analysis results")
-    w.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
-    pr = command("promote", "next canary step (or the blue-green switch)")
-    pr.add_argument("--full", action="store_true", help="straight to 100%%")
-    command("pause", "stop stepping (analysis and rollback keep running)")
-    command("resume", "go on stepping")
-    command("abort", "all traffic back to the stable version")
-    u = command("undo", "make an earlier version stable again")
-    u.add_argument("--to", dest="to_version", default=None, help="version (default: previous)")
-    p.set_defaults(func=run_rollout)
 
 
 def run_rollout(args: argparse.Namespace) -> int:
@@ -161,7 +127,7 @@ def parse_duration(text: str) -> float:
 
 
 def _connect(address: str | None, app: str):
-    from serve_app.tools.local_server import local_ray_address
+    from serve_app.tools.run_files import local_ray_address
 
     address = address or os.environ.get("RAY_ADDRESS") or local_ray_address() or "auto"
     # NOTE: Ray 2.60 turns token auth on for every local `ray.init()` cluster (make run's), but
@@ -172,7 +138,7 @@ def _connect(address: str | None, app: str):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray  # after RAY_AUTH_MODE: Ray reads it once
 
-    from serve_app.rollout.actor import NAMESPACE, get_controller
+    from serve_app.deployments.rollout_actor import NAMESPACE, get_controller
 
     try:
         ray.init(

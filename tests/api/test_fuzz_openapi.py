@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
+from serve_app.runtime.factory import build_async_engine
+from serve_app.tools.local_client import LocalEngineClient
 
 EXAMPLES = 60  # per route and kind; the whole module runs in about a minute on 2 cores
 FUZZ = settings(
@@ -31,7 +31,7 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def api(qwen3_tiny):
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=64)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset())

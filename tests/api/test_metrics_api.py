@@ -9,12 +9,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.metrics import get_metrics
 from serve_app.metrics.reporter import start_engine_reporter
+from serve_app.runtime.factory import build_async_engine
+from serve_app.tools.local_client import LocalEngineClient
 from tests.api.inproc import serving
 
 COMPLETIONS = {"route": "/v1/completions", "version": "tiny"}
@@ -22,7 +22,7 @@ COMPLETIONS = {"route": "/v1/completions", "version": "tiny"}
 
 @pytest.fixture(scope="module")
 def url(qwen3_tiny):
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=96, max_model_len=512)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset())

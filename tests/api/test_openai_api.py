@@ -6,10 +6,10 @@ import httpx
 import openai
 import pytest
 
-from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
+from serve_app.runtime.factory import build_async_engine
+from serve_app.tools.local_client import LocalEngineClient
 from tests.api.inproc import serving, wait_idle
 
 KEY = "test-key"
@@ -17,7 +17,7 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(qwen3_tiny):
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=128, max_model_len=512)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset({KEY}))
@@ -143,7 +143,7 @@ def test_slow_sse_reader_gets_every_token_once_in_order(server):
 def test_stream_interval_groups_tokens_after_the_first(qwen3_tiny):
     from tests.streaming_checks import read_sse, tokens_of
 
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=256)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset(), stream_interval=4)

@@ -9,12 +9,13 @@ import asyncio
 import httpx
 import pytest
 
-from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
 from serve_app.api.submit import discard
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.factory import build_async_engine
+from serve_app.tools.local_client import LocalEngineClient
 from tests.api import inproc
 
 LONG = " ".join(["word"] * 6000)  # far past the context
@@ -22,7 +23,7 @@ LONG = " ".join(["word"] * 6000)  # far past the context
 
 @pytest.fixture(scope="module")
 def engine(qwen3_tiny):
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=256, max_model_len=2048)
     )
     yield engine

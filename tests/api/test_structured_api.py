@@ -15,10 +15,10 @@ import pytest
 from pydantic import BaseModel, Field
 from transformers import AutoTokenizer
 
-from serve_app.api.client import LocalEngineClient
 from serve_app.api.routes import create_app
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
+from serve_app.runtime.factory import build_async_engine
+from serve_app.tools.local_client import LocalEngineClient
 from serve_app.tools.tokenizer import CHAT_TEMPLATE
 from tests.api.inproc import serving, wait_idle
 
@@ -74,7 +74,7 @@ def tool_model_dir(src, dst):
 @pytest.fixture(scope="module")
 def server(qwen3_tiny, tmp_path_factory):
     model = tool_model_dir(qwen3_tiny, tmp_path_factory.mktemp("m") / "tiny")
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(model), num_kv_blocks=256, max_model_len=1024)
     )
     app = create_app(LocalEngineClient(engine, "tiny"), api_keys=frozenset({KEY}))

@@ -14,8 +14,8 @@ import time
 import openai
 import pytest
 
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.llm import LLM
 from tests.conftest import wait_healthy
 from tests.e2e.conftest import RayServe
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_serve_ray_background_then_stop(tmp_path):
     env = subprocess_env(MOESERVE_RUN_DIR=str(tmp_path))
     port = free_port()
-    cli = [sys.executable, "-m", "cluster.cli"]
+    cli = [sys.executable, "-m", "serve_app.cli"]
     model = str(tiny_model_dir("qwen3_moe"))
     up = subprocess.run(
         [*cli, "serve", "--model", model, "--port", str(port), "--ray", "--ep", "2"]

@@ -29,7 +29,7 @@ def make_run(tmp_path_factory):
     env = subprocess_env(MOESERVE_RUN_DIR=str(run_dir))
     port = free_port()
     model = str(tiny_model_dir("qwen3_moe"))
-    cli = [sys.executable, "-m", "cluster.cli"]
+    cli = [sys.executable, "-m", "serve_app.cli"]
     up = subprocess.run(
         [*cli, "serve", "--model", model, "--port", str(port), "--ray", "--ep", "0"]
         + ["--routers", "1", "--background"],

@@ -88,7 +88,7 @@ def rollout(ray_serve, tmp_path_factory):
     from ray import serve
 
     from serve_app.builder import build_app
-    from serve_app.rollout.actor import get_controller
+    from serve_app.deployments.rollout_actor import get_controller
     from tests.conftest import tiny_model_dir
 
     base = app_config(tiny_model_dir("qwen3_moe", 0), "v1")
@@ -121,7 +121,7 @@ def status(ctx) -> dict:
 
 
 def cli(ctx, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cluster.cli", "rollout", *args]
+    cmd = [sys.executable, "-m", "serve_app.cli", "rollout", *args]
     cmd += ["--app", APP, "--address", ctx["address"]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if check:
@@ -144,7 +144,7 @@ def test_cli_errors_before_anything_is_deployed(rollout):
     done = cli(rollout, "undo", "--to", "v9", check=False)
     assert done.returncode == 1 and "unknown version 'v9'" in done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "rollout", "status", "--app", "nope"]
+        [sys.executable, "-m", "serve_app.cli", "rollout", "status", "--app", "nope"]
         + ["--address", rollout["address"]],
         capture_output=True,
         text=True,

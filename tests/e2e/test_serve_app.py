@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.llm import LLM
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from serve_app.model.config import UnsupportedModelError, load_model_spec
 
 
 def moeserve_generate(model, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--model", str(model), *args]
+    cmd = [sys.executable, "-m", "serve_app.cli", "generate", "--model", str(model), *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

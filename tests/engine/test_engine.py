@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.factory import build_async_engine
+from serve_app.runtime.llm import LLM
 
 PROMPTS = ["The river bends", "Once upon a time there was", "café 東京 🙂", "1, 2, 3,"]
 
@@ -24,6 +24,7 @@ def assert_no_leaks(llm: LLM) -> None:
     s = llm.engine.stats()
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
     assert not llm.engine.has_unfinished_requests()
+    assert len(llm.engine.runner.sampler.states) == 0  # seeded generators released on finish
 
 
 def test_seeded_sampling_is_reproducible_regardless_of_batch(llm):
@@ -128,7 +129,7 @@ def test_bad_sampling_params(kwargs):
 
 
 async def test_async_stream_and_abort_free_blocks(qwen3_tiny):
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
     )
     try:
@@ -165,7 +166,7 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
     from autoscaling.signals import TTFT_P90_KEY, RouterSignals
     from serve_app.deployments.router import load_signals
 
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512, max_num_seqs=2)
     )
     try:
@@ -199,7 +200,7 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
 async def test_a_lagging_stream_gets_its_backlog_as_one_item(qwen3_tiny):
     """Consumer-paced coalescing: what piled up while nobody read comes as one increment, in
     order, nothing lost; a sink gets each step's output as it is made."""
-    engine = AsyncLLMEngine.from_config(
+    engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
     )
     try:

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import GrammarSpec, SamplingParams
+from serve_app.runtime.llm import LLM
 
 SCHEMA = {
     "type": "object",

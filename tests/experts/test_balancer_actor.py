@@ -25,8 +25,8 @@ SKEW = [1000, 100, 100, 100, 100, 100, 100, 100]  # expert 0 hot: shard 0 carrie
 
 
 def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3_tiny):
-    from serve_app.experts.actor import ExpertShardActor
-    from serve_app.experts.balancer_actor import ExpertBalancerActor
+    from serve_app.deployments.balancer_actor import ExpertBalancerActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
 
     ray = ray_cluster
     model = str(qwen3_tiny)

@@ -14,10 +14,10 @@ from serve_app.experts.dispatch import Dispatcher
 from serve_app.experts.local import LocalExperts
 from serve_app.experts.placement import place_experts
 from serve_app.experts.shard import ExpertShard, as_tensor, to_numpy
+from serve_app.experts.weights import load_expert_weights
 from serve_app.experts.wire import pack_request, unpack_response
 from serve_app.model.config import load_model_spec
 from serve_app.model.layers.moe import route
-from serve_app.model.loader import iter_weights, split_weights, stack_experts
 
 CPU = torch.device("cpu")
 
@@ -36,8 +36,7 @@ def _routed(spec, t: int, seed: int):
 )
 def test_sharded_experts_equal_in_process_experts(qwen3_tiny, num_shards, load):
     spec = load_model_spec(qwen3_tiny)
-    _, tensors = split_weights(spec, iter_weights(qwen3_tiny))
-    local = LocalExperts(stack_experts(spec, tensors, CPU, torch.float32))
+    local = LocalExperts(load_expert_weights(qwen3_tiny, CPU, torch.float32))
     if load == "hot":  # expert 0 takes most tokens: a spare slot replicates it on both shards
         loads = [100.0] + [1.0] * (spec.num_experts - 1)
         slots = spec.num_experts // num_shards + 1
@@ -108,8 +107,7 @@ def test_micro_batches_only_when_worth_it():
 def test_shard_adds_and_drops_experts_and_refuses_ones_it_lacks(qwen3_tiny):
     spec = load_model_spec(qwen3_tiny)
     layer = next(i for i, m in enumerate(spec.moe_layers) if m)
-    _, tensors = split_weights(spec, iter_weights(qwen3_tiny))
-    local = LocalExperts(stack_experts(spec, tensors, CPU, torch.float32))
+    local = LocalExperts(load_expert_weights(qwen3_tiny, CPU, torch.float32))
     shard = ExpertShard(str(qwen3_tiny), [4, 5], CPU, torch.float32)
     x, ids, w = _routed(spec, 16, seed=3)
     with pytest.raises(ValueError, match="does not hold"):

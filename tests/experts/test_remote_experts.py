@@ -7,12 +7,13 @@ import time
 
 import pytest
 
+from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import place_experts
-from serve_app.experts.remote import RemoteExperts
 from serve_app.model.config import load_model_spec
+from serve_app.runtime.factory import build_engine
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,12 @@ def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
 
 
 def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
 
     model = str(qwen3_tiny)
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Story {i}: once upon a time " * (1 + i % 3) for i in range(12)]
-    reference = _run(LLMEngine(config), prompts)
+    reference = _run(build_engine(config), prompts)
 
     spec = load_model_spec(model)
     placement = place_experts(spec.num_experts, 2)
@@ -45,7 +46,7 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
     assert [ray_cluster.get(a.info.remote())["owned"] for a in actors] == [
         list(s) for s in placement.shards
     ]
-    remote = LLMEngine(config, RemoteExperts(placement, lambda s: actors[s]))
+    remote = build_engine(config, RemoteExperts(placement, lambda s: actors[s]))
     assert remote.runner.num_micro_batches == 2
     assert _run(remote, prompts) == reference
     assert remote.runner.num_split_steps > 0  # the ping-pong path ran
@@ -57,13 +58,13 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
 def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, qwen3_tiny):
     """Add replicas on the shards, switch the dispatcher between steps, then drop: the same
     greedy tokens as in-process, with requests running across both switches."""
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
     from serve_app.experts.rebalance import RebalanceConfig, plan_rebalance
 
     model = str(qwen3_tiny)
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Tale {i}: the river bends " * (1 + i % 2) for i in range(6)]
-    reference = _run(LLMEngine(config), prompts)
+    reference = _run(build_engine(config), prompts)
 
     spec = load_model_spec(model)
     placement = place_experts(spec.num_experts, 2)
@@ -72,7 +73,7 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
         for s in placement.shards
     ]
     experts = RemoteExperts(placement, lambda s: actors[s])
-    engine = LLMEngine(config, experts)
+    engine = build_engine(config, experts)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -113,7 +114,7 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
 def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen3_tiny):
     import asyncio
 
-    from serve_app.experts.actor import ExpertShardActor
+    from serve_app.deployments.expert_actor import ExpertShardActor
 
     model = str(qwen3_tiny)
     placement = place_experts(load_model_spec(model).num_experts, 2)

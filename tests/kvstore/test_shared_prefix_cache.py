@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.block_hash import extend_block_hashes
 from serve_app.engine.config import KVStoreConfig
-from serve_app.engine.llm import LLM
 from serve_app.engine.request import SamplingParams
 from serve_app.kvstore.codec import HEADER_SIZE, decode_block
 from serve_app.kvstore.stats import describe_store
+from serve_app.runtime.llm import LLM
 from tests.kvstore.conftest import RedisProc
 
 BS = 16

@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.experts.base import ExpertExecutor, ExpertFuture
 from serve_app.model.config import ModelSpec
+from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 from serve_app.model.layers.mlp import GatedMLP
 
 
 def route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
+    gate_logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (topk_ids [T, K], topk_weights [T, K] in the logits' dtype)."""
-    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    """gate_logits [T, E] -> (topk_ids [T, K], topk_weights [T, K] in the logits' dtype)."""
+    probs = F.softmax(gate_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights.to(router_logits.dtype)
+    return ids, weights.to(gate_logits.dtype)
 
 
 class SparseMoeBlock(nn.Module):

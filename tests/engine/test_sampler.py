@@ -112,6 +112,16 @@ def test_seed_is_reproducible_regardless_of_batch() -> None:
     assert mixed["s7"] == reordered["s7"]
 
 
+def test_request_state_lives_in_the_sampler_until_release(sampler: Sampler) -> None:
+    seeded = req("a", temperature=1.0, seed=3)
+    first = sampler(logits_for(1) * 0.3, [seeded]).token_ids
+    assert len(sampler.states) == 1 and not hasattr(seeded, "sampler_state")
+    sampler.states.release([seeded])
+    assert len(sampler.states) == 0
+    # a fresh generator with the same seed: the same first draw again
+    assert sampler(logits_for(1) * 0.3, [req("a", temperature=1.0, seed=3)]).token_ids == first
+
+
 def test_different_seeds_differ(sampler: Sampler) -> None:
     logits = torch.zeros(1, VOCAB)  # uniform: 20 draws of two seeds coincide w.p. 32**-20
     a, b = req("a", seed=1), req("b", seed=2)

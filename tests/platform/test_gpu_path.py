@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.engine.transfer import pins_memory, tensor_to_device, to_device, to_host
+from serve_app.platform.transfer import pins_memory, tensor_to_device, to_device, to_host
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -43,7 +43,7 @@ def test_cuda_path_round_trips_through_pinned_memory():
 
 
 def test_gpu_kv_budget_is_free_memory_less_the_unused_share():
-    from serve_app.engine.platform import gpu_kv_budget
+    from serve_app.engine.kv_budget import gpu_kv_budget
 
     gib = 1 << 30
     # 80 GiB device, 20 GiB of weights loaded: at 0.9 the process may hold 72 GiB in all

@@ -12,10 +12,10 @@ import os
 import ray
 import torch
 
-from serve_app.engine.platform import resolve_device, resolve_dtype
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
+from serve_app.platform.device import resolve_device, resolve_dtype
 
 
 @ray.remote

@@ -15,10 +15,10 @@ from ray.serve._private.common import (
 )
 from ray.serve._private.request_router.common import PendingRequest
 
+from serve_app.deployments.request_router import PrefixAffinityRequestRouter, route_of
 from serve_app.engine.block_hash import root_hash
 from serve_app.metrics import get_metrics
 from serve_app.routing.key import HashNamespace, route_request
-from serve_app.routing.request_router import PrefixAffinityRequestRouter, route_of
 
 DEP = DeploymentID(name="router", app_name="app")
 NS = HashNamespace(root_hash(0, "d"), 4, 64)

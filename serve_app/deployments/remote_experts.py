@@ -19,12 +19,12 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from serve_app.engine.errors import ExpertsUnavailableError
-from serve_app.experts.base import ExpertExecutor, ExpertFuture
 from serve_app.experts.dispatch import Dispatcher, ShardSlice
 from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
 from serve_app.experts.wire import pack_request, unpack_response
+from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.engine.engine import EngineStats
+from serve_app.engine.stats import EngineStats
 from serve_app.metrics import CATALOG, Metrics
 from serve_app.metrics.backends import LocalBackend
 from serve_app.metrics.catalog import LATENCY_BUCKETS_S, SERVE_PASSTHROUGH

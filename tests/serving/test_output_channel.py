@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from serve_app.api.errors import http_status
 from serve_app.deployments.output_channel import OutputInbox, OutputOutbox, ReplyTo
 from serve_app.deployments.output_wire import (
     WireError,
@@ -49,7 +50,7 @@ def test_errors_keep_their_class_and_param() -> None:
     e = decode_record(error_record(1, InvalidRequestError("too long", "prompt")), "r", [])
     assert isinstance(e, InvalidRequestError) and e.param == "prompt" and str(e) == "too long"
     e = decode_record(error_record(1, ExpertsUnavailableError("shard 1")), "r", [])
-    assert isinstance(e, ExpertsUnavailableError) and e.http_status == 503
+    assert isinstance(e, ExpertsUnavailableError) and http_status(e) == (503, "service_unavailable")
 
 
 @pytest.mark.parametrize("body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["x",0,0,0,[],0,0]]'])

@@ -65,7 +65,7 @@ def test_split_subtracts_the_engine_thread_and_counts_new_processes_from_zero() 
 
 
 def test_sample_self_sees_a_named_engine_thread() -> None:
-    from serve_app.engine.platform import name_os_thread
+    from serve_app.platform.device import name_os_thread
 
     stop = threading.Event()
 

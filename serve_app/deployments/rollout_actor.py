@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from serve_app.config import AppConfig
 from serve_app.metrics import use_ray_metrics
 from serve_app.rollout.controller import RolloutController
 from serve_app.rollout.deploy_wait import AppSnapshot, deploy_verdict
@@ -75,8 +76,10 @@ class ServeDeployer:
         return version_app_name(self.app, version)
 
     def deploy(self, version: str, config: dict[str, Any]) -> str | None:
-        from serve_app.builder import build_version_app
-        from serve_app.config import AppConfig
+        # NOTE: imported here, not at the top: the version app pulls in the router (torch, the
+        # engine), which the controller actor and the ingress that creates it never need
+        # unless a version is deployed. Not a cycle: version_app imports nothing of this module.
+        from serve_app.deployments.version_app import build_version_app
 
         timeout_s = AppConfig.model_validate(config).rollout.deploy_timeout_s
         app = build_version_app(config)

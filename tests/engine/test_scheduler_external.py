@@ -3,7 +3,7 @@
 from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
-from tests.unit.test_scheduler import BS, req, scheduled, step
+from tests.engine.test_scheduler import BS, req, scheduled, step
 
 
 class FakeSource:

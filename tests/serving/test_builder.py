@@ -9,8 +9,9 @@ from pydantic import ValidationError
 from ray.serve._private.autoscaling_state import _resolve_policy_callable
 
 from autoscaling.policy import PolicyConfig, ServePolicy
-from serve_app.builder import ROUTER_POLICY, build_app
+from serve_app.builder import build_app
 from serve_app.config import AppConfig, AutoscalingSettings
+from serve_app.deployments.version_app import ROUTER_POLICY
 from tests.conftest import tiny_model_dir
 
 
@@ -144,8 +145,8 @@ def test_placement_resources_are_checked(resources):
 
 
 def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_tiny):
+    from serve_app.deployments.request_router import PrefixAffinityRequestRouter
     from serve_app.routing.affinity import AffinityConfig
-    from serve_app.routing.request_router import PrefixAffinityRequestRouter
 
     router = {"routing": "prefix_affinity", "affinity": {"load_factor": 1.25, "stats_period_s": 1}}
     dep = _router(build_app({"model": str(qwen3_tiny), "version": "v7", "router": router}))
@@ -156,7 +157,7 @@ def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_ti
     assert kwargs.pop("version") == "v7"
     assert AffinityConfig(**kwargs) == AffinityConfig(load_factor=1.25)
     # A rollout version's routers (their own app) carry their own version's router.
-    from serve_app.builder import build_version_app
+    from serve_app.deployments.version_app import build_version_app
 
     version = build_version_app({"model": str(qwen3_tiny), "version": "v8", "router": router})
     vcfg = version._bound_deployment._deployment_config.request_router_config

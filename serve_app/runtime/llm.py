@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.engine import LLMEngine
 from serve_app.engine.outputs import RequestOutput, TokenLogprob
 from serve_app.engine.request import SamplingParams
+from serve_app.runtime.factory import build_engine
 
 
 @dataclass(slots=True)
@@ -42,7 +42,7 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str, **engine_kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = build_engine(EngineConfig(model=model, **engine_kwargs))
 
     def generate(
         self,

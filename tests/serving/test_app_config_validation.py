@@ -35,7 +35,8 @@ def test_app_config_refuses_bad_engine_and_prefix_cache_settings(section, messag
 
 @pytest.mark.parametrize("section, message", BAD[:1] + BAD[4:6])
 def test_builder_refuses_them_before_deploying(section, message, qwen3_tiny):
-    from serve_app.builder import build_app, build_version_app
+    from serve_app.builder import build_app
+    from serve_app.deployments.version_app import build_version_app
 
     for build in (build_app, build_version_app):
         with pytest.raises(ValueError, match=message.split(" must")[0]):
@@ -45,7 +46,7 @@ def test_builder_refuses_them_before_deploying(section, message, qwen3_tiny):
 def test_cli_refuses_them_with_one_line(qwen3_tiny, tmp_path):
     """`moeserve serve --ray` (make run) stops before starting Ray."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(qwen3_tiny), "--ray"]
+        [sys.executable, "-m", "serve_app.cli", "serve", "--model", str(qwen3_tiny), "--ray"]
         + ["--max-num-batched-tokens", "8", "--redis-url", "redis://127.0.0.1:1/0"],
         capture_output=True,
         text=True,

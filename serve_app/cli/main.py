@@ -1,4 +1,8 @@
-"""The `moeserve` command. Subcommands import their modules lazily so `--help` stays fast."""
+"""The `moeserve` command: every subcommand's parser, here in one place.
+
+Subcommands import their modules lazily (`module:function`), so `--help` stays fast and the
+command imports nothing of Ray or torch until a subcommand runs.
+"""
 
 from __future__ import annotations
 
@@ -136,10 +140,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from serve_app.tools.local_server import add_server_args
-
     p = sub.add_parser("serve", help="serve a checkpoint behind the OpenAI API in one process")
-    add_server_args(p)
+    _add_server_args(p)
 
     p.set_defaults(func=_lazy("serve_app.tools.local_server:run_server"))
     s = sub.add_parser("stop", help="stop the server that `serve --background` started")
@@ -147,10 +149,88 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_lazy("serve_app.tools.local_server:stop_command"))
 
 
-def _add_rollout(sub: argparse._SubParsersAction) -> None:
-    from serve_app.tools.rollout_cli import add_rollout_args
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk after the first (vLLM's --stream-interval)",
+    )
+    p.add_argument(
+        "--stream-transport",
+        choices=("channel", "serve"),
+        default="channel",
+        help="--ray: router -> ingress outputs per engine step over a direct connection "
+        "(channel), or one Serve stream item per token (serve)",
+    )
+    p.add_argument(
+        "--serve-mode",
+        choices=("throughput", "standard"),  # serve_app.tools.ray_server.SERVE_MODES
+        default="throughput",
+        help="--ray: `throughput`: HTTP through HAProxy straight to the ingress replica and "
+        "Serve's throughput-optimized settings; `standard`: Serve's proxy actor and defaults",
+    )
+    p.add_argument("--background", action="store_true", help="detach and return when ready")
+    ray = p.add_argument_group("Ray Serve (--ray)")
+    ray.add_argument(
+        "--ray", action="store_true", help="start a local Ray and serve the Serve app on it"
+    )
+    ray.add_argument("--ep", type=int, default=0, help="expert_parallel_size (0: in-process)")
+    ray.add_argument("--routers", type=int, default=1, help="router replicas")
+    ray.add_argument(
+        "--routing",
+        choices=("pow2", "prefix_affinity"),
+        default="pow2",
+        help="how a request picks a router replica (router.routing; docs/routing.md)",
+    )
+    ray.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
+    )
+    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
+    ray.add_argument("--dashboard-port", type=int, default=8265)
 
-    add_rollout_args(sub)
+
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollout", help="canary / blue-green rollout of a new model version")
+    rsub = p.add_subparsers(dest="rollout_cmd", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = rsub.add_parser(name, help=help)
+        c.add_argument(
+            "--address",
+            default=None,
+            help="Ray address; default: $RAY_ADDRESS, else the Ray of `make run`, else auto",
+        )
+        c.add_argument("--app", default="moeserve", help="the Serve application (moeserve)")
+        c.add_argument("--json", action="store_true", help="print the status as JSON")
+        return c
+
+    s = command("start", "deploy a candidate version and start moving traffic to it")
+    s.add_argument("config", help="the candidate's app config (YAML; a Serve config works too)")
+    s.add_argument("--version", dest="version_name", help="version name (default: config's)")
+    s.add_argument("--strategy", choices=["canary", "bluegreen"], default=None)
+    s.add_argument("--steps", default=None, help="canary percents, e.g. 5,25,50,100")
+    s.add_argument("--interval", default=None, help="least time per step, e.g. 60s, 5m")
+    s.add_argument("--manual", action="store_true", help="wait for promote after each step")
+    w = command("status", "versions, weights and analysis results")
+    w.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
+    pr = command("promote", "next canary step (or the blue-green switch)")
+    pr.add_argument("--full", action="store_true", help="straight to 100%%")
+    command("pause", "stop stepping (analysis and rollback keep running)")
+    command("resume", "go on stepping")
+    command("abort", "all traffic back to the stable version")
+    u = command("undo", "make an earlier version stable again")
+    u.add_argument("--to", dest="to_version", default=None, help="version (default: previous)")
+    p.set_defaults(func=_lazy("serve_app.tools.rollout_cli:run_rollout"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,9 @@
-"""Run-time choice of device, dtype and KV-pool size. Never assumes CUDA."""
+"""Run-time choice of device and dtype, and process-level tuning (allocator, thread names).
+Never assumes CUDA."""
 
 from __future__ import annotations
 
 import torch
-
-from serve_app.engine.config import EngineConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,31 +23,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def num_kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int) -> int:
-    """Explicit count, else a memory budget: fixed GiB on CPU, free memory x utilisation on GPU."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = gpu_kv_budget(free, total, config.gpu_memory_utilization)
-    else:
-        budget = config.kv_cache_memory_gb * (1 << 30)
-    n = int(budget // block_bytes)
-    if n < 2:
-        raise ValueError(f"KV cache budget fits only {n} blocks; give it more memory")
-    return n
-
-
-def gpu_kv_budget(free: int, total: int, utilization: float) -> float:
-    """Bytes for the KV pool, measured after the weights are loaded (vLLM's
-    gpu_memory_utilization): this process may use `utilization` of the whole device, so the
-    pool gets what is free minus the (1 - utilization) share kept for others and activations.
-
-    NOTE: step activations are not profiled; the kept share is their headroom.
-    """
-    return free - total * (1.0 - utilization)
 
 
 def tune_host_allocator() -> bool:

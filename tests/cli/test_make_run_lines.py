@@ -68,7 +68,7 @@ def test_make_run_stops_with_that_line_before_starting_anything(tmp_path, qwen3_
     env = {k: v for k, v in os.environ.items() if k != REDIS_URL_ENV}
     env.update(PATH=str(tmp_path), MOESERVE_RUN_DIR=str(tmp_path / "run"))  # no redis-server
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(qwen3_tiny)]
+        [sys.executable, "-m", "serve_app.cli", "serve", "--model", str(qwen3_tiny)]
         + ["--ray", "--background"],
         env=env,
         capture_output=True,

@@ -1,0 +1,22 @@
+"""EngineStats: the engine's cumulative counters, snapshotted after every step (metrics,
+/health, autoscaling signals read them without touching the engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_queried_tokens: int  # local prefix cache
+    prefix_hit_tokens: int
+    num_preemptions: int
+    prefix_remote_queried_tokens: int = 0  # shared (Redis) tier, after the local hit
+    prefix_remote_hit_tokens: int = 0
+    kv_store: Any = None  # the shared prefix source's stats() (kvstore.stats.KVStoreStats)
+    expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers

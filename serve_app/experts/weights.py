@@ -1,0 +1,73 @@
+"""Expert weights from a checkpoint: per MoE layer, the experts a caller owns, stacked.
+
+The in-process executor loads every expert; an expert shard only the ones it owns.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from serve_app.experts.local import ExpertWeights
+from serve_app.model.config import ModelSpec, load_model_spec
+from serve_app.model.loader import expert_key, iter_weights, split_weights
+
+
+def load_expert_weights(
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    owned: list[int] | None = None,
+    spec: ModelSpec | None = None,
+) -> dict[int, ExpertWeights]:
+    """The experts in `owned` (None: all), of every MoE layer, read from the checkpoint."""
+    spec = spec or load_model_spec(model_dir)
+    wanted = None if owned is None else set(owned)
+
+    def keep(name: str) -> bool:
+        key = expert_key(spec, name)
+        return key is not None and (wanted is None or key[1] is None or key[1] in wanted)
+
+    _, experts = split_weights(spec, iter_weights(model_dir, keep))
+    return stack_experts(spec, experts, device, dtype, owned)
+
+
+def stack_experts(
+    spec: ModelSpec,
+    experts: dict[tuple[int, int | None, str], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    owned: list[int] | None = None,
+) -> dict[int, ExpertWeights]:
+    """Per MoE layer: w13 [E, D, 2I] (gate columns, then up columns) and w2 [E, I, D]: the
+    checkpoint's [out, in] matrices transposed once here, then packed for the CPU kernel where it
+    applies (see serve_app/experts/local.py)."""
+    gate, up, down = spec.traits.expert_names
+    ids = list(range(spec.num_experts)) if owned is None else sorted(owned)
+    by_layer: dict[int, dict] = defaultdict(dict)
+    for (layer, expert, proj), t in experts.items():
+        by_layer[layer][(expert, proj)] = t
+    out = {}
+    for layer, is_moe in enumerate(spec.moe_layers):
+        if not is_moe:
+            continue
+        w = by_layer.get(layer)
+        if not w:
+            raise ValueError(f"no expert weights for MoE layer {layer}")
+        if (None, "gate_up_proj") in w:  # fused layout
+            w13 = w[(None, "gate_up_proj")][ids]
+            w2 = w[(None, "down_proj")][ids]
+        else:
+            w13 = torch.stack([torch.cat([w[(e, gate)], w[(e, up)]]) for e in ids])
+            w2 = torch.stack([w[(e, down)] for e in ids])
+        out[layer] = ExpertWeights.build(
+            _input_major(w13, device, dtype), _input_major(w2, device, dtype), ids
+        )
+    return out
+
+
+def _input_major(w: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[E, out, in] -> contiguous [E, in, out] on `device`."""
+    return w.to(device, dtype).transpose(1, 2).contiguous()

@@ -1,0 +1,1 @@
+"""Assembles an engine from its parts: the experts and the shared prefix cache it is given."""
