@@ -102,7 +102,7 @@ class RemoteEngineClient:
             gen.cancel()
             raise
         ttft = (time.monotonic() - t0) * 1000
-        return _relay(gen, out, _Reporter(self.versions, version, t0, ttft))
+        return _relay(_ServeStream(gen), out, _Reporter(self.versions, version, t0, ttft))
 
     async def _submit_over_channel(
         self, version: str, prompt, params, request_id: str, hint: RouteHint
@@ -116,16 +116,14 @@ class RemoteEngineClient:
         response = handle.generate_to.remote(
             prompt, params, request_id, self.inbox.reply_to, stream, **route
         )
-        reader = _ChannelReader(request_id, queue, response)
+        reader = _ChannelReader(request_id, queue, response, lambda: self.inbox.close(stream))
         try:
             first = await reader.next()
         except BaseException:
-            reader.cancel()
-            self.inbox.close(stream)
+            reader.close(finished=False)
             raise
         ttft = (time.monotonic() - t0) * 1000
-        reporter = _Reporter(self.versions, version, t0, ttft)
-        return _relay_channel(reader, first, reporter, lambda: self.inbox.close(stream))
+        return _relay(reader, first, _Reporter(self.versions, version, t0, ttft))
 
     async def health(self) -> dict:
         return await self.versions.handle(self.versions.base).health.remote()
@@ -141,8 +139,9 @@ class _ChannelReader:
     router failed, else None; its records may still be on the wire then (two paths), so a
     normal end only starts a grace period for them."""
 
-    def __init__(self, request_id: str, queue: asyncio.Queue, response):
+    def __init__(self, request_id: str, queue: asyncio.Queue, response, release):
         self.request_id, self.queue, self.response = request_id, queue, response
+        self.release = release  # gives the stream's inbox slot back
         self.prompt_token_ids: list[int] = []
         self.call = asyncio.ensure_future(_result(response))
         self.call.add_done_callback(lambda _: queue.put_nowait(None))  # wakes next()
@@ -183,8 +182,11 @@ class _ChannelReader:
                     raise result["error"]
                 self.deadline = time.monotonic() + CHANNEL_GRACE_S
 
-    def cancel(self) -> None:
-        if not self.call.done():
+    def close(self, finished: bool) -> None:
+        """The stream is over: free its inbox slot; an unfinished request's call is cancelled,
+        which aborts it on the router."""
+        self.release()
+        if not finished and not self.call.done():
             self.response.cancel()
             self.call.cancel()
 
@@ -193,26 +195,25 @@ async def _result(response):
     return await response
 
 
-async def _relay_channel(
-    reader: _ChannelReader, first: RequestOutput, reporter: _Reporter, close
-) -> AsyncIterator[RequestOutput]:
-    """Yield the request's outputs (what piled up while the consumer was busy comes as one);
-    closing this early cancels the call, which aborts the request on the router."""
-    finished = first.finished
-    try:
-        yield first
-        while not finished:
-            out = await reader.next()
-            finished = out.finished
-            yield out
-        reporter.done(ok=True)
-    except Exception as e:
-        reporter.done(ok=_client_error(e))
-        raise
-    finally:
-        close()
+class _ServeStream:
+    """The per-token Serve stream (`streaming.transport: serve`) as _relay reads it."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    async def next(self) -> RequestOutput | None:
+        """The next output, or None when the router's generator ended."""
+        try:
+            return await self.gen.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def close(self, finished: bool) -> None:
+        """Cancelling the remote generator aborts the request on the router."""
         if not finished:
-            reader.cancel()
+            self.gen.cancel()
 
 
 def _client_error(e: BaseException) -> bool:
@@ -231,23 +232,27 @@ class _Reporter:
         self.versions.report(Outcome(self.version, ok, self.ttft_ms, e2e))
 
 
-async def _relay(gen, first: RequestOutput, reporter: _Reporter) -> AsyncIterator[RequestOutput]:
-    """Forward the router's outputs; closing this early cancels the remote generator, which
-    aborts the request on the router and frees its KV blocks."""
+async def _relay(
+    source: _ChannelReader | _ServeStream, first: RequestOutput, reporter: _Reporter
+) -> AsyncIterator[RequestOutput]:
+    """Forward the router's outputs (over the channel, what piled up while the consumer was
+    busy comes as one); closing this early aborts the request on the router, which frees its
+    KV blocks."""
     finished = first.finished
     try:
         yield first
-        if not finished:
-            async for out in gen:
-                yield out
-                finished = out.finished
+        while not finished:
+            out = await source.next()
+            if out is None:
+                break
+            finished = out.finished
+            yield out
         reporter.done(ok=True)
     except Exception as e:
         reporter.done(ok=_client_error(e))
         raise
     finally:
-        if not finished:
-            gen.cancel()
+        source.close(finished)
 
 
 @serve.ingress()
