@@ -3,13 +3,14 @@
 - `grouped_mm`: the expert matmuls of a MoE layer (and, as one "expert", the dense projections
   through `linear`);
 - `paged_decode`: attention of decoding sequences, reading K/V in place through block tables;
-- `paged_prefill`: attention of prefill chunks over their cached context, the same way.
+- `paged_prefill`: attention of prefill chunks over their cached context, the same way;
+- `shared_prefix` (through `paged_decode`'s `shared`): cascade decode over shared blocks;
+- `rms_norm`: RMSNorm (and the residual add before it) in one pass.
 Their blocking (register tile rows, K chunk, query tile) comes from this CPU's caches and ISA,
 and one threshold from a short calibration cached beside the library (`tuning.py`).
 
 They are compiled with the system C compiler (`-O3 -march=native -fopenmp`) into a per-user cache
-keyed by the source, the flags, the compiler and this CPU's model and flags, so a cache shared
-by different machines never hands one of them another's instructions. It links torch's own
+keyed by source, flags, compiler and CPU (`build.py`). The library links torch's own
 libgomp (already loaded), so torch and the kernel share one OpenMP pool.
 
 Nothing to install: with no C compiler, a failed build, or MOESERVE_CPU_KERNEL=0 (settings.py),
@@ -21,28 +22,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from serve_app.kernels import settings, tuning
+from serve_app.kernels.build import build
 from serve_app.kernels.tuning import Blocking
 
 logger = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(
-    CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c", "rms_norm.c")
-)
-HEADERS = (CSRC / "simd.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 PANEL = 32  # must match NB in the C source (checked when it loads)
 
 _P = ctypes.c_void_p
@@ -383,7 +375,7 @@ def load() -> CpuKernels | None:
         logger.info("no C compiler: no CPU kernels, plain torch is used instead")
         return None
     try:
-        so = _build(compiler, env.cache_dir)
+        so = build(compiler, env.cache_dir)
         lib = ctypes.CDLL(str(so))
         lib.moeserve_panel_width.restype = _I64
         if lib.moeserve_panel_width() != PANEL:
@@ -424,49 +416,3 @@ def _calibrate_mkl_rows(kernels: CpuKernels) -> int:
     mkl = best(lambda: panel_matmul(x, panels[0]))
     logger.info("calibration: C kernel %.2f ms, torch matmul %.2f ms", c * 1e3, mkl * 1e3)
     return 48 if mkl < c else tuning.NEVER
-
-
-def _build(compiler: str, cache_dir: Path) -> Path:
-    key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode()):
-        key.update(part)
-    key.update(_compiler_id(compiler) + _cpu_id())
-    out = cache_dir / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: concurrent builders (replicas, shards) never see a
-    # half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-def _compiler_id(compiler: str) -> bytes:
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
-    return (version.splitlines() or [compiler.encode()])[0]
-
-
-def _cpu_id() -> bytes:
-    """This CPU's model name and feature flags (what -march=native compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        import platform
-
-        return platform.processor().encode()
-    wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(wanted)).encode()

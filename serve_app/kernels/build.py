@@ -1,0 +1,66 @@
+"""Compiling the CPU kernels (csrc/*.c) into a per-user cache, keyed by the sources, the
+flags, the compiler and this CPU's model and flags, so a cache shared by different machines
+never hands one of them another's instructions. cpu.py loads what this builds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(
+    CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c", "rms_norm.c")
+)
+HEADERS = (CSRC / "simd.h",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+
+def build(compiler: str, cache_dir: Path) -> Path:
+    """The compiled library for this source, flags, compiler and CPU: from the cache, or
+    built into it."""
+    key = hashlib.sha256()
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode()):
+        key.update(part)
+    key.update(_compiler_id(compiler) + _cpu_id())
+    out = cache_dir / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent builders (replicas, shards) never see a
+    # half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _compiler_id(compiler: str) -> bytes:
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    return (version.splitlines() or [compiler.encode()])[0]
+
+
+def _cpu_id() -> bytes:
+    """This CPU's model name and feature flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor().encode()
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted)).encode()
