@@ -225,6 +225,11 @@ class ExpertSettings(BaseModel):
     call_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a shard, retries after its death included."
     )
+    transport: Literal["channel", "ray"] = Field(
+        "channel",
+        description="How a router sends a shard its tokens each MoE layer: `channel`, a TCP "
+        "connection per (router, shard) (docs/transport.md); `ray`, an actor call each.",
+    )
     resources: PlacementResources = Field(
         default_factory=dict,
         description="Custom Ray resources per shard actor, e.g. {expert: 1} to land on "

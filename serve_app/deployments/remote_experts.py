@@ -1,9 +1,11 @@
 """The router side of expert parallelism: an ExpertExecutor whose experts live in shard actors.
 
 submit() splits the routed tokens by shard (serve_app.experts.dispatch), sends each shard only
-its slice, and returns at once; result() gathers and combines. A shard that died is
-re-resolved (the Serve controller recreates it) and its slice re-sent until call_timeout_s;
-after that the step fails with ExpertsUnavailableError (HTTP 503) instead of hanging.
+its slice, and returns at once; result() gathers and combines. The slices travel over the expert
+channel (serve_app.experts.channel: a TCP connection per shard, `experts.transport: channel`,
+the default) or as Ray actor calls (`ray`). A shard that died is re-resolved (the Serve
+controller recreates it) and its slice re-sent until call_timeout_s; after that the step fails
+with ExpertsUnavailableError (HTTP 503) instead of hanging.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from serve_app.engine.errors import ExpertsUnavailableError
+from serve_app.experts.channel import ChannelAddress, ChannelError, ShardLink, ShardRefused
 from serve_app.experts.dispatch import Dispatcher, ShardSlice
 from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
-from serve_app.experts.wire import pack_request, unpack_response
+from serve_app.experts.wire import decode_response, encode_request, pack_request, unpack_response
 from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 
 log = logging.getLogger(__name__)
 
 # shard index -> a handle to the live actor; raises ValueError while it is being recreated
 ShardResolver = Callable[[int], Any]
+TRANSPORTS = ("channel", "ray")
 
 
 class RemoteExperts(ExpertExecutor):
@@ -39,12 +43,17 @@ class RemoteExperts(ExpertExecutor):
         resolve: ShardResolver,
         call_timeout_s: float = 60.0,
         retry_interval_s: float = 0.2,
+        transport: str = "channel",
     ):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"expert transport {transport!r}: one of {TRANSPORTS}")
         self.dispatcher = Dispatcher(placement)
         self.call_timeout_s = call_timeout_s
         self.retry_interval_s = retry_interval_s
+        self.transport = transport
         self._resolve = resolve
         self._handles: list[Any] = [None] * placement.num_shards
+        self._links: list[ShardLink | None] = [None] * placement.num_shards
         self.num_retries = 0  # shard calls re-sent after an actor death
         self.load = ExpertLoadCounter(placement.num_experts, placement.num_shards)
 
@@ -82,10 +91,48 @@ class RemoteExperts(ExpertExecutor):
         refs = [self._send(layer, sl, deadline) for sl in slices]
         return _RemoteFuture(self, layer, x, slices, refs, deadline)
 
-    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef:
-        handle = self._handle(sl.shard, deadline)
-        payload = pack_request(to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
-        return handle.forward.remote(layer, *payload)
+    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef | ShardLink:
+        """Start the shard's call: an ObjectRef (Ray) or the link it went out on (channel)."""
+        x, ids, w = to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights)
+        if self.transport == "ray":
+            return self._handle(sl.shard, deadline).forward.remote(layer, *pack_request(x, ids, w))
+        body = encode_request(x, ids, w)
+        while True:
+            link = self._link(sl.shard, deadline)
+            try:
+                link.send(layer, body)
+                return link
+            except ChannelError as e:
+                self._lost(sl.shard, e, deadline)
+
+    def _link(self, shard: int, deadline: float) -> ShardLink:
+        """The open connection to the shard, connecting (after resolving it) if there is none."""
+        while self._links[shard] is None:
+            handle = self._handle(shard, deadline)
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                host, port, token = ray.get(handle.channel_address.remote(), timeout=left)
+                self._links[shard] = ShardLink(ChannelAddress(host, port, token))
+            except GetTimeoutError:
+                raise ExpertsUnavailableError(
+                    f"expert shard {shard} did not answer within {self.call_timeout_s:.0f} s"
+                ) from None
+            except (RayActorError, ChannelError) as e:
+                self._lost(shard, e, deadline)
+        return self._links[shard]
+
+    def _lost(self, shard: int, error: BaseException, deadline: float) -> None:
+        """The shard died (or its connection did): forget it, so the next try re-resolves it
+        by name; raise once the call's deadline passed."""
+        log.warning("expert shard %d failed (%s); re-resolving", shard, error)
+        self._handles[shard] = None
+        link, self._links[shard] = self._links[shard], None
+        if link is not None:
+            link.close()
+        self.num_retries += 1
+        if time.monotonic() > deadline:
+            raise ExpertsUnavailableError(f"expert shard {shard} died") from error
+        time.sleep(self.retry_interval_s)
 
     def _handle(self, shard: int, deadline: float) -> Any:
         while self._handles[shard] is None:
@@ -116,6 +163,8 @@ class RemoteExperts(ExpertExecutor):
         return [s for s, is_down in enumerate(flags) if is_down]
 
     def _wait(self, layer: int, sl: ShardSlice, ref, deadline: float) -> torch.Tensor:
+        if self.transport == "channel":
+            return self._wait_channel(layer, sl, ref, deadline)
         while True:
             try:
                 payload = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
@@ -135,6 +184,26 @@ class RemoteExperts(ExpertExecutor):
             except RayTaskError as e:  # the shard refused (e.g. an expert it does not hold)
                 raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
 
+    def _wait_channel(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float):
+        while True:
+            try:
+                return as_tensor(decode_response(link.receive(deadline)))
+            except TimeoutError:
+                self._drop_link(sl.shard)  # mid-frame now: unusable
+                raise ExpertsUnavailableError(
+                    f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"
+                ) from None
+            except ShardRefused as e:  # e.g. an expert it does not hold
+                raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
+            except ChannelError as e:
+                self._lost(sl.shard, e, deadline)
+                link = self._send(layer, sl, deadline)
+
+    def _drop_link(self, shard: int) -> None:
+        link, self._links[shard] = self._links[shard], None
+        if link is not None:
+            link.close()
+
 
 class _RemoteFuture(ExpertFuture):
     __slots__ = ("executor", "layer", "like", "slices", "refs", "deadline")
@@ -146,8 +215,15 @@ class _RemoteFuture(ExpertFuture):
 
     def result(self) -> torch.Tensor:
         ex = self.executor
-        parts = [
-            (sl, ex._wait(self.layer, sl, ref, self.deadline))
-            for sl, ref in zip(self.slices, self.refs, strict=True)
-        ]
+        try:
+            parts = [
+                (sl, ex._wait(self.layer, sl, ref, self.deadline))
+                for sl, ref in zip(self.slices, self.refs, strict=True)
+            ]
+        except ExpertsUnavailableError:
+            # Answers to this call (and to a second micro-batch's) may still be on their way:
+            # a link with an unread answer would hand it to the next call, so start afresh.
+            for shard in range(len(ex._links)):
+                ex._drop_link(shard)
+            raise
         return Dispatcher.combine(self.like, parts)

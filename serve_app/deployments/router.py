@@ -214,6 +214,7 @@ def remote_experts(config: AppConfig) -> RemoteExperts:
         expert_placement(config),
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
+        transport=config.experts.transport,
     )
 
 

@@ -13,7 +13,12 @@ import torch
 
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.experts.weights import load_expert_weights
-from serve_app.experts.wire import pack_response, unpack_request
+from serve_app.experts.wire import (
+    decode_request,
+    encode_response,
+    pack_response,
+    unpack_request,
+)
 from serve_app.platform.transfer import to_device, to_host
 
 
@@ -24,6 +29,10 @@ class ExpertShard:
         self.device = device
         self.dtype = dtype
         self.layers = load_expert_weights(model_dir, device, dtype, self.owned)
+
+    # NOTE: add_experts / drop_experts run on the actor's thread while forward may run on the
+    # expert channel's compute thread: each replaces `layers` in one assignment, which forward
+    # reads once per call, so a call sees the old or the new weights, never a mix.
 
     def add_experts(self, experts: list[int]) -> list[int]:
         """Load more experts (every MoE layer) from the checkpoint; returns what it now owns.
@@ -77,6 +86,11 @@ class ExpertShard:
         """forward() on the wire form (serve_app.experts.wire): pack_request's output in,
         pack_response's out."""
         return pack_response(self.forward(layer, *unpack_request(payload)))
+
+    def forward_bytes(self, layer: int, body: bytes | memoryview) -> bytes:
+        """forward() on the expert channel's frames (serve_app.experts.channel): an
+        encode_request body in, an encode_response body out."""
+        return encode_response(self.forward(layer, *decode_request(body)))
 
     def num_bytes(self) -> int:
         return sum(w.w13.nbytes + w.w2.nbytes for w in self.layers.values())

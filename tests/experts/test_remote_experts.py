@@ -29,7 +29,8 @@ def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
     return tokens
 
 
-def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
+@pytest.mark.parametrize("transport", ["channel", "ray"])
+def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny, transport):
     from serve_app.deployments.expert_actor import ExpertShardActor
 
     model = str(qwen3_tiny)
@@ -46,11 +47,14 @@ def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny):
     assert [ray_cluster.get(a.info.remote())["owned"] for a in actors] == [
         list(s) for s in placement.shards
     ]
-    remote = build_engine(config, RemoteExperts(placement, lambda s: actors[s]))
+    experts = RemoteExperts(placement, lambda s: actors[s], transport=transport)
+    remote = build_engine(config, experts)
     assert remote.runner.num_micro_batches == 2
     assert _run(remote, prompts) == reference
     assert remote.runner.num_split_steps > 0  # the ping-pong path ran
     assert remote.stats().kv_blocks_used == 0
+    # the layer calls took the transport asked for
+    assert (experts._links[0] is not None) == (transport == "channel")
     for a in actors:
         ray_cluster.kill(a)
 
@@ -140,3 +144,55 @@ def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen
         assert time.monotonic() < deadline, down
         time.sleep(0.5)
     ray_cluster.kill(actors[1])
+
+
+def test_a_shard_killed_mid_generation_is_replaced_over_the_channel(ray_cluster, qwen3_tiny):
+    """The link to a dead shard fails; the router re-resolves it by name, connects to the new
+    actor and resends: the same greedy tokens, and the retry is counted."""
+    import ray
+
+    from serve_app.deployments.expert_actor import ExpertShardActor
+
+    model = str(qwen3_tiny)
+    config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
+    prompts = [f"Fable {i}: a fox and a crow " * (1 + i % 2) for i in range(4)]
+    reference = _run(build_engine(config), prompts)
+
+    placement = place_experts(load_model_spec(model).num_experts, 2)
+
+    def start(shard: int):
+        owned = list(placement.shards[shard])
+        return ExpertShardActor.options(num_cpus=0).remote(model, owned, "cpu", "float32", 1)
+
+    actors = [start(s) for s in range(2)]
+    experts = RemoteExperts(placement, lambda s: actors[s], retry_interval_s=0.05)
+    engine = build_engine(config, experts)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+
+    for _ in range(4):
+        step()
+    assert experts._links[0] is not None
+    old = actors[0]
+    ray_cluster.kill(old, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:  # ray.kill returns before the process is gone
+        try:
+            ray.get(old.ping.remote(), timeout=5)
+        except ray.exceptions.RayError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    actors[0] = start(0)  # what the Serve controller does
+    while engine.has_unfinished_requests():
+        step()
+    assert tokens == reference
+    assert experts.num_retries >= 1
+    for a in actors:
+        ray_cluster.kill(a)
