@@ -38,13 +38,21 @@ import torch
 from serve_app.bench.result import loadavg_1m
 from serve_app.experts.wire import pack_request, pack_response, unpack_request, unpack_response
 
-TRANSPORTS = ("actor_torch", "actor_numpy", "actor_wire", "cgraph_torch", "cgraph_numpy")
+TRANSPORTS = (
+    "actor_torch",
+    "actor_numpy",
+    "actor_wire",
+    "cgraph_torch",
+    "cgraph_numpy",
+    "channel",
+)
 COLORS = {
     "actor_torch": "tab:orange",
     "actor_numpy": "tab:red",
     "actor_wire": "tab:purple",
     "cgraph_torch": "tab:blue",
     "cgraph_numpy": "tab:green",
+    "channel": "tab:brown",
 }
 
 
@@ -123,6 +131,18 @@ class EchoShard:
         x, _, _ = unpack_request(payload)
         return pack_response(x * 2)
 
+    def start_channel(self) -> tuple[str, int, str]:
+        """The expert channel's server (serve_app.experts.channel), as a shard actor runs it."""
+        from serve_app.experts.channel import ShardServer
+        from serve_app.experts.wire import decode_request, encode_response
+
+        def echo(layer: int, body: memoryview) -> bytes:
+            return encode_response(decode_request(body)[0] * 2)
+
+        self.server = ShardServer(echo, "127.0.0.1")
+        a = self.server.address
+        return a.host, a.port, a.token
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -199,6 +219,28 @@ def measure(cfg: TransportBenchConfig, transports: Sequence[str]) -> dict[str, A
                 _check(call(), payloads, transport)
                 results[transport][t] = latency_stats(time_round_trips(call, cfg.warmup, cfg.iters))
                 _progress(transport, t, results[transport][t])
+
+        if "channel" in transports:
+            from serve_app.experts.channel import ChannelAddress, ShardLink
+            from serve_app.experts.wire import decode_response, encode_request
+
+            addresses = ray.get([s.start_channel.remote() for s in shards])
+            links = [ShardLink(ChannelAddress(*a)) for a in addresses]
+            for t in cfg.token_counts:
+                payloads = [make_payload(t, cfg, gen, True) for _ in shards]
+
+                def call(payloads: list[ShardPayload] = payloads) -> list[Any]:
+                    # encoding is part of the hop, as in the router
+                    for link, p in zip(links, payloads, strict=True):
+                        link.send(0, encode_request(*p))
+                    deadline = time.monotonic() + 60
+                    return [decode_response(link.receive(deadline)) for link in links]
+
+                _check(call(), payloads, "channel")
+                results["channel"][t] = latency_stats(time_round_trips(call, cfg.warmup, cfg.iters))
+                _progress("channel", t, results["channel"][t])
+            for link in links:
+                link.close()
 
         cg_transports = [t for t in ("cgraph_torch", "cgraph_numpy") if t in transports]
         if cg_transports:

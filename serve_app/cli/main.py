@@ -95,7 +95,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="append",
         type=lambda v: ("launch", v),
         metavar="NAME",
-        help="start, measure, stop: moeserve, moeserve-epN, vllm or inproc (repeatable)",
+        help="start, measure, stop: moeserve, moeserve-epN, vllm, inproc or inproc-local "
+        "(repeatable)",
     )
     s.add_argument("--concurrency", default="1,8,32", help="comma list: one pass per level")
     s.add_argument("--num-prompts", type=int, default=64)
@@ -126,13 +127,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default="bench_results")
     r.set_defaults(func=_lazy("serve_app.bench.routing_bench:run_routing_bench"))
 
-    t = bsub.add_parser("transport", help="router -> expert-shard round trip over Ray transports")
+    t = bsub.add_parser(
+        "transport",
+        help="router -> expert-shard round trip over Ray transports and the expert channel",
+    )
     t.add_argument("--tokens", default="1,8,32,128,512", help="comma list of tokens per shard")
     t.add_argument("--iters", type=int, default=300, help="timed round trips per cell")
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--shards", type=int, default=2, help="expert-shard actors")
     t.add_argument(
-        "--transports", default="actor_torch,actor_numpy,actor_wire,cgraph_torch,cgraph_numpy"
+        "--transports",
+        default="actor_torch,actor_numpy,actor_wire,cgraph_torch,cgraph_numpy,channel",
     )
     t.add_argument("--out", default="bench_results")
 
