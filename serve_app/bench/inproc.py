@@ -3,7 +3,9 @@ straight into AsyncLLMEngine, with no HTTP, no Serve and no Ray.
 
 It answers "how much of the engine's own speed does the serving path keep": a launched target's
 output tok/s over this one's, at the same concurrency, measured in the same run. The engine gets
-the settings `moeserve serve` gives it (the bench's scheduler limits, KV memory, every CPU), and
+the settings `moeserve serve --ray` gives its router replica (the bench's scheduler limits, KV
+memory, every CPU, and for `inproc` the shared prefix cache's Redis tier, which publishes every
+full KV block: engine work, not serving-path work; `inproc-local` leaves that tier off), and
 each request records what the HTTP client records (TTFT at the first token, ITL, latency), so
 both sides are summarised by the same code.
 """
@@ -18,18 +20,35 @@ from serve_app.bench.config import BenchConfig
 from serve_app.bench.load import PassResult, RequestRecord
 
 
-def build_engine(model: str, bench: BenchConfig, num_threads: int | None = None):
-    from serve_app.engine.config import EngineConfig
+def build_engine(
+    model: str, bench: BenchConfig, shared_cache_dir: str | None, num_threads: int | None = None
+):
+    """The engine `moeserve serve --ray` runs in its router replica (the app config's engine
+    settings with the bench's scheduler limits), every CPU. shared_cache_dir: the shared prefix
+    cache's tier is on, as it is on the Ray app, with its own embedded redis-server whose state
+    lives there (so no other engine's blocks are found); None: no shared tier, like the
+    one-process `moeserve serve`."""
+    import dataclasses
+
+    from serve_app.config import AppConfig
     from serve_app.runtime.factory import build_async_engine
 
-    return build_async_engine(
-        EngineConfig(
-            model=model,
-            max_num_seqs=bench.max_num_seqs,
-            max_num_batched_tokens=bench.max_num_batched_tokens,
-            num_threads=num_threads,
-        )
+    app = AppConfig.model_validate(
+        {
+            "model": model,
+            "engine": {
+                "max_num_seqs": bench.max_num_seqs,
+                "max_num_batched_tokens": bench.max_num_batched_tokens,
+            },
+        }
     )
+    config = dataclasses.replace(app.engine_config(), num_threads=num_threads)
+    if shared_cache_dir is None or config.kv_store is None:
+        config = dataclasses.replace(config, kv_store=None)
+    else:
+        store = dataclasses.replace(config.kv_store, url=None, embedded_dir=shared_cache_dir)
+        config = dataclasses.replace(config, kv_store=store)
+    return build_async_engine(config)
 
 
 async def _one(engine, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:

@@ -5,8 +5,9 @@ Targets are measured one after another, never side by side (the machines have 2 
 - `--launch NAME`: a server this command starts, measures and stops:
   `moeserve` (one process), `moeserve-epN` (`moeserve serve --ray --ep N`), `vllm` (`vllm
   serve` from .venv-vllm, PEERS.md's flags), `inproc` (the same prompts straight into the
-  engine in this process: no HTTP, no Serve; the reference the serving path is measured
-  against). The first target is the baseline of the ratios.
+  engine in this process, configured as the Ray app's router replica, shared prefix cache tier
+  included: no HTTP, no Serve; the reference the serving path is measured against),
+  `inproc-local` (the same without the shared tier). The first target is the baseline of the ratios.
 
 For launched servers each pass also splits the server's CPU by role (serve_app.bench.cpu_usage):
 the serving path's CPU per output token is the cost of carrying a token from engine to client.
@@ -48,7 +49,9 @@ from serve_app.bench.load import Endpoint, PassResult, run_pass, summarize
 from serve_app.bench.result import loadavg_1m
 from serve_app.bench.serve_report import PassRun, TargetRun
 
-INPROC = "inproc"
+INPROC = "inproc"  # the engine as the Ray app runs it, shared prefix cache tier included
+INPROC_LOCAL = "inproc-local"  # the same without the shared tier (the one-process server's)
+INPROC_TARGETS = (INPROC, INPROC_LOCAL)
 DEFAULT_LAUNCH = ("inproc", "moeserve-ep0", "moeserve-ep2", "vllm")
 
 
@@ -101,11 +104,12 @@ def parse_targets(items: list[tuple[str, str]] | None) -> list[TargetSpec]:
                 raise ValueError(f"--url wants LABEL=http://HOST:PORT, got {value!r}")
             url = url.rstrip("/")
             specs.append(TargetSpec(label, url=url.removesuffix("/v1")))
-        elif LAUNCH_NAME.match(value) or value == INPROC:
+        elif LAUNCH_NAME.match(value) or value in INPROC_TARGETS:
             specs.append(TargetSpec(value, launch=value))
         else:
             raise ValueError(
-                f"--launch: unknown {value!r}; moeserve, moeserve-epN, vllm or {INPROC}"
+                f"--launch: unknown {value!r}; moeserve, moeserve-epN, vllm, {INPROC} or "
+                f"{INPROC_LOCAL}"
             )
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -240,7 +244,7 @@ def run_target(
             return run
         measure(run, http_pass(Endpoint(spec.url, run.model, api_key)), cfg, prompts, warmup)
         return run
-    if spec.launch == INPROC:
+    if spec.launch in INPROC_TARGETS:
         return run_inproc(spec, cfg, model, prompts, warmup)
 
     run = TargetRun(spec.label, f"launch {spec.launch}")
@@ -280,9 +284,10 @@ def run_inproc(
     """The engine in this process, driven like the HTTP targets (serve_app.bench.inproc)."""
     from serve_app.bench.inproc import build_engine, run_inproc_pass
 
-    run = TargetRun(spec.label, f"launch {INPROC}", model=Path(model).name)
+    run = TargetRun(spec.label, f"launch {spec.launch}", model=Path(model).name)
     print(f"starting {spec.label}: the engine in this process", flush=True)
-    engine = build_engine(model, BenchConfig())
+    cache_dir = tempfile.mkdtemp(prefix="moeserve-bench-redis-") if spec.launch == INPROC else None
+    engine = build_engine(model, BenchConfig(), cache_dir)
     try:
 
         def send(ps: Sequence[str], max_tokens: int, c: int) -> PassResult:
@@ -290,7 +295,9 @@ def run_inproc(
 
         measure(run, send, cfg, prompts, warmup, cpu_usage.sample_self)
     finally:
-        engine.shutdown()
+        engine.shutdown()  # also stops the embedded redis-server it started
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
     return run
 
 
