@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 # keep their own loop (the rollout deployer uses them from plain threads). Figures in
 # docs/serving-path.md. Read by Serve at import and by every Ray process: set before either.
 SERVE_MODES = ("throughput", "standard")
+# Serve's controller loop (autoscaling decisions, replica states, health-check scheduling) runs
+# every 0.1 s by default; at 0.5 s the controller and the GCS it polls use about a third of
+# their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
+CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
+CONTROL_LOOP_INTERVAL_S = "0.5"
 
 
 def serve_mode_env(mode: str) -> dict[str, str]:
@@ -44,14 +49,18 @@ def serve_mode_env(mode: str) -> dict[str, str]:
     }
     for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
         env[name] = os.environ.get(name) or str(free_port())
+    env[CONTROL_LOOP_INTERVAL_ENV] = os.environ.get(CONTROL_LOOP_INTERVAL_ENV) or (
+        CONTROL_LOOP_INTERVAL_S
+    )
     return env
 
 
 # Metric records reach the node's agent (and so /metrics) this often; Ray's default is 10 s.
 # Read by every Ray process at start-up, so it is set before ray.init. On a cluster set it in
-# the environment of `ray start` (docs/metrics.md has the trade-off).
+# the environment of `ray start` (docs/metrics.md has the trade-off). 1 s cost the dashboard
+# agent and the GCS about 0.2 s of CPU per 7 s under load on 2 cores (docs/benchmarks.md).
 METRICS_REPORT_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
-METRICS_REPORT_INTERVAL_MS = "1000"
+METRICS_REPORT_INTERVAL_MS = "2000"
 # Logical CPUs per core that the local Ray advertises: the app reserves one share (all cores),
 # the other is room for one candidate version of `moeserve rollout start` on this machine.
 CPU_SHARES = 2
