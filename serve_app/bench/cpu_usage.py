@@ -139,8 +139,13 @@ def _cpu_s(stat: Path) -> float | None:
 
 
 def _engine_thread_s(pid: int) -> float:
+    """CPU of the process's engine thread(s); 0 when the process ended meanwhile."""
     total = 0.0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # ended between the listing of the session and now (short-lived helpers)
+        return 0.0
+    for task in tasks:
         try:
             if (task / "comm").read_text().strip() == ENGINE_THREAD:
                 total += _cpu_s(task / "stat") or 0.0

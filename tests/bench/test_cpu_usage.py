@@ -91,3 +91,14 @@ def test_engine_thread_name_is_the_engines() -> None:
     from serve_app.engine.async_engine import ENGINE_THREAD_NAME
 
     assert ENGINE_THREAD == ENGINE_THREAD_NAME
+
+
+def test_a_process_that_ended_before_its_threads_were_read_counts_zero() -> None:
+    """sample_session lists the session, then reads each process: one may end in between."""
+    import subprocess
+
+    from serve_app.bench.cpu_usage import _engine_thread_s
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert _engine_thread_s(proc.pid) == 0.0
