@@ -124,11 +124,9 @@ class RemoteExperts(ExpertExecutor):
     def _lost(self, shard: int, error: BaseException, deadline: float) -> None:
         """The shard died (or its connection did): forget it, so the next try re-resolves it
         by name; raise once the call's deadline passed."""
-        log.warning("expert shard %d failed (%s); re-resolving", shard, error)
+        log.warning("expert shard %d failed (%s); re-resolving", shard, type(error).__name__)
         self._handles[shard] = None
-        link, self._links[shard] = self._links[shard], None
-        if link is not None:
-            link.close()
+        self._drop_link(shard)
         self.num_retries += 1
         if time.monotonic() > deadline:
             raise ExpertsUnavailableError(f"expert shard {shard} died") from error
@@ -174,12 +172,7 @@ class RemoteExperts(ExpertExecutor):
                     f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"
                 ) from None
             except RayActorError as e:
-                log.warning("expert shard %d failed (%s); re-resolving", sl.shard, type(e).__name__)
-                self._handles[sl.shard] = None
-                self.num_retries += 1
-                if time.monotonic() > deadline:
-                    raise ExpertsUnavailableError(f"expert shard {sl.shard} died") from e
-                time.sleep(self.retry_interval_s)
+                self._lost(sl.shard, e, deadline)
                 ref = self._send(layer, sl, deadline)
             except RayTaskError as e:  # the shard refused (e.g. an expert it does not hold)
                 raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
@@ -187,7 +180,7 @@ class RemoteExperts(ExpertExecutor):
     def _wait_channel(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float):
         while True:
             try:
-                return as_tensor(decode_response(link.receive(deadline)))
+                body = link.receive(deadline)
             except TimeoutError:
                 self._drop_link(sl.shard)  # mid-frame now: unusable
                 raise ExpertsUnavailableError(
@@ -198,6 +191,12 @@ class RemoteExperts(ExpertExecutor):
             except ChannelError as e:
                 self._lost(sl.shard, e, deadline)
                 link = self._send(layer, sl, deadline)
+                continue
+            try:
+                return as_tensor(decode_response(body))
+            except ValueError as e:  # a malformed answer: the stream can't be trusted further
+                self._drop_link(sl.shard)
+                raise ExpertsUnavailableError(f"expert shard {sl.shard}: {e}") from e
 
     def _drop_link(self, shard: int) -> None:
         link, self._links[shard] = self._links[shard], None

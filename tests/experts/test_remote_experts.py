@@ -196,3 +196,32 @@ def test_a_shard_killed_mid_generation_is_replaced_over_the_channel(ray_cluster,
     assert experts.num_retries >= 1
     for a in actors:
         ray_cluster.kill(a)
+
+
+@pytest.mark.parametrize("transport", ["channel", "ray"])
+def test_a_shard_asked_for_experts_it_lacks_is_a_503_not_a_wrong_answer(
+    ray_cluster, qwen3_tiny, transport
+):
+    """A router whose placement is newer than a shard's weights: the shard refuses the call,
+    the step fails with ExpertsUnavailableError, and the next call works on fresh links."""
+    import torch
+
+    from serve_app.deployments.expert_actor import ExpertShardActor
+    from serve_app.engine.errors import ExpertsUnavailableError
+    from serve_app.experts.placement import Placement
+
+    model = str(qwen3_tiny)
+    spec = load_model_spec(model)
+    n = spec.num_experts
+    half = tuple(range(n // 2))
+    actor = ExpertShardActor.options(num_cpus=0).remote(model, list(half), "cpu", "float32", 1)
+    # the router believes the one shard holds every expert; it holds only the first half
+    experts = RemoteExperts(Placement(n, (tuple(range(n)),)), lambda s: actor, transport=transport)
+    x = torch.randn(3, spec.hidden_size)
+    w = torch.full((3, 2), 0.5)
+    with pytest.raises(ExpertsUnavailableError, match="does not hold experts"):
+        experts.forward(0, x, torch.tensor([[0, n - 1]] * 3), w)
+    assert experts._links == [None]  # nothing unread is left on a link
+    y = experts.forward(0, x, torch.tensor([[0, 1]] * 3), w)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    ray_cluster.kill(actor)
