@@ -42,13 +42,13 @@ def build_engine(
             },
         }
     )
-    config = dataclasses.replace(app.engine_config(), num_threads=num_threads)
-    if shared_cache_dir is None or config.kv_store is None:
-        config = dataclasses.replace(config, kv_store=None)
+    config = app.engine_config()
+    store = config.kv_store
+    if store is not None and shared_cache_dir is not None:
+        store = dataclasses.replace(store, url=None, embedded_dir=shared_cache_dir)
     else:
-        store = dataclasses.replace(config.kv_store, url=None, embedded_dir=shared_cache_dir)
-        config = dataclasses.replace(config, kv_store=store)
-    return build_async_engine(config)
+        store = None
+    return build_async_engine(dataclasses.replace(config, num_threads=num_threads, kv_store=store))
 
 
 async def _one(engine, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:

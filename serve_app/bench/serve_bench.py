@@ -52,7 +52,7 @@ from serve_app.bench.serve_report import PassRun, TargetRun
 INPROC = "inproc"  # the engine as the Ray app runs it, shared prefix cache tier included
 INPROC_LOCAL = "inproc-local"  # the same without the shared tier (the one-process server's)
 INPROC_TARGETS = (INPROC, INPROC_LOCAL)
-DEFAULT_LAUNCH = ("inproc", "moeserve-ep0", "moeserve-ep2", "vllm")
+DEFAULT_LAUNCH = (INPROC, "moeserve-ep0", "moeserve-ep2", "vllm")
 
 
 @dataclass(frozen=True, slots=True)

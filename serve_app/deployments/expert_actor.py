@@ -23,14 +23,14 @@ from serve_app.platform.device import resolve_device, resolve_dtype
 class ExpertShardActor:
     def __init__(self, model_dir: str, owned: list[int], device: str, dtype: str, num_threads: int):
         # NOTE: explicit, because Ray sets OMP_NUM_THREADS=1 for actors with num_cpus=0.
-        torch.set_num_threads(max(1, num_threads))
+        threads = max(1, num_threads)
+        torch.set_num_threads(threads)
         dev = resolve_device(device)
         self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
         self.metrics_reporter = PeriodicReporter(lambda: record_memory(metrics), 2.0, "memory")
         # The routers' layer calls (serve_app.experts.channel); `forward` below stays for the
         # `experts.transport: ray` path. The compute thread runs torch, so it sets its threads.
-        threads = max(1, num_threads)
         self.channel = ShardServer(
             self.shard.forward_bytes,
             ray.util.get_node_ip_address(),

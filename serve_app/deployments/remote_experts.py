@@ -114,9 +114,7 @@ class RemoteExperts(ExpertExecutor):
                 host, port, token = ray.get(handle.channel_address.remote(), timeout=left)
                 self._links[shard] = ShardLink(ChannelAddress(host, port, token))
             except GetTimeoutError:
-                raise ExpertsUnavailableError(
-                    f"expert shard {shard} did not answer within {self.call_timeout_s:.0f} s"
-                ) from None
+                raise self._silent(shard) from None
             except (RayActorError, ChannelError) as e:
                 self._lost(shard, e, deadline)
         return self._links[shard]
@@ -168,9 +166,7 @@ class RemoteExperts(ExpertExecutor):
                 payload = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 return as_tensor(unpack_response(payload))
             except GetTimeoutError:
-                raise ExpertsUnavailableError(
-                    f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"
-                ) from None
+                raise self._silent(sl.shard) from None
             except RayActorError as e:
                 self._lost(sl.shard, e, deadline)
                 ref = self._send(layer, sl, deadline)
@@ -183,9 +179,7 @@ class RemoteExperts(ExpertExecutor):
                 body = link.receive(deadline)
             except TimeoutError:
                 self._drop_link(sl.shard)  # mid-frame now: unusable
-                raise ExpertsUnavailableError(
-                    f"expert shard {sl.shard} did not answer within {self.call_timeout_s:.0f} s"
-                ) from None
+                raise self._silent(sl.shard) from None
             except ShardRefused as e:  # e.g. an expert it does not hold
                 raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
             except ChannelError as e:
@@ -197,6 +191,11 @@ class RemoteExperts(ExpertExecutor):
             except ValueError as e:  # a malformed answer: the stream can't be trusted further
                 self._drop_link(sl.shard)
                 raise ExpertsUnavailableError(f"expert shard {sl.shard}: {e}") from e
+
+    def _silent(self, shard: int) -> ExpertsUnavailableError:
+        return ExpertsUnavailableError(
+            f"expert shard {shard} did not answer within {self.call_timeout_s:.0f} s"
+        )
 
     def _drop_link(self, shard: int) -> None:
         link, self._links[shard] = self._links[shard], None

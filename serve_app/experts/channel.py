@@ -79,7 +79,15 @@ def _recv_frame(sock: socket.socket, magic: bytes) -> tuple[int, bytearray]:
 
 
 def _send_frame(sock: socket.socket, magic: bytes, word: int, body: bytes) -> None:
-    sock.sendall(FRAME.pack(magic, word, len(body)) + body)
+    """Header and body in one sendmsg (no copy of the body to glue them); the rest, if the
+    socket took only part of it, with sendall."""
+    header = FRAME.pack(magic, word, len(body))
+    sent = sock.sendmsg([header, body])
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    if sent - len(header) < len(body):
+        sock.sendall(memoryview(body)[sent - len(header) :])
 
 
 # --- the shard's end ------------------------------------------------------------------------

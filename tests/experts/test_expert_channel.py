@@ -126,3 +126,14 @@ def test_a_silent_shard_times_out_at_the_deadline() -> None:
     release.set()
     link.close()
     server.close()
+
+
+def test_a_prefill_sized_call_crosses_whole() -> None:
+    """16 MiB each way: the socket takes it in parts, and every byte arrives in order."""
+    server = ShardServer(doubling, "127.0.0.1")
+    link = ShardLink(server.address)
+    x, body = request(8192, d=512, seed=3)
+    link.send(2, body)
+    np.testing.assert_array_equal(decode_response(link.receive(time.monotonic() + 30)), 2 * x + 2)
+    link.close()
+    server.close()
