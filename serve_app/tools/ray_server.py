@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # keep their own loop (the rollout deployer uses them from plain threads). Figures in
 # docs/serving-path.md. Read by Serve at import and by every Ray process: set before either.
 SERVE_MODES = ("throughput", "standard")
+# the server log's last line after a clean stop (SIGTERM or Ctrl-C)
+SHUT_DOWN_LINE = "moeserve on Ray: Serve and Ray shut down"
 # Serve's controller loop (autoscaling decisions, replica states, health-check scheduling) runs
 # every 0.1 s by default; at 0.5 s the controller and the GCS it polls use about a third of
 # their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
@@ -135,15 +137,17 @@ def run_ray_server(args: argparse.Namespace) -> int:
         # through the environment Ray's workers inherit, not the app config: a URL may hold a
         # password, and the config is visible to anyone who can read Serve's status
         os.environ[REDIS_URL_ENV] = args.redis_url
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(
         num_cpus=num_cpus * CPU_SHARES,
         include_dashboard=args.dashboard,
         dashboard_port=args.dashboard_port if args.dashboard else None,
         log_to_driver=False,
     )
+    # after ray.init, which installs its own SIGTERM handler (it exits the driver at once:
+    # no serve.shutdown, Ray's processes left to `moeserve stop`'s session sweep)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     ADDRESS_FILE.parent.mkdir(parents=True, exist_ok=True)
     ADDRESS_FILE.write_text(ray.get_runtime_context().gcs_address)
     try:
@@ -158,4 +162,5 @@ def run_ray_server(args: argparse.Namespace) -> int:
         finally:
             ray.shutdown()
             ADDRESS_FILE.unlink(missing_ok=True)
+    log.warning("%s", SHUT_DOWN_LINE)
     return 0

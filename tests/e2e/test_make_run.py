@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from serve_app.procs import session_pids
+from serve_app.tools.ray_server import SHUT_DOWN_LINE
 from tests.conftest import free_port, subprocess_env, tiny_model_dir
 from tests.streaming_checks import check_slow_reader
 
@@ -45,3 +46,6 @@ def test_serve_ray_background_then_stop(tmp_path):
         down = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True)
     assert down.returncode == 0 and f"pid {pid}" in down.stdout
     assert session_pids(pid) == []  # its whole session, Ray's processes included, is gone
+    log = (tmp_path / "server.log").read_text()
+    # SIGTERM reached our handler (not Ray's, which exits the driver without shutting down)
+    assert SHUT_DOWN_LINE in log and "SIGTERM received" not in log, log[-2000:]
