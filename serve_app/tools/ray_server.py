@@ -2,8 +2,8 @@
 
 This process is the Ray driver: ray.init() starts the head (no dashboard unless asked), Serve
 listens on --port, and the app is deployed from an AppConfig built from the flags. SIGTERM or
-Ctrl-C shuts Serve and that Ray down, so `moeserve stop` (by PID) leaves nothing behind, and
-no other Ray on the machine is touched.
+Ctrl-C shuts that Ray down (Serve with it; requests still running are cut), so `moeserve stop`
+(by PID) leaves nothing behind, and no other Ray on the machine is touched.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # docs/serving-path.md. Read by Serve at import and by every Ray process: set before either.
 SERVE_MODES = ("throughput", "standard")
 # the server log's last line after a clean stop (SIGTERM or Ctrl-C)
-SHUT_DOWN_LINE = "moeserve on Ray: Serve and Ray shut down"
+SHUT_DOWN_LINE = "moeserve on Ray: Ray shut down"
 # Serve's controller loop (autoscaling decisions, replica states, health-check scheduling) runs
 # every 0.1 s by default; at 0.5 s the controller and the GCS it polls use about a third of
 # their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
@@ -143,8 +143,8 @@ def run_ray_server(args: argparse.Namespace) -> int:
         dashboard_port=args.dashboard_port if args.dashboard else None,
         log_to_driver=False,
     )
-    # after ray.init, which installs its own SIGTERM handler (it exits the driver at once:
-    # no serve.shutdown, Ray's processes left to `moeserve stop`'s session sweep)
+    # after ray.init, which installs its own SIGTERM handler (it aborts the driver at once and
+    # leaves Ray's processes to `moeserve stop`'s session sweep)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -157,10 +157,11 @@ def run_ray_server(args: argparse.Namespace) -> int:
         while not stop.is_set():
             time.sleep(0.5)
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            ADDRESS_FILE.unlink(missing_ok=True)
+        # No serve.shutdown(): it drains every replica first, and a direct-ingress replica drains
+        # for at least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) even when idle. This
+        # Ray is ours alone and goes away with Serve's state; ray.shutdown() stops its processes
+        # (HAProxy included) in ~10 s. Requests still running are cut.
+        ray.shutdown()
+        ADDRESS_FILE.unlink(missing_ok=True)
     log.warning("%s", SHUT_DOWN_LINE)
     return 0
