@@ -32,6 +32,16 @@ SHUT_DOWN_LINE = "moeserve on Ray: Ray shut down"
 # their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
 CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 CONTROL_LOOP_INTERVAL_S = "0.5"
+# Every replica and every handle flushes Serve's own cached request metrics this often (Serve's
+# default 100 ms: ten wake-ups a second per process even when idle); records reach the agent
+# only every RAY_metrics_report_interval_ms (2 s) anyway. moeserve's metrics do not use it.
+METRICS_EXPORT_INTERVAL_ENV = "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"
+METRICS_EXPORT_INTERVAL_MS = "1000"
+# set by throughput mode unless the environment already has them
+_THROUGHPUT_DEFAULTS = {
+    CONTROL_LOOP_INTERVAL_ENV: CONTROL_LOOP_INTERVAL_S,
+    METRICS_EXPORT_INTERVAL_ENV: METRICS_EXPORT_INTERVAL_MS,
+}
 
 
 def serve_mode_env(mode: str) -> dict[str, str]:
@@ -51,9 +61,8 @@ def serve_mode_env(mode: str) -> dict[str, str]:
     }
     for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
         env[name] = os.environ.get(name) or str(free_port())
-    env[CONTROL_LOOP_INTERVAL_ENV] = os.environ.get(CONTROL_LOOP_INTERVAL_ENV) or (
-        CONTROL_LOOP_INTERVAL_S
-    )
+    for name, default in _THROUGHPUT_DEFAULTS.items():
+        env[name] = os.environ.get(name) or default
     return env
 
 
