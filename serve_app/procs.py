@@ -37,11 +37,20 @@ def pid_alive(pid: int | None) -> bool:
 
 def session_pids(sid: int) -> list[int]:
     """Live processes whose session id is `sid` (Linux /proc; empty elsewhere)."""
+    return _live_pids_where(3, sid)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+    return _live_pids_where(1, pid)
+
+
+def _live_pids_where(field: int, value: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         fields = _stat_fields(stat)
         # after "pid (comm)": state ppid pgrp session ...; zombies are already dead
-        if fields and len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
+        if fields and len(fields) > 3 and int(fields[field]) == value and fields[0] != "Z":
             out.append(int(stat.parent.name))
     return out
 

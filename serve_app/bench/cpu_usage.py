@@ -11,11 +11,14 @@ pass and sorted into a role by its name:
 | `ingress` | the ingress replica(s) |
 | `router` | router replicas, *minus* their engine thread: event loop, Serve plumbing, stream I/O |
 | `api` | a one-process server (ours without Ray, vLLM's API server) minus its engine |
+| `kvstore` | the shared prefix cache's Redis tier: redis-server, its `moeserve-kv-*` threads |
 | `ray` | Ray's own daemons (raylet, GCS, agents, Serve controller) |
 
-The serving path is every role but `engine` and `ray`; divided by the pass's output tokens it is
-the CPU that carrying one streamed token costs, whatever the accelerator does. Classification is
-pure (`role_of`); only `sample_session` reads /proc.
+The serving path is every role but `engine`, `kvstore` and `ray`; divided by the pass's output
+tokens it is the CPU that carrying one streamed token costs, whatever the accelerator does. The
+in-process reference's sample (`sample_self`) takes this process and its children, so its own
+embedded redis-server counts as it does for a launched server. Classification is pure
+(`role_of`); only `sample_session` and `sample_self` read /proc.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 ENGINE_THREAD = "moeserve-engine"  # threading.Thread name, as /proc/<pid>/task/<tid>/comm has it
+KV_THREAD_PREFIX = "moeserve-kv-"  # the Redis tier's threads (serve_app.kvstore.redis_tier)
 SERVING_ROLES = ("proxy", "ingress", "router", "api")
-ROLES = ("engine", *SERVING_ROLES, "ray")
+ROLES = ("engine", *SERVING_ROLES, "kvstore", "ray")
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
@@ -37,6 +41,7 @@ class ProcCpu(NamedTuple):
     name: str  # the process title (Ray workers set `ray::ServeReplica:app:router` and the like)
     cpu_s: float  # user + system, whole process
     engine_thread_s: float  # of that, the engine thread's
+    kv_thread_s: float = 0.0  # and the Redis tier's threads'
 
 
 def role_of(name: str) -> str:
@@ -48,6 +53,8 @@ def role_of(name: str) -> str:
         return "ingress" if deployment.startswith("ingress") else "router"
     if "ExpertShard" in name or name.startswith(("VLLM::EngineCore", "VLLM::Worker")):
         return "engine"
+    if short_title(name) == "redis-server":
+        return "kvstore"
     if name.startswith("ray::") or _is_ray_daemon(name):
         return "ray"
     return "api"
@@ -55,7 +62,7 @@ def role_of(name: str) -> str:
 
 def _is_ray_daemon(name: str) -> bool:
     daemons = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
-    return any(d in name for d in daemons) or "redis-server" in name
+    return any(d in name for d in daemons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +97,16 @@ def split(before: Iterable[ProcCpu], after: Iterable[ProcCpu]) -> CpuSplit:
         b = start.get(p.pid)
         cpu = p.cpu_s - (b.cpu_s if b else 0.0)
         engine = p.engine_thread_s - (b.engine_thread_s if b else 0.0)
+        kv = p.kv_thread_s - (b.kv_thread_s if b else 0.0)
         role = role_of(p.name)
         short = short_title(p.name)
         by_process[short] = by_process.get(short, 0.0) + cpu
-        if role == "engine":
-            seconds["engine"] += cpu
+        if role in ("engine", "kvstore"):
+            seconds[role] += cpu
         else:
             seconds["engine"] += engine
-            seconds[role] += cpu - engine
+            seconds["kvstore"] += kv
+            seconds[role] += cpu - engine - kv
     return CpuSplit(seconds, by_process)
 
 
@@ -114,19 +123,26 @@ def sample_session(leader: int) -> list[ProcCpu]:
     """Every live process of the session `leader` leads (the leader included)."""
     from serve_app.procs import session_pids
 
-    out = []
-    for pid in {leader, *session_pids(leader)}:
-        cpu = _cpu_s(Path(f"/proc/{pid}/stat"))
-        if cpu is None:
-            continue
-        out.append(ProcCpu(pid, _title(pid), cpu, _engine_thread_s(pid)))
-    return out
+    return _sample({p: _title(p) for p in {leader, *session_pids(leader)}})
 
 
 def sample_self() -> list[ProcCpu]:
-    """This process alone (the in-process reference)."""
-    pid = os.getpid()
-    return [ProcCpu(pid, "self", _cpu_s(Path(f"/proc/{pid}/stat")) or 0.0, _engine_thread_s(pid))]
+    """This process ("self") and its children (the in-process reference: its embedded
+    redis-server)."""
+    from serve_app.procs import child_pids
+
+    me = os.getpid()
+    return _sample({me: "self"} | {p: _title(p) for p in child_pids(me)})
+
+
+def _sample(titles: dict[int, str]) -> list[ProcCpu]:
+    out = []
+    for pid, title in titles.items():
+        cpu = _cpu_s(Path(f"/proc/{pid}/stat"))
+        if cpu is None:
+            continue
+        out.append(ProcCpu(pid, title, cpu, *_named_threads_s(pid)))
+    return out
 
 
 def _cpu_s(stat: Path) -> float | None:
@@ -138,20 +154,24 @@ def _cpu_s(stat: Path) -> float | None:
     return (int(fields[11]) + int(fields[12])) * _TICK_S
 
 
-def _engine_thread_s(pid: int) -> float:
-    """CPU of the process's engine thread(s); 0 when the process ended meanwhile."""
-    total = 0.0
+def _named_threads_s(pid: int) -> tuple[float, float]:
+    """CPU of the process's engine thread(s) and of its Redis tier's threads; zeros when the
+    process ended meanwhile."""
+    engine = kv = 0.0
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:  # ended between the listing of the session and now (short-lived helpers)
-        return 0.0
+        return engine, kv
     for task in tasks:
         try:
-            if (task / "comm").read_text().strip() == ENGINE_THREAD:
-                total += _cpu_s(task / "stat") or 0.0
+            comm = (task / "comm").read_text().strip()
+            if comm == ENGINE_THREAD:
+                engine += _cpu_s(task / "stat") or 0.0
+            elif comm.startswith(KV_THREAD_PREFIX):
+                kv += _cpu_s(task / "stat") or 0.0
         except OSError:
             continue
-    return total
+    return engine, kv
 
 
 def _title(pid: int) -> str:

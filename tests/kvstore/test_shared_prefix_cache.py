@@ -396,3 +396,16 @@ def test_health_reports_the_shared_cache(pair):
     assert pc["store"]["url"].startswith("redis://127.0.0.1:") and not pc["store"]["embedded"]
     assert sum(pc["store"]["lookup_latency"]["counts"]) == pc["store"]["lookups"]
     assert np.isfinite(pc["store"]["lookup_latency"]["sum_ms"])
+
+
+def test_the_tiers_threads_have_their_own_os_names(pair):
+    """Created from the engine thread, they would inherit its name and be counted as the
+    engine's CPU by `moeserve bench serve` (serve_app.bench.cpu_usage)."""
+    from pathlib import Path
+
+    from serve_app.kvstore.redis_tier import IO_THREAD, PUBLISH_THREAD
+
+    a, _ = pair
+    publish(a, prompt(5))  # the I/O thread has run
+    names = [(t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+    assert names.count(PUBLISH_THREAD) >= 1 and names.count(IO_THREAD) >= 1
