@@ -169,7 +169,7 @@ def run_ray_server(args: argparse.Namespace) -> int:
         # No serve.shutdown(): it drains every replica first, and a direct-ingress replica drains
         # for at least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) even when idle. This
         # Ray is ours alone and goes away with Serve's state; ray.shutdown() stops its processes
-        # (HAProxy included) in ~10 s. Requests still running are cut.
+        # (HAProxy included) within seconds. Requests still running are cut.
         ray.shutdown()
         ADDRESS_FILE.unlink(missing_ok=True)
     log.warning("%s", SHUT_DOWN_LINE)
