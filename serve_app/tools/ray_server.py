@@ -44,23 +44,35 @@ _THROUGHPUT_DEFAULTS = {
 }
 
 
+# Listeners of throughput mode with fixed default ports: HAProxy's metrics (9101) and stats
+# (8404) and the fallback Serve proxy on the head node (HTTP 8500, gRPC 9500) that HAProxy sends
+# requests to while an app has no ingress replica up. Serve's proxy binds with SO_REUSEPORT, so
+# two apps on one machine would both bind 8500 and the kernel would share connections between
+# them: a request to one app could be answered by the other. Each gets a free port instead.
+_THROUGHPUT_PORTS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
 def serve_mode_env(mode: str) -> dict[str, str]:
-    """The environment of a Serve mode. HAProxy's own metrics and stats listeners get free
-    ports (their defaults, 9101 and 8404, clash when two apps run on one machine) unless the
-    environment already names them."""
+    """The environment of a Serve mode. Throughput mode's listeners with fixed default ports
+    (_THROUGHPUT_PORTS) get free ones unless the environment already names them."""
     if mode == "standard":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     if mode != "throughput":
         raise ValueError(f"serve mode {mode!r}: one of {SERVE_MODES}")
-    from serve_app.procs import free_port
+    from serve_app.procs import free_ports
 
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     }
-    for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
-        env[name] = os.environ.get(name) or str(free_port())
+    for name, port in zip(_THROUGHPUT_PORTS, free_ports(len(_THROUGHPUT_PORTS)), strict=True):
+        env[name] = os.environ.get(name) or str(port)
     for name, default in _THROUGHPUT_DEFAULTS.items():
         env[name] = os.environ.get(name) or default
     return env

@@ -45,8 +45,9 @@ def ray_serve() -> RayServe:
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     # Serve's standard mode (its proxy actor) for this shared Ray. NOTE: `make run`'s
     # throughput mode (HAProxy, direct ingress) is what test_make_run and test_readme_path
-    # start; two throughput-mode Rays on one machine interfere (a second one's ingress never
-    # built its app, so no rollout controller), so this one stays standard. Read at start-up.
+    # start; two throughput-mode Rays on one machine once interfered (a second one's ingress
+    # had no rollout controller; both apps' fallback proxies then shared port 8500, since given
+    # free ports: docs/serving-path.md), so this one stays standard. Read at start-up.
     from serve_app.tools.ray_server import serve_mode_env
 
     mode = serve_mode_env("standard")

@@ -10,11 +10,22 @@ from serve_app.tools.ray_server import serve_mode_env
 def test_throughput_mode_slows_serves_loops_unless_told(monkeypatch) -> None:
     monkeypatch.delenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", raising=False)
     monkeypatch.delenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", raising=False)
+    for name in ("HAPROXY_METRICS", "HAPROXY_STATS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC"):
+        monkeypatch.delenv(f"RAY_SERVE_{name}_PORT", raising=False)
     env = serve_mode_env("throughput")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
-    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] != env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    ports = [
+        env[name]
+        for name in (
+            "RAY_SERVE_HAPROXY_METRICS_PORT",
+            "RAY_SERVE_HAPROXY_STATS_PORT",
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # Serve's default 8500, bound with SO_REUSEPORT
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+        )
+    ]
+    assert len(set(ports)) == 4 and "8500" not in ports and "9500" not in ports
     monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
     monkeypatch.setenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "100")
     env = serve_mode_env("throughput")
@@ -22,8 +33,23 @@ def test_throughput_mode_slows_serves_loops_unless_told(monkeypatch) -> None:
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "100"
 
 
+def test_a_fallback_proxy_port_named_in_the_environment_is_kept(monkeypatch) -> None:
+    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "18500")
+    assert serve_mode_env("throughput")["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "18500"
+
+
 def test_standard_mode_is_serves_defaults() -> None:
     env = serve_mode_env("standard")
     assert env == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     with pytest.raises(ValueError):
         serve_mode_env("fast")
+
+
+def test_free_ports_are_distinct() -> None:
+    """Picked one at a time the kernel may hand out the same port twice (1 in ~200 batches of
+    4 here): throughput mode's listeners would then clash and HAProxy would not start."""
+    from serve_app.procs import free_ports
+
+    for _ in range(50):
+        ports = free_ports(4)
+        assert len(set(ports)) == 4 and all(0 < p < 65536 for p in ports)
