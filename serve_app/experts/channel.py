@@ -96,7 +96,9 @@ def _send_frame(sock: socket.socket, magic: bytes, word: int, body: bytes) -> No
 class ShardServer:
     """Serves `handler` to every router that connects with the token."""
 
-    def __init__(self, handler: Handler, host: str, on_compute_start: Callable[[], None] = None):
+    def __init__(
+        self, handler: Handler, host: str, on_compute_start: Callable[[], None] | None = None
+    ):
         self.handler = handler
         self.token = secrets.token_hex(TOKEN_BYTES // 2)
         self._listener = socket.create_server((host, 0))

@@ -3,6 +3,8 @@ Never assumes CUDA."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,15 +56,21 @@ def name_os_thread(name: str) -> bool:
     """Give the calling thread an OS-visible name (Linux: /proc/<pid>/task/<tid>/comm, 15
     bytes), so profilers and the serving benchmark's CPU split can tell the engine thread from
     the event loop around it. Python 3.11 does not pass Thread.name on. False where unsupported."""
-    import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         pr_set_name = 15
-        return libc.prctl(pr_set_name, name.encode()[:15], 0, 0, 0) == 0
+        return _libc().prctl(pr_set_name, name.encode()[:15], 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+@functools.cache
+def _libc():
+    """libc through ctypes, looked up once (find_library runs `ldconfig -p` in a subprocess)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -27,20 +27,17 @@ log = logging.getLogger(__name__)
 SERVE_MODES = ("throughput", "standard")
 # the server log's last line after a clean stop (SIGTERM or Ctrl-C)
 SHUT_DOWN_LINE = "moeserve on Ray: Ray shut down"
-# Serve's controller loop (autoscaling decisions, replica states, health-check scheduling) runs
-# every 0.1 s by default; at 0.5 s the controller and the GCS it polls use about a third of
-# their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
-CONTROL_LOOP_INTERVAL_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
-CONTROL_LOOP_INTERVAL_S = "0.5"
-# Every replica and every handle flushes Serve's own cached request metrics this often (Serve's
-# default 100 ms: ten wake-ups a second per process even when idle); records reach the agent
-# only every RAY_metrics_report_interval_ms (2 s) anyway. moeserve's metrics do not use it.
-METRICS_EXPORT_INTERVAL_ENV = "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"
-METRICS_EXPORT_INTERVAL_MS = "1000"
-# set by throughput mode unless the environment already has them
+# Set by throughput mode unless the environment already has them:
 _THROUGHPUT_DEFAULTS = {
-    CONTROL_LOOP_INTERVAL_ENV: CONTROL_LOOP_INTERVAL_S,
-    METRICS_EXPORT_INTERVAL_ENV: METRICS_EXPORT_INTERVAL_MS,
+    # Serve's controller loop (autoscaling decisions, replica states, health-check scheduling)
+    # runs every 0.1 s by default; at 0.5 s the controller and the GCS it polls use about a
+    # third of their CPU, which on a small node is taken from the engine (docs/benchmarks.md).
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # Every replica and every handle flushes Serve's own cached request metrics this often
+    # (Serve's default 100 ms: ten wake-ups a second per process even when idle); records reach
+    # the agent only every RAY_metrics_report_interval_ms (2 s) anyway. moeserve's metrics do
+    # not use it.
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
