@@ -16,6 +16,7 @@ from serve_app.experts.channel import ShardServer
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
+from serve_app.platform import sched
 from serve_app.platform.device import resolve_device, resolve_dtype
 
 
@@ -25,6 +26,9 @@ class ExpertShardActor:
         # NOTE: explicit, because Ray sets OMP_NUM_THREADS=1 for actors with num_cpus=0.
         threads = max(1, num_threads)
         torch.set_num_threads(threads)
+        # a shard is engine work: the normal policy for it and the threads it starts, even when
+        # Ray runs at SCHED_BATCH (serve_app.platform.sched)
+        sched.set_process("normal")
         dev = resolve_device(device)
         self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU

@@ -37,6 +37,7 @@ from serve_app.engine.latency_window import RecentLatencies
 from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
 from serve_app.engine.stats import EngineStats
+from serve_app.platform import sched
 from serve_app.platform.device import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,9 @@ class AsyncLLMEngine:
 
     def _run(self, engine_factory: Callable[[], LLMEngine]) -> None:
         name_os_thread(ENGINE_THREAD_NAME)
+        # the normal policy even where the process runs at SCHED_BATCH, before the first torch
+        # op: the OpenMP workers this thread creates inherit it (serve_app.platform.sched)
+        sched.set_thread("normal")
         try:
             self.engine = engine_factory()
             self._stats = self.engine.stats()

@@ -7,7 +7,8 @@ Threads: the caller (the engine thread) never talks to Redis itself.
   - lookups and fetches run on one I/O thread; the caller waits at most lookup_timeout_ms /
     load_timeout_ms for them, and a timed-out call is simply a miss;
   - publishing is a bounded queue drained by a publisher thread into pipelined SETs; when the
-    queue is full the block is dropped (counted), so a decode step never waits.
+    queue is full the block is dropped (counted), so a decode step never waits. The publisher
+    runs at SCHED_BATCH, so it never preempts the engine's threads when it wakes.
 Faults: any Redis error marks the tier unavailable (counted, logged once); while unavailable
 lookups are instant misses and publishes are skipped, and a ping on the I/O thread retries
 with exponential backoff. The URL is re-read on every reconnect (an embedded server may have
@@ -33,6 +34,7 @@ from redis.retry import Retry
 from serve_app.engine.config import KVStoreConfig
 from serve_app.kvstore.codec import CodecError, KVLayout, decode_block, encode_block
 from serve_app.kvstore.stats import KVStoreStats, LatencyHistogram
+from serve_app.platform import sched
 from serve_app.platform.device import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -300,6 +302,9 @@ class RedisKVTier:
 
     def _publish_loop(self) -> None:
         name_os_thread(PUBLISH_THREAD)
+        # background work: never preempts the engine's threads (serve_app.platform.sched); the
+        # I/O thread stays at its creator's policy, the engine waits for its lookups
+        sched.set_thread("batch")
         while not self._stopping.is_set():
             try:
                 batch = [self._queue.get(timeout=0.1)]

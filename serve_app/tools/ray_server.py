@@ -16,6 +16,8 @@ import signal
 import threading
 import time
 
+from serve_app.platform import sched
+
 log = logging.getLogger(__name__)
 
 # `--serve-mode throughput` (the default): HTTP enters through HAProxy (the binary Ray's
@@ -38,6 +40,10 @@ _THROUGHPUT_DEFAULTS = {
     # the agent only every RAY_metrics_report_interval_ms (2 s) anyway. moeserve's metrics do
     # not use it.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    # Everything but the engine's threads at SCHED_BATCH: a woken serving-path or Ray thread
+    # waits for a free core or the next scheduler tick instead of preempting the engine's
+    # OpenMP threads (serve_app.platform.sched). `normal` turns it off.
+    sched.SCHED_ENV: "batch",
 }
 
 
@@ -151,6 +157,14 @@ def run_ray_server(args: argparse.Namespace) -> int:
         print(f"error: {config_error_line(e)}", flush=True)
         return 2
     os.environ.setdefault(METRICS_REPORT_INTERVAL_ENV, METRICS_REPORT_INTERVAL_MS)
+    try:
+        policy = sched.policy_from_env()
+    except ValueError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    # before ray.init: every Ray process (and HAProxy, the embedded Redis) inherits it; the
+    # engine thread returns itself to the normal policy (AsyncLLMEngine._run)
+    sched.set_process(policy)
     if args.redis_url:
         # through the environment Ray's workers inherit, not the app config: a URL may hold a
         # password, and the config is visible to anyone who can read Serve's status

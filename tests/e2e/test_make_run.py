@@ -8,9 +8,11 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from serve_app.platform import sched
 from serve_app.procs import session_pids
 from serve_app.tools.ray_server import SHUT_DOWN_LINE
 from tests.conftest import free_port, subprocess_env, tiny_model_dir
@@ -42,6 +44,7 @@ def test_serve_ray_background_then_stop(tmp_path):
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
         # streamed through HAProxy and the output channel, read slowly: every token once
         check_slow_reader(f"http://127.0.0.1:{port}", body["model"], "hello", max_tokens=16)
+        check_sched_policies(pid)
     finally:
         down = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True)
     assert down.returncode == 0 and f"pid {pid}" in down.stdout
@@ -49,3 +52,41 @@ def test_serve_ray_background_then_stop(tmp_path):
     log = (tmp_path / "server.log").read_text()
     # SIGTERM reached our handler (not Ray's, which exits the driver without shutting down)
     assert SHUT_DOWN_LINE in log and "SIGTERM received" not in log, log[-2000:]
+
+
+def _threads(pid: int) -> dict[int, str]:
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = (task / "comm").read_text().strip()
+        except OSError:
+            pass  # the thread ended
+    return out
+
+
+def check_sched_policies(server_pid: int) -> None:
+    """Throughput mode: Ray and the serving path at SCHED_BATCH, the engine's threads (the
+    router's engine thread and the OpenMP workers it started; the expert shards) normal."""
+    seen: dict[str, set[str]] = {}
+    for pid in session_pids(server_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            threads = _threads(pid)
+        except OSError:
+            continue
+        for tid, comm in threads.items():
+            if comm in ("moeserve-engine", "moeserve-kv-io"):  # the engine waits for kv-io
+                role = "engine"
+            elif "ExpertShard" in title:
+                role = "shard"
+            elif "ServeReplica" in title:
+                role = title.rsplit(":", 1)[-1].split()[0]  # ingress | router
+            else:
+                role = Path(title.split(" ")[0]).name  # raylet, gcs_server, haproxy, ...
+            try:
+                seen.setdefault(role, set()).add(sched.policy_of(tid))
+            except OSError:
+                pass
+    assert seen["engine"] == {"normal"} and seen["shard"] == {"normal"}, seen
+    for role in ("router", "ingress", "raylet", "gcs_server", "haproxy"):
+        assert seen.get(role) == {"batch"}, (role, seen)

@@ -10,12 +10,14 @@ from serve_app.tools.ray_server import serve_mode_env
 def test_throughput_mode_slows_serves_loops_unless_told(monkeypatch) -> None:
     monkeypatch.delenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", raising=False)
     monkeypatch.delenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", raising=False)
+    monkeypatch.delenv("MOESERVE_SERVING_SCHED", raising=False)
     for name in ("HAPROXY_METRICS", "HAPROXY_STATS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC"):
         monkeypatch.delenv(f"RAY_SERVE_{name}_PORT", raising=False)
     env = serve_mode_env("throughput")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
+    assert env["MOESERVE_SERVING_SCHED"] == "batch"
     ports = [
         env[name]
         for name in (
@@ -28,9 +30,11 @@ def test_throughput_mode_slows_serves_loops_unless_told(monkeypatch) -> None:
     assert len(set(ports)) == 4 and "8500" not in ports and "9500" not in ports
     monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.1")
     monkeypatch.setenv("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "100")
+    monkeypatch.setenv("MOESERVE_SERVING_SCHED", "normal")
     env = serve_mode_env("throughput")
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "100"
+    assert env["MOESERVE_SERVING_SCHED"] == "normal"
 
 
 def test_a_fallback_proxy_port_named_in_the_environment_is_kept(monkeypatch) -> None:
