@@ -108,6 +108,9 @@ class PrefixCacheSettings(BaseModel):
     int8: bool = Field(
         _store("int8"), description="Store blocks as INT8 (per layer/head scales), 1/4 size."
     )
+    publish_decode: bool = Field(
+        _store("publish_decode"), description="Also publish blocks of generated tokens."
+    )
     ttl_s: int | None = Field(
         _store("ttl_s"), description="Entry TTL, renewed on hit; None: LRU only."
     )

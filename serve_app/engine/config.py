@@ -47,7 +47,9 @@ class KVStoreConfig:
     temp dir). A lookup never waits more than lookup_timeout_ms, a fetch of the hits more than
     load_timeout_ms; past that the blocks are computed locally. publish_queue_size bounds the
     blocks waiting to be sent (more are dropped and counted). ttl_s None keeps entries until
-    Redis evicts them (LRU); otherwise every write and hit sets the TTL.
+    Redis evicts them (LRU); otherwise every write and hit sets the TTL. publish_decode False
+    publishes only blocks wholly inside a prompt (LMCache's `save_decode_cache: False`): a
+    generated block is kept in the local prefix cache but not sent to Redis.
     """
 
     url: str | None = None
@@ -56,6 +58,7 @@ class KVStoreConfig:
     load_timeout_ms: float = 2000.0
     publish_queue_size: int = 1024
     int8: bool = False
+    publish_decode: bool = False
     ttl_s: int | None = None
     embedded_maxmemory_mb: int = 1024
     embedded_dir: str | None = None

@@ -125,6 +125,7 @@ class LLMEngine:
             self.shared_kv = prefix_source(self.runner, self.model_digest)
             self.scheduler.external = self.shared_kv
             self.kv.record_new_blocks = True
+            self.kv.record_decode_blocks = bool(config.kv_store and config.kv_store.publish_decode)
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}

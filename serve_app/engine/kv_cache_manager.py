@@ -31,8 +31,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_published: dict[str, int] = {}
-        # Blocks cached since the last take_new_blocks(), for the shared tier (when it is on).
+        # Blocks cached since the last take_new_blocks(), for the shared tier (when it is on);
+        # blocks that hold generated tokens only when record_decode_blocks.
         self.record_new_blocks = False
+        self.record_decode_blocks = False
         self._new_blocks: list[tuple[int, bytes]] = []
         # Cumulative prefix-cache counters (tokens), exported as metrics.
         self.num_queried_tokens = 0
@@ -99,20 +101,28 @@ class KVCacheManager:
         blocks.extend(hit.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         blocks.extend(new_blocks)
-        external_end = len(blocks) - len(new_blocks) + num_external_tokens // self.block_size
-        self._publish(request, blocks, num_total, external_end)
+        first_new = len(blocks) - len(new_blocks)
+        loaded = range(first_new, first_new + num_external_tokens // self.block_size)
+        self._publish(request, blocks, num_total, loaded)
         return new_blocks
 
     def _publish(
-        self, request: Request, blocks: list[KVCacheBlock], num_tokens: int, external_end: int
+        self, request: Request, blocks: list[KVCacheBlock], num_tokens: int, loaded: range
     ) -> None:
+        """Cache the request's blocks that are full once num_tokens have K/V; record for the
+        shared tier those this engine computes (not the ones `loaded` from it), a block that
+        became full only now included (the tail block of an earlier prefill chunk or decode
+        step), and blocks of generated tokens only when record_decode_blocks."""
         if not self.enable_caching:
             return
         start = self._num_published.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
+        prompt_end = request.num_prompt_tokens // self.block_size
         for i in range(start, end):
             h = request.block_hashes[i]
-            if self.pool.cache_block(blocks[i], h) and self.record_new_blocks and i >= external_end:
+            if not self.pool.cache_block(blocks[i], h) or not self.record_new_blocks:
+                continue
+            if i not in loaded and (i < prompt_end or self.record_decode_blocks):
                 self._new_blocks.append((blocks[i].block_id, h))
         self._num_published[request.request_id] = max(start, end)
 

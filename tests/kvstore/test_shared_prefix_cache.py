@@ -91,6 +91,42 @@ def pair(qwen3_tiny, redis_server):
     b.engine.close()
 
 
+def test_only_the_prompts_blocks_are_published_unless_decode_blocks_are_asked_for(
+    qwen3_tiny, redis_server
+):
+    """2 full prompt blocks, then 40 generated tokens: 71 tokens get K/V, so 4 full blocks, the
+    last 2 of generated tokens (kept locally either way; sent to Redis only when asked)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for seed, publish_decode, expected in ((901, False, 2), (902, True, 4)):
+        llm = make_engine(qwen3_tiny, redis_server.url, publish_decode=publish_decode)
+        try:
+            run(llm, prompt(seed, 2 * BS), params)
+            assert llm.engine.shared_kv.tier.flush(20)
+            assert llm.engine.stats().kv_store.blocks_published == expected, publish_decode
+        finally:
+            llm.engine.close()
+
+
+def test_a_prompt_block_split_across_prefill_chunks_is_published(qwen3_tiny, redis_server):
+    """Chunks of 40 tokens end inside blocks 2, 4, 7: each such block becomes full in the next
+    chunk and must still reach Redis (it was skipped once: only blocks full when allocated were
+    recorded)."""
+    llm = LLM(
+        str(qwen3_tiny),
+        num_kv_blocks=96,
+        block_size=BS,
+        max_model_len=512,
+        max_num_batched_tokens=40,
+        kv_store=KVStoreConfig(url=redis_server.url, lookup_timeout_ms=LOOKUP_MS),
+    )
+    try:
+        run(llm, prompt(903), SamplingParams(temperature=0, max_tokens=1))
+        assert llm.engine.shared_kv.tier.flush(20)
+        assert llm.engine.stats().kv_store.blocks_published == PREFIX // BS
+    finally:
+        llm.engine.close()
+
+
 def test_replica_b_loads_the_prefix_a_computed_and_matches_greedy(pair, ref):
     a, b = pair
     p = prompt(1)
