@@ -1,6 +1,8 @@
 """The OS scheduling policy of a server's threads: the engine's at the normal policy, the rest
-(the serving path, Ray's daemons and workers, HAProxy, the embedded Redis) at SCHED_BATCH when
-the server asks for it (`moeserve serve --ray`'s throughput mode; docs/serving-path.md).
+(the serving path, Ray's daemons and workers, HAProxy) at SCHED_BATCH when the server asks for
+it (`moeserve serve --ray`'s throughput mode; docs/serving-path.md). What the engine waits on
+stays normal: the expert shards, the prefix cache's Redis I/O thread and the embedded
+redis-server (both started from the engine thread).
 
 Why: where the engine's threads share cores with everything else (a CPU node; on a GPU node the
 engine thread that launches kernels), a thread that wakes up under the normal policy preempts a
@@ -9,7 +11,7 @@ HAProxy, and Ray's loops wake on their timers, so the engine's OpenMP threads ar
 hundreds of times a second. A SCHED_BATCH thread that wakes does not preempt a running thread:
 it runs at once on an idle core, else at the next scheduler tick (4 ms at HZ=250), so the
 serving path's wake-ups are taken a few at a time and each finds more work waiting. Measured on
-2 cores at 32 streams: the serving path's CPU per token 10-15% lower, Ray's 5-10%, TTFT at one
+2 cores at 32 streams: the serving path's CPU per token 15-20% lower, Ray's 5-20%, TTFT at one
 stream unchanged (docs/benchmarks.md, fifth pass). The kernel's rule (kernel/sched/fair.c,
 `check_preempt_wakeup_fair`): "Batch and idle tasks do not preempt non-idle tasks (their
 preemption is driven by the tick)".
