@@ -167,8 +167,14 @@ class AsyncLLMEngine:
             self._wake.notify()
 
     def stats(self) -> EngineStats:
-        """Refreshed by the engine thread after every step (no locking of engine internals)."""
-        return self._stats
+        """Refreshed by the engine thread after every step (no locking of engine internals);
+        the shared prefix cache's counters are read live from its tier (which locks its own):
+        its publisher sends a step's blocks after that step, so an idle engine's last snapshot
+        would miss them until the next request."""
+        s, shared = self._stats, self.engine.shared_kv
+        if shared is None or s.kv_store is None:
+            return s
+        return dataclasses.replace(s, kv_store=shared.stats())
 
     def ttft_quantile(self, q: float = 0.9) -> float | None:
         """The q-quantile of recent TTFTs in ms; None when no request started in the window."""
