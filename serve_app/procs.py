@@ -56,6 +56,22 @@ def child_pids(pid: int) -> list[int]:
     return _live_pids_where(1, pid)
 
 
+def thread_names(pid: int) -> dict[int, str]:
+    """The process's threads, TID -> OS name (/proc/<pid>/task/<tid>/comm); empty when it
+    ended meanwhile, and without threads that ended while being read (Linux /proc)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    out = {}
+    for task in tasks:
+        try:
+            out[int(task.name)] = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+    return out
+
+
 def _live_pids_where(field: int, value: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

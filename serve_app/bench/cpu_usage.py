@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from serve_app.procs import thread_names
+
 ENGINE_THREAD = "moeserve-engine"  # threading.Thread name, as /proc/<pid>/task/<tid>/comm has it
 KV_THREAD_PREFIX = "moeserve-kv-"  # the Redis tier's threads (serve_app.kvstore.redis_tier)
 SERVING_ROLES = ("proxy", "ingress", "router", "api")
@@ -158,19 +160,13 @@ def _named_threads_s(pid: int) -> tuple[float, float]:
     """CPU of the process's engine thread(s) and of its Redis tier's threads; zeros when the
     process ended meanwhile."""
     engine = kv = 0.0
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:  # ended between the listing of the session and now (short-lived helpers)
-        return engine, kv
-    for task in tasks:
-        try:
-            comm = (task / "comm").read_text().strip()
-            if comm == ENGINE_THREAD:
-                engine += _cpu_s(task / "stat") or 0.0
-            elif comm.startswith(KV_THREAD_PREFIX):
-                kv += _cpu_s(task / "stat") or 0.0
-        except OSError:
-            continue
+    # empty when it ended between the listing of the session and now (short-lived helpers)
+    for tid, comm in thread_names(pid).items():
+        stat = Path(f"/proc/{pid}/task/{tid}/stat")
+        if comm == ENGINE_THREAD:
+            engine += _cpu_s(stat) or 0.0
+        elif comm.startswith(KV_THREAD_PREFIX):
+            kv += _cpu_s(stat) or 0.0
     return engine, kv
 
 

@@ -48,11 +48,15 @@ def _set(tid: int, name: str) -> bool:
         return False  # the thread ended meanwhile, or a sandbox refuses the call: run as is
 
 
+def _check(name: str) -> None:
+    if name not in POLICIES:
+        raise ValueError(f"scheduling policy {name!r}: one of {POLICIES}")
+
+
 def set_process(name: str) -> bool:
     """Every thread of this process to `name` (batch | normal); threads and processes it starts
     afterwards inherit it from their creator."""
-    if name not in POLICIES:
-        raise ValueError(f"scheduling policy {name!r}: one of {POLICIES}")
+    _check(name)
     if not _supported():
         return False
     tids = [int(t) for t in os.listdir("/proc/self/task")]
@@ -61,8 +65,7 @@ def set_process(name: str) -> bool:
 
 def set_thread(name: str) -> bool:
     """The calling thread (and the threads it starts afterwards) to `name`."""
-    if name not in POLICIES:
-        raise ValueError(f"scheduling policy {name!r}: one of {POLICIES}")
+    _check(name)
     return _supported() and _set(0, name)  # 0: the calling thread, as Linux reads it
 
 

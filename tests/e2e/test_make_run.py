@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.platform import sched
-from serve_app.procs import session_pids
+from serve_app.procs import session_pids, thread_names
 from serve_app.tools.ray_server import SHUT_DOWN_LINE
 from tests.conftest import free_port, subprocess_env, tiny_model_dir
 from tests.streaming_checks import check_slow_reader
@@ -54,16 +54,6 @@ def test_serve_ray_background_then_stop(tmp_path):
     assert SHUT_DOWN_LINE in log and "SIGTERM received" not in log, log[-2000:]
 
 
-def _threads(pid: int) -> dict[int, str]:
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out[int(task.name)] = (task / "comm").read_text().strip()
-        except OSError:
-            pass  # the thread ended
-    return out
-
-
 def check_sched_policies(server_pid: int) -> None:
     """Throughput mode: Ray and the serving path at SCHED_BATCH, the engine's threads (the
     router's engine thread and the OpenMP workers it started; the expert shards) normal."""
@@ -71,7 +61,7 @@ def check_sched_policies(server_pid: int) -> None:
     for pid in session_pids(server_pid):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-            threads = _threads(pid)
+            threads = thread_names(pid)
         except OSError:
             continue
         for tid, comm in threads.items():
