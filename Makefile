@@ -63,11 +63,13 @@ $(PROMETHEUS):
 	rm -rf $(PROM_DIR) && mv $(PROM_DIR).tmp/root $(PROM_DIR) && rm -rf $(PROM_DIR).tmp
 	test -x $@ && touch $@
 
+# PYTHONFAULTHANDLER: a crash after pytest's own faulthandler is off (at interpreter exit)
+# still prints every thread's stack.
 test: install test-models prometheus
-	$(PY) -m pytest -q
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
 
 test-fast: install test-models prometheus
-	$(PY) -m pytest -q -m "not slow"
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check serve_app autoscaling tests

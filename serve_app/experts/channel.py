@@ -107,8 +107,19 @@ class ShardServer:
         self._closed = False
         self._on_compute_start = on_compute_start
         self.calls_served = 0
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
         for target, name in ((self._accept, "accept"), (self._compute, "compute")):
-            threading.Thread(target=target, name=f"moeserve-expert-{name}", daemon=True).start()
+            self._start(target, f"moeserve-expert-{name}")
+
+    def _start(self, target: Callable[..., None], name: str, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads = [*(x for x in self._threads if x.is_alive()), t]
+        t.start()
+
+    def threads_alive(self) -> list[str]:
+        """The names of this server's threads still running (none soon after close())."""
+        return [t.name for t in self._threads if t.is_alive()]
 
     def _accept(self) -> None:
         while not self._closed:
@@ -116,9 +127,11 @@ class ShardServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            threading.Thread(
-                target=self._read, args=(conn,), name="moeserve-expert-read", daemon=True
-            ).start()
+            if self._closed:
+                conn.close()
+                return
+            self._conns.add(conn)
+            self._start(self._read, "moeserve-expert-read", conn)
 
     def _read(self, conn: socket.socket) -> None:
         """One router's calls, in order, onto the compute queue."""
@@ -136,6 +149,8 @@ class ShardServer:
                 self._calls.put((conn, layer, body))
         except (OSError, ChannelError):
             conn.close()  # the router went away or sent garbage; it reconnects if it lives
+        finally:
+            self._conns.discard(conn)
 
     def _compute(self) -> None:
         if self._on_compute_start is not None:
@@ -158,7 +173,16 @@ class ShardServer:
                 conn.close()
 
     def close(self) -> None:
+        """Stop listening and end every thread: the compute thread after the calls queued,
+        the readers by dropping the routers' connections. shutdown() before close(): on Linux
+        close() alone wakes no thread blocked on the socket (an accept() kept listening, and
+        accepting, after close)."""
         self._closed = True
+        for sock in [self._listener, *list(self._conns)]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
         self._listener.close()
         self._calls.put((None, 0, b""))
 

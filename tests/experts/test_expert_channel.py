@@ -137,3 +137,20 @@ def test_a_prefill_sized_call_crosses_whole() -> None:
     np.testing.assert_array_equal(decode_response(link.receive(time.monotonic() + 30)), 2 * x + 2)
     link.close()
     server.close()
+
+
+def test_a_closed_server_stops_listening_and_its_threads_end() -> None:
+    """close() wakes the accept thread (on Linux closing a listener does not wake an accept()
+    blocked on it: the thread stayed, and so did the listening socket, taking connections)."""
+    server = ShardServer(doubling, "127.0.0.1")
+    link = ShardLink(server.address)
+    link.send(0, request(1)[1])
+    link.receive(time.monotonic() + 10)
+    link.close()
+    server.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.threads_alive():
+        time.sleep(0.01)
+    assert server.threads_alive() == []
+    with pytest.raises(ChannelError):
+        ShardLink(server.address)
