@@ -208,6 +208,19 @@ class StreamingSettings(BaseModel):
     )
 
 
+class ApiSettings(BaseModel):
+    """The OpenAI-compatible API's request checks (docs/structured-outputs.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unknown_fields: Literal["reject", "ignore"] = Field(
+        "reject",
+        description="A request field the server does not know: `reject` answers 400 naming it "
+        "(as OpenAI does); `ignore` drops it (as vLLM does), for clients that send extras of "
+        "another server.",
+    )
+
+
 class FaultInjection(BaseModel):
     """Test-only: make this version fail or slow down, to exercise analysis and rollback."""
 
@@ -241,6 +254,7 @@ class AppConfig(BaseModel):
     )
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     fault_injection: FaultInjection | None = Field(
         None, description="Test-only faults for this version (see docs/rollouts.md)."
     )

@@ -1,8 +1,9 @@
 """OpenAI-compatible request bodies (pydantic), plus vLLM's extra sampling fields.
 
-Fields this server does not know are ignored, as vLLM does, so clients that send newer fields
-still work; but an OpenAI field that it knows and cannot honour is a 400 (`_UNSUPPORTED`),
-never silently dropped. docs/structured-outputs.md lists what is accepted and ignored.
+A field that the server does not know is a 400 naming it, as OpenAI answers (`unknown_fields`;
+`api.unknown_fields: ignore` makes the server ignore them instead, as vLLM does); an OpenAI field
+that it knows and cannot honour is a 400 with its own reason (`_UNSUPPORTED`). Never silently
+dropped. docs/structured-outputs.md lists what is accepted and ignored on purpose.
 Types and ranges are stated here so /openapi.json describes the bodies truly (fuzzers and
 generated clients rely on it); the sampling ranges are the engine's (SAMPLING_BOUNDS).
 """
@@ -28,6 +29,9 @@ def _b(name: str, default: Any) -> Any:
     return Field(default, **SAMPLING_BOUNDS[name])
 
 
+# What the server does with a request field it does not know (create_app, api.unknown_fields).
+UnknownFields = Literal["reject", "ignore"]
+
 # OpenAI fields that would change the output and that this server cannot honour.
 _UNSUPPORTED = {
     "suffix": "suffix (insertion) is not supported",
@@ -38,6 +42,12 @@ _UNSUPPORTED = {
     "web_search_options": "web search is not supported",
 }
 _STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")
+# apply_chat_template's own arguments and what the server passes it: not chat_template_kwargs'
+_TEMPLATE_ARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt"}
+    | {"continue_final_message", "tokenize", "padding", "truncation", "max_length"}
+    | {"return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+)
 _TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -110,7 +120,8 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    # "allow" only to see the _UNSUPPORTED fields in model_extra; other extras are unused.
+    # "allow" to see the fields it does not declare in model_extra: the _UNSUPPORTED ones and
+    # the unknown ones (unknown_fields), each a 400.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
@@ -143,6 +154,10 @@ class _SamplingFields(BaseModel):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+
+    def unknown_fields(self) -> list[str]:
+        """The body's fields that this server neither implements nor ignores on purpose."""
+        return [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
 
     def _check_supported(self) -> None:
         extra = self.model_extra or {}
@@ -346,6 +361,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Extra variables for the chat template (vLLM's field), e.g. "
+        '{"enable_thinking": false}; a template ignores the ones it does not use.',
+    )
     # Accepted and ignored on purpose: see the docs.
     modalities: list[Literal["text"]] | None = None
     reasoning_effort: str | None = None
@@ -392,6 +412,15 @@ class ChatCompletionRequest(_SamplingFields):
         return tool_call_grammar(
             [(f.name, f.parameters or {"type": "object"}) for f in chosen], parallel
         )
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """chat_template_kwargs, checked: the template's own arguments are set by the server."""
+        kwargs = self.chat_template_kwargs or {}
+        if taken := sorted(_TEMPLATE_ARGS & kwargs.keys()):
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {', '.join(taken)}", "chat_template_kwargs"
+            )
+        return kwargs
 
     def chat_messages(self) -> list[dict[str, Any]]:
         return [m.template_dict() for m in self.messages]

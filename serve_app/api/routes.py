@@ -10,6 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import get_args
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +24,7 @@ from serve_app.api.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    UnknownFields,
 )
 from serve_app.api.streaming import every_n_tokens, merge_streams, sse
 from serve_app.api.submit import discard, submit_all
@@ -39,21 +41,32 @@ def api_keys_from_env() -> frozenset[str]:
 
 
 def create_app(
-    client: EngineClient, api_keys: frozenset[str] | None = None, stream_interval: int = 1
+    client: EngineClient,
+    api_keys: frozenset[str] | None = None,
+    stream_interval: int = 1,
+    unknown_fields: UnknownFields = "reject",
 ) -> FastAPI:
-    """stream_interval: tokens per streamed chunk after the first (vLLM's --stream-interval)."""
+    """stream_interval: tokens per streamed chunk after the first (vLLM's --stream-interval).
+    unknown_fields: a request field the server does not know is a 400 (`reject`, as OpenAI)
+    or ignored (`ignore`, as vLLM)."""
     if stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+    if unknown_fields not in get_args(UnknownFields):
+        choices = get_args(UnknownFields)
+        raise ValueError(f"unknown_fields: one of {choices}, got {unknown_fields!r}")
     app = FastAPI(title="moeserve", version="0.1.0")
     install_error_handlers(app)
     keys = api_keys_from_env() if api_keys is None else api_keys
-    app.include_router(build_api_routes(client, keys, stream_interval))
+    app.include_router(build_api_routes(client, keys, stream_interval, unknown_fields))
     install_metrics(app, version=client.version)  # GET /metrics; times the routes above
     return app
 
 
 def build_api_routes(
-    client: EngineClient, api_keys: frozenset[str], stream_interval: int = 1
+    client: EngineClient,
+    api_keys: frozenset[str],
+    stream_interval: int = 1,
+    unknown_fields: UnknownFields = "reject",
 ) -> APIRouter:
     async def authorize(request: Request) -> None:
         if not api_keys:
@@ -66,6 +79,14 @@ def build_api_routes(
     def check_model(name: str | None) -> None:
         if name is not None and name != client.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
+
+    def check_body(body: CompletionRequest | ChatCompletionRequest) -> None:
+        check_model(body.model)
+        if unknown_fields == "reject" and (names := body.unknown_fields()):
+            s = "s" if len(names) > 1 else ""  # OpenAI's wording
+            raise InvalidRequestError(
+                f"Unrecognized request argument{s} supplied: {', '.join(names)}", names[0]
+            )
 
     router = APIRouter()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -94,7 +115,7 @@ def build_api_routes(
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        check_body(body)
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
@@ -106,7 +127,7 @@ def build_api_routes(
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        check_body(body)
         params = body.to_sampling_params()
         ids = _apply_chat_template(client, body)
         rid = _request_id(request, "chatcmpl")
@@ -167,12 +188,14 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
     tok = client.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
+    kwargs = body.template_kwargs()
     try:
         text = tok.apply_chat_template(
             body.chat_messages(),
             tools=body.template_tools(),
             add_generation_prompt=body.add_generation_prompt,
             tokenize=False,
+            **kwargs,
         )
     except (ValueError, TemplateError) as e:  # the template refused these messages
         raise InvalidRequestError(

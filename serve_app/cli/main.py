@@ -169,6 +169,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="tokens per streamed chunk after the first (vLLM's --stream-interval)",
     )
     p.add_argument(
+        "--unknown-fields",
+        choices=("reject", "ignore"),
+        default="reject",
+        help="a request field the server does not know: 400 naming it (reject, as OpenAI) or "
+        "dropped (ignore, as vLLM)",
+    )
+    p.add_argument(
         "--stream-transport",
         choices=("channel", "serve"),
         default="channel",

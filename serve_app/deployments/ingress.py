@@ -279,5 +279,8 @@ class Ingress:
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
         return create_app(
-            client, api_keys=keys, stream_interval=self.config.streaming.stream_interval
+            client,
+            api_keys=keys,
+            stream_interval=self.config.streaming.stream_interval,
+            unknown_fields=self.config.api.unknown_fields,
         )

@@ -54,7 +54,11 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     engine = build_async_engine(config)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(LocalEngineClient(engine, name), stream_interval=args.stream_interval)
+    app = create_app(
+        LocalEngineClient(engine, name),
+        stream_interval=args.stream_interval,
+        unknown_fields=args.unknown_fields,
+    )
     reporter = start_engine_reporter(get_metrics(), engine, name, "local")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     reporter.stop()

@@ -120,6 +120,7 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "transport": getattr(args, "stream_transport", "channel"),
             "stream_interval": getattr(args, "stream_interval", 1),
         },
+        "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
     }
     return AppConfig.model_validate(config)
 

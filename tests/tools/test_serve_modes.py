@@ -57,3 +57,14 @@ def test_free_ports_are_distinct() -> None:
     for _ in range(50):
         ports = free_ports(4)
         assert len(set(ports)) == 4 and all(0 < p < 65536 for p in ports)
+
+
+@pytest.mark.parametrize(
+    "flag, expected", [([], "reject"), (["--unknown-fields", "ignore"], "ignore")]
+)
+def test_unknown_fields_flag_reaches_the_app_config(flag, expected) -> None:
+    from serve_app.cli.main import build_parser
+    from serve_app.tools.ray_server import app_config
+
+    args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
+    assert app_config(args, num_cpus=2).api.unknown_fields == expected
