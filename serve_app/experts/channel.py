@@ -107,13 +107,18 @@ class ShardServer:
         self._closed = False
         self._on_compute_start = on_compute_start
         self.calls_served = 0
-        self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
-        for target, name in ((self._accept, "accept"), (self._compute, "compute")):
-            self._start(target, f"moeserve-expert-{name}")
+        self._threads = [
+            threading.Thread(target=target, name=f"moeserve-expert-{name}", daemon=True)
+            for target, name in ((self._accept, "accept"), (self._compute, "compute"))
+        ]
+        for t in self._threads:
+            t.start()
 
-    def _start(self, target: Callable[..., None], name: str, *args: object) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    def _start_reader(self, conn: socket.socket) -> None:
+        """Only the accept thread calls this (one writer of _threads)."""
+        t = threading.Thread(target=self._read, args=(conn,), name="moeserve-expert-read")
+        t.daemon = True
         self._threads = [*(x for x in self._threads if x.is_alive()), t]
         t.start()
 
@@ -131,7 +136,7 @@ class ShardServer:
                 conn.close()
                 return
             self._conns.add(conn)
-            self._start(self._read, "moeserve-expert-read", conn)
+            self._start_reader(conn)
 
     def _read(self, conn: socket.socket) -> None:
         """One router's calls, in order, onto the compute queue."""
