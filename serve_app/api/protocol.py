@@ -154,6 +154,8 @@ class _SamplingFields(BaseModel):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None  # OpenAI's caching hint; prefix caching is automatic
+    safety_identifier: str | None = None
 
     def unknown_fields(self) -> list[str]:
         """The body's fields that this server neither implements nor ignores on purpose."""

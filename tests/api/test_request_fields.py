@@ -84,14 +84,17 @@ def test_the_sdk_sees_a_bad_request(servers):
 
 
 def test_fields_ignored_on_purpose_and_implemented_extras_are_not_unknown(servers):
-    """store / metadata / service_tier (documented as ignored) and vLLM's sampling extras that
-    the engine implements pass the strict check."""
+    """The fields documented as ignored on purpose (store, metadata, service_tier,
+    prompt_cache_key, safety_identifier) and vLLM's sampling extras that the engine implements
+    pass the strict check."""
     body = {
         "prompt": "hi",
         "max_tokens": 3,
         "store": False,
         "metadata": {"k": "v"},
         "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
         "user": "u1",
         "ignore_eos": True,
         "top_k": 5,
