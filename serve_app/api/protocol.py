@@ -10,11 +10,16 @@ generated clients rely on it); the sampling ranges are the engine's (SAMPLING_BO
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api.constraints import (
+    STRUCTURED_KEYS,
+    ResponseFormat,
+    StructuredOutputs,
+    one_constraint,
+)
 from serve_app.api.tools import tool_call_grammar
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.request import SAMPLING_BOUNDS, GrammarSpec, SamplingParams
@@ -41,7 +46,6 @@ _UNSUPPORTED = {
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
 }
-_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")
 # apply_chat_template's own arguments and what the server passes it: not chat_template_kwargs'
 _TEMPLATE_ARGS = frozenset(
     {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt"}
@@ -49,70 +53,6 @@ _TEMPLATE_ARGS = frozenset(
     | {"return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 )
 _TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-class JsonSchemaFormat(BaseModel):
-    name: str = "response"
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's response_format: text, json_object or json_schema (enforced by a grammar)."""
-
-    type: str
-    json_schema: JsonSchemaFormat | None = None
-
-    def grammar(self) -> GrammarSpec | None:
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return GrammarSpec("json", '{"type": "object"}', "response_format")
-        if self.type == "json_schema":
-            if self.json_schema is None:
-                raise InvalidRequestError(
-                    "response_format.json_schema is required for type json_schema",
-                    "response_format",
-                )
-            schema = self.json_schema.schema_ or {"type": "object"}
-            return GrammarSpec("json", _canonical(schema), "response_format")
-        raise InvalidRequestError(
-            f"response_format.type {self.type!r} is not supported "
-            "(one of 'text', 'json_object', 'json_schema')",
-            "response_format",
-        )
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs` (extra_body): exactly one of json, regex, choice, grammar,
-    json_object. Other vLLM keys (structural_tag, whitespace_pattern...) are a 400."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    json_object: bool | None = None
-
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-
-
-def _canonical(schema: Any) -> str:
-    return json.dumps(schema, sort_keys=True, ensure_ascii=False)
-
-
-def _spec(kind: str, value: Any, param: str) -> GrammarSpec:
-    if kind == "json":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise InvalidRequestError(f"{param}: json is not valid JSON: {e}", param) from e
-        return GrammarSpec("json", _canonical(value), param)
-    if kind == "choice":
-        return GrammarSpec("choice", json.dumps(list(value), ensure_ascii=False), param)
-    return GrammarSpec(kind, value, param)
 
 
 class StreamOptions(BaseModel):
@@ -168,31 +108,8 @@ class _SamplingFields(BaseModel):
                 raise InvalidRequestError(why, name)
 
     def _grammar(self) -> GrammarSpec | None:
-        """The one output constraint, from response_format, structured_outputs or guided_*."""
-        found: list[GrammarSpec] = []
-        if self.response_format is not None:
-            spec = self.response_format.grammar()
-            found += [spec] if spec is not None else []
-        if self.structured_outputs is not None:
-            so = self.structured_outputs
-            values = {
-                "json": so.json_,
-                "regex": so.regex,
-                "choice": so.choice,
-                "grammar": so.grammar,
-            }
-            found += [_spec(k, v, "structured_outputs") for k, v in values.items() if v is not None]
-        for k in _STRUCTURED_KEYS:
-            v = getattr(self, f"guided_{k}")
-            if v is not None:
-                found.append(_spec(k, v, f"guided_{k}"))
-        if len(found) > 1:
-            raise InvalidRequestError(
-                "give at most one output constraint (response_format, structured_outputs, "
-                "guided_json/regex/choice/grammar)",
-                found[1].param,
-            )
-        return found[0] if found else None
+        guided = {k: getattr(self, f"guided_{k}") for k in STRUCTURED_KEYS}
+        return one_constraint(self.response_format, self.structured_outputs, guided)
 
     def _logit_bias(self) -> dict[int, float]:
         out = {}
