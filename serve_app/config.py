@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serve_app.engine.config import (
     DTYPES,
+    WRITE_POLICIES,
     ConfigError,
     EngineConfig,
     KVStoreConfig,
@@ -110,6 +111,11 @@ class PrefixCacheSettings(BaseModel):
     )
     publish_decode: bool = Field(
         _store("publish_decode"), description="Also publish blocks of generated tokens."
+    )
+    write_policy: Literal[WRITE_POLICIES] = Field(  # type: ignore[valid-type]
+        _store("write_policy"),
+        description="write_through: publish a block when computed; write_through_selective: "
+        "when this replica first reuses it.",
     )
     ttl_s: int | None = Field(
         _store("ttl_s"), description="Entry TTL, renewed on hit; None: LRU only."

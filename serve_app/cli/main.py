@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from serve_app.engine.config import WRITE_POLICIES  # stdlib only: keeps `--help` fast
+
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     """A subcommand runner that imports `module:function` only when the command runs."""
@@ -108,6 +110,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default="",
         help="extra flags for every launched `moeserve serve`, e.g. '--stream-transport serve'",
     )
+    s.add_argument(
+        "--prefix-write-policy",
+        choices=WRITE_POLICIES,
+        default=None,
+        help="the shared prefix cache's write policy for inproc and every launched moeserve "
+        "(default: the app config's)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="bench_results")
 
@@ -123,6 +132,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--output-len", type=int, default=8)
     r.add_argument("--router-cpus", type=float, default=1.0, help="CPUs per router replica")
+    r.add_argument(
+        "--prefix-write-policy",
+        choices=WRITE_POLICIES,
+        default=None,
+        help="the shared prefix cache's write policy (default: the app config's)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="bench_results")
     r.set_defaults(func=_lazy("serve_app.bench.routing_bench:run_routing_bench"))
@@ -206,6 +221,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=None,
         help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
+    )
+    ray.add_argument(
+        "--prefix-write-policy",
+        choices=WRITE_POLICIES,
+        default="write_through",
+        help="when a KV block goes to the shared prefix cache: once computed, or once this "
+        "replica reuses it (prefix_cache.write_policy; README)",
     )
     ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     ray.add_argument("--dashboard-port", type=int, default=8265)

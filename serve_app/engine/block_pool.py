@@ -17,6 +17,9 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+    # Its K/V is in the shared tier or on its way there (or was offered and dropped): set by
+    # KVCacheManager, forgotten with the hash.
+    shared: bool = False
     prev_free: KVCacheBlock | None = None
     next_free: KVCacheBlock | None = None
 
@@ -145,6 +148,7 @@ class BlockPool:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
             block.block_hash = None
+            block.shared = False
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
@@ -152,5 +156,6 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+            block.shared = False
         self.cached.clear()
         return True

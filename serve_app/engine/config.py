@@ -13,6 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 _KV_STORE_SCHEMES = ("redis", "rediss", "unix")
+# When a computed block goes to the shared tier (SGLang HiCache's --hicache-write-policy names):
+# at once, or on its first reuse by this engine (HiRadixCache's write_through_threshold 2).
+WRITE_POLICIES = ("write_through", "write_through_selective")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -49,7 +52,10 @@ class KVStoreConfig:
     blocks waiting to be sent (more are dropped and counted). ttl_s None keeps entries until
     Redis evicts them (LRU); otherwise every write and hit sets the TTL. publish_decode False
     publishes only blocks wholly inside a prompt (LMCache's `save_decode_cache: False`): a
-    generated block is kept in the local prefix cache but not sent to Redis.
+    generated block is kept in the local prefix cache but not sent to Redis. write_policy
+    write_through sends a block when it is computed; write_through_selective only when a later
+    request of this engine reuses it from the local cache (then whatever it holds, prompt or
+    generated tokens), so prompts seen once cost the tier nothing but a lookup.
     """
 
     url: str | None = None
@@ -59,6 +65,7 @@ class KVStoreConfig:
     publish_queue_size: int = 1024
     int8: bool = False
     publish_decode: bool = False
+    write_policy: str = "write_through"  # one of WRITE_POLICIES
     ttl_s: int | None = None
     embedded_maxmemory_mb: int = 1024
     embedded_dir: str | None = None
@@ -89,6 +96,11 @@ class KVStoreConfig:
             self.publish_queue_size >= 1,
             "publish_queue_size",
             f"must be >= 1, got {self.publish_queue_size}",
+        )
+        _require(
+            self.write_policy in WRITE_POLICIES,
+            "write_policy",
+            f"must be one of {', '.join(WRITE_POLICIES)}, got {self.write_policy!r}",
         )
         _require(
             self.ttl_s is None or self.ttl_s >= 1,

@@ -125,7 +125,10 @@ class LLMEngine:
             self.shared_kv = prefix_source(self.runner, self.model_digest)
             self.scheduler.external = self.shared_kv
             self.kv.record_new_blocks = True
-            self.kv.record_decode_blocks = bool(config.kv_store and config.kv_store.publish_decode)
+            store = config.kv_store
+            self.kv.record_decode_blocks = bool(store and store.publish_decode)
+            selective = store is not None and store.write_policy == "write_through_selective"
+            self.kv.record_on_reuse = selective
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}

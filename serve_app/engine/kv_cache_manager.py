@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from serve_app.engine.block_hash import extend_block_hashes
@@ -32,9 +33,12 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_published: dict[str, int] = {}
         # Blocks cached since the last take_new_blocks(), for the shared tier (when it is on);
-        # blocks that hold generated tokens only when record_decode_blocks.
+        # blocks that hold generated tokens only when record_decode_blocks. With
+        # record_on_reuse (write_through_selective) a computed block is recorded only when a
+        # later request takes it as a prefix-cache hit, whatever tokens it holds.
         self.record_new_blocks = False
         self.record_decode_blocks = False
+        self.record_on_reuse = False
         self._new_blocks: list[tuple[int, bytes]] = []
         # Cumulative prefix-cache counters (tokens), exported as metrics.
         self.num_queried_tokens = 0
@@ -87,6 +91,8 @@ class KVCacheManager:
         the model writes every token's K/V before any attention reads, so a later request in the
         same step may already share them. The first num_external_tokens of the new tokens (whole
         blocks) are loaded from the shared tier, not computed, so they are not recorded for it.
+        With record_on_reuse, the hit blocks not yet in the shared tier are recorded instead:
+        this request holds them through the step after which the caller reads them.
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_total = request.num_computed_tokens + hit.num_tokens + num_new_tokens
@@ -98,6 +104,8 @@ class KVCacheManager:
                 del self.req_blocks[request.request_id]
             return None
         self.pool.touch(hit.blocks)
+        if self.record_on_reuse and self.record_new_blocks:
+            self._record(b for b in hit.blocks if not b.shared)
         blocks.extend(hit.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         blocks.extend(new_blocks)
@@ -112,7 +120,8 @@ class KVCacheManager:
         """Cache the request's blocks that are full once num_tokens have K/V; record for the
         shared tier those this engine computes (not the ones `loaded` from it), a block that
         became full only now included (the tail block of an earlier prefill chunk or decode
-        step), and blocks of generated tokens only when record_decode_blocks."""
+        step), and blocks of generated tokens only when record_decode_blocks; none of them
+        with record_on_reuse (allocate_slots records them when they are hit)."""
         if not self.enable_caching:
             return
         start = self._num_published.get(request.request_id, 0)
@@ -122,9 +131,16 @@ class KVCacheManager:
             h = request.block_hashes[i]
             if not self.pool.cache_block(blocks[i], h) or not self.record_new_blocks:
                 continue
-            if i not in loaded and (i < prompt_end or self.record_decode_blocks):
-                self._new_blocks.append((blocks[i].block_id, h))
+            if i in loaded:
+                blocks[i].shared = True
+            elif not self.record_on_reuse and (i < prompt_end or self.record_decode_blocks):
+                self._record((blocks[i],))
         self._num_published[request.request_id] = max(start, end)
+
+    def _record(self, blocks: Iterable[KVCacheBlock]) -> None:
+        for block in blocks:
+            block.shared = True
+            self._new_blocks.append((block.block_id, block.block_hash))
 
     def take_new_blocks(self) -> list[tuple[int, bytes]]:
         """(block id, hash) of blocks cached since the last call; written by the step that

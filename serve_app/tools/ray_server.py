@@ -121,6 +121,9 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "stream_interval": getattr(args, "stream_interval", 1),
         },
         "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
+        "prefix_cache": {
+            "write_policy": getattr(args, "prefix_write_policy", None) or "write_through"
+        },
     }
     return AppConfig.model_validate(config)
 

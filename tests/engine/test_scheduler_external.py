@@ -73,3 +73,43 @@ def test_no_load_when_the_pool_cannot_admit_and_match_again_later():
     assert source.calls[1:] == [("r", 0), ("r", 0)]
     assert scheduled(out) == [("r", 1)]
     assert out.external_loads[0].block_ids == kv.block_ids("r")[:2]
+
+
+def hashes_of(kv, n: int, base: int) -> list[bytes]:
+    r = req("probe", n, base=base)
+    kv.update_block_hashes(r)
+    return r.block_hashes
+
+
+def test_on_reuse_a_computed_block_is_recorded_when_first_hit_and_only_once():
+    """write_through_selective: nothing at compute time; the hit blocks when a later request
+    reuses them (once, however often they are hit); loaded blocks never; an evicted block
+    forgets it was shared."""
+    source = FakeSource(set())
+    s, kv = make(source, num_blocks=6)
+    kv.record_on_reuse = True
+    s.add_request(req("a", 9, max_tokens=1, base=100))
+    step(s)
+    assert kv.take_new_blocks() == []  # computed, not reused yet
+    h = hashes_of(kv, 9, 100)
+    assert [kv.pool.get_cached_block(x).shared for x in h] == [False, False]
+    s.add_request(req("b", 13, max_tokens=1, base=100))  # reuses a's 2 full blocks
+    step(s)
+    assert kv.take_new_blocks() == [(0, h[0]), (1, h[1])]
+    s.add_request(req("c", 9, max_tokens=1, base=100))  # the same 2 blocks again
+    step(s)
+    assert kv.take_new_blocks() == []
+    # blocks loaded from the tier are in it: reusing them records nothing
+    d = req("d", 17, base=700)
+    s.kv.update_block_hashes(d)
+    source.hashes = set(d.block_hashes)
+    s.add_request(d)
+    out = step(s)
+    assert len(out.external_loads) == 1
+    s.add_request(req("e", 17, max_tokens=1, base=700))
+    out = step(s)
+    assert ("e", 1) in scheduled(out)  # 4 blocks hit locally, the last token computed
+    assert kv.take_new_blocks() == []
+    s.finish_requests(["d"], s.requests["d"].status)
+    kv.pool.allocate(kv.pool.num_free_blocks)  # evicts every cached block
+    assert all(blk.block_hash is None and not blk.shared for blk in kv.pool.blocks)

@@ -20,6 +20,7 @@ from serve_app.kvstore.redis_tier import _redact
         {"publish_queue_size": 0},
         {"ttl_s": 0},
         {"embedded_maxmemory_mb": 0},
+        {"write_policy": "write_back"},
     ],
 )
 def test_kv_store_config_refuses_nonsense(kwargs):
@@ -35,9 +36,19 @@ def test_shared_cache_needs_local_prefix_caching():
 def test_app_config_maps_prefix_cache_and_reads_url_from_env(monkeypatch):
     monkeypatch.delenv("MOESERVE_REDIS_URL", raising=False)
     cfg = AppConfig.model_validate(
-        {"model": "m", "prefix_cache": {"int8": True, "lookup_timeout_ms": 5, "ttl_s": 60}}
+        {
+            "model": "m",
+            "prefix_cache": {
+                "int8": True,
+                "lookup_timeout_ms": 5,
+                "ttl_s": 60,
+                "write_policy": "write_through_selective",
+            },
+        }
     ).engine_config()
-    assert cfg.kv_store == KVStoreConfig(url=None, int8=True, lookup_timeout_ms=5, ttl_s=60)
+    assert cfg.kv_store == KVStoreConfig(
+        url=None, int8=True, lookup_timeout_ms=5, ttl_s=60, write_policy="write_through_selective"
+    )
 
     monkeypatch.setenv("MOESERVE_REDIS_URL", "rediss://:s3cret@cache:6380/1")
     assert AppConfig(model="m").engine_config().kv_store.url == "rediss://:s3cret@cache:6380/1"

@@ -148,6 +148,31 @@ def test_replica_b_loads_the_prefix_a_computed_and_matches_greedy(pair, ref):
     assert got.choices[0].token_ids == run(ref, query).choices[0].token_ids
 
 
+def test_selective_writes_publish_a_prefix_when_its_replica_reuses_it(
+    qwen3_tiny, redis_server, ref
+):
+    """write_through_selective: a prompt seen once costs Redis nothing; its second request on
+    the same replica (a local hit) publishes the reused blocks, which another replica loads."""
+    a = make_engine(qwen3_tiny, redis_server.url, write_policy="write_through_selective")
+    b = make_engine(qwen3_tiny, redis_server.url)
+    try:
+        p = prompt(905)
+        run(a, p)
+        assert a.engine.shared_kv.tier.flush(20)
+        assert a.engine.stats().kv_store.blocks_published == 0
+        assert run(a, p + [4, 5]).num_cached_tokens == PREFIX  # reused locally
+        assert a.engine.shared_kv.tier.flush(20)
+        assert a.engine.stats().kv_store.blocks_published == PREFIX // BS
+        query = p + [7, 8, 9, 10, 11]
+        got = run(b, query)
+        assert got.num_cached_tokens == PREFIX
+        assert b.engine.stats().prefix_remote_hit_tokens == PREFIX
+        assert got.choices[0].token_ids == run(ref, query).choices[0].token_ids
+    finally:
+        a.engine.close()
+        b.engine.close()
+
+
 def test_a_hit_refreshes_the_entry_ttl(qwen3_tiny, redis_server, ref):
     a = make_engine(qwen3_tiny, redis_server.url, key_prefix="ttl", ttl_s=30)
     b = make_engine(qwen3_tiny, redis_server.url, key_prefix="ttl", ttl_s=30)

@@ -23,6 +23,7 @@ BAD = [
     ({"prefix_cache": {"redis_url": "http://x"}}, "prefix_cache.redis_url must start with redis"),
     ({"prefix_cache": {"key_prefix": "a b"}}, "prefix_cache.key_prefix must be non-empty"),
     ({"prefix_cache": {"ttl_s": 0}}, "prefix_cache.ttl_s must be >= 1"),
+    ({"prefix_cache": {"write_policy": "write_back"}}, "write_through_selective"),
 ]
 
 

@@ -68,3 +68,18 @@ def test_unknown_fields_flag_reaches_the_app_config(flag, expected) -> None:
 
     args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
     assert app_config(args, num_cpus=2).api.unknown_fields == expected
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ([], "write_through"),
+        (["--prefix-write-policy", "write_through_selective"], "write_through_selective"),
+    ],
+)
+def test_prefix_write_policy_flag_reaches_the_engines_store_config(flag, expected) -> None:
+    from serve_app.cli.main import build_parser
+    from serve_app.tools.ray_server import app_config
+
+    args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
+    assert app_config(args, num_cpus=2).engine_config().kv_store.write_policy == expected
