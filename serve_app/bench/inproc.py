@@ -21,13 +21,17 @@ from serve_app.bench.load import PassResult, RequestRecord
 
 
 def build_engine(
-    model: str, bench: BenchConfig, shared_cache_dir: str | None, num_threads: int | None = None
+    model: str,
+    bench: BenchConfig,
+    shared_cache_dir: str | None,
+    num_threads: int | None = None,
+    write_policy: str | None = None,
 ):
     """The engine `moeserve serve --ray` runs in its router replica (the app config's engine
     settings with the bench's scheduler limits), every CPU. shared_cache_dir: the shared prefix
     cache's tier is on, as it is on the Ray app, with its own embedded redis-server whose state
     lives there (so no other engine's blocks are found); None: no shared tier, like the
-    one-process `moeserve serve`."""
+    one-process `moeserve serve`. write_policy: the tier's (None: the app config's default)."""
     import dataclasses
 
     from serve_app.config import AppConfig
@@ -46,6 +50,8 @@ def build_engine(
     store = config.kv_store
     if store is not None and shared_cache_dir is not None:
         store = dataclasses.replace(store, url=None, embedded_dir=shared_cache_dir)
+        if write_policy is not None:
+            store = dataclasses.replace(store, write_policy=write_policy)
     else:
         store = None
     return build_async_engine(dataclasses.replace(config, num_threads=num_threads, kv_store=store))

@@ -49,6 +49,7 @@ class RoutingBenchConfig:
     output_len: int = 8
     router_cpus: float = 1.0
     router_threads: int = 1
+    write_policy: str | None = None  # the shared tier's; None: the app config's default
     ready_timeout_s: float = 600.0
     counters_timeout_s: float = 120.0
 
@@ -72,7 +73,10 @@ def app_args(cfg: RoutingBenchConfig, mode: str, run_id: str) -> dict:
             "routing": mode,
         },
         # A cold shared tier per mode: the modes must not share each other's blocks.
-        "prefix_cache": {"key_prefix": f"moeserve:bench-routing:{run_id}:{mode}"},
+        "prefix_cache": {
+            "key_prefix": f"moeserve:bench-routing:{run_id}:{mode}",
+            **({"write_policy": cfg.write_policy} if cfg.write_policy else {}),
+        },
     }
 
 
@@ -165,6 +169,7 @@ def run_routing_bench(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         output_len=args.output_len,
         router_cpus=args.router_cpus,
+        write_policy=args.prefix_write_policy,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ class ServeBenchConfig:
     ready_timeout_s: float = 300.0
     stop_grace_s: float = 60.0
     serve_args: tuple[str, ...] = ()  # appended to each launched `moeserve serve`
+    prefix_write_policy: str | None = None  # inproc's and (in serve_args) the launched ones'
 
     def __post_init__(self) -> None:
         if not self.concurrencies or any(c < 1 for c in self.concurrencies):
@@ -287,7 +288,7 @@ def run_inproc(
     run = TargetRun(spec.label, f"launch {spec.launch}", model=Path(model).name)
     print(f"starting {spec.label}: the engine in this process", flush=True)
     cache_dir = tempfile.mkdtemp(prefix="moeserve-bench-redis-") if spec.launch == INPROC else None
-    engine = build_engine(model, BenchConfig(), cache_dir)
+    engine = build_engine(model, BenchConfig(), cache_dir, write_policy=cfg.prefix_write_policy)
     try:
 
         def send(ps: Sequence[str], max_tokens: int, c: int) -> PassResult:
@@ -301,6 +302,23 @@ def run_inproc(
     return run
 
 
+def bench_config(args: argparse.Namespace) -> ServeBenchConfig:
+    """The flags of `moeserve bench serve` (ValueError on a bad one). A write policy goes to the
+    in-process engine and, as a flag, to every launched `moeserve serve`."""
+    policy = args.prefix_write_policy
+    return ServeBenchConfig(
+        concurrencies=parse_concurrency(args.concurrency),
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        warmup_requests=args.warmup,
+        seed=args.seed,
+        serve_args=tuple(shlex.split(args.serve_args or ""))
+        + (("--prefix-write-policy", policy) if policy else ()),
+        prefix_write_policy=policy,
+    )
+
+
 def run_serve_bench(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -309,15 +327,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     from serve_app.bench.serve_report import format_table, report_json, write_plot
 
     try:
-        cfg = ServeBenchConfig(
-            concurrencies=parse_concurrency(args.concurrency),
-            num_prompts=args.num_prompts,
-            input_len=args.input_len,
-            output_len=args.output_len,
-            warmup_requests=args.warmup,
-            seed=args.seed,
-            serve_args=tuple(shlex.split(args.serve_args or "")),
-        )
+        cfg = bench_config(args)
         specs = parse_targets(args.targets)
     except ValueError as e:
         print(f"moeserve bench serve: {e}", file=sys.stderr)

@@ -79,5 +79,10 @@ def test_each_mode_gets_its_routing_and_a_cold_redis_namespace():
     assert (a["router"]["routing"], b["router"]["routing"]) == ("pow2", "prefix_affinity")
     assert a["prefix_cache"]["key_prefix"] != b["prefix_cache"]["key_prefix"]
     assert a["version"] != b["version"] and b["router"]["num_replicas"] == 2
+    assert "write_policy" not in a["prefix_cache"]  # the app config's default
+    selective = RoutingBenchConfig("m", RoutingWorkload(), write_policy="write_through_selective")
+    assert app_args(selective, "pow2", "x")["prefix_cache"]["write_policy"] == (
+        "write_through_selective"
+    )
     with pytest.raises(ValueError, match="modes"):
         RoutingBenchConfig("m", RoutingWorkload(), modes=("random",))

@@ -33,6 +33,7 @@ from serve_app.bench.load import (
 from serve_app.bench.serve_bench import (
     ServeBenchConfig,
     TargetSpec,
+    bench_config,
     client_api_key,
     fit_prompt,
     parse_concurrency,
@@ -231,6 +232,23 @@ def test_concurrency_levels() -> None:
     for bad in ((), (0,), (4, 4)):
         with pytest.raises(ValueError):
             ServeBenchConfig(concurrencies=bad)
+
+
+def test_a_write_policy_reaches_the_inproc_engine_and_every_launched_server() -> None:
+    from serve_app.cli.main import build_parser
+
+    def parse(*flags):
+        return bench_config(build_parser().parse_args(["bench", "serve", "--model", "m", *flags]))
+
+    assert parse().prefix_write_policy is None and parse().serve_args == ()
+    cfg = parse("--serve-args", "--routers 2", "--prefix-write-policy", "write_through_selective")
+    assert cfg.prefix_write_policy == "write_through_selective"
+    assert cfg.serve_args == (
+        "--routers",
+        "2",
+        "--prefix-write-policy",
+        "write_through_selective",
+    )
 
 
 def test_fit_prompt_cuts_and_pads_to_exact_length() -> None:
