@@ -173,6 +173,32 @@ def test_selective_writes_publish_a_prefix_when_its_replica_reuses_it(
         b.engine.close()
 
 
+
+@pytest.mark.parametrize(
+    "policy, published", [("write_through", [2, 2]), ("write_through_selective", [0, 4])]
+)
+def test_a_follow_up_turn_on_the_same_replica_publishes_the_answer_only_when_selective(
+    qwen3_tiny, redis_server, policy, published
+):
+    """Turn 1: 2 prompt blocks, 40 generated tokens (2 more full blocks). Turn 2 repeats all of
+    it: a local hit of 4 blocks. write_through published the prompt's 2 at turn 1 and nothing
+    at the hit; selective nothing at turn 1 and the 4 reused ones (2 of generated tokens)."""
+    llm = make_engine(qwen3_tiny, redis_server.url, write_policy=policy)
+    tier = llm.engine.shared_kv.tier
+    try:
+        first = prompt(906 if policy == "write_through" else 907, 2 * BS)
+        out = run(llm, first, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        assert tier.flush(20)
+        counts = [llm.engine.stats().kv_store.blocks_published]
+        follow_up = first + out.choices[0].token_ids + [5, 6, 7]
+        assert run(llm, follow_up).num_cached_tokens == 4 * BS
+        assert tier.flush(20)
+        counts.append(llm.engine.stats().kv_store.blocks_published)
+        assert counts == published
+    finally:
+        llm.engine.close()
+
+
 def test_a_hit_refreshes_the_entry_ttl(qwen3_tiny, redis_server, ref):
     a = make_engine(qwen3_tiny, redis_server.url, key_prefix="ttl", ttl_s=30)
     b = make_engine(qwen3_tiny, redis_server.url, key_prefix="ttl", ttl_s=30)
