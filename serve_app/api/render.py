@@ -20,6 +20,9 @@ class Renderer:
         self.id, self.model, self.tokenizer, self.n = request_id, model, tokenizer, n
         self.created = int(time.time())
         self.prompt_tokens: dict[int, int] = {}
+        # per prompt: its tokens taken from the prefix cache (local or Redis), as its first
+        # output says (with n > 1, the first choice's: the prompt is counted once)
+        self.cached_tokens: dict[int, int] = {}
         self.completion_tokens = 0
         self.texts: dict[int, str] = {}
         self.finish: dict[int, tuple[str | None, Any]] = {}
@@ -30,6 +33,7 @@ class Renderer:
 
     def _track(self, i: int, out: RequestOutput) -> list[tuple[int, CompletionOutput]]:
         self.prompt_tokens[i] = len(out.prompt_token_ids)
+        self.cached_tokens.setdefault(i, out.num_cached_tokens)
         items = []
         for c in out.outputs:
             idx = i * self.n + c.index
@@ -43,6 +47,7 @@ class Renderer:
             "prompt_tokens": prompt,
             "completion_tokens": self.completion_tokens,
             "total_tokens": prompt + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
         }
 
     def usage_chunk(self) -> dict:

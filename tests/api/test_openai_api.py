@@ -62,6 +62,32 @@ def test_streaming_completion_matches_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_the_prompt_tokens_taken_from_the_prefix_cache(client, stream):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 for a prompt never seen, then its
+    full blocks (16 tokens each; never the last token, whose logits are needed)."""
+    prompt = f"{'stream' if stream else 'plain'} " + " ".join(f"w{i}" for i in range(40))
+    kw = dict(model="tiny", prompt=prompt, max_tokens=3, temperature=0)
+    if stream:
+        kw |= dict(stream=True, stream_options={"include_usage": True})
+
+    def usage():
+        r = client.completions.create(**kw)
+        return list(r)[-1].usage if stream else r.usage
+
+    first, second = usage(), usage()
+    assert first.prompt_tokens == second.prompt_tokens > 32
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert second.prompt_tokens_details.cached_tokens == (second.prompt_tokens - 1) // 16 * 16
+    msgs = [{"role": "user", "content": prompt}]
+    chat = [client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).usage]
+    chat.append(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).usage)
+    assert [u.prompt_tokens_details.cached_tokens for u in chat] == [
+        0,
+        (chat[1].prompt_tokens - 1) // 16 * 16,
+    ]
+
+
 def test_chat_streaming_and_max_completion_tokens(client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=4)

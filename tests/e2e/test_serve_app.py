@@ -69,7 +69,12 @@ def test_chat_completion_with_and_without_streaming(serve_app):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.total_tokens == full.usage.total_tokens
+    assert last.usage.completion_tokens == full.usage.completion_tokens
+    # the same prompt again: its full blocks come from the router's prefix cache
+    cached = last.usage.prompt_tokens_details.cached_tokens
+    assert cached == (full.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_32_concurrent_streams_report_exact_usage(serve_app):

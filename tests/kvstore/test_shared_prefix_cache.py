@@ -173,7 +173,6 @@ def test_selective_writes_publish_a_prefix_when_its_replica_reuses_it(
         b.engine.close()
 
 
-
 @pytest.mark.parametrize(
     "policy, published", [("write_through", [2, 2]), ("write_through_selective", [0, 4])]
 )
