@@ -59,7 +59,24 @@ def create_app(
     keys = api_keys_from_env() if api_keys is None else api_keys
     app.include_router(build_api_routes(client, keys, stream_interval, unknown_fields))
     install_metrics(app, version=client.version)  # GET /metrics; times the routes above
+    if unknown_fields == "reject":
+        _close_request_schemas(app)
     return app
+
+
+def _close_request_schemas(app: FastAPI) -> None:
+    """/openapi.json as a rejecting server answers: the request bodies admit no field beyond
+    their declared ones (the models allow extras only to name them in the 400)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = build()["components"]["schemas"]
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                schemas[name]["additionalProperties"] = False
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_api_routes(

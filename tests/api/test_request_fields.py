@@ -144,3 +144,12 @@ def test_chat_template_kwargs_may_not_set_the_templates_own_arguments(servers, k
     r = post(servers[0], "chat/completions", {"messages": MSGS, "chat_template_kwargs": {key: 1}})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_the_openapi_schema_says_what_each_mode_accepts(servers):
+    """A client generated from /openapi.json must not send what a rejecting server refuses."""
+    strict, lax, _ = servers
+    for url, additional in ((strict, False), (lax, True)):
+        schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            assert schemas[name]["additionalProperties"] is additional, (url, name)
