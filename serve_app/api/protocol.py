@@ -56,7 +56,16 @@ _TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 
 
 class StreamOptions(BaseModel):
+    # "allow" to name an unknown key in the 400, as at the top level (stream_options.<key>)
+    model_config = ConfigDict(extra="allow")
+
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (with include_usage)
+    continuous_usage_stats: bool = False
+    # OpenAI's: each chunk carries a random-length `obfuscation` string, so that payload sizes
+    # do not reveal token lengths to an observer of encrypted traffic. Off unless asked (OpenAI
+    # turns it on by default; vLLM does not have it).
+    include_obfuscation: bool = False
 
 
 class _SamplingFields(BaseModel):
@@ -99,13 +108,20 @@ class _SamplingFields(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         """The body's fields that this server neither implements nor ignores on purpose."""
-        return [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
+        names = [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
+        if self.stream_options is not None:
+            names += [f"stream_options.{k}" for k in self.stream_options.model_extra or {}]
+        return names
 
     def _check_supported(self) -> None:
         extra = self.model_extra or {}
         for name, why in _UNSUPPORTED.items():
             if extra.get(name) is not None:
                 raise InvalidRequestError(why, name)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(  # as OpenAI and vLLM answer
+                "stream_options is only allowed when stream is true", "stream_options"
+            )
 
     def _grammar(self) -> GrammarSpec | None:
         guided = {k: getattr(self, f"guided_{k}") for k in STRUCTURED_KEYS}
@@ -160,8 +176,8 @@ class _SamplingFields(BaseModel):
         )
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def stream_opts(self) -> StreamOptions:
+        return self.stream_options or StreamOptions()
 
 
 class CompletionRequest(_SamplingFields):

@@ -23,6 +23,7 @@ from serve_app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    StreamOptions,
     TokenizeRequest,
     UnknownFields,
 )
@@ -72,7 +73,7 @@ def _close_request_schemas(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            for name in ("CompletionRequest", "ChatCompletionRequest"):
+            for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions"):
                 schemas[name]["additionalProperties"] = False
         return app.openapi_schema
 
@@ -139,7 +140,7 @@ def build_api_routes(
         streams = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(rid, client.model_name, client.tokenizer, params.n, body.echo)
         return await _respond(
-            request, body.stream, body.include_usage, streams, kind, hint, stream_interval
+            request, body.stream, body.stream_opts, streams, kind, hint, stream_interval
         )
 
     @v1.post("/chat/completions")
@@ -154,7 +155,7 @@ def build_api_routes(
             rid, client.model_name, client.tokenizer, params.n, body.parses_tool_calls
         )
         return await _respond(
-            request, body.stream, body.include_usage, [stream], kind, hint, stream_interval
+            request, body.stream, body.stream_opts, [stream], kind, hint, stream_interval
         )
 
     @router.post("/tokenize", dependencies=[Depends(authorize)])
@@ -224,7 +225,7 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
 async def _respond(
     request: Request,
     stream: bool,
-    include_usage: bool,
+    stream_opts: StreamOptions,
     streams: list[AsyncIterator[RequestOutput]],
     kind: render.Renderer,
     hint: RouteHint,
@@ -240,7 +241,7 @@ async def _respond(
         set_request_version(request, hint.served)
     if stream:
         return EndingStreamingResponse(
-            _sse_events(merged, kind, include_usage),
+            _sse_events(merged, kind, stream_opts),
             raw,
             media_type="text/event-stream",
             headers=headers,
@@ -288,16 +289,30 @@ async def _wait_disconnect(request: Request) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _sse_events(merged, kind: render.Renderer, include_usage: bool):
+async def _sse_events(merged, kind: render.Renderer, opts: StreamOptions):
+    continuous = opts.include_usage and opts.continuous_usage_stats  # as vLLM reads it
     try:
         async for i, out in merged:
             for chunk in kind.chunks(i, out):
+                if continuous:
+                    chunk["usage"] = kind.usage()
+                if opts.include_obfuscation:
+                    chunk["obfuscation"] = _obfuscation()
                 yield sse(chunk)
-        if include_usage:
-            yield sse(kind.usage_chunk())
+        if opts.include_usage:
+            chunk = kind.usage_chunk()
+            if opts.include_obfuscation:
+                chunk["obfuscation"] = _obfuscation()
+            yield sse(chunk)
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
         resp = error_response(e)
         yield sse(resp.body.decode())
     finally:
         await merged.aclose()
     yield sse("[DONE]")
+
+
+def _obfuscation() -> str:
+    """OpenAI's stream obfuscation: 2 to 64 random characters, so that chunk sizes do not
+    give away the lengths of the tokens they carry."""
+    return secrets.token_hex(1 + secrets.randbelow(32))

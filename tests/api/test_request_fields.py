@@ -17,6 +17,7 @@ from serve_app.runtime.factory import build_async_engine
 from serve_app.tools.local_client import LocalEngineClient
 from serve_app.tools.tokenizer import CHAT_TEMPLATE
 from tests.api.inproc import serving, wait_idle
+from tests.streaming_checks import read_sse
 
 # the project's template, plus a variable that only chat_template_kwargs can set
 TEMPLATE = "{%- if motto is defined %}{{- motto + '\n' }}{%- endif %}" + CHAT_TEMPLATE
@@ -151,5 +152,79 @@ def test_the_openapi_schema_says_what_each_mode_accepts(servers):
     strict, lax, _ = servers
     for url, additional in ((strict, False), (lax, True)):
         schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
-        for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions"):
             assert schemas[name]["additionalProperties"] is additional, (url, name)
+
+
+def test_an_unknown_stream_option_is_a_400_naming_it(servers):
+    strict, lax, engine = servers
+    body = {"prompt": "hi", "max_tokens": 2, "stream": True}
+    r = post(strict, "completions", {**body, "stream_options": {"include_usage": 1, "bogus": 1}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "stream_options.bogus"
+    payloads = read_sse(f"{lax}/v1/completions", {**body, "stream_options": {"bogus": 1}})
+    assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"])
+    wait_idle(engine)
+
+
+@pytest.mark.parametrize(
+    "path, body", [("completions", {"prompt": "hi"}), ("chat/completions", {"messages": MSGS})]
+)
+def test_stream_options_without_stream_is_a_400(servers, path, body):
+    strict, lax, _ = servers
+    for url in (strict, lax):  # an option known and not applicable: refused in both modes
+        r = post(url, path, {**body, "max_tokens": 2, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "stream_options"
+
+
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(servers):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage)."""
+    strict, _, engine = servers
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    payloads = read_sse(f"{strict}/v1/completions", body)
+    content, last = payloads[:-1], payloads[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    done = [p["usage"]["completion_tokens"] for p in content]
+    assert done == sorted(done) and done[-1] == 6 and done[0] >= 1
+    prompt = {p["usage"]["prompt_tokens"] for p in payloads}
+    assert prompt == {last["usage"]["prompt_tokens"]}
+    plain = {**body, "stream_options": {"include_usage": True}}
+    assert all(
+        "usage" not in p or not p["choices"] for p in read_sse(f"{strict}/v1/completions", plain)
+    )
+    wait_idle(engine)
+
+
+def test_include_obfuscation_pads_every_chunk_and_changes_nothing_else(servers):
+    """OpenAI's stream_options.include_obfuscation: a random-length `obfuscation` string on
+    every chunk; off unless asked."""
+    strict, _, engine = servers
+    body = {
+        "messages": MSGS,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    plain = read_sse(f"{strict}/v1/chat/completions", body)
+    body["stream_options"]["include_obfuscation"] = True
+    padded = read_sse(f"{strict}/v1/chat/completions", body)
+    assert all("obfuscation" not in p for p in plain)
+    pads = [p.pop("obfuscation") for p in padded]
+    assert (
+        all(isinstance(x, str) and 2 <= len(x) <= 64 for x in pads) and len(set(map(len, pads))) > 1
+    )
+
+    def text(ps):
+        return "".join(p["choices"][0]["delta"].get("content") or "" for p in ps if p["choices"])
+
+    assert text(padded) == text(plain) and padded[-1]["usage"]["completion_tokens"] == 8
+    wait_idle(engine)
