@@ -225,9 +225,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--prefix-write-policy",
         choices=WRITE_POLICIES,
-        default="write_through",
-        help="when a KV block goes to the shared prefix cache: once computed, or once this "
-        "replica reuses it (prefix_cache.write_policy; README)",
+        default=None,
+        help="when a KV block goes to the shared prefix cache: once computed (write_through, "
+        "the default) or once this replica reuses it (prefix_cache.write_policy; README)",
     )
     ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     ray.add_argument("--dashboard-port", type=int, default=8265)

@@ -121,10 +121,9 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "stream_interval": getattr(args, "stream_interval", 1),
         },
         "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
-        "prefix_cache": {
-            "write_policy": getattr(args, "prefix_write_policy", None) or "write_through"
-        },
     }
+    if policy := getattr(args, "prefix_write_policy", None):
+        config["prefix_cache"] = {"write_policy": policy}
     return AppConfig.model_validate(config)
 
 
