@@ -110,13 +110,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default="",
         help="extra flags for every launched `moeserve serve`, e.g. '--stream-transport serve'",
     )
-    s.add_argument(
-        "--prefix-write-policy",
-        choices=WRITE_POLICIES,
-        default=None,
-        help="the shared prefix cache's write policy for inproc and every launched moeserve "
-        "(default: the app config's)",
-    )
+    _add_write_policy(s, "for inproc and every launched moeserve")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="bench_results")
 
@@ -132,12 +126,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--concurrency", type=int, default=4)
     r.add_argument("--output-len", type=int, default=8)
     r.add_argument("--router-cpus", type=float, default=1.0, help="CPUs per router replica")
-    r.add_argument(
-        "--prefix-write-policy",
-        choices=WRITE_POLICIES,
-        default=None,
-        help="the shared prefix cache's write policy (default: the app config's)",
-    )
+    _add_write_policy(r, "for every router replica")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="bench_results")
     r.set_defaults(func=_lazy("serve_app.bench.routing_bench:run_routing_bench"))
@@ -222,15 +211,20 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Redis for the shared prefix cache (default: $MOESERVE_REDIS_URL, else embedded)",
     )
-    ray.add_argument(
+    _add_write_policy(ray, "for this app")
+    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
+    ray.add_argument("--dashboard-port", type=int, default=8265)
+
+
+def _add_write_policy(p: argparse.ArgumentParser | argparse._ArgumentGroup, scope: str) -> None:
+    p.add_argument(
         "--prefix-write-policy",
         choices=WRITE_POLICIES,
         default=None,
-        help="when a KV block goes to the shared prefix cache: once computed (write_through, "
-        "the default) or once this replica reuses it (prefix_cache.write_policy; README)",
+        help=f"the shared prefix cache's write policy {scope}: write_through sends a KV block "
+        "to Redis once computed, write_through_selective once this replica reuses it "
+        "(default: the app config's prefix_cache.write_policy; README)",
     )
-    ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
-    ray.add_argument("--dashboard-port", type=int, default=8265)
 
 
 def _add_rollout(sub: argparse._SubParsersAction) -> None:
