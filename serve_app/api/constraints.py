@@ -9,20 +9,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api.checked import CheckedModel
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.request import GrammarSpec
 
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar")  # the kinds of guided_<kind>
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(CheckedModel):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(CheckedModel):
     """OpenAI's response_format: text, json_object or json_schema (enforced by a grammar)."""
 
     type: str

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api.checked import CheckedModel, nested_unknown_keys
 from serve_app.api.constraints import (
     STRUCTURED_KEYS,
     ResponseFormat,
@@ -55,10 +56,7 @@ _TEMPLATE_ARGS = frozenset(
 _TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-class StreamOptions(BaseModel):
-    # "allow" to name an unknown key in the 400, as at the top level (stream_options.<key>)
-    model_config = ConfigDict(extra="allow")
-
+class StreamOptions(CheckedModel):
     include_usage: bool = False
     # vLLM's: every chunk carries the usage so far (with include_usage)
     continuous_usage_stats: bool = False
@@ -107,10 +105,11 @@ class _SamplingFields(BaseModel):
     safety_identifier: str | None = None
 
     def unknown_fields(self) -> list[str]:
-        """The body's fields that this server neither implements nor ignores on purpose."""
+        """The body's fields that this server neither implements nor ignores on purpose, and
+        the unknown keys inside its objects (`messages[0].foo`, `stream_options.bar`)."""
         names = [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
-        if self.stream_options is not None:
-            names += [f"stream_options.{k}" for k in self.stream_options.model_extra or {}]
+        for name in type(self).model_fields:
+            names += nested_unknown_keys(getattr(self, name), name)
         return names
 
     def _check_supported(self) -> None:
@@ -215,72 +214,102 @@ class CompletionRequest(_SamplingFields):
         return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs=prompt_lp)
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(CheckedModel):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ToolCall(CheckedModel):
+    # index: a streamed delta's (merged deltas dumped back into a message carry it); no meaning
+    # in a request
+    index: int | None = None
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class FunctionDef(CheckedModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(CheckedModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedToolChoice(BaseModel):
-    class _Name(BaseModel):
-        name: str
+class ToolName(CheckedModel):
+    name: str
 
+
+class NamedToolChoice(CheckedModel):
     type: Literal["function"] = "function"
-    function: _Name
+    function: ToolName
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+_TEXT_PART_KEYS = frozenset({"type", "text"})
+# Keys of a message that OpenAI and vLLM put in their responses (so a client that sends an
+# answer back as history has them) and that this server cannot honour when set.
+_UNSUPPORTED_IN_MESSAGE = {
+    "audio": "audio in messages is not supported",
+    "function_call": "function_call is deprecated and not supported; use tool_calls",
+}
 
+
+class ChatMessage(CheckedModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # An assistant's refusal (OpenAI's responses carry it, usually null): the message's text
+    # when it has no content.
+    refusal: str | None = None
+    # vLLM's / DeepSeek's reasoning of an earlier answer: passed to the chat template as given
+    # (Qwen3's uses reasoning_content; the project's ChatML template ignores both).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    # Accepted and ignored on purpose: response metadata (url citations) with no place in a
+    # prompt. See the docs.
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None  # a 400 unless null (_UNSUPPORTED_IN_MESSAGE)
+    function_call: dict[str, Any] | None = None  # the same
 
-    def template_dict(self) -> dict[str, Any]:
+    def unknown_keys(self, path: str) -> list[str]:
+        names = super().unknown_keys(path)
+        if isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if part.get("type") == "text":
+                    names += [f"{path}.content[{i}].{k}" for k in part if k not in _TEXT_PART_KEYS]
+        return names
+
+    def template_dict(self, path: str = "messages") -> dict[str, Any]:
         """The message as chat templates expect it (Qwen's: tool_calls[].function)."""
-        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key, why in _UNSUPPORTED_IN_MESSAGE.items():
+            if getattr(self, key) is not None:
+                raise InvalidRequestError(why, f"{path}.{key}")
+        msg: dict[str, Any] = {"role": self.role, "content": self.text(path)}
         if self.tool_calls:
             msg["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": c.function.model_dump()}
+                {"id": c.id, "type": "function", "function": c.function.declared_dump()}
                 for c in self.tool_calls
             ]
-        if self.tool_call_id is not None:
-            msg["tool_call_id"] = self.tool_call_id
-        if self.name is not None:
-            msg["name"] = self.name
+        for key in ("tool_call_id", "name", "reasoning_content", "reasoning"):
+            if (value := getattr(self, key)) is not None:
+                msg[key] = value
         return msg
 
-    def text(self) -> str:
+    def text(self, path: str = "messages") -> str:
         if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+            return self.content or self.refusal or ""
         parts = []
-        for part in self.content:
+        for i, part in enumerate(self.content):
             if part.get("type") != "text":
                 raise InvalidRequestError(
-                    f"content part type {part.get('type')!r} is not supported", "messages"
+                    f"content part type {part.get('type')!r} is not supported",
+                    f"{path}.content[{i}]",
                 )
             parts.append(str(part.get("text", "")))
         return "".join(parts)
@@ -358,16 +387,18 @@ class ChatCompletionRequest(_SamplingFields):
         return kwargs
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        return [m.template_dict() for m in self.messages]
+        return [m.template_dict(f"messages[{i}]") for i, m in enumerate(self.messages)]
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """Tools as chat templates take them; none when tool_choice is none (as vLLM)."""
         if not self.tools or self.effective_tool_choice == "none":
             return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        return [t.declared_dump(exclude_none=True) for t in self.tools]
 
 
 class TokenizeRequest(BaseModel):
+    # vLLM's endpoint: its own unknown fields are ignored, as vLLM does; keys inside its
+    # messages and tools are checked as in a chat request
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -376,6 +407,11 @@ class TokenizeRequest(BaseModel):
     tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+
+    def unknown_fields(self) -> list[str]:
+        return nested_unknown_keys(self.messages, "messages") + nested_unknown_keys(
+            self.tools, "tools"
+        )
 
 
 class DetokenizeRequest(BaseModel):

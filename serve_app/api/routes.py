@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 
 from serve_app.api import render
+from serve_app.api.checked import checked_model_names
 from serve_app.api.client import EngineClient, RouteHint
 from serve_app.api.errors import APIError, error_body, error_response, install_error_handlers
 from serve_app.api.protocol import (
@@ -73,7 +74,8 @@ def _close_request_schemas(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions"):
+            closed = {"CompletionRequest", "ChatCompletionRequest"} | checked_model_names()
+            for name in closed & schemas.keys():
                 schemas[name]["additionalProperties"] = False
         return app.openapi_schema
 
@@ -98,7 +100,7 @@ def build_api_routes(
         if name is not None and name != client.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
 
-    def check_body(body: CompletionRequest | ChatCompletionRequest) -> None:
+    def check_body(body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> None:
         check_model(body.model)
         if unknown_fields == "reject" and (names := body.unknown_fields()):
             s = "s" if len(names) > 1 else ""  # OpenAI's wording
@@ -160,7 +162,7 @@ def build_api_routes(
 
     @router.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
-        check_model(body.model)
+        check_body(body)
         if body.messages is not None:
             chat_body = ChatCompletionRequest(
                 messages=body.messages,
@@ -207,10 +209,12 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
     kwargs = body.template_kwargs()
+    # outside the try: their 400s name their own param, not "the template refused"
+    messages, tools = body.chat_messages(), body.template_tools()
     try:
         text = tok.apply_chat_template(
-            body.chat_messages(),
-            tools=body.template_tools(),
+            messages,
+            tools=tools,
             add_generation_prompt=body.add_generation_prompt,
             tokenize=False,
             **kwargs,

@@ -19,8 +19,15 @@ from serve_app.tools.tokenizer import CHAT_TEMPLATE
 from tests.api.inproc import serving, wait_idle
 from tests.streaming_checks import read_sse
 
-# the project's template, plus a variable that only chat_template_kwargs can set
-TEMPLATE = "{%- if motto is defined %}{{- motto + '\n' }}{%- endif %}" + CHAT_TEMPLATE
+# the project's template, plus a variable that only chat_template_kwargs can set, and a line
+# per message key that the template should (reasoning_content) or should never (bogus) see
+TEMPLATE = (
+    "{%- if motto is defined %}{{- motto + '\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.reasoning_content is defined %}{{- m.reasoning_content + '\n' }}{%- endif %}"
+    "{%- if m.bogus is defined %}{{- 'bogus bogus bogus\n' }}{%- endif %}"
+    "{%- endfor %}" + CHAT_TEMPLATE
+)
 MSGS = [{"role": "user", "content": "Hello there"}]
 
 
@@ -152,8 +159,135 @@ def test_the_openapi_schema_says_what_each_mode_accepts(servers):
     strict, lax, _ = servers
     for url, additional in ((strict, False), (lax, True)):
         schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
-        for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions") + NESTED:
             assert schemas[name]["additionalProperties"] is additional, (url, name)
+
+
+NESTED = ("ChatMessage", "ToolCall", "FunctionCall", "Tool", "FunctionDef", "ResponseFormat")
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": [{**MSGS[0], "bogus": 1}]}, "messages[0].bogus"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1}]}]},
+            "messages[0].content[0].x",
+        ),
+        (
+            {
+                "messages": [
+                    *MSGS,
+                    {"role": "assistant", "tool_calls": [{**CALL, "extra": 1}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                ]
+            },
+            "messages[1].tool_calls[0].extra",
+        ),
+        (
+            {"messages": MSGS, "tools": [{**TOOL, "function": {**TOOL["function"], "y": 1}}]},
+            "tools[0].function.y",
+        ),
+        (
+            {
+                "messages": MSGS,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "z": 1}},
+            },
+            "response_format.json_schema.z",
+        ),
+    ],
+)
+def test_an_unknown_key_inside_an_object_is_a_400_naming_its_path(servers, body, param, stream):
+    strict, lax, engine = servers
+    req = {**body, "max_tokens": 2, "stream": stream}
+    r = post(strict, "chat/completions", req)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["message"] == f"Unrecognized request argument supplied: {param}"
+    if not stream:
+        assert post(lax, "chat/completions", req).status_code == 200
+    wait_idle(engine)
+
+
+def test_tokenize_checks_the_keys_inside_its_messages(servers):
+    strict, lax, _ = servers
+    body = {"messages": [{**MSGS[0], "bogus": 1}]}
+    r = httpx.post(f"{strict}/tokenize", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].bogus", r.text
+    plain = httpx.post(f"{lax}/tokenize", json={"messages": MSGS}, timeout=30).json()
+    assert httpx.post(f"{lax}/tokenize", json=body, timeout=30).json() == plain
+
+
+def test_ignore_mode_drops_unknown_keys_before_the_template(servers):
+    """In ignore mode an unknown message key answers as if absent: it never reaches the chat
+    template (the test template would print a line for `bogus`)."""
+    _, lax, engine = servers
+    base = {"messages": MSGS, "max_tokens": 1}
+    without = post(lax, "chat/completions", base).json()["usage"]["prompt_tokens"]
+    r = post(lax, "chat/completions", {**base, "messages": [{**MSGS[0], "bogus": 1}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == without
+    tools = [{**TOOL, "bogus": 1, "function": {**TOOL["function"], "bogus": 2}}]
+    a = post(lax, "chat/completions", {**base, "tools": [TOOL]}).json()["usage"]
+    b = post(lax, "chat/completions", {**base, "tools": tools}).json()["usage"]
+    assert a["prompt_tokens"] == b["prompt_tokens"]
+    wait_idle(engine)
+
+
+def test_an_answer_sent_back_as_history_is_accepted(servers):
+    """The SDK's own dump of an answer (refusal, annotations, audio, function_call: null) goes
+    back into the next request as it is, as with OpenAI."""
+    strict, _, engine = servers
+    client = openai.OpenAI(base_url=strict + "/v1", api_key="-", max_retries=0)
+    first = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3)
+    answer = first.choices[0].message.model_dump()
+    assert {"refusal", "annotations", "audio", "function_call"} <= answer.keys()
+    history = [*MSGS, answer, {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=3)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    wait_idle(engine)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("audio", {"id": "audio_1"}), ("function_call", {"name": "f", "arguments": ""})]
+)
+def test_a_message_key_that_cannot_be_honoured_is_a_400_in_both_modes(servers, key, value):
+    for url in servers[:2]:
+        msgs = [*MSGS, {"role": "assistant", "content": "ok", key: value}]
+        r = post(url, "chat/completions", {"messages": msgs, "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == f"messages[1].{key}"
+
+
+def test_a_refusal_is_the_text_of_a_message_without_content(servers):
+    strict = servers[0]
+
+    def prompt_tokens(assistant: dict) -> int:
+        body = {"messages": [*MSGS, assistant, *MSGS], "max_tokens": 1}
+        r = post(strict, "chat/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    said = prompt_tokens({"role": "assistant", "content": "I cannot help with that"})
+    refused = prompt_tokens(
+        {"role": "assistant", "content": None, "refusal": "I cannot help with that"}
+    )
+    assert refused == said > prompt_tokens({"role": "assistant", "content": None})
+
+
+def test_reasoning_content_reaches_the_template(servers):
+    """vLLM passes a message's reasoning_content to the chat template (Qwen3's uses it for the
+    turns after the last user message); so does this server."""
+    strict = servers[0]
+    base = {"messages": [*MSGS, {"role": "assistant", "content": "Hi"}], "max_tokens": 1}
+    without = post(strict, "chat/completions", base).json()["usage"]["prompt_tokens"]
+    thought = {"role": "assistant", "content": "Hi", "reasoning_content": "greet them back"}
+    r = post(strict, "chat/completions", {**base, "messages": [*MSGS, thought]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > without
 
 
 def test_an_unknown_stream_option_is_a_400_naming_it(servers):
