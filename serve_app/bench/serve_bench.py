@@ -68,13 +68,14 @@ class ServeBenchConfig:
     stop_grace_s: float = 60.0
     serve_args: tuple[str, ...] = ()  # appended to each launched `moeserve serve`
     prefix_write_policy: str | None = None  # inproc's and (in serve_args) the launched ones'
+    repeat: int = 1  # rounds of every target in turn; >1: each goal summarised over them
 
     def __post_init__(self) -> None:
         if not self.concurrencies or any(c < 1 for c in self.concurrencies):
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrencies}")
         if len(set(self.concurrencies)) != len(self.concurrencies):
             raise ValueError(f"repeated concurrency level in {self.concurrencies}")
-        for name in ("num_prompts", "input_len", "output_len", "warmup_output_len"):
+        for name in ("num_prompts", "input_len", "output_len", "warmup_output_len", "repeat"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_requests < 0:
@@ -316,15 +317,12 @@ def bench_config(args: argparse.Namespace) -> ServeBenchConfig:
         serve_args=tuple(shlex.split(args.serve_args or ""))
         + (("--prefix-write-policy", policy) if policy else ()),
         prefix_write_policy=policy,
+        repeat=args.repeat,
     )
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
-
-    from serve_app.bench.engine_bench import machine_info
-    from serve_app.bench.report import write_json
-    from serve_app.bench.serve_report import format_table, report_json, write_plot
 
     try:
         cfg = bench_config(args)
@@ -345,29 +343,72 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"{len(specs)} targets, concurrency {list(cfg.concurrencies)}, {cfg.num_prompts} prompts "
-        f"of {cfg.input_len} tokens in, {cfg.output_len} out",
+        f"of {cfg.input_len} tokens in, {cfg.output_len} out"
+        + (f", {cfg.repeat} rounds" if cfg.repeat > 1 else ""),
         flush=True,
     )
+    config = asdict(cfg) | {"model": args.model, "targets": [s._asdict() for s in specs]}
+    rounds = []
+    for k in range(cfg.repeat):
+        round_dir = out_dir / f"round-{k + 1}" if cfg.repeat > 1 else out_dir
+        round_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.repeat > 1:
+            print(f"round {k + 1} of {cfg.repeat}", flush=True)
+        runs = []
+        for spec in specs:
+            run = run_target(spec, cfg, args.model, round_dir, prompts, warmup)
+            if run.skipped:
+                print(f"  {spec.label}: skipped: {run.skipped}", flush=True)
+            runs.append(run)
+        _write_round(runs, cfg, config, args.model, round_dir)
+        rounds.append(runs)
+    if cfg.repeat > 1:
+        _write_rounds(rounds, cfg, config, args.model, out_dir)
+    return 0 if any(r.passes for runs in rounds for r in runs) else 1
 
-    runs = []
-    for spec in specs:
-        run = run_target(spec, cfg, args.model, out_dir, prompts, warmup)
-        if run.skipped:
-            print(f"  {spec.label}: skipped: {run.skipped}", flush=True)
-        runs.append(run)
 
-    levels = list(cfg.concurrencies)
+def _machine(runs: list) -> dict:
+    from serve_app.bench.engine_bench import machine_info
+
     ran_vllm = any(r.passes for r in runs if r.source == "launch vllm")
     machine = machine_info(vllm_version() if ran_vllm else None)
     machine["loadavg_end"] = list(os.getloadavg())
-    print()
-    print(format_table(runs, levels))
-    config = asdict(cfg) | {"model": args.model, "targets": [s._asdict() for s in specs]}
-    write_json(out_dir / "serve_bench.json", report_json(runs, levels, config, machine))
-    title = (
-        f"{Path(args.model).name}: {cfg.num_prompts} prompts, {cfg.input_len} tokens in, "
+    return machine
+
+
+def _title(cfg: ServeBenchConfig, model: str, machine: dict) -> str:
+    return (
+        f"{Path(model).name}: {cfg.num_prompts} prompts, {cfg.input_len} tokens in, "
         f"{cfg.output_len} out, on {machine['cpus_usable']} CPUs ({machine['cpu_model']})"
     )
-    write_plot(out_dir / "serve_bench.png", runs, levels, title)
-    print(f"wrote {out_dir / 'serve_bench.json'} and {out_dir / 'serve_bench.png'}")
-    return 0 if any(r.passes for r in runs) else 1
+
+
+def _write_round(runs: list, cfg: ServeBenchConfig, config: dict, model: str, out: Path) -> None:
+    from serve_app.bench.report import write_json
+    from serve_app.bench.serve_report import format_table, report_json, write_plot
+
+    levels = list(cfg.concurrencies)
+    machine = _machine(runs)
+    print()
+    print(format_table(runs, levels))
+    write_json(out / "serve_bench.json", report_json(runs, levels, config, machine))
+    write_plot(out / "serve_bench.png", runs, levels, _title(cfg, model, machine))
+    print(f"wrote {out / 'serve_bench.json'} and {out / 'serve_bench.png'}", flush=True)
+
+
+def _write_rounds(
+    rounds: list[list], cfg: ServeBenchConfig, config: dict, model: str, out: Path
+) -> None:
+    from serve_app.bench.report import write_json
+    from serve_app.bench.serve_rounds import goal_rounds, rounds_json, write_rounds_plot
+
+    machine = _machine([r for runs in rounds for r in runs])
+    goals = goal_rounds(rounds)
+    print(f"\nover {len(rounds)} rounds (each round's table above; round-K/ holds its files):")
+    for g in goals:
+        print(g.line())
+    levels = list(cfg.concurrencies)
+    write_json(out / "serve_bench_rounds.json", rounds_json(rounds, levels, config, machine))
+    title = f"{_title(cfg, model, machine)}, {len(rounds)} rounds"
+    write_rounds_plot(out / "serve_bench_rounds.png", goals, title)
+    print(f"wrote {out / 'serve_bench_rounds.json'} and {out / 'serve_bench_rounds.png'}")

@@ -106,6 +106,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--output-len", type=int, default=64)
     s.add_argument("--warmup", type=int, default=4, help="uncounted requests per target")
     s.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every target in turn; each goal's ratio is then summarised over them "
+        "(median, range, rounds met) in serve_bench_rounds.{json,png}",
+    )
+    s.add_argument(
         "--serve-args",
         default="",
         help="extra flags for every launched `moeserve serve`, e.g. '--stream-transport serve'",
