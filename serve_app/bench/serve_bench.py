@@ -367,7 +367,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0 if any(r.passes for runs in rounds for r in runs) else 1
 
 
-def _machine(runs: list) -> dict:
+def _machine(runs: list[TargetRun]) -> dict:
     from serve_app.bench.engine_bench import machine_info
 
     ran_vllm = any(r.passes for r in runs if r.source == "launch vllm")
@@ -383,7 +383,9 @@ def _title(cfg: ServeBenchConfig, model: str, machine: dict) -> str:
     )
 
 
-def _write_round(runs: list, cfg: ServeBenchConfig, config: dict, model: str, out: Path) -> None:
+def _write_round(
+    runs: list[TargetRun], cfg: ServeBenchConfig, config: dict, model: str, out: Path
+) -> None:
     from serve_app.bench.report import write_json
     from serve_app.bench.serve_report import format_table, report_json, write_plot
 
@@ -397,7 +399,7 @@ def _write_round(runs: list, cfg: ServeBenchConfig, config: dict, model: str, ou
 
 
 def _write_rounds(
-    rounds: list[list], cfg: ServeBenchConfig, config: dict, model: str, out: Path
+    rounds: list[list[TargetRun]], cfg: ServeBenchConfig, config: dict, model: str, out: Path
 ) -> None:
     from serve_app.bench.report import write_json
     from serve_app.bench.serve_rounds import goal_rounds, rounds_json, write_rounds_plot
