@@ -18,10 +18,9 @@ class CheckedModel(BaseModel):
 
     def unknown_keys(self, path: str) -> list[str]:
         """`path.key` for every key this object and the checked objects in it do not declare."""
-        names = [f"{path}.{k}" for k in self.model_extra or {}]
-        for name in type(self).model_fields:
-            names += nested_unknown_keys(getattr(self, name), f"{path}.{name}")
-        return names
+        return [f"{path}.{k}" for k in self.model_extra or {}] + unknown_keys_in_fields(
+            self, f"{path}."
+        )
 
     def declared_dump(self, **kwargs: Any) -> dict[str, Any]:
         """model_dump without the undeclared keys (at any depth)."""
@@ -36,6 +35,12 @@ def checked_model_names() -> set[str]:
         out.add(cls.__name__)
         todo += cls.__subclasses__()
     return out
+
+
+def unknown_keys_in_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """The unknown keys inside the checked objects of `model`'s declared fields."""
+    fields = type(model).model_fields
+    return [n for f in fields for n in nested_unknown_keys(getattr(model, f), prefix + f)]
 
 
 def nested_unknown_keys(value: Any, path: str) -> list[str]:

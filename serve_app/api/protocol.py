@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.api.checked import CheckedModel, nested_unknown_keys
+from serve_app.api.checked import CheckedModel, unknown_keys_in_fields
 from serve_app.api.constraints import (
     STRUCTURED_KEYS,
     ResponseFormat,
@@ -108,9 +108,7 @@ class _SamplingFields(BaseModel):
         """The body's fields that this server neither implements nor ignores on purpose, and
         the unknown keys inside its objects (`messages[0].foo`, `stream_options.bar`)."""
         names = [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
-        for name in type(self).model_fields:
-            names += nested_unknown_keys(getattr(self, name), name)
-        return names
+        return names + unknown_keys_in_fields(self)
 
     def _check_supported(self) -> None:
         extra = self.model_extra or {}
@@ -409,9 +407,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
     def unknown_fields(self) -> list[str]:
-        return nested_unknown_keys(self.messages, "messages") + nested_unknown_keys(
-            self.tools, "tools"
-        )
+        return unknown_keys_in_fields(self)
 
 
 class DetokenizeRequest(BaseModel):

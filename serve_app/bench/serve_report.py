@@ -73,13 +73,25 @@ def ratios(runs: list[TargetRun], concurrencies: list[int]) -> dict[str, dict[in
     }
 
 
+def goal_text(goal: tuple[str, str, int, float]) -> str:
+    system, base, conc, min_ratio = goal
+    return f"goal: {system} >= {min_ratio}x {base} output tok/s at concurrency {conc}"
+
+
+def goal_passes(
+    runs: list[TargetRun], goal: tuple[str, str, int, float]
+) -> tuple[PassSummary | None, PassSummary | None]:
+    """The passes a goal compares: its system's and its baseline's at its concurrency."""
+    system, base, conc, _ = goal
+    by_label = {r.label: r for r in runs}
+    return tuple(by_label[x].at(conc) if x in by_label else None for x in (system, base))
+
+
 def goal_line(runs: list[TargetRun], goal: tuple[str, str, int, float] = GOAL) -> str:
     """Whether `system` reached `min_ratio` x `base` output tok/s at `concurrency` streams."""
     system, base, conc, min_ratio = goal
-    by_label = {r.label: r for r in runs}
-    head = f"goal: {system} >= {min_ratio}x {base} output tok/s at concurrency {conc}:"
-    a = by_label[system].at(conc) if system in by_label else None
-    b = by_label[base].at(conc) if base in by_label else None
+    head = f"{goal_text(goal)}:"
+    a, b = goal_passes(runs, goal)
     r = ratio(a, b)
     if r is None:
         missing = [n for n, s in ((system, a), (base, b)) if s is None]

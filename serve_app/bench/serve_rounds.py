@@ -13,7 +13,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serve_app.bench.serve_report import GOALS, TargetRun, ratio
+from serve_app.bench.serve_report import GOALS, TargetRun, goal_passes, goal_text, ratio
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +37,8 @@ class GoalRounds:
         return sum(r >= self.min_ratio for r in self.measured)
 
     def line(self) -> str:
-        head = (
-            f"goal: {self.system} >= {self.min_ratio}x {self.base} output tok/s at concurrency "
-            f"{self.concurrency}, over {len(self.ratios)} rounds:"
-        )
+        goal = (self.system, self.base, self.concurrency, self.min_ratio)
+        head = f"{goal_text(goal)}, over {len(self.ratios)} rounds:"
         got = self.measured
         if not got:
             return f"{head} NOT MEASURED"
@@ -56,15 +54,10 @@ class GoalRounds:
 
 
 def goal_rounds(rounds: list[list[TargetRun]], goals=GOALS) -> list[GoalRounds]:
-    out = []
-    for system, base, conc, min_ratio in goals:
-        per_round = []
-        for runs in rounds:
-            by_label = {r.label: r for r in runs}
-            a, b = by_label.get(system), by_label.get(base)
-            per_round.append(ratio(a.at(conc) if a else None, b.at(conc) if b else None))
-        out.append(GoalRounds(system, base, conc, min_ratio, tuple(per_round)))
-    return out
+    return [
+        GoalRounds(*goal, tuple(ratio(*goal_passes(runs, goal)) for runs in rounds))
+        for goal in goals
+    ]
 
 
 def tok_s_rounds(rounds: list[list[TargetRun]], levels: list[int]) -> dict[str, dict[str, list]]:
