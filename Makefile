@@ -64,8 +64,8 @@ $(PROMETHEUS):
 	rm -rf $(PROM_DIR) && mv $(PROM_DIR).tmp/root $(PROM_DIR) && rm -rf $(PROM_DIR).tmp
 	test -x $@ && touch $@
 
-# PYTHONFAULTHANDLER: a crash after pytest's own faulthandler is off (at interpreter exit)
-# still prints every thread's stack.
+# PYTHONFAULTHANDLER: a crash after pytest's own faulthandler is off still prints every thread's
+# stack. A session that started Ray skips the interpreter's teardown (tests/conftest.py).
 test: install test-models prometheus
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
 
