@@ -8,19 +8,26 @@ import pytest
 
 from tests.conftest import REPO, subprocess_env
 
-PROBE = """
+# every probe says when the interpreter's teardown runs (atexit)
+TEARDOWN = """
 import atexit
 import os
 
 atexit.register(lambda: print("interpreter teardown ran", flush=True))
+"""
 
-
+RAY_TEST = """
 def test_with_ray():
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.shutdown()
     assert not os.environ.get("PROBE_FAIL"), "probe asked to fail"
+"""
+
+PLAIN_TEST = """
+def test_plain():
+    pass
 """
 
 
@@ -48,9 +55,10 @@ def run_probe(tmp_path, source: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fail", "status", "summary"), [("", 0, "1 passed"), ("1", 1, "1 failed")])
 def test_ray_session_keeps_status_and_summary(tmp_path, fail, status, summary):
-    run = run_probe(tmp_path, PROBE, PROBE_FAIL=fail)
+    run = run_probe(tmp_path, TEARDOWN + RAY_TEST, PROBE_FAIL=fail)
     assert run.returncode == status, run.stdout + run.stderr
     assert summary in run.stdout
     # the interpreter's teardown was skipped (os._exit), not run
@@ -58,8 +66,7 @@ def test_ray_session_keeps_status_and_summary(tmp_path, fail, status, summary):
 
 
 def test_session_without_ray_exits_normally(tmp_path):
-    source = PROBE.replace("def test_with_ray", "def _unused") + "\n\ndef test_plain():\n    pass\n"
-    run = run_probe(tmp_path, source)
+    run = run_probe(tmp_path, TEARDOWN + PLAIN_TEST)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
     assert "interpreter teardown ran" in run.stdout
