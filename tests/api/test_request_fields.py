@@ -296,8 +296,14 @@ def test_an_unknown_stream_option_is_a_400_naming_it(servers):
     r = post(strict, "completions", {**body, "stream_options": {"include_usage": 1, "bogus": 1}})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "stream_options.bogus"
-    payloads = read_sse(f"{lax}/v1/completions", {**body, "stream_options": {"bogus": 1}})
-    assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"])
+    # the lenient server drops the unknown option and keeps the known one: the stream ends
+    # with a finish reason and a usage chunk (not on the text: two sampled tokens of the
+    # random-weight model may decode to nothing yet)
+    lenient = {"include_usage": True, "bogus": 1}
+    payloads = read_sse(f"{lax}/v1/completions", {**body, "stream_options": lenient})
+    assert "error" not in payloads[-1], payloads[-1]
+    assert [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]][-1]
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
     wait_idle(engine)
 
 
