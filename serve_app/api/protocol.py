@@ -395,23 +395,45 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    # vLLM's endpoint: its own unknown fields are ignored, as vLLM does; keys inside its
-    # messages and tools are checked as in a chat request
-    model_config = ConfigDict(extra="ignore")
+    # vLLM's endpoint and fields (a prompt, or a chat with its template's arguments); a field it
+    # does not declare is a 400 naming it, as on the other routes (extras kept only to name them)
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Add the tokenizer's special tokens (BOS...): by default yes for a prompt, "
+        "no for messages, whose chat template writes its own (vLLM's defaults).",
+    )
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
 
     def unknown_fields(self) -> list[str]:
-        return unknown_keys_in_fields(self)
+        return list(self.model_extra or {}) + unknown_keys_in_fields(self)
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request whose prompt these messages make (its template and checks)."""
+        return ChatCompletionRequest(
+            messages=self.messages,
+            tools=self.tools,
+            add_generation_prompt=self.add_generation_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # as TokenizeRequest
 
     model: str | None = None
     tokens: list[TokenId]
+
+    def unknown_fields(self) -> list[str]:
+        return list(self.model_extra or {})
+
+
+# every body the routes take: each names its unknown fields (unknown_fields)
+RequestBody = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest

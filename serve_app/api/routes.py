@@ -24,6 +24,7 @@ from serve_app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    RequestBody,
     StreamOptions,
     TokenizeRequest,
     UnknownFields,
@@ -74,7 +75,8 @@ def _close_request_schemas(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            closed = {"CompletionRequest", "ChatCompletionRequest"} | checked_model_names()
+            bodies = {body.__name__ for body in get_args(RequestBody)}
+            closed = bodies | checked_model_names()
             for name in closed & schemas.keys():
                 schemas[name]["additionalProperties"] = False
         return app.openapi_schema
@@ -100,7 +102,7 @@ def build_api_routes(
         if name is not None and name != client.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
 
-    def check_body(body: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> None:
+    def check_body(body: RequestBody) -> None:
         check_model(body.model)
         if unknown_fields == "reject" and (names := body.unknown_fields()):
             s = "s" if len(names) > 1 else ""  # OpenAI's wording
@@ -163,24 +165,22 @@ def build_api_routes(
     @router.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
         check_body(body)
+        tok = client.tokenizer
         if body.messages is not None:
-            chat_body = ChatCompletionRequest(
-                messages=body.messages,
-                tools=body.tools,
-                add_generation_prompt=body.add_generation_prompt,
-            )
-            tokens = _apply_chat_template(client, chat_body)
+            tokens = _apply_chat_template(client, body.chat_request(), body.add_special_tokens)
         elif body.prompt is not None:
-            tokens = client.tokenizer.encode(
-                body.prompt, add_special_tokens=body.add_special_tokens
-            )
+            special = body.add_special_tokens is not False
+            tokens = tok.encode(body.prompt, add_special_tokens=special)
         else:
             raise InvalidRequestError("either prompt or messages is required", "prompt")
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
+        out = {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
+        if body.return_token_strs:
+            out["token_strs"] = tok.convert_ids_to_tokens(tokens)
+        return out
 
     @router.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(body: DetokenizeRequest) -> dict:
-        check_model(body.model)
+        check_body(body)
         vocab = len(client.tokenizer)
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -204,7 +204,10 @@ def _route_hint(request: Request, user: str | None, request_id: str) -> RouteHin
     return RouteHint(session_key=session or request_id, pinned=pinned, session=session)
 
 
-def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> list[int]:
+def _apply_chat_template(
+    client: EngineClient, body: ChatCompletionRequest, add_special_tokens: bool | None = None
+) -> list[int]:
+    """The prompt's token ids; the template writes its own special tokens unless asked."""
     tok = client.tokenizer
     if not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
@@ -223,7 +226,7 @@ def _apply_chat_template(client: EngineClient, body: ChatCompletionRequest) -> l
         raise InvalidRequestError(
             f"the chat template refused the messages: {e}", "messages"
         ) from None
-    return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text, add_special_tokens=bool(add_special_tokens))
 
 
 async def _respond(

@@ -159,10 +159,11 @@ def test_the_openapi_schema_says_what_each_mode_accepts(servers):
     strict, lax, _ = servers
     for url, additional in ((strict, False), (lax, True)):
         schemas = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
-        for name in ("CompletionRequest", "ChatCompletionRequest", "StreamOptions") + NESTED:
+        for name in BODIES + ("StreamOptions",) + NESTED:
             assert schemas[name]["additionalProperties"] is additional, (url, name)
 
 
+BODIES = ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest", "DetokenizeRequest")
 NESTED = ("ChatMessage", "ToolCall", "FunctionCall", "Tool", "FunctionDef", "ResponseFormat")
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
@@ -219,6 +220,56 @@ def test_tokenize_checks_the_keys_inside_its_messages(servers):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].bogus", r.text
     plain = httpx.post(f"{lax}/tokenize", json={"messages": MSGS}, timeout=30).json()
     assert httpx.post(f"{lax}/tokenize", json=body, timeout=30).json() == plain
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("tokenize", {"prompt": "hi"}),
+        ("tokenize", {"messages": MSGS}),
+        ("detokenize", {"tokens": [1]}),
+    ],
+)
+def test_tokenize_and_detokenize_name_their_unknown_fields(servers, path, body):
+    """vLLM ignores them; here a field /tokenize does not know (another server's option that
+    would change the count) is a 400 like on the other routes, and ignored in ignore mode."""
+    strict, lax, _ = servers
+    r = httpx.post(f"{strict}/{path}", json={**body, "bogus": 1}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "bogus"
+    plain = httpx.post(f"{lax}/{path}", json=body, timeout=30).json()
+    assert httpx.post(f"{lax}/{path}", json={**body, "bogus": 1}, timeout=30).json() == plain
+
+
+def test_tokenize_counts_what_the_chat_would_prompt(servers):
+    """chat_template_kwargs reach the template in /tokenize as in a chat request, so the
+    count is the chat's prompt_tokens; the template's own arguments are refused the same way."""
+    strict, _, engine = servers
+    for kwargs in (None, {"motto": "carpe diem carpe diem"}):
+        chat = post(
+            strict,
+            "chat/completions",
+            {"messages": MSGS, "max_tokens": 1, "chat_template_kwargs": kwargs},
+        )
+        body = {"messages": MSGS, "chat_template_kwargs": kwargs}
+        counted = httpx.post(f"{strict}/tokenize", json=body, timeout=30).json()["count"]
+        assert counted == chat.json()["usage"]["prompt_tokens"], kwargs
+    body = {"messages": MSGS, "chat_template_kwargs": {"tokenize": True}}
+    r = httpx.post(f"{strict}/tokenize", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+    wait_idle(engine)
+
+
+def test_tokenize_returns_the_token_strings_when_asked(servers):
+    strict = servers[0]
+    tok = servers[2].engine.tokenizer
+    plain = httpx.post(f"{strict}/tokenize", json={"prompt": "café 東京"}, timeout=30).json()
+    assert "token_strs" not in plain
+    body = {"prompt": "café 東京", "return_token_strs": True}
+    out = httpx.post(f"{strict}/tokenize", json=body, timeout=30).json()
+    assert out["tokens"] == plain["tokens"]
+    assert out["token_strs"] == tok.convert_ids_to_tokens(out["tokens"])
+    assert tok.convert_tokens_to_string(out["token_strs"]) == "café 東京"
 
 
 def test_ignore_mode_drops_unknown_keys_before_the_template(servers):
