@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict
 class CheckedModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    def unknown_keys(self, path: str) -> list[str]:
-        """`path.key` for every key this object and the checked objects in it do not declare."""
-        return [f"{path}.{k}" for k in self.model_extra or {}] + unknown_keys_in_fields(
-            self, f"{path}."
-        )
+    def unknown_keys(self, path: str = "") -> list[str]:
+        """`path.key` for every key this object and the checked objects in it do not declare
+        (a request body's, at no path: `key`, `messages[0].key`)."""
+        at = f"{path}." if path else ""
+        return [at + k for k in self.model_extra or {}] + unknown_keys_in_fields(self, at)
 
     def declared_dump(self, **kwargs: Any) -> dict[str, Any]:
         """model_dump without the undeclared keys (at any depth)."""

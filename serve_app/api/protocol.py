@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from serve_app.api.checked import CheckedModel, unknown_keys_in_fields
+from serve_app.api.checked import CheckedModel
 from serve_app.api.constraints import (
     STRUCTURED_KEYS,
     ResponseFormat,
@@ -66,10 +66,9 @@ class StreamOptions(CheckedModel):
     include_obfuscation: bool = False
 
 
-class _SamplingFields(BaseModel):
-    # "allow" to see the fields it does not declare in model_extra: the _UNSUPPORTED ones and
-    # the unknown ones (unknown_fields), each a 400.
-    model_config = ConfigDict(extra="allow")
+class _SamplingFields(CheckedModel):
+    # the fields it does not declare, in model_extra: the _UNSUPPORTED ones and the unknown
+    # ones (unknown_keys), each a 400
 
     model: str | None = None
     n: int = _b("n", 1)
@@ -104,11 +103,11 @@ class _SamplingFields(BaseModel):
     prompt_cache_key: str | None = None  # OpenAI's caching hint; prefix caching is automatic
     safety_identifier: str | None = None
 
-    def unknown_fields(self) -> list[str]:
+    def unknown_keys(self, path: str = "") -> list[str]:
         """The body's fields that this server neither implements nor ignores on purpose, and
-        the unknown keys inside its objects (`messages[0].foo`, `stream_options.bar`)."""
-        names = [k for k in self.model_extra or {} if k not in _UNSUPPORTED]
-        return names + unknown_keys_in_fields(self)
+        the unknown keys inside its objects (`messages[0].foo`, `stream_options.bar`); the
+        _UNSUPPORTED fields have their own 400 (_check_supported)."""
+        return [n for n in super().unknown_keys(path) if n not in _UNSUPPORTED]
 
     def _check_supported(self) -> None:
         extra = self.model_extra or {}
@@ -394,10 +393,9 @@ class ChatCompletionRequest(_SamplingFields):
         return [t.declared_dump(exclude_none=True) for t in self.tools]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(CheckedModel):
     # vLLM's endpoint and fields (a prompt, or a chat with its template's arguments); a field it
-    # does not declare is a 400 naming it, as on the other routes (extras kept only to name them)
-    model_config = ConfigDict(extra="allow")
+    # does not declare is a 400 naming it, as on the other routes
 
     model: str | None = None
     prompt: str | None = None
@@ -412,8 +410,11 @@ class TokenizeRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
-    def unknown_fields(self) -> list[str]:
-        return list(self.model_extra or {}) + unknown_keys_in_fields(self)
+    def special_tokens(self) -> bool:
+        """add_special_tokens, or its default: a prompt's yes, messages' no."""
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.messages is None
 
     def chat_request(self) -> ChatCompletionRequest:
         """The chat request whose prompt these messages make (its template and checks)."""
@@ -425,15 +426,10 @@ class TokenizeRequest(BaseModel):
         )
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # as TokenizeRequest
-
+class DetokenizeRequest(CheckedModel):
     model: str | None = None
     tokens: list[TokenId]
 
-    def unknown_fields(self) -> list[str]:
-        return list(self.model_extra or {})
 
-
-# every body the routes take: each names its unknown fields (unknown_fields)
+# every body the routes take
 RequestBody = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest

@@ -75,9 +75,7 @@ def _close_request_schemas(app: FastAPI) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schemas = build()["components"]["schemas"]
-            bodies = {body.__name__ for body in get_args(RequestBody)}
-            closed = bodies | checked_model_names()
-            for name in closed & schemas.keys():
+            for name in checked_model_names() & schemas.keys():  # the bodies and their objects
                 schemas[name]["additionalProperties"] = False
         return app.openapi_schema
 
@@ -104,7 +102,7 @@ def build_api_routes(
 
     def check_body(body: RequestBody) -> None:
         check_model(body.model)
-        if unknown_fields == "reject" and (names := body.unknown_fields()):
+        if unknown_fields == "reject" and (names := body.unknown_keys()):
             s = "s" if len(names) > 1 else ""  # OpenAI's wording
             raise InvalidRequestError(
                 f"Unrecognized request argument{s} supplied: {', '.join(names)}", names[0]
@@ -167,10 +165,9 @@ def build_api_routes(
         check_body(body)
         tok = client.tokenizer
         if body.messages is not None:
-            tokens = _apply_chat_template(client, body.chat_request(), body.add_special_tokens)
+            tokens = _apply_chat_template(client, body.chat_request(), body.special_tokens())
         elif body.prompt is not None:
-            special = body.add_special_tokens is not False
-            tokens = tok.encode(body.prompt, add_special_tokens=special)
+            tokens = tok.encode(body.prompt, add_special_tokens=body.special_tokens())
         else:
             raise InvalidRequestError("either prompt or messages is required", "prompt")
         out = {"tokens": tokens, "count": len(tokens), "max_model_len": client.max_model_len}
@@ -205,7 +202,7 @@ def _route_hint(request: Request, user: str | None, request_id: str) -> RouteHin
 
 
 def _apply_chat_template(
-    client: EngineClient, body: ChatCompletionRequest, add_special_tokens: bool | None = None
+    client: EngineClient, body: ChatCompletionRequest, add_special_tokens: bool = False
 ) -> list[int]:
     """The prompt's token ids; the template writes its own special tokens unless asked."""
     tok = client.tokenizer
@@ -226,7 +223,7 @@ def _apply_chat_template(
         raise InvalidRequestError(
             f"the chat template refused the messages: {e}", "messages"
         ) from None
-    return tok.encode(text, add_special_tokens=bool(add_special_tokens))
+    return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def _respond(
