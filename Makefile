@@ -15,7 +15,7 @@ ROUTING ?= pow2
 PREFIX_WRITE_POLICY ?=
 REDIS_URL ?=
 DASHBOARD ?=
-TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama,models/test/$(a)-tiny-s0/config.json)
+TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama deepseek_v3 deepseek_v2,models/test/$(a)-tiny-s0/config.json)
 
 PROM_DIR := $(VENV)/prometheus
 PROMETHEUS := $(PROM_DIR)/usr/bin/prometheus

@@ -10,7 +10,7 @@ import pytest
 
 from serve_app.procs import free_port  # noqa: F401 - re-exported for the tests
 
-ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "llama")
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "llama", "deepseek_v3", "deepseek_v2")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -26,7 +26,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a small random-weight HF checkpoint + tokenizer")
-    p.add_argument("--arch", required=True, choices=["qwen3_moe", "qwen2_moe", "mixtral", "llama"])
+    archs = ["qwen3_moe", "qwen2_moe", "mixtral", "llama", "deepseek_v3", "deepseek_v2"]
+    p.add_argument("--arch", required=True, choices=archs)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,8 @@
 """Turns a SchedulerOutput into tensors, runs the model over the paged KV cache, samples.
 
 Shapes: T scheduled tokens, Bd decoding sequences (one new token each), N KV blocks,
-B block size, Hkv KV heads, D head_dim.
+B block size, L layers, P parts per layer, Hkv KV heads (rows per part), D floats per row
+(the model's KVFormat: K and V of Hkv heads, or MLA's one latent row).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def split_micro_batches(sched: SchedulerOutput, num_micro_batches: int) -> list[
 
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+    return spec.kv_format.elements_per_token(spec.num_layers) * block_size * elem
 
 
 class ModelRunner:
@@ -97,12 +98,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        fmt = spec.kv_format
+        shape = (num_blocks, block_size, fmt.heads, fmt.dim)
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
+            tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(fmt.parts))
             for _ in range(spec.num_layers)
         ]
         self.sampler = Sampler()
@@ -212,16 +211,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """K/V of whole blocks, [n, L, 2, B, Hkv, D], on the cache's device and dtype."""
+        """Whole blocks, [n, L, P, B, Hkv, D], on the cache's device and dtype."""
         idx = tensor_to_device(block_ids, self.device)
-        return torch.stack([torch.stack((k[idx], v[idx]), 1) for k, v in self.kv_caches], 1)
+        return torch.stack(
+            [torch.stack([part[idx] for part in layer], 1) for layer in self.kv_caches], 1
+        )
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Overwrite whole blocks with kv [n, L, 2, B, Hkv, D] (any device, cast as needed)."""
+        """Overwrite whole blocks with kv [n, L, P, B, Hkv, D] (any device, cast as needed)."""
         idx = tensor_to_device(block_ids, self.device)
-        k0 = self.kv_caches[0][0]
-        kv = to_device(kv, self.device, k0.dtype)
-        for layer, (k, v) in enumerate(self.kv_caches):
-            k.index_copy_(0, idx, kv[:, layer, 0])
-            v.index_copy_(0, idx, kv[:, layer, 1])
+        kv = to_device(kv, self.device, self.kv_caches[0][0].dtype)
+        for layer, parts in enumerate(self.kv_caches):
+            for p, part in enumerate(parts):
+                part.index_copy_(0, idx, kv[:, layer, p])

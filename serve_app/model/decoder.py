@@ -1,8 +1,10 @@
 """One decoder-only transformer that covers every supported architecture.
 
-Llama, Qwen3, Qwen3-MoE, Qwen2-MoE and Mixtral differ only in traits (q/k norm, q/k/v bias,
-MoE or dense MLP, shared expert, sliding window), which ModelSpec carries. Module names mirror
-the HF checkpoints so dense weights load by name; expert weights go to an ExpertExecutor.
+Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, Mixtral and DeepSeek-V2/V3 differ only in traits (q/k norm,
+q/k/v bias, MoE or dense MLP, shared expert, routing rule, sliding window, attention format),
+which ModelSpec carries; the attention module (grouped-query `Attention` or latent `MLAttention`)
+and the routing rule are chosen once at construction, the layer loop is the same. Module names
+mirror the HF checkpoints so dense weights load by name; expert weights go to an ExpertExecutor.
 Shapes: T tokens of the flattened batch, H / Hkv heads, D head_dim, M hidden size.
 """
 
@@ -17,12 +19,14 @@ from serve_app.model.config import ModelSpec
 from serve_app.model.expert_executor import DoneFuture, ExpertFuture
 from serve_app.model.layers.attention import AttentionMetadata, paged_attention
 from serve_app.model.layers.linear import project
+from serve_app.model.layers.mla import MLAttention
 from serve_app.model.layers.mlp import GatedMLP
 from serve_app.model.layers.moe import SparseMoeBlock
 from serve_app.model.layers.norm import RMSNorm, add_rms_norm
 from serve_app.model.layers.rotary import RotaryEmbedding, apply_rotary
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+# One layer's cache: the tensors of its KVFormat (K and V, or MLA's one latent tensor).
+KVCache = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(spec, layer_idx)
+        self.self_attn = (MLAttention if spec.mla is not None else Attention)(spec, layer_idx)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if spec.moe_layers[layer_idx]:
@@ -104,7 +108,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.rotary = RotaryEmbedding(spec.hf_config, spec.head_dim)
+        self.rotary = RotaryEmbedding(spec.hf_config, spec.rotary_dim)
 
 
 class CausalLM(nn.Module):

@@ -1,6 +1,7 @@
 """Load an HF checkpoint directory (config.json + *.safetensors) into a CausalLM.
 
-Dense weights load by name. Expert weights (per-expert `experts.N.gate_proj` / `w1` tensors, or
+Dense weights load by name; layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction
+layers) are not read. Expert weights (per-expert `experts.N.gate_proj` / `w1` tensors, or
 the fused `experts.gate_up_proj` layout of newer transformers) are left to the ExpertExecutor:
 split_weights names them here, serve_app/experts/weights.py stacks the ones a caller owns.
 """
@@ -20,6 +21,7 @@ from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.rotary import rope_frequencies
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
@@ -54,7 +56,7 @@ def load_model(
     with torch.device("meta"):
         model = CausalLM(spec)
     model.to_empty(device=device)
-    dense = dict(iter_weights(model_dir, lambda name: not _is_expert(spec, name)))
+    dense = dict(iter_weights(model_dir, lambda name: _is_dense(spec, name)))
     if spec.tie_word_embeddings or "lm_head.weight" not in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     params = dict(model.named_parameters())
@@ -65,10 +67,16 @@ def load_model(
             f"checkpoint does not match {spec.architecture}: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(dense[name].to(dtype))
     model.to(dtype)
+    for module in model.modules():
+        if getattr(module, "keep_fp32", False):  # DeepSeek's gate and its correction bias
+            module.float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(dense[name].to(p.dtype))
+    for module in model.modules():
+        if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
+            module.after_load()
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
         block.experts = experts
@@ -78,7 +86,7 @@ def load_model(
 def expert_key(spec: ModelSpec, name: str) -> tuple[int, int | None, str] | None:
     """(layer, expert | None for the fused layout, projection) of an expert tensor, else None."""
     m = _EXPERT_RE.match(name) if spec.is_moe else None
-    if m is None:
+    if m is None or int(m.group(1)) >= spec.num_layers:
         return None
     layer, _, expert, proj = m.groups()
     return int(layer), None if expert is None else int(expert), proj
@@ -86,6 +94,16 @@ def expert_key(spec: ModelSpec, name: str) -> tuple[int, int | None, str] | None
 
 def _is_expert(spec: ModelSpec, name: str) -> bool:
     return expert_key(spec, name) is not None
+
+
+def beyond_layers(spec: ModelSpec, name: str) -> bool:
+    """A tensor of a layer past num_hidden_layers (DeepSeek-V3's MTP layers): never served."""
+    m = _LAYER_RE.match(name)
+    return m is not None and int(m.group(1)) >= spec.num_layers
+
+
+def _is_dense(spec: ModelSpec, name: str) -> bool:
+    return not _is_expert(spec, name) and not beyond_layers(spec, name)
 
 
 def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):
@@ -103,6 +121,6 @@ def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):
 
 def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> None:
     """to_empty() leaves buffers uninitialised: rebuild them."""
-    inv_freq, scaling = rope_frequencies(spec.hf_config, spec.head_dim)
+    inv_freq, scaling = rope_frequencies(spec.hf_config, spec.rotary_dim)
     model.model.rotary.inv_freq = inv_freq.to(device)
     model.model.rotary.scaling = scaling

@@ -10,7 +10,7 @@ and our own loader read.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,12 +48,32 @@ class Preset:
     # scores not yet one-hot. Changing it changes every generated checkpoint.
     initializer_range: float
     rope_theta: float = 10000.0
+    mla: MLAPreset | None = None  # DeepSeek archs only
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
         if not 0 < self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
+
+
+@dataclass(frozen=True, slots=True)
+class MLAPreset:
+    """DeepSeek's attention and routing dimensions (the archs' own config names)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    first_k_dense_replace: int
+    n_shared_experts: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    # yarn rope (DeepSeek-V3 ships factor 40 over 4096); None: default rope
+    yarn_factor: float | None
+    yarn_original_max_position: int = 0
 
 
 PRESETS: dict[str, Preset] = {
@@ -89,6 +109,74 @@ PRESETS: dict[str, Preset] = {
         max_position_embeddings=4096,
         mixtral_sliding_window=None,
         initializer_range=0.1,
+    ),
+}
+
+
+# DeepSeek presets. tiny: small odd-free dims for tests (latent 48 + rope 16 = 64 per token).
+# small: DeepSeek-V3's real attention shapes (kv_lora_rank 512, rope 64, nope 128, v 128, q LoRA)
+# with fewer layers and experts, so vLLM's CPU MLA kernels (576 = 512 + 64) run the same
+# checkpoint; the shape measured in shared/PEERS.md (~114M parameters).
+DEEPSEEK_PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate=32,
+        shared_intermediate=32,
+        dense_intermediate=128,
+        vocab_size=512,
+        max_position_embeddings=2048,
+        mixtral_sliding_window=None,
+        initializer_range=0.3,
+        mla=MLAPreset(
+            q_lora_rank=32,
+            kv_lora_rank=48,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            yarn_factor=4.0,
+            yarn_original_max_position=512,
+        ),
+    ),
+    "small": Preset(
+        hidden_size=1024,
+        num_layers=4,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=64,
+        num_experts=32,
+        top_k=4,
+        moe_intermediate=512,
+        shared_intermediate=512,
+        dense_intermediate=2048,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        mixtral_sliding_window=None,
+        initializer_range=0.06,
+        mla=MLAPreset(
+            q_lora_rank=384,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            yarn_factor=4.0,
+            yarn_original_max_position=1024,
+        ),
     ),
 }
 
@@ -165,11 +253,70 @@ def _llama(p: Preset, common: dict) -> PretrainedConfig:
     return transformers.LlamaConfig(**common, intermediate_size=p.dense_intermediate)
 
 
+def _deepseek_common(p: Preset, common: dict) -> dict:
+    m = p.mla
+    assert m is not None, "DeepSeek archs need an MLA preset"
+    rope = {"rope_type": "default", "rope_theta": p.rope_theta}
+    if m.yarn_factor is not None:
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": p.rope_theta,
+            "factor": m.yarn_factor,
+            "original_max_position_embeddings": m.yarn_original_max_position,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
+    kw = {k: v for k, v in common.items() if k not in ("head_dim", "rope_parameters")}
+    return dict(
+        kw,
+        rope_parameters=rope,
+        intermediate_size=p.dense_intermediate,
+        moe_intermediate_size=p.moe_intermediate,
+        n_routed_experts=p.num_experts,
+        num_experts_per_tok=p.top_k,
+        n_shared_experts=m.n_shared_experts,
+        first_k_dense_replace=m.first_k_dense_replace,
+        q_lora_rank=m.q_lora_rank,
+        kv_lora_rank=m.kv_lora_rank,
+        qk_nope_head_dim=m.qk_nope_head_dim,
+        qk_rope_head_dim=m.qk_rope_head_dim,
+        v_head_dim=m.v_head_dim,
+        n_group=m.n_group,
+        topk_group=m.topk_group,
+        routed_scaling_factor=m.routed_scaling_factor,
+    )
+
+
+def _deepseek_v3(p: Preset, common: dict) -> PretrainedConfig:
+    # topk_method / scoring_func: DeepSeek's own V3 configs carry them and vLLM needs them
+    # (without, it fails at load on e_score_correction_bias); transformers keeps them as is.
+    return transformers.DeepseekV3Config(
+        **_deepseek_common(p, common),
+        norm_topk_prob=True,
+        rope_interleave=True,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+    )
+
+
+def _deepseek_v2(p: Preset, common: dict) -> PretrainedConfig:
+    return transformers.DeepseekV2Config(
+        **_deepseek_common(p, common), topk_method="group_limited_greedy", norm_topk_prob=False
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Arch:
     model_class: str  # attribute of `transformers`; also lands in config.architectures
     build_config: Callable[[Preset, dict], PretrainedConfig]
     is_moe: bool
+    presets: dict[str, Preset] = None  # type: ignore[assignment]  # None: PRESETS
+
+    @property
+    def preset_table(self) -> dict[str, Preset]:
+        return self.presets if self.presets is not None else PRESETS
 
 
 ARCHS: dict[str, Arch] = {
@@ -177,6 +324,8 @@ ARCHS: dict[str, Arch] = {
     "qwen2_moe": Arch("Qwen2MoeForCausalLM", _qwen2_moe, is_moe=True),
     "mixtral": Arch("MixtralForCausalLM", _mixtral, is_moe=True),
     "llama": Arch("LlamaForCausalLM", _llama, is_moe=False),
+    "deepseek_v3": Arch("DeepseekV3ForCausalLM", _deepseek_v3, True, DEEPSEEK_PRESETS),
+    "deepseek_v2": Arch("DeepseekV2ForCausalLM", _deepseek_v2, True, DEEPSEEK_PRESETS),
 }
 
 
@@ -191,7 +340,8 @@ def count_parameters(model: PreTrainedModel, arch: str, preset: Preset) -> Param
     if not ARCHS[arch].is_moe:
         return ParamCount(total, total)
     per_expert = 3 * preset.hidden_size * preset.moe_intermediate  # gate, up, down
-    idle = preset.num_layers * (preset.num_experts - preset.top_k) * per_expert
+    moe_layers = preset.num_layers - (preset.mla.first_k_dense_replace if preset.mla else 0)
+    idle = moe_layers * (preset.num_experts - preset.top_k) * per_expert
     return ParamCount(total, total - idle)
 
 
@@ -199,22 +349,55 @@ def resolve(arch: str, preset: str) -> tuple[Arch, Preset]:
     """Look up an architecture and preset by name, naming the valid choices on failure."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(ARCHS)}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; supported: {', '.join(PRESETS)}")
-    return ARCHS[arch], PRESETS[preset]
+    table = ARCHS[arch].preset_table
+    if preset not in table:
+        raise ValueError(f"unknown preset {preset!r}; supported: {', '.join(table)}")
+    return ARCHS[arch], table[preset]
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """Changes to a preset, for tests of config variants (odd shapes, no q LoRA, another
+    routing method): fields of Preset, of its MLAPreset, and plain config attributes."""
+
+    preset: dict = field(default_factory=dict)
+    mla: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def apply(self, p: Preset) -> Preset:
+        p = replace(p, **self.preset)
+        return replace(p, mla=replace(p.mla, **self.mla)) if self.mla else p
+
+
+# DeepSeek-V3's e_score_correction_bias (selection only) gets random values, as trained
+# checkpoints have, so that tests see it change which experts are picked.
+_ROUTING_BIAS_STD = 0.2
 
 
 def build_model(
-    arch: str, preset: str, vocab_size: int, ids: TokenIds, seed: int
+    arch: str,
+    preset: str,
+    vocab_size: int,
+    ids: TokenIds,
+    seed: int,
+    variant: Variant | None = None,
 ) -> PreTrainedModel:
     """Build the seeded random-weight model in memory (float32, CPU)."""
     spec, p = resolve(arch, preset)
+    variant = variant or Variant()
+    p = variant.apply(p)
     config = spec.build_config(p, _common(p, vocab_size, ids))
+    for key, value in variant.config.items():
+        setattr(config, key, value)
     config.architectures = [spec.model_class]
     # Seed immediately before construction, so the weights are a pure function of
     # (arch, preset, seed) whatever torch randomness the caller drew earlier.
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model_class)(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, _ROUTING_BIAS_STD)
     model.generation_config = GenerationConfig(
         bos_token_id=None,
         # Chat turns end with <|im_end|>, raw completions with <|endoftext|>.
@@ -225,13 +408,16 @@ def build_model(
     return model
 
 
-def make_model(arch: str, preset: str, out: str | Path, seed: int) -> Path:
+def make_model(
+    arch: str, preset: str, out: str | Path, seed: int, variant: Variant | None = None
+) -> Path:
     """Write a random-weight checkpoint plus tokenizer for ``arch``/``preset`` to ``out``.
 
     The same (arch, preset, seed) always produces byte-identical ``model.safetensors``.
     Returns the output directory.
     """
     _, p = resolve(arch, preset)
+    p = (variant or Variant()).apply(p)
     out = Path(out)
     tokenizer = train_tokenizer(p.vocab_size, out)
     tokenizer.model_max_length = p.max_position_embeddings
@@ -241,7 +427,7 @@ def make_model(arch: str, preset: str, out: str | Path, seed: int) -> Path:
     )
     # NOTE: len(tokenizer), not p.vocab_size: the BPE trainer may stop short of the target,
     # and the embedding must cover exactly the ids the tokenizer can produce.
-    model = build_model(arch, preset, len(tokenizer), ids, seed)
+    model = build_model(arch, preset, len(tokenizer), ids, seed, variant)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n = count_parameters(model, arch, p)

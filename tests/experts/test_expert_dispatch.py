@@ -16,8 +16,8 @@ from serve_app.experts.placement import place_experts
 from serve_app.experts.shard import ExpertShard, as_tensor, to_numpy
 from serve_app.experts.weights import load_expert_weights
 from serve_app.experts.wire import pack_request, unpack_response
-from serve_app.model.config import load_model_spec
-from serve_app.model.layers.moe import route
+from serve_app.model.config import RoutingSpec, load_model_spec
+from serve_app.model.layers.routing import make_routing_rule
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,7 @@ def _routed(spec, t: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, spec.hidden_size, generator=g)
     logits = torch.randn(t, spec.num_experts, generator=g)
-    ids, w = route(logits, spec.top_k, True)
+    ids, w = make_routing_rule(RoutingSpec("softmax", spec.top_k, True)).route(logits)
     return x, ids, w
 
 

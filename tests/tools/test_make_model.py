@@ -19,6 +19,13 @@ EXPECTED_CLASS = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "llama": "LlamaForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+}
+# (hidden, layers, heads, kv heads, head_dim); DeepSeek's head_dim is its rope part
+DIMS = {a: (64, 2, 4, 2, 16) for a in EXPECTED_CLASS} | {
+    "deepseek_v3": (64, 3, 4, 4, 16),
+    "deepseek_v2": (64, 3, 4, 4, 16),
 }
 MULTIBYTE = "café 東京 🙂 naïve\n\tdef f(x):  return x ** 2"
 
@@ -50,8 +57,13 @@ def test_config_matches_tokenizer(tiny_dirs: dict[str, Path], arch: str) -> None
     assert config.vocab_size == len(tok) == 512
     assert config.eos_token_id == tok.convert_tokens_to_ids(ENDOFTEXT)
     assert config.tie_word_embeddings is False
-    assert (config.hidden_size, config.num_hidden_layers) == (64, 2)
-    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    ) == DIMS[arch]
     assert config.rope_parameters["rope_theta"] == 10000.0
     gen = GenerationConfig.from_pretrained(path)
     assert gen.eos_token_id == [tok.convert_tokens_to_ids(IM_END), config.eos_token_id]
@@ -85,6 +97,32 @@ def test_qwen2_moe_has_gated_shared_expert(tiny_dirs: dict[str, Path]) -> None:
         assert prefix + "shared_expert.gate_proj.weight" in names
         assert prefix + "shared_expert_gate.weight" in names
     assert not any("shared_expert" in n for n in _tensor_names(tiny_dirs["qwen3_moe"]))
+
+
+def test_deepseek_checkpoints_have_mla_shared_experts_and_a_dense_first_layer(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    for arch in ("deepseek_v3", "deepseek_v2"):
+        names = set(_tensor_names(tiny_dirs[arch]))
+        assert "model.layers.0.mlp.gate_proj.weight" in names  # first_k_dense_replace = 1
+        for layer in (1, 2):
+            p = f"model.layers.{layer}."
+            assert {
+                p + "self_attn.q_a_proj.weight",
+                p + "self_attn.kv_a_proj_with_mqa.weight",
+                p + "self_attn.kv_b_proj.weight",
+                p + "mlp.shared_experts.gate_proj.weight",
+                p + "mlp.experts.7.down_proj.weight",
+            } <= names
+    raw = json.loads((tiny_dirs["deepseek_v3"] / "config.json").read_text())
+    # vLLM needs both to load a V3 checkpoint (shared/PEERS.md); yarn as DeepSeek-V3 ships it
+    assert (raw["topk_method"], raw["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert raw["rope_parameters"]["rope_type"] == "yarn" and raw["rope_parameters"]["factor"] > 1
+    with safe_open(str(tiny_dirs["deepseek_v3"] / "model.safetensors"), "pt") as f:
+        bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert bias.abs().min() > 0  # a routing bias that changes the choice, as trained ones do
+    v2 = json.loads((tiny_dirs["deepseek_v2"] / "config.json").read_text())
+    assert v2["topk_method"] == "group_limited_greedy"
 
 
 def test_tokenizer_round_trips_multibyte_text(tiny_dirs: dict[str, Path]) -> None:

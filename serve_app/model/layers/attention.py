@@ -189,13 +189,19 @@ def find_shared_prefixes(
     return groups
 
 
+def write_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Scatter the new tokens' rows x [T, heads, dim] into their slots of a [N, B, heads, dim]
+    cache tensor (K, V, or MLA's latent)."""
+    n, b, heads, d = cache.shape
+    cache.view(n * b, heads, d).index_copy_(0, slots, x)
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots
 ) -> None:
     """Scatter the new tokens' K/V [T, Hkv, D] into their slots."""
-    n, b, hkv, d = k_cache.shape
-    k_cache.view(n * b, hkv, d).index_copy_(0, slots, k)
-    v_cache.view(n * b, hkv, d).index_copy_(0, slots, v)
+    write_rows(k, k_cache, slots)
+    write_rows(v, v_cache, slots)
 
 
 def paged_attention(
@@ -211,6 +217,21 @@ def paged_attention(
     sequence in the batch may read blocks another one fills in this very step."""
     k_cache, v_cache = kv_cache
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend(q, k, v, kv_cache, meta, scale, window)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of q [T, H, D] over caches the new tokens' k/v [T, Hkv, D] are already in.
+    MLA passes its latent rows as both keys and values (one tensor), and slices the output."""
+    k_cache, v_cache = kv_cache
     out = torch.empty_like(q)
     kernels = cpu_kernels.load() if q.device.type == "cpu" else None
     if kernels is not None and not kernels.paged_decode_applies(q, k_cache, v_cache):

@@ -1,8 +1,10 @@
 """Sparse MoE block: gate + top-k routing here, expert execution behind an ExpertExecutor.
 
-Routing follows the architectures' own code: softmax over all experts in float32, top-k, and a
-renormalisation of the k weights when the config says so (always for Mixtral). Qwen2-MoE adds a
-shared expert for every token, scaled by a sigmoid gate (the DeepSeek-MoE idea).
+The routing rule (serve_app/model/layers/routing.py) follows the architecture's own code:
+softmax top-k (Qwen, Mixtral), DeepSeek-V2's (group-limited) greedy, DeepSeek-V3's sigmoid
+scores with a correction bias and grouped top-k; DeepSeek gates and their bias stay float32
+whatever the model's dtype. A shared expert runs for every token: Qwen2-MoE's scaled by a
+sigmoid gate (`shared_expert`), DeepSeek's added as it is (`shared_experts`).
 Shapes: T tokens, D hidden, E experts, K experts per token.
 """
 
@@ -15,32 +17,48 @@ from torch import nn
 from serve_app.model.config import ModelSpec
 from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 from serve_app.model.layers.mlp import GatedMLP
+from serve_app.model.layers.routing import make_routing_rule
 
 
-def route(
-    gate_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_logits [T, E] -> (topk_ids [T, K], topk_weights [T, K] in the logits' dtype)."""
-    probs = F.softmax(gate_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights.to(gate_logits.dtype)
+class Gate(nn.Module):
+    """The gate's [E, D] weight (and DeepSeek-V3's [E] e_score_correction_bias), named as in
+    the checkpoint (`mlp.gate.weight`). keep_fp32: the loader leaves it float32."""
+
+    def __init__(self, hidden: int, num_experts: int, fp32: bool, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(num_experts), requires_grad=False) if bias else None
+        )
+        self.keep_fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_fp32:
+            return F.linear(x.float(), self.weight)
+        return F.linear(x, self.weight)
 
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.top_k = spec.top_k
-        self.renormalize = spec.norm_topk_prob
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
-        self.shared_expert: GatedMLP | None = None
+        self.rule = make_routing_rule(spec.routing)
+        self.gate = Gate(
+            spec.hidden_size,
+            spec.num_experts,
+            fp32=spec.routing.fp32_gate,
+            bias=spec.routing.method == "noaux_tc",
+        )
+        self.shared_name: str | None = None
         if spec.shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(
+            gated = spec.traits.shared_expert == "gated"
+            self.shared_name = "shared_expert" if gated else "shared_experts"
+            shared = GatedMLP(
                 spec.hidden_size, spec.shared_expert_intermediate_size, spec.hidden_act
             )
-            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+            self.add_module(self.shared_name, shared)
+            if gated:
+                self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
         self.experts: ExpertExecutor | None = None  # attached after weights are loaded
         self.token_counts: torch.Tensor | None = None  # [E] shared by all layers, see below
 
@@ -49,14 +67,17 @@ class SparseMoeBlock(nn.Module):
 
     def submit(self, x: torch.Tensor) -> ExpertFuture:
         """Route and start the experts; the shared expert runs here while they work."""
-        ids, weights = route(self.gate(x), self.top_k, self.renormalize)
+        ids, weights = self.rule.route(self.gate(x), self.gate.e_score_correction_bias)
+        weights = weights.to(x.dtype)
         assert self.experts is not None, "experts not attached"
         if self.token_counts is not None:
             self.token_counts += torch.bincount(ids.flatten(), minlength=len(self.token_counts))
         routed = self.experts.submit(self.layer_idx, x, ids, weights)
-        if self.shared_expert is None:
+        if self.shared_name is None:
             return routed
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        shared = getattr(self, self.shared_name)(x)
+        if self.shared_name == "shared_expert":
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return _PlusShared(routed, shared)
 
 

@@ -22,7 +22,8 @@ def rope_frequencies(cfg: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
         return inv_freq, 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
         raise ValueError(f"unsupported rope_type {rope_type!r}")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    with torch.device("cpu"):  # also when the model is built on the meta device
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
     return inv_freq.float(), float(scaling)
 
 

@@ -1,0 +1,103 @@
+"""DeepSeek's multi-head latent attention (MLA) over a paged latent KV cache.
+
+Per token the cache keeps one row: the normalised compressed kv c (kv_lora_rank) followed by
+the roped shared key k_pe (qk_rope_head_dim): latent_dim floats per layer, where expanded K/V
+would take 2 x heads x head_dim. Attention runs in absorbed form (DeepSeek-V2 paper, vLLM's
+`mla_attention.py`, SGLang's MLATokenToKVPool): W_UK (the k_nope rows of kv_b_proj) is folded
+into the query and W_UV applied after attention, so every head attends over the same latent
+rows, multi-query attention with head dim latent_dim, and the paged kernels of attention.py read
+the cache in place (keys and values are the same rows; values are their first kv_lora_rank).
+
+Checkpoints whose rope dims come in interleaved (x0, x1) pairs (DeepSeek-V2, V3 with
+rope_interleave) get the q and k_pe rows of their projections permuted once at load into the
+rotate_half layout, which gives the same scores with the one rope kernel; the cached k_pe is
+then in that layout (serve_app/model/kv_format.py ROPE_LAYOUT).
+Shapes: T tokens, H heads, R kv_lora_rank, P qk_rope_head_dim, N qk_nope_head_dim,
+V v_head_dim, L = R + P latent row, M hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from serve_app.model.config import ModelSpec
+from serve_app.model.layers.attention import AttentionMetadata, attend, write_rows
+from serve_app.model.layers.linear import project
+from serve_app.model.layers.norm import RMSNorm
+from serve_app.model.layers.rotary import apply_rotary
+
+# transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not the config's
+_LORA_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int):
+        super().__init__()
+        m = spec.mla
+        assert m is not None
+        self.mla = m
+        hidden, h = spec.hidden_size, spec.num_heads
+        bias = bool(getattr(spec.hf_config, "attention_bias", False))
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        self.num_heads = h
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, _LORA_NORM_EPS)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.latent_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, _LORA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=bias)
+        # absorbed weights, split from kv_b_proj by after_load(): [H, N, R] and [H, R, V]
+        self.w_uk: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """Permute interleaved rope rows into rotate_half order and split W_UK / W_UV once."""
+        m, h = self.mla, self.num_heads
+        if m.rope_interleave:
+            p = m.qk_rope_head_dim
+            perm = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])
+            q = self.q_proj if m.q_lora_rank is None else self.q_b_proj
+            w = q.weight.view(h, m.qk_nope_head_dim + p, -1)
+            w[:, m.qk_nope_head_dim :] = w[:, m.qk_nope_head_dim :][:, perm.to(w.device)]
+            kv = self.kv_a_proj_with_mqa
+            tail = perm.to(kv.weight.device) + m.kv_lora_rank
+            kv.weight[m.kv_lora_rank :] = kv.weight[tail]
+            if kv.bias is not None:
+                kv.bias[m.kv_lora_rank :] = kv.bias[tail]
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        self.w_uk = w[:, : m.qk_nope_head_dim].contiguous()  # q_nope @ w_uk -> latent query
+        self.w_uv = w[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous()
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple, kv_cache: tuple, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        m, t, h = self.mla, x.shape[0], self.num_heads
+        if m.q_lora_rank is None:
+            q, ckv = project(x, self.q_proj, self.kv_a_proj_with_mqa)
+        else:
+            qa, ckv = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = project(self.q_a_layernorm(qa.contiguous()), self.q_b_proj)[0]
+        q = q.view(t, h, m.qk_nope_head_dim + m.qk_rope_head_dim)
+        q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        c, k_pe = ckv.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = torch.cat(
+            [self.kv_a_layernorm(c.contiguous()), apply_rotary(k_pe[:, None, :], *cos_sin)[:, 0]],
+            dim=-1,
+        ).view(t, 1, m.latent_dim)
+        # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
+        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
+        q_abs = torch.cat([q_lat, apply_rotary(q_pe, *cos_sin)], dim=-1)
+        cache = kv_cache[0]
+        write_rows(latent, cache, meta.slot_mapping)
+        o = attend(q_abs, latent, latent, (cache, cache), meta, m.softmax_scale, None)
+        # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
+        o = torch.bmm(o[..., : m.kv_lora_rank].transpose(0, 1), self.w_uv)
+        return project(o.transpose(0, 1).reshape(t, h * m.v_head_dim), self.o_proj)[0]
