@@ -202,6 +202,7 @@ class AsyncLLMEngine:
             "waiting": s.num_waiting,
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
+            "kv_cache": {"format": s.kv_format, "block_bytes": s.kv_block_bytes},
             "prefix_cache": prefix,
         }
 

@@ -94,6 +94,7 @@ class LLMEngine:
             dtype=str(self.dtype),
             block_size=config.block_size,
             kv_dtype="int8" if int8 else str(self.dtype),
+            kv_format=self.spec.kv_format.tag(),  # MHA K/V or MLA latent rows: never mixed
         )
         self.kv = KVCacheManager(
             num_blocks,
@@ -341,6 +342,8 @@ class LLMEngine:
             prefix_queried_tokens=self.kv.num_queried_tokens,
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            kv_format=self.spec.kv_format.tag(),
+            kv_block_bytes=kv_block_bytes(self.spec, self.config.block_size, self.dtype),
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())
                 if self.expert_token_counts is not None

@@ -20,3 +20,5 @@ class EngineStats:
     prefix_remote_hit_tokens: int = 0
     kv_store: Any = None  # the shared prefix source's stats() (kvstore.stats.KVStoreStats)
     expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
+    kv_format: str = ""  # KVFormat.tag(): what a block holds (MHA K/V or MLA latent rows)
+    kv_block_bytes: int = 0  # bytes of one block in the pool, all layers

@@ -112,8 +112,7 @@ def open_shared_prefix_cache(
     config: KVStoreConfig, runner: ModelRunner, namespace: str
 ) -> SharedPrefixCache:
     """The tier for this engine: config.url, or the node's embedded redis-server."""
-    k, _ = runner.kv_caches[0]
-    layout = KVLayout(len(runner.kv_caches), k.shape[1], k.shape[2], k.shape[3], _dtype(k.dtype))
+    layout = kv_layout(runner)
     embedded = None
     if config.url is None:
         embedded = EmbeddedRedis(config.embedded_dir, config.embedded_maxmemory_mb)
@@ -123,6 +122,21 @@ def open_shared_prefix_cache(
         url_provider = lambda: url  # noqa: E731
     tier = RedisKVTier(url_provider, namespace, layout, config)
     return SharedPrefixCache(tier, runner, embedded)
+
+
+def kv_layout(runner: ModelRunner) -> KVLayout:
+    """The shared-tier layout of the runner's cache (its KVFormat: K/V or MLA latent rows)."""
+    fmt = runner.model.spec.kv_format
+    k = runner.kv_caches[0][0]
+    return KVLayout(
+        len(runner.kv_caches),
+        k.shape[1],
+        fmt.heads,
+        fmt.dim,
+        _dtype(k.dtype),
+        parts=fmt.parts,
+        segments=fmt.segments if len(fmt.segments) > 1 else (),
+    )
 
 
 def _dtype(dtype: torch.dtype) -> str:

@@ -72,6 +72,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     _g("moeserve_kv_cache_used_blocks", REPLICA, "KV-cache blocks in use."),
     _g("moeserve_kv_cache_total_blocks", REPLICA, "KV-cache blocks in the pool."),
     _g("moeserve_kv_cache_usage_ratio", REPLICA, "Fraction of KV-cache blocks in use, 0..1."),
+    _g(
+        "moeserve_kv_cache_block_bytes",
+        REPLICA,
+        "Bytes of one KV-cache block, all layers (MLA latent rows or K/V).",
+    ),
     _c(
         "moeserve_prefix_cache_queried_tokens_total",
         (*REPLICA, "tier"),

@@ -59,6 +59,7 @@ class EngineReporter:
         m.set("moeserve_waiting_requests", s.num_waiting, **labels)
         m.set("moeserve_kv_cache_used_blocks", s.kv_blocks_used, **labels)
         m.set("moeserve_kv_cache_total_blocks", s.kv_blocks_total, **labels)
+        m.set("moeserve_kv_cache_block_bytes", s.kv_block_bytes, **labels)
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         m.set("moeserve_kv_cache_usage_ratio", usage, **labels)
         self._count("moeserve_preemptions_total", s.num_preemptions)

@@ -55,7 +55,7 @@ def test_int8_of_zeros_is_zeros():
         (lambda d: d[:-1], "payload is"),
         (lambda d: d + b"\0", "payload is"),
         (lambda d: b"XXXX" + d[4:], "bad magic"),
-        (lambda d: d[:4] + struct.pack("<H", 2) + d[6:], "unsupported version"),
+        (lambda d: d[:4] + struct.pack("<H", 1) + d[6:], "unsupported version"),
         (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
         (lambda d: d[:HEADER_SIZE] + bytes(len(d) - HEADER_SIZE), "checksum"),
     ],
