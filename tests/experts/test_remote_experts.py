@@ -14,6 +14,7 @@ from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import place_experts
 from serve_app.model.config import load_model_spec
 from serve_app.runtime.factory import build_engine
+from tests.conftest import tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +30,16 @@ def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("transport", ["channel", "ray"])
-def test_expert_actors_match_in_process(ray_cluster, qwen3_tiny, transport):
+@pytest.mark.parametrize(
+    ("arch", "transport"),
+    [("qwen3_moe", "channel"), ("qwen3_moe", "ray"), ("deepseek_v3", "channel")],
+)
+def test_expert_actors_match_in_process(ray_cluster, arch, transport):
+    """DeepSeek: routed experts on the shards; its gate (fp32, correction bias, grouped top-k)
+    and shared experts on the router."""
     from serve_app.deployments.expert_actor import ExpertShardActor
 
-    model = str(qwen3_tiny)
+    model = str(tiny_model_dir(arch))
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Story {i}: once upon a time " * (1 + i % 3) for i in range(12)]
     reference = _run(build_engine(config), prompts)
