@@ -127,7 +127,8 @@ def test_falls_back_where_it_does_not_apply(kernel, monkeypatch):
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize(
-    "heads,kv_heads,dim,block", [(8, 2, 16, 4), (4, 4, 64, 16), (6, 2, 32, 20)]
+    "heads,kv_heads,dim,block",
+    [(8, 2, 16, 4), (4, 4, 64, 16), (6, 2, 32, 20), (16, 1, 576, 16)],  # 576: MLA latent rows
 )
 def test_paged_decode_matches_sdpa(kernel, monkeypatch, window, heads, kv_heads, dim, block):
     """Ragged contexts (1 token, block-aligned, long) through shuffled block tables; few
@@ -190,8 +191,27 @@ def _prefill_reference(q, k_seq, v_seq, ctx_len, window, scale):
     return out
 
 
+@pytest.mark.parametrize(("heads", "n"), [(16, 1), (16, 3), (3, 1)])
+def test_multi_query_decode_splits_a_few_sequences_heads_across_tasks(kernel, heads, n):
+    """One KV head (MLA's absorbed form) and fewer sequences than 4 per thread: tasks take
+    slices of a sequence's query heads; the result is the per-head softmax over its keys."""
+    g = torch.Generator().manual_seed(heads * 10 + n)
+    block, dim, num_blocks = 16, 576, 24
+    cache = torch.randn(num_blocks, block, 1, dim, generator=g)
+    lens = torch.tensor([37, 16, 80][:n])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:6] for _ in range(n)])
+    q = torch.randn(n, heads, dim, generator=g)
+    out = kernel.paged_decode(q, cache, cache, tables, lens, torch.zeros(n), dim**-0.5)
+    for i in range(n):
+        keys = cache[tables[i]].reshape(-1, dim)[: lens[i]].double()
+        p = torch.softmax(q[i].double() @ keys.T * dim**-0.5, dim=-1)
+        torch.testing.assert_close(out[i].double(), p @ keys, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8), (16, 1, 576, 16)]
+)
 def test_paged_prefill_matches_torch_and_reference(
     blocked, monkeypatch, window, heads, kv_heads, dim, block
 ):
@@ -288,7 +308,9 @@ def test_rms_norm_module_and_residual_match_torch(kernel, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block", [(8, 4, 64, 16), (6, 2, 32, 5), (4, 4, 16, 8), (16, 1, 576, 16)]
+)
 def test_cascade_decode_matches_per_sequence(kernel, monkeypatch, heads, kv_heads, dim, block):
     """Decoding sequences that share their first blocks (two groups of different sizes, one
     member ending right after the shared part, one sequence on its own) give what the plain

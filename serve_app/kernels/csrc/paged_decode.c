@@ -9,16 +9,18 @@
    max_blocks]; keys of sequence i are positions [start[i], ctx_lens[i]) (start > 0 for a
    sliding window, or after a prefix shared with other sequences: then init_out [n, H, D] and
    init_lse [n, H] hold the attention over keys [0, start[i]) from moeserve_shared_prefix, and
-   -inf in init_lse marks rows without one). D is a multiple of 16 up to MAX_D; the caller
-   checks the limits.
+   -inf in init_lse marks rows without one). D is a multiple of 16 up to MAX_D (576: DeepSeek's
+   MLA latent row, 512 + 64, which is both key and value there); the caller checks the limits.
+   With one KV head (MLA's absorbed multi-query form) and few sequences, a sequence's query
+   heads are split across tasks, or one thread would do a whole batch-1 step alone.
    serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 
 #include "simd.h"
 
 #define MAX_H 64     /* query heads */
-#define MAX_D 256    /* head dim */
-#define MAX_HD 8192  /* query heads x head dim */
+#define MAX_D 576    /* head dim */
+#define MAX_HD 9216  /* query heads x head dim (16 x 576) */
 #define MAX_B 64     /* block size */
 #define VD (MAX_D / 16)
 
@@ -138,6 +140,21 @@ void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_
                            float *out, const float *init_out, const float *init_lse,
                            int num_threads) {
     const int64_t G = H / Hkv;
+    if (Hkv == 1 && n < 4 * num_threads) {
+        /* multi-query: tasks of (sequence, slice of query heads), each a G = gs group over the
+           one KV head (its rows are D apart whatever the slice) */
+        const int64_t slices = H < 2 * num_threads ? H : 2 * num_threads;
+        const int64_t gs = (H + slices - 1) / slices, ns = (H + gs - 1) / gs;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+        for (int64_t task = 0; task < n * ns; task++) {
+            const int64_t i = task / ns, g0 = (task % ns) * gs;
+            const int64_t g = H - g0 < gs ? H - g0 : gs, at = i * H + g0;
+            decode_task(q + at * D, k_cache, v_cache, block_tables + i * max_blocks, starts[i],
+                        ctx_lens[i], out + at * D, g, D, B, 1, 0, 1, scale,
+                        init_lse ? init_out + at * D : NULL, init_lse ? init_lse + at : NULL);
+        }
+        return;
+    }
     /* one task per sequence when there are enough of them, else one per (sequence, KV head) */
     const int64_t nh = n >= 4 * num_threads ? Hkv : 1, chunks = Hkv / nh;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)

@@ -17,7 +17,8 @@
    k_cache, v_cache [num_blocks, B, Hkv, D]; block_tables [n, max_blocks]. The query tokens of
    sequence i are its positions [ctx_len - q_len, ctx_len); a key at position p is visible to
    the query at position s when p <= s and, with a window W > 0, p > s - W.
-   D is a multiple of 16 up to 256; B up to 64; qt x G up to 64 (checked by the caller).
+   D is a multiple of 16 up to 576 (DeepSeek's MLA latent row: keys and values are the same
+   rows there); B up to 64; qt x G up to 64 (checked by the caller).
    serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 #include <stdlib.h>
@@ -26,7 +27,7 @@
 
 #define MAX_R 64  /* query rows of a task: qt x G */
 #define MAX_RV (MAX_R / 16)
-#define MAX_D 256 /* head dim */
+#define MAX_D 576 /* head dim */
 #define MAX_B 64  /* block size */
 #define KC 64     /* keys per softmax step: whole blocks, at least one */
 #define MAX_KC (KC > MAX_B ? KC : MAX_B)
