@@ -183,12 +183,22 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     ) = Field(description="A prompt string, a list of strings, token ids, or lists of token ids.")
-    max_tokens: int | None = _b("max_tokens", 16)
+    max_tokens: int | None = Field(
+        16,
+        ge=0,
+        description="Tokens to generate; 0 with echo scores the prompt alone (OpenAI's legacy "
+        "scoring, lm-eval-harness' loglikelihood).",
+    )
     max_completion_tokens: int | None = _b("max_tokens", None)
     logprobs: int | None = _b("logprobs", None)
     echo: bool = False
     prompt_logprobs: int | None = None
     best_of: int | None = None
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) with no completion tokens."""
+        return self.echo and self.max_tokens == 0 and self.max_completion_tokens is None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -204,6 +214,12 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported", "best_of")
         max_tokens = self.max_completion_tokens or self.max_tokens
+        if self.max_tokens == 0 and self.max_completion_tokens is None:
+            if not self.echo:
+                raise InvalidRequestError(
+                    "max_tokens 0 needs echo: true (it scores the prompt alone)", "max_tokens"
+                )
+            max_tokens = 1  # the engine samples one token; the response leaves it out
         # echo with logprobs needs the prompt's logprobs (lm-eval-harness' loglikelihood).
         prompt_lp = self.prompt_logprobs
         if self.echo and self.logprobs is not None and prompt_lp is None:

@@ -144,7 +144,9 @@ def build_api_routes(
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
         streams = await submit_all(client, body.prompts(), params, rid, hint)
-        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n, body.echo)
+        kind = render.Completion(
+            rid, client.model_name, client.tokenizer, params.n, body.echo, body.prompt_only
+        )
         return await _respond(
             request, body.stream, body.stream_opts, streams, kind, hint, stream_interval
         )

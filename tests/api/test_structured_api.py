@@ -297,6 +297,45 @@ def test_echo_logprobs_lm_eval_shape(client, server):
     assert r2.usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server, stream):
+    """OpenAI's legacy scoring (lm-eval's loglikelihood of a whole prompt): the prompt and its
+    logprobs, no completion token."""
+    prompt = "The river bends and the water runs"
+    kw = dict(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    if stream:
+        chunks = list(
+            client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        )
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [
+            t
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.tokens
+        ]
+        usage = chunks[-1].usage
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    else:
+        r = client.completions.create(**kw)
+        text, tokens, usage = r.choices[0].text, r.choices[0].logprobs.tokens, r.usage
+        assert r.choices[0].finish_reason == "length"
+        lps = r.choices[0].logprobs.token_logprobs
+        assert lps[0] is None and all(x <= 0 for x in lps[1:])
+    assert text == prompt and "".join(tokens) == prompt
+    assert len(tokens) == usage.prompt_tokens and usage.completion_tokens == 0
+    wait_idle(server[1])
+
+
+def test_max_tokens_0_without_echo_is_a_400(server):
+    r = httpx.post(
+        f"{server[0]}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 # ---- what cannot be honoured is a 400 -----------------------------------------------------
 
 
