@@ -1,12 +1,16 @@
-"""The embedded default: a local redis-server shared by the engines of one node.
+"""The embedded default: a local redis-server shared by the engines of one app on one node.
 
-Without a configured URL, the first engine on a node starts `redis-server` on a free loopback
-port (no persistence, maxmemory + allkeys-lru) and records {pid, port} in a state file; later
-engines (other router replicas on the node) find it there and share it. The process that
-started the server stops it by PID on exit; it is also started with a parent-death signal
-(via setpriv, where present), so a crashed owner leaves no stray server behind. Engines that
-lose it reconnect through RedisKVTier's backoff, which calls url() again: the first caller
-then starts a fresh server.
+Without a configured URL, the first engine of an app on a node starts `redis-server` on a free
+loopback port (no persistence, maxmemory + allkeys-lru) and records {pid, port} in the app's
+state file, `<base>/<owner>/state.json`; later engines of that app on the node (its other router
+replicas) find it there and share it. The owner names the app: on Ray, the cluster's node
+(`ray-<node id>`, unique to one Ray cluster), so a second app on the same machine (another
+`make run`, a test run beside a dev server) has its own server, and stopping one app never stops
+another's; in one process without Ray, the process itself. The process that started the server
+stops it by PID on exit; it is also started with a parent-death signal (via setpriv, where
+present), so a crashed owner leaves no stray server behind. Engines that lose it reconnect
+through RedisKVTier's backoff, which calls url() again: the first caller then starts a fresh
+server.
 """
 
 from __future__ import annotations
@@ -30,22 +34,29 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 
 
-def default_state_dir() -> Path:
+def default_base_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"moeserve-redis-{os.getuid()}"
 
 
+def state_dir(base: str | Path | None, owner: str | None, pid: int) -> Path:
+    """Where the embedded server of one app on this node is recorded: `<base>/<owner>`.
+    base None: a per-user temp dir; owner None: the process `pid` alone (no other app, and no
+    other process, can reach it)."""
+    name = owner if owner else f"pid-{pid}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    return (Path(base) if base else default_base_dir()) / safe
+
+
 class EmbeddedRedis:
-    def __init__(
-        self, state_dir: str | Path | None, maxmemory_mb: int, binary: str = "redis-server"
-    ):
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+    def __init__(self, state_dir: str | Path, maxmemory_mb: int, binary: str = "redis-server"):
+        self.state_dir = Path(state_dir)
         self.maxmemory_mb = maxmemory_mb
         self.binary = binary
         self._proc: subprocess.Popen | None = None
         atexit.register(self.close)
 
     def url(self) -> str:
-        """The URL of the node's embedded server, starting one if none answers."""
+        """The URL of this app's embedded server on the node, starting one if none answers."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
