@@ -215,12 +215,12 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported", "best_of")
         max_tokens = self.max_completion_tokens or self.max_tokens
-        if self.max_tokens == 0 and self.max_completion_tokens is None:
-            if not self.echo:
-                raise InvalidRequestError(
-                    "max_tokens 0 needs echo: true (it scores the prompt alone)", "max_tokens"
-                )
+        if self.prompt_only:
             max_tokens = 1  # the engine samples one token; the response leaves it out
+        elif max_tokens == 0:
+            raise InvalidRequestError(
+                "max_tokens 0 needs echo: true (it scores the prompt alone)", "max_tokens"
+            )
         # echo with logprobs needs the prompt's logprobs (lm-eval-harness' loglikelihood).
         prompt_lp = self.prompt_logprobs
         if self.echo and self.logprobs is not None and prompt_lp is None:
