@@ -8,9 +8,10 @@ replicas) find it there and share it. The owner names the app: on Ray, the clust
 `make run`, a test run beside a dev server) has its own server, and stopping one app never stops
 another's; in one process without Ray, the process itself. The process that started the server
 stops it by PID on exit; it is also started with a parent-death signal (via setpriv, where
-present), so a crashed owner leaves no stray server behind. Engines that lose it reconnect
-through RedisKVTier's backoff, which calls url() again: the first caller then starts a fresh
-server.
+present), so a crashed owner leaves no stray server behind, and the next app that starts a
+server removes the state of apps whose server is gone (`prune_stale_apps`). Engines that lose
+it reconnect through RedisKVTier's backoff, which calls url() again: the first caller then
+starts a fresh server.
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ class EmbeddedRedis:
                 return _url(state["port"])
             port = self._start()
             self._write_state({"pid": self._proc.pid, "port": port})
-            return _url(port)
+        # once per server started (an app's start, or a restart), not per reconnect
+        try:
+            prune_stale_apps(self.state_dir.parent, keep=self.state_dir.name)
+        except OSError as e:  # tidying up: never a reason to fail the cache
+            log.debug("embedded redis: pruning stale app state failed: %s", e)
+        return _url(port)
 
     @property
     def pid(self) -> int | None:
@@ -137,6 +143,28 @@ class EmbeddedRedis:
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_dir / "state.json")
+
+
+def prune_stale_apps(base: Path, keep: str) -> list[str]:
+    """Remove the state dirs of apps whose server is gone (its recorded PID is dead): a Ray app
+    whose replicas were killed never ran their exit hooks, and its node id is never used again.
+    A dir without state (an app starting) or whose lock is held (an app restarting its server)
+    is left alone. Returns the names removed."""
+    removed = []
+    for entry in base.iterdir() if base.is_dir() else ():
+        state = entry / "state.json"
+        if entry.name == keep or not entry.is_dir() or not state.is_file():
+            continue
+        try:
+            with open(entry / "lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                pid = json.loads(state.read_text()).get("pid")
+                if isinstance(pid, int) and not pid_alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+        except (OSError, ValueError, AttributeError):
+            continue  # locked, or being written: not stale now
+    return removed
 
 
 def _url(port: int) -> str:

@@ -1,9 +1,11 @@
 """The embedded redis-server belongs to one app: its state is keyed by the app (pure
 `state_dir`), and two apps on one machine each run their own, so stopping one leaves the
-other's prefix tier connected, with no degradation event. Real redis-servers, two processes."""
+other's prefix tier connected, with no degradation event (real redis-servers, two processes);
+the state of an app that is gone is pruned."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -14,7 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from serve_app.kvstore.embedded import default_base_dir, state_dir
+from serve_app.kvstore.embedded import default_base_dir, prune_stale_apps, state_dir
 from tests.conftest import subprocess_env
 from tests.kvstore.test_shared_prefix_cache import make_engine, prompt, publish
 
@@ -93,3 +95,28 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_state_of_apps_whose_server_is_gone_is_pruned(tmp_path):
+    """A Ray app's replicas are killed without running their exit hooks: its dir (named by a
+    node id no app uses again) is removed by the next app that starts a server."""
+
+    def app(name: str, state: dict | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if state is not None:
+            (d / "state.json").write_text(json.dumps(state))
+        return d
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    app("ray-gone", {"pid": dead.pid, "port": 1})
+    app("ray-live", {"pid": os.getpid(), "port": 2})
+    app("ray-starting", None)
+    busy = app("ray-restarting", {"pid": dead.pid, "port": 3})
+    app("mine", {"pid": dead.pid, "port": 4})
+    with open(busy / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # its app holds the lock while it restarts a server
+        assert prune_stale_apps(tmp_path, keep="mine") == ["ray-gone"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["mine", "ray-live", "ray-restarting", "ray-starting"]
