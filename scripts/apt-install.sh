@@ -14,9 +14,17 @@ _apt_sudo() {
   fi
 }
 
+# Installed: dpkg's status is "install ok installed", or a binary of that name is on PATH.
+# Not `dpkg -s`, which also succeeds for a package removed but not purged ("deinstall ok
+# config-files"): its binary is gone, and apt must install it again.
+apt_installed() {
+  [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ] ||
+    command -v "$1" >/dev/null 2>&1
+}
+
 apt_install() {
   local missing=()
-  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  for pkg in "$@"; do apt_installed "$pkg" || missing+=("$pkg"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null 2>&1 || { echo "no apt-get here to install ${missing[*]}" >&2; return 1; }
   export DEBIAN_FRONTEND=noninteractive

@@ -135,13 +135,16 @@ class PrefixCacheSettings(BaseModel):
         )
         return self
 
-    def store_config(self) -> KVStoreConfig | None:
+    def store_config(self, embedded_owner: str | None = None) -> KVStoreConfig | None:
+        """embedded_owner: the app the embedded server belongs to (KVStoreConfig)."""
         if not self.enabled:
             return None
-        return self._store_config(self.redis_url or os.environ.get(REDIS_URL_ENV) or None)
+        url = self.redis_url or os.environ.get(REDIS_URL_ENV) or None
+        return self._store_config(url, embedded_owner)
 
-    def _store_config(self, url: str | None) -> KVStoreConfig:
-        return KVStoreConfig(url=url, **self.model_dump(exclude={"enabled", "redis_url"}))
+    def _store_config(self, url: str | None, embedded_owner: str | None = None) -> KVStoreConfig:
+        settings = self.model_dump(exclude={"enabled", "redis_url"})
+        return KVStoreConfig(url=url, embedded_owner=embedded_owner, **settings)
 
 
 class AnalysisSettings(BaseModel):
@@ -273,10 +276,13 @@ class AppConfig(BaseModel):
     def version_name(self) -> str:
         return self.version or Path(self.model).resolve().name
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, embedded_owner: str | None = None) -> EngineConfig:
         """The engine's config; runs in the router replica, so the Redis URL (and its password)
-        may come from that process's environment."""
-        kv_store = self.prefix_cache.store_config() if self.engine.enable_prefix_caching else None
+        may come from that process's environment. embedded_owner: the app whose replicas on
+        this node share one embedded redis-server (the Router passes its Ray node)."""
+        kv_store = None
+        if self.engine.enable_prefix_caching:
+            kv_store = self.prefix_cache.store_config(embedded_owner)
         return EngineConfig(
             model=self.model,
             kv_store=kv_store,

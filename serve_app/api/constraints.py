@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.checked import CheckedModel
+from serve_app.api.schemas import enforced
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.request import GrammarSpec
 
@@ -40,8 +41,10 @@ class ResponseFormat(CheckedModel):
                     "response_format.json_schema is required for type json_schema",
                     "response_format",
                 )
+            param = "response_format.json_schema.schema"
             schema = self.json_schema.schema_ or {"type": "object"}
-            return GrammarSpec("json", _canonical(schema), "response_format")
+            schema = enforced(schema, param, self.json_schema.strict)
+            return GrammarSpec("json", _canonical(schema), param)
         raise InvalidRequestError(
             f"response_format.type {self.type!r} is not supported "
             "(one of 'text', 'json_object', 'json_schema')",
@@ -74,7 +77,7 @@ def _spec(kind: str, value: Any, param: str) -> GrammarSpec:
                 value = json.loads(value)
             except ValueError as e:
                 raise InvalidRequestError(f"{param}: json is not valid JSON: {e}", param) from e
-        return GrammarSpec("json", _canonical(value), param)
+        return GrammarSpec("json", _canonical(enforced(value, param)), param)
     if kind == "choice":
         return GrammarSpec("choice", json.dumps(list(value), ensure_ascii=False), param)
     return GrammarSpec(kind, value, param)
@@ -94,7 +97,11 @@ def one_constraint(
     if structured_outputs is not None:
         so = structured_outputs
         values = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
-        found += [_spec(k, v, "structured_outputs") for k, v in values.items() if v is not None]
+        found += [
+            _spec(k, v, "structured_outputs.json" if k == "json" else "structured_outputs")
+            for k, v in values.items()
+            if v is not None
+        ]
     found += [_spec(k, v, f"guided_{k}") for k, v in guided.items() if v is not None]
     if len(found) > 1:
         raise InvalidRequestError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from serve_app.engine.errors import (
     EngineDeadError,
@@ -56,14 +57,58 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal server error", "internal_error", 500), 500)
 
 
+def field_path(loc: tuple | list) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: `tools[0].function.name`."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or None
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of a body that failed validation: the first error, with its path."""
+    first = errors[0] if errors else {}
+    loc = list(first.get("loc", ()))
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
+    if first.get("type") == "json_invalid":  # loc holds the byte offset, not a field
+        why = (first.get("ctx") or {}).get("error", "invalid JSON")
+        at = f" at position {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        return f"the request body is not valid JSON: {why}{at}", None
+    param = field_path([p for p in loc if not _is_union_tag(p)])
+    msg = first.get("msg", "invalid request")
+    return (f"{param}: {msg}" if param else f"request body: {msg}"), param
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic's name of a union member in a location (`list[int]`, `NamedToolChoice`,
+    `function-after[...]`), which is no part of the request's path (fields are snake_case)."""
+    return isinstance(part, str) and (part[:1].isupper() or any(c in part for c in "[]-"))
+
+
+# OpenAI's type for the statuses Starlette raises itself (unknown route, wrong method...).
+_HTTP_TYPES = {404: "not_found_error", 405: "method_not_allowed", 413: "invalid_request_error"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = loc[0] if loc else None  # the top-level field, as OpenAI reports it
-        msg = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
+        msg, param = validation_error(list(exc.errors()))
         return JSONResponse(error_body(msg, "invalid_request_error", 400, param), 400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404:  # OpenAI's wording for a route it does not have
+            msg = f"Invalid URL ({request.method} {request.url.path})"
+        elif status == 405:
+            msg = f"Method {request.method} not allowed for {request.url.path}"
+        else:
+            msg = str(exc.detail)
+        type_ = _HTTP_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "internal_error"
+        )
+        return JSONResponse(error_body(msg, type_, status), status, headers=exc.headers)
 
     @app.exception_handler(APIError)
     @app.exception_handler(EngineError)

@@ -21,6 +21,7 @@ from serve_app.api.constraints import (
     StructuredOutputs,
     one_constraint,
 )
+from serve_app.api.schemas import enforced
 from serve_app.api.tools import tool_call_grammar
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.request import SAMPLING_BOUNDS, GrammarSpec, SamplingParams
@@ -183,12 +184,22 @@ class CompletionRequest(_SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     ) = Field(description="A prompt string, a list of strings, token ids, or lists of token ids.")
-    max_tokens: int | None = _b("max_tokens", 16)
+    max_tokens: int | None = Field(
+        16,
+        ge=0,
+        description="Tokens to generate; 0 with echo scores the prompt alone (OpenAI's legacy "
+        "scoring, lm-eval-harness' loglikelihood).",
+    )
     max_completion_tokens: int | None = _b("max_tokens", None)
     logprobs: int | None = _b("logprobs", None)
     echo: bool = False
     prompt_logprobs: int | None = None
     best_of: int | None = None
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) with no completion tokens."""
+        return self.echo and self.max_tokens == 0 and self.max_completion_tokens is None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -204,6 +215,12 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported", "best_of")
         max_tokens = self.max_completion_tokens or self.max_tokens
+        if self.prompt_only:
+            max_tokens = 1  # the engine samples one token; the response leaves it out
+        elif max_tokens == 0:
+            raise InvalidRequestError(
+                "max_tokens 0 needs echo: true (it scores the prompt alone)", "max_tokens"
+            )
         # echo with logprobs needs the prompt's logprobs (lm-eval-harness' loglikelihood).
         prompt_lp = self.prompt_logprobs
         if self.echo and self.logprobs is not None and prompt_lp is None:
@@ -352,27 +369,29 @@ class ChatCompletionRequest(_SamplingFields):
         return bool(self.tools) and self.effective_tool_choice != "none"
 
     def _tool_grammar(self) -> GrammarSpec | None:
-        tools = {t.function.name: t.function for t in self.tools or ()}
-        for name in tools:
-            if not name or len(name) > 64 or not set(name) <= _TOOL_NAME_CHARS:
+        """The grammar of tool_choice required / named. Every tool is checked first, whatever
+        tool_choice says: a bad name or parameters schema is a 400 naming its path."""
+        schemas = {}
+        for i, tool in enumerate(self.tools or ()):
+            f = tool.function
+            if not f.name or len(f.name) > 64 or not set(f.name) <= _TOOL_NAME_CHARS:
                 raise InvalidRequestError(
-                    f"tool name {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", "tools"
+                    f"tools[{i}].function.name: {f.name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$",
+                    f"tools[{i}].function.name",
                 )
+            params = f.parameters if f.parameters is not None else {"type": "object"}
+            schemas[f.name] = enforced(params, f"tools[{i}].function.parameters", f.strict)
         choice = self.effective_tool_choice
         if choice in ("none", "auto"):
             return None
-        if not tools:
+        if not schemas:
             raise InvalidRequestError(f"tool_choice {choice!r} requires tools", "tool_choice")
         if choice == "named":
             name = self.tool_choice.function.name
-            if name not in tools:
+            if name not in schemas:
                 raise InvalidRequestError(f"tool_choice names unknown tool {name!r}", "tool_choice")
-            chosen, parallel = [tools[name]], False
-        else:
-            chosen, parallel = list(tools.values()), self.parallel_tool_calls
-        return tool_call_grammar(
-            [(f.name, f.parameters or {"type": "object"}) for f in chosen], parallel
-        )
+            return tool_call_grammar([(name, schemas[name])], parallel=False)
+        return tool_call_grammar(list(schemas.items()), self.parallel_tool_calls)
 
     def template_kwargs(self) -> dict[str, Any]:
         """chat_template_kwargs, checked: the template's own arguments are set by the server."""

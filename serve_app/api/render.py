@@ -92,13 +92,23 @@ class Renderer:
 
 class Completion(Renderer):
     """echo=True puts the prompt (text, and its logprobs when asked) before each choice's
-    output, as lm-eval-harness' loglikelihood requests expect."""
+    output, as lm-eval-harness' loglikelihood requests expect. prompt_only (echo with
+    max_tokens 0) leaves the one token the engine sampled out: the prompt alone is scored."""
 
     object_final = object_chunk = "text_completion"
 
-    def __init__(self, request_id: str, model: str, tokenizer: Any, n: int, echo: bool = False):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Any,
+        n: int,
+        echo: bool = False,
+        prompt_only: bool = False,
+    ):
         super().__init__(request_id, model, tokenizer, n)
-        self.echo = echo
+        self.echo = echo or prompt_only
+        self.prompt_only = prompt_only
         self._echoed: set[int] = set()
         self._prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs
 
@@ -129,7 +139,10 @@ class Completion(Renderer):
             return out
         if out.prompt_logprobs is not None:
             self._prompt_lps[i] = out.prompt_logprobs
-        outs = [self._echo(i, out, c) for c in out.outputs]
+        outs = out.outputs
+        if self.prompt_only:
+            outs = [_without_completion(c) for c in outs]
+        outs = [self._echo(i, out, c) for c in outs]
         return RequestOutput(
             out.request_id, out.prompt_token_ids, outs, out.finished, out.num_cached_tokens
         )
@@ -273,3 +286,10 @@ class Chat(Renderer):
             "finish_reason": self._reason(idx, c.finish_reason),
             "stop_reason": c.stop_reason,
         }
+
+
+def _without_completion(c: CompletionOutput) -> CompletionOutput:
+    """A choice with its generated tokens left out (echo with max_tokens 0): finished by
+    length, as OpenAI answers a request for no tokens."""
+    lps = [] if c.logprobs is not None else None
+    return CompletionOutput(c.index, "", [], lps, "length" if c.finish_reason else None)

@@ -116,22 +116,26 @@ def build_api_routes(
         h = await client.health()
         return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
 
+    def model_card() -> dict:
+        return {
+            "id": client.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "moeserve",
+            "root": client.model_name,
+            "parent": None,
+            "max_model_len": client.max_model_len,
+        }
+
     @v1.get("/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": client.model_name,
-                    "object": "model",
-                    "created": int(time.time()),
-                    "owned_by": "moeserve",
-                    "root": client.model_name,
-                    "parent": None,
-                    "max_model_len": client.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")
+    async def model(model: str) -> dict:
+        """OpenAI's retrieve: the served model's card, a 404 in OpenAI's shape for another id."""
+        check_model(model)
+        return model_card()
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -140,7 +144,9 @@ def build_api_routes(
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
         streams = await submit_all(client, body.prompts(), params, rid, hint)
-        kind = render.Completion(rid, client.model_name, client.tokenizer, params.n, body.echo)
+        kind = render.Completion(
+            rid, client.model_name, client.tokenizer, params.n, body.echo, body.prompt_only
+        )
         return await _respond(
             request, body.stream, body.stream_opts, streams, kind, hint, stream_interval
         )

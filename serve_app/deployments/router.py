@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 BALANCER_ACTOR_NAME = "expert-balancer"
 
 
+def ray_node_owner(context) -> str:
+    """The embedded redis-server's owner for the replicas on this node of this Ray cluster."""
+    return f"ray-{context.get_node_id()}"
+
+
 def shard_actor_name(shard: int) -> str:
     return f"experts-{shard}"
 
@@ -56,7 +61,9 @@ class Router:
             )
         scaling = config.router.autoscaling
         self.engine = build_async_engine(
-            config.engine_config(),
+            # one embedded redis-server per app and node: a node id is unique to its Ray
+            # cluster, so a second app on this machine (its own Ray) gets its own
+            config.engine_config(embedded_owner=ray_node_owner(ray.get_runtime_context())),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
         )

@@ -46,16 +46,18 @@ class KVStoreConfig:
     """The shared (Redis) tier of the prefix cache, one per engine.
 
     url None starts (or reuses) an embedded redis-server on a free loopback port of this node,
-    capped at embedded_maxmemory_mb with allkeys-lru; state in embedded_dir (None: a per-user
-    temp dir). A lookup never waits more than lookup_timeout_ms, a fetch of the hits more than
-    load_timeout_ms; past that the blocks are computed locally. publish_queue_size bounds the
-    blocks waiting to be sent (more are dropped and counted). ttl_s None keeps entries until
-    Redis evicts them (LRU); otherwise every write and hit sets the TTL. publish_decode False
-    publishes only blocks wholly inside a prompt (LMCache's `save_decode_cache: False`): a
-    generated block is kept in the local prefix cache but not sent to Redis. write_policy
-    write_through sends a block when it is computed; write_through_selective only when a later
-    request of this engine reuses it from the local cache (then whatever it holds, prompt or
-    generated tokens), so prompts seen once cost the tier nothing but a lookup.
+    capped at embedded_maxmemory_mb with allkeys-lru. It belongs to one app: the engines with
+    the same embedded_owner on a node share it (None: this process alone), and its state is in
+    <embedded_dir>/<owner> (embedded_dir None: a per-user temp dir). A lookup never waits more
+    than lookup_timeout_ms, a fetch of the hits more than load_timeout_ms; past that the blocks
+    are computed locally. publish_queue_size bounds the blocks waiting to be sent (more are
+    dropped and counted). ttl_s None keeps entries until Redis evicts them (LRU); otherwise
+    every write and hit sets the TTL. publish_decode False publishes only blocks wholly inside a
+    prompt (LMCache's `save_decode_cache: False`): a generated block is kept in the local prefix
+    cache but not sent to Redis. write_policy write_through sends a block when it is computed;
+    write_through_selective only when a later request of this engine reuses it from the local
+    cache (then whatever it holds, prompt or generated tokens), so prompts seen once cost the
+    tier nothing but a lookup.
     """
 
     url: str | None = None
@@ -69,6 +71,7 @@ class KVStoreConfig:
     ttl_s: int | None = None
     embedded_maxmemory_mb: int = 1024
     embedded_dir: str | None = None
+    embedded_owner: str | None = None  # the app (a Ray cluster's node: the Router sets it)
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme if self.url is not None else None

@@ -31,3 +31,11 @@ class EngineDeadError(EngineError):
 class ExpertsUnavailableError(EngineError):
     """An expert shard did not answer in time, even after a retry. The requests of that step
     fail; the engine keeps serving and the shard is re-resolved on the next call."""
+
+
+def grammar_error_line(message: str) -> str:
+    """A grammar engine's (llguidance's) error as one line: its `error:` line when it has one
+    (a regex or Lark error comes with the source and a caret drawn below), else its first."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    tagged = [ln.removeprefix("error:").strip() for ln in lines if ln.startswith("error:")]
+    return (tagged or lines or ["invalid"])[0]

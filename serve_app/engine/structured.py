@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.errors import InvalidRequestError, grammar_error_line
 from serve_app.engine.request import JSON_OPTIONS, GrammarSpec, Request
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def grammar_text(spec: GrammarSpec) -> str:
             return llg.grammar_from("choice", spec.value)
         return llg.grammar_from("grammar", spec.value)  # Lark, or GBNF converted to Lark
     except ValueError as e:
-        raise InvalidRequestError(f"invalid {spec.kind} constraint: {e}", spec.param) from e
+        raise InvalidRequestError(
+            f"invalid {spec.kind} constraint: {grammar_error_line(str(e))}", spec.param
+        ) from e
 
 
 class GrammarMatcher:
@@ -125,7 +127,8 @@ class GrammarCompiler:
         matcher = llg.LLMatcher(self._tokenizer(), text, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(
-                f"invalid {spec.kind} constraint: {matcher.get_error()}", spec.param
+                f"invalid {spec.kind} constraint: {grammar_error_line(matcher.get_error())}",
+                spec.param,
             )
         return matcher
 

@@ -11,6 +11,7 @@ Torch lives here and in ModelRunner.{read,write}_blocks; Redis and bytes in Redi
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.request import Request
 from serve_app.engine.scheduler import ExternalLoad
 from serve_app.kvstore.codec import KVLayout
-from serve_app.kvstore.embedded import EmbeddedRedis
+from serve_app.kvstore.embedded import EmbeddedRedis, state_dir
 from serve_app.kvstore.redis_tier import RedisKVTier
 from serve_app.kvstore.stats import KVStoreStats
 from serve_app.platform.transfer import to_host
@@ -115,7 +116,8 @@ def open_shared_prefix_cache(
     layout = kv_layout(runner)
     embedded = None
     if config.url is None:
-        embedded = EmbeddedRedis(config.embedded_dir, config.embedded_maxmemory_mb)
+        state = state_dir(config.embedded_dir, config.embedded_owner, os.getpid())
+        embedded = EmbeddedRedis(state, config.embedded_maxmemory_mb)
         url_provider = embedded.url
     else:
         url = config.url

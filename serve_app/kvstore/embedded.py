@@ -1,12 +1,17 @@
-"""The embedded default: a local redis-server shared by the engines of one node.
+"""The embedded default: a local redis-server shared by the engines of one app on one node.
 
-Without a configured URL, the first engine on a node starts `redis-server` on a free loopback
-port (no persistence, maxmemory + allkeys-lru) and records {pid, port} in a state file; later
-engines (other router replicas on the node) find it there and share it. The process that
-started the server stops it by PID on exit; it is also started with a parent-death signal
-(via setpriv, where present), so a crashed owner leaves no stray server behind. Engines that
-lose it reconnect through RedisKVTier's backoff, which calls url() again: the first caller
-then starts a fresh server.
+Without a configured URL, the first engine of an app on a node starts `redis-server` on a free
+loopback port (no persistence, maxmemory + allkeys-lru) and records {pid, port} in the app's
+state file, `<base>/<owner>/state.json`; later engines of that app on the node (its other router
+replicas) find it there and share it. The owner names the app: on Ray, the cluster's node
+(`ray-<node id>`, unique to one Ray cluster), so a second app on the same machine (another
+`make run`, a test run beside a dev server) has its own server, and stopping one app never stops
+another's; in one process without Ray, the process itself. The process that started the server
+stops it by PID on exit; it is also started with a parent-death signal (via setpriv, where
+present), so a crashed owner leaves no stray server behind, and the next app that starts a
+server removes the state of apps whose server is gone (`prune_stale_apps`). Engines that lose
+it reconnect through RedisKVTier's backoff, which calls url() again: the first caller then
+starts a fresh server.
 """
 
 from __future__ import annotations
@@ -30,22 +35,29 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
 
 
-def default_state_dir() -> Path:
+def default_base_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"moeserve-redis-{os.getuid()}"
 
 
+def state_dir(base: str | Path | None, owner: str | None, pid: int) -> Path:
+    """Where the embedded server of one app on this node is recorded: `<base>/<owner>`.
+    base None: a per-user temp dir; owner None: the process `pid` alone (no other app, and no
+    other process, can reach it)."""
+    name = owner if owner else f"pid-{pid}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    return (Path(base) if base else default_base_dir()) / safe
+
+
 class EmbeddedRedis:
-    def __init__(
-        self, state_dir: str | Path | None, maxmemory_mb: int, binary: str = "redis-server"
-    ):
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+    def __init__(self, state_dir: str | Path, maxmemory_mb: int, binary: str = "redis-server"):
+        self.state_dir = Path(state_dir)
         self.maxmemory_mb = maxmemory_mb
         self.binary = binary
         self._proc: subprocess.Popen | None = None
         atexit.register(self.close)
 
     def url(self) -> str:
-        """The URL of the node's embedded server, starting one if none answers."""
+        """The URL of this app's embedded server on the node, starting one if none answers."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -54,7 +66,12 @@ class EmbeddedRedis:
                 return _url(state["port"])
             port = self._start()
             self._write_state({"pid": self._proc.pid, "port": port})
-            return _url(port)
+        # once per server started (an app's start, or a restart), not per reconnect
+        try:
+            prune_stale_apps(self.state_dir.parent, keep=self.state_dir.name)
+        except OSError as e:  # tidying up: never a reason to fail the cache
+            log.debug("embedded redis: pruning stale app state failed: %s", e)
+        return _url(port)
 
     @property
     def pid(self) -> int | None:
@@ -126,6 +143,28 @@ class EmbeddedRedis:
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.state_dir / "state.json")
+
+
+def prune_stale_apps(base: Path, keep: str) -> list[str]:
+    """Remove the state dirs of apps whose server is gone (its recorded PID is dead): a Ray app
+    whose replicas were killed never ran their exit hooks, and its node id is never used again.
+    A dir without state (an app starting) or whose lock is held (an app restarting its server)
+    is left alone. Returns the names removed."""
+    removed = []
+    for entry in base.iterdir() if base.is_dir() else ():
+        state = entry / "state.json"
+        if entry.name == keep or not entry.is_dir() or not state.is_file():
+            continue
+        try:
+            with open(entry / "lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                pid = json.loads(state.read_text()).get("pid")
+                if isinstance(pid, int) and not pid_alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+        except (OSError, ValueError, AttributeError):
+            continue  # locked, or being written: not stale now
+    return removed
 
 
 def _url(port: int) -> str:

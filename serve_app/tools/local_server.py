@@ -16,7 +16,15 @@ import urllib.request
 from pathlib import Path
 
 from serve_app.procs import pid_alive, stop_session
-from serve_app.tools.run_files import LOG_FILE, PID_FILE, RUN_DIR, read_pid
+from serve_app.tools.run_files import (
+    LOG_FILE,
+    PID_FILE,
+    RUN_DIR,
+    failure_cause,
+    log_since,
+    log_size,
+    read_pid,
+)
 
 STOP_TIMEOUT_S = 60
 
@@ -72,6 +80,7 @@ def _start_background(args: argparse.Namespace) -> int:
         print(f"already running (pid {read_pid()}); `make stop` first", file=sys.stderr)
         return 1
     argv = [a for a in sys.argv[1:] if a != "--background"]
+    start = log_size()
     with open(LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "serve_app.cli", *argv],
@@ -85,7 +94,7 @@ def _start_background(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"server exited with {proc.returncode}; see {LOG_FILE}", file=sys.stderr)
+            print(exit_line(proc.returncode, log_since(start)), file=sys.stderr)
             return 1
         try:
             with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
@@ -94,7 +103,8 @@ def _start_background(args: argparse.Namespace) -> int:
         except OSError:
             time.sleep(0.5)
     else:
-        print(f"server not ready after 600 s; see {LOG_FILE}", file=sys.stderr)
+        cause = failure_cause(log_since(start))
+        print(f"server not ready after 600 s (last: {cause}); see {LOG_FILE}", file=sys.stderr)
         stop_server()
         return 1
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
@@ -103,6 +113,13 @@ def _start_background(args: argparse.Namespace) -> int:
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     print("  stop it with: make stop")
     return 0
+
+
+def exit_line(returncode: int, log: str) -> str:
+    """The one line a background start that failed prints: the exit status and why (from the
+    lines this start wrote to the log)."""
+    cause = failure_cause(log) or "it wrote nothing to its log"
+    return f"server exited with {returncode}: {cause} (full log: {LOG_FILE})"
 
 
 def _prefix_cache_line(url: str, ray: bool) -> str:

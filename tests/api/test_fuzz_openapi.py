@@ -124,7 +124,7 @@ def test_bodies_of_any_shape_never_get_5xx(api, path):
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": "hi", "seed": 2**70}, "seed"),
-        ("/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, "tokens[0]"),  # the path of the bad item
     ],
 )
 def test_found_by_fuzzing_now_400(api, path, body, param):

@@ -138,6 +138,70 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     wait_idle(engine)
 
 
+def test_models_retrieve_served_model_and_404_for_another(client):
+    m = client.models.retrieve("tiny")  # the SDK's GET /v1/models/{id}
+    assert m.id == "tiny" and m.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("qwen3_moe-small")
+    assert e.value.body["type"] == "not_found_error" and e.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    "method, path, status, type_",
+    [
+        ("GET", "/v1/nope", 404, "not_found_error"),
+        ("POST", "/nope", 404, "not_found_error"),
+        ("GET", "/v1/completions", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_routes_and_methods_answer_in_openai_shape(server, method, path, status, type_):
+    r = httpx.request(method, server[0] + path, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    assert set(r.json()) == {"error"}  # not FastAPI's {"detail": ...}
+    err = r.json()["error"]
+    assert err["type"] == type_ and err["code"] == status and path in err["message"]
+
+
+@pytest.mark.parametrize(
+    "route, body, param, words",
+    [
+        # a body that is not JSON: one line saying so, no made-up param
+        ("/v1/completions", b'{"prompt": "hi",', None, "not valid JSON"),
+        ("/v1/completions", b"[1]", None, "request body"),
+        # a nested missing field is named by its path
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}],'
+            b' "tools": [{"type": "function", "function": {"parameters": {}}}]}',
+            "tools[0].function.name",
+            "Field required",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "robot", "content": "hi"}]}',
+            "messages[0].role",
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "x"}}',
+            "tool_choice",
+            "tool_choice",
+        ),
+    ],
+)
+def test_malformed_bodies_are_named_by_their_path(server, route, body, param, words):
+    r = httpx.post(
+        server[0] + route,
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"] and "\n" not in err["message"]
+
+
 def test_auth_required(server):
     r = httpx.post(f"{server[0]}/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

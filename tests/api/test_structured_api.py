@@ -53,6 +53,30 @@ TIME = {
     },
 }
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+BAD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "broken",
+        "parameters": {"type": "object", "properties": {"x": {"type": "strin"}}},
+    },
+}
+BAD_PATH = "tools[1].function.parameters"
+# LangChain's default @tool schema: no additionalProperties, no bounds
+OPEN_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "word": {"type": "string", "maxLength": 8},
+                "limit": {"type": "integer"},
+            },
+            "required": ["word"],
+        },
+    },
+}
 
 
 class Pet(BaseModel):
@@ -232,6 +256,83 @@ def test_required_tool_choice_streamed(client):
         jsonschema.validate(json.loads(call["args"]), SCHEMAS[call["name"]])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_open_tool_schemas_are_closed_by_default(client, seed):
+    """A tool schema that says nothing of other keys gets none: the random model never pads
+    the arguments with invented keys (it did under JSON Schema's open default)."""
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=MSGS,
+        tools=[OPEN_TOOL],
+        tool_choice="required",
+        max_tokens=120,
+        seed=seed,
+    )
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert "word" in args and set(args) <= {"word", "limit"}
+
+
+def test_strict_false_keeps_an_open_schema_open(server):
+    """strict: false is JSON Schema as written (keys beyond `properties` allowed): this schema
+    needs one, so it is a 200 open and a 400 closed (the default, and strict: true)."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"const": 1}},
+        "required": ["a"],
+        "minProperties": 2,
+    }
+
+    def status(strict):
+        fmt = {"name": "x", "schema": schema}
+        if strict is not None:
+            fmt["strict"] = strict
+        r = httpx.post(
+            f"{server[0]}/v1/completions",
+            json={
+                "prompt": "hi",
+                "max_tokens": 3,
+                "response_format": {"type": "json_schema", "json_schema": fmt},
+            },
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        return r.status_code, r.json()
+
+    assert status(False)[0] == 200
+    for strict in (None, True):
+        code, body = status(strict)
+        assert code == 400 and body["error"]["param"] == "response_format.json_schema.schema"
+        assert "strict is false" in body["error"]["message"]
+    wait_idle(server[1])
+
+
+def test_langchain_bind_tools_with_a_default_tool(server):
+    """LangChain's `bind_tools(...).invoke` with a plain `@tool` (its schema says nothing of
+    other keys and bounds nothing) and tool_choice="any" (sent as "required"): every call is
+    valid and names only declared keys. Under JSON Schema's open default the random model
+    padded such arguments with invented keys until max_tokens."""
+    pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def add(a: int, b: int, exact: bool = True) -> int:
+        """Add two integers."""
+        return a + b
+
+    assert "additionalProperties" not in add.tool_call_schema.model_json_schema()
+    llm = ChatOpenAI(
+        model="tiny", base_url=server[0] + "/v1", api_key=KEY, max_tokens=100, max_retries=0
+    )
+    bound = llm.bind_tools([add], tool_choice="any")
+    for seed in range(3):
+        msg = bound.invoke("What is 2 + 3?", seed=seed)
+        assert msg.invalid_tool_calls == [] and len(msg.tool_calls) >= 1
+        for call in msg.tool_calls:
+            assert call["name"] == "add" and {"a", "b"} <= set(call["args"]) <= {"a", "b", "exact"}
+    wait_idle(server[1])
+
+
 def test_tool_result_round_trip_and_template(client, server):
     msgs = [
         {"role": "user", "content": "Weather in Paris?"},
@@ -297,6 +398,45 @@ def test_echo_logprobs_lm_eval_shape(client, server):
     assert r2.usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server, stream):
+    """OpenAI's legacy scoring (lm-eval's loglikelihood of a whole prompt): the prompt and its
+    logprobs, no completion token."""
+    prompt = "The river bends and the water runs"
+    kw = dict(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    if stream:
+        chunks = list(
+            client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        )
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [
+            t
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.tokens
+        ]
+        usage = chunks[-1].usage
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    else:
+        r = client.completions.create(**kw)
+        text, tokens, usage = r.choices[0].text, r.choices[0].logprobs.tokens, r.usage
+        assert r.choices[0].finish_reason == "length"
+        lps = r.choices[0].logprobs.token_logprobs
+        assert lps[0] is None and all(x <= 0 for x in lps[1:])
+    assert text == prompt and "".join(tokens) == prompt
+    assert len(tokens) == usage.prompt_tokens and usage.completion_tokens == 0
+    wait_idle(server[1])
+
+
+def test_max_tokens_0_without_echo_is_a_400(server):
+    r = httpx.post(
+        f"{server[0]}/v1/completions",
+        json={"prompt": "hi", "max_tokens": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 # ---- what cannot be honoured is a 400 -----------------------------------------------------
 
 
@@ -312,10 +452,22 @@ def test_echo_logprobs_lm_eval_shape(client, server):
                     "json_schema": {"name": "x", "schema": {"type": "nope"}},
                 }
             },
-            "response_format",
+            "response_format.json_schema.schema",
         ),
+        ("chat", {"structured_outputs": {"json": {"type": "nope"}}}, "structured_outputs.json"),
+        ("completions", {"guided_json": {"minLength": "x"}}, "guided_json"),
+        # a tool's schema is checked whether or not tool_choice enforces it
+        *[
+            ("chat", {"tools": [WEATHER, BAD_TOOL], "tool_choice": choice}, BAD_PATH)
+            for choice in ("auto", "none", "required")
+        ],
+        ("chat", {"tools": [{**TIME, "function": {"name": "a b"}}]}, "tools[0].function.name"),
         ("chat", {"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
-        ("chat", {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+        (
+            "chat",
+            {"structured_outputs": {"structural_tag": "x"}},
+            "structured_outputs.structural_tag",
+        ),
         ("chat", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         (
             "chat",
@@ -327,7 +479,7 @@ def test_echo_logprobs_lm_eval_shape(client, server):
         ("chat", {"logit_bias": {"5": 500}}, "logit_bias"),
         ("chat", {"logit_bias": {"x": 1}}, "logit_bias"),
         ("chat", {"functions": [{"name": "f"}]}, "functions"),
-        ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+        ("chat", {"modalities": ["text", "audio"]}, "modalities[1]"),
         ("completions", {"suffix": "end"}, "suffix"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"guided_json": "{not json"}, "guided_json"),
@@ -348,6 +500,11 @@ def test_unhonourable_requests_are_400(server, path, extra, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    # one line naming its path, never the internal grammar text
+    assert "\n" not in err["message"] and "<tool_call>" not in err["message"]
+    assert "x-guidance" not in err["message"]
+    if "." in param or param == "guided_json":  # a path: the message starts with it
+        assert err["message"].startswith(param)
     wait_idle(engine)
 
 

@@ -14,6 +14,8 @@ import pytest
 from serve_app.config import REDIS_URL_ENV
 from serve_app.kvstore.stats import describe_store
 from serve_app.tools.ray_server import shared_cache_preflight
+from serve_app.tools.run_files import failure_cause
+from tests.conftest import subprocess_env
 
 
 def args(redis_url=None) -> argparse.Namespace:
@@ -78,3 +80,62 @@ def test_make_run_stops_with_that_line_before_starting_anything(tmp_path, qwen3_
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [shared_cache_preflight(args(), lambda _: None)]
     assert not (tmp_path / "run" / "server.pid").exists()
+
+
+# ---- a background start that fails says why in one line ------------------------------------
+
+TRACEBACK = """\
+2026-12-07 12:52:06,430	INFO worker.py:2038 -- Started a local Ray instance.
+Traceback (most recent call last):
+  File "serve_app/tools/ray_server.py", line 190, in run_ray_server
+    serve.run(build_app(config), name="moeserve", route_prefix="/", blocking=False)
+ray.serve.exceptions.RayServeException: Deploying app 'moeserve' failed: port 18451 in use
+2026-12-07 12:52:09,000	INFO worker.py:2100 -- Ray shut down
+"""
+
+
+@pytest.mark.parametrize(
+    "log, cause",
+    [
+        (
+            TRACEBACK,
+            "ray.serve.exceptions.RayServeException: Deploying app 'moeserve' failed: "
+            "port 18451 in use",
+        ),
+        (
+            "starting\nerror: invalid app config: engine.block_size: must be > 0\n",
+            "invalid app config: engine.block_size: must be > 0",
+        ),
+        ("Traceback (most recent call last):\n  x\nKeyboardInterrupt\n", "KeyboardInterrupt"),
+        ("just a last line\n", "just a last line"),
+        ("", None),
+    ],
+)
+def test_failure_cause_is_the_logs_error_line(log, cause):
+    assert failure_cause(log) == cause
+
+
+def test_a_long_cause_is_cut_to_one_short_line():
+    cause = failure_cause("RuntimeError: " + "x" * 1000)
+    assert len(cause) == 300 and cause.endswith("...")
+
+
+def test_background_start_that_fails_prints_its_cause(tmp_path):
+    """The real path: the server process dies (no such model); the terminal gets one line with
+    the exception from this start's lines of the log, not only "see .run/server.log"."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "server.log").write_text("RuntimeError: an earlier start's failure\n")
+    env = subprocess_env(MOESERVE_RUN_DIR=str(run_dir))
+    r = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "serve", "--model", str(tmp_path / "none")]
+        + ["--port", "9", "--background"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("server exited with 1: OSError: ") and str(tmp_path / "none") in line
+    assert "earlier start" not in line and line.endswith(f"(full log: {run_dir / 'server.log'})")

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from serve_app.kvstore.embedded import default_base_dir
 from serve_app.procs import session_pids
 from tests.conftest import free_port, subprocess_env, tiny_model_dir
 
@@ -69,6 +70,10 @@ def test_make_run_prints_where_the_shared_prefix_cache_is(make_run):
     assert cache[0].endswith("(connected)")
     store = httpx.get(make_run["url"] + "/health", timeout=30).json()["prefix_cache"]["store"]
     assert store["connected"] and store["embedded"] and store["last_error"] is None
+    # the server is this app's: recorded under its Ray node's id, which no other app shares
+    port = int(store["url"].rsplit(":", 1)[1].split("/")[0])
+    states = [json.loads(p.read_text()) for p in default_base_dir().glob("ray-*/state.json")]
+    assert [s["port"] for s in states].count(port) == 1
 
 
 def test_metrics_show_a_request_within_seconds(make_run):

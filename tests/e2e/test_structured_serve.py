@@ -84,4 +84,8 @@ def test_bad_schema_is_400_over_serve(serve_app):
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
     }
     r = httpx.post(f"{serve_app.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+    # the ingress answers unknown routes in OpenAI's shape too
+    r = httpx.get(f"{serve_app.url}/v1/nope", timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

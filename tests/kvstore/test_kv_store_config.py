@@ -50,6 +50,10 @@ def test_app_config_maps_prefix_cache_and_reads_url_from_env(monkeypatch):
         url=None, int8=True, lookup_timeout_ms=5, ttl_s=60, write_policy="write_through_selective"
     )
 
+    # the router passes its app's owner (its Ray node) for the embedded server's state
+    owned = AppConfig(model="m").engine_config(embedded_owner="ray-ab12").kv_store
+    assert owned.embedded_owner == "ray-ab12" and owned.url is None
+
     monkeypatch.setenv("MOESERVE_REDIS_URL", "rediss://:s3cret@cache:6380/1")
     assert AppConfig(model="m").engine_config().kv_store.url == "rediss://:s3cret@cache:6380/1"
     explicit = AppConfig.model_validate({"model": "m", "prefix_cache": {"redis_url": "redis://x"}})
