@@ -86,6 +86,18 @@ class AttentionMetadata:
     workspace: GatherWorkspace
     _masks: dict = field(default_factory=dict)
 
+    def without_fresh_prefills(self) -> AttentionMetadata:
+        """This step less the prefill chunks with nothing cached before them (MLA attends to
+        those in expanded form), built once per step."""
+        if "cached_only" not in self._masks:
+            self._masks["cached_only"] = AttentionMetadata(
+                self.slot_mapping,
+                self.decode_groups,
+                [p for p in self.prefills if p.has_cached],
+                self.workspace,
+            )
+        return self._masks["cached_only"]
+
     def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All decode groups as one ([n, max_blocks] tables, [n] context lengths), for the
         kernel that reads ragged contexts (one parallel region per layer, not one per group)."""

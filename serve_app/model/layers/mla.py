@@ -12,6 +12,12 @@ Checkpoints whose rope dims come in interleaved (x0, x1) pairs (DeepSeek-V2, V3 
 rope_interleave) get the q and k_pe rows of their projections permuted once at load into the
 rotate_half layout, which gives the same scores with the one rope kernel; the cached k_pe is
 then in that layout (serve_app/model/kv_format.py ROPE_LAYOUT).
+
+A prefill chunk with nothing cached before it attends in expanded form instead (as vLLM and
+SGLang do): kv_b_proj expands its own latents to per-head K (nope + rope) and V, and causal
+SDPA runs over qk head dim N + P and value dim V, far fewer FLOPs than latent_dim-wide absorbed
+attention once the chunk is long (docs/benchmarks.md, "DeepSeek"). Decodes and chunks after a
+cached prefix (local, or loaded from Redis) read the latent cache in absorbed form.
 Shapes: T tokens, H heads, R kv_lora_rank, P qk_rope_head_dim, N qk_nope_head_dim,
 V v_head_dim, L = R + P latent row, M hidden size.
 """
@@ -19,6 +25,7 @@ V v_head_dim, L = R + P latent row, M hidden size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from serve_app.kernels import cpu as cpu_kernels
@@ -33,6 +40,9 @@ _LORA_NORM_EPS = 1e-6
 
 
 class MLAttention(nn.Module):
+    # fresh prefill chunks in expanded form (False: everything absorbed; for measurements)
+    expand_fresh_prefills = True
+
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         m = spec.mla
@@ -93,15 +103,42 @@ class MLAttention(nn.Module):
             [self.kv_a_layernorm(c.contiguous()), apply_rotary(k_pe[:, None, :], *cos_sin)[:, 0]],
             dim=-1,
         ).view(t, 1, m.latent_dim)
-        # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
-        q_lat = self.w_uk.apply(q_nope.transpose(0, 1)).transpose(0, 1)
-        q_abs = torch.cat([q_lat, apply_rotary(q_pe, *cos_sin)], dim=-1)
+        q_pe = apply_rotary(q_pe, *cos_sin)
         cache = kv_cache[0]
         write_rows(latent, cache, meta.slot_mapping)
-        o = attend(q_abs, latent, latent, (cache, cache), meta, m.softmax_scale, None)
-        # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
-        o = self.w_uv.apply(o[..., : m.kv_lora_rank].transpose(0, 1))
-        return project(o.transpose(0, 1).reshape(t, h * m.v_head_dim), self.o_proj)[0]
+        fresh = [p for p in meta.prefills if not p.has_cached and self.expand_fresh_prefills]
+        absorbed = meta.without_fresh_prefills() if fresh else meta
+        if absorbed.decode_groups or absorbed.prefills:
+            # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
+            q_lat = self.w_uk.apply(q_nope.transpose(0, 1)).transpose(0, 1)
+            q_abs = torch.cat([q_lat, q_pe], dim=-1)
+            o = attend(q_abs, latent, latent, (cache, cache), absorbed, m.softmax_scale, None)
+            # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
+            out = self.w_uv.apply(o[..., : m.kv_lora_rank].transpose(0, 1)).transpose(0, 1)
+        else:
+            out = x.new_empty(t, h, m.v_head_dim)
+        for seq in fresh:
+            s, e = seq.token_start, seq.token_start + seq.q_len
+            out[s:e] = self._expanded(q_nope[s:e], q_pe[s:e], latent[s:e, 0])
+        return project(out.reshape(t, h * m.v_head_dim), self.o_proj)[0]
+
+    def _expanded(self, q_nope, q_pe, latent) -> torch.Tensor:
+        """Causal attention of one chunk over its own tokens, K/V expanded from its latents:
+        [n, H, N], [n, H, P], [n, L] -> [n, H, V]."""
+        m, n, h = self.mla, latent.shape[0], self.num_heads
+        kv = project(latent[:, : m.kv_lora_rank].contiguous(), self.kv_b_proj)[0]
+        kv = kv.view(n, h, m.qk_nope_head_dim + m.v_head_dim)
+        k_pe = latent[:, None, m.kv_lora_rank :].expand(n, h, m.qk_rope_head_dim)
+        k = torch.cat([kv[..., : m.qk_nope_head_dim], k_pe], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            kv[..., m.qk_nope_head_dim :].transpose(0, 1),
+            is_causal=True,
+            scale=m.softmax_scale,
+        )
+        return o.transpose(0, 1)
 
 
 class HeadWeights:
