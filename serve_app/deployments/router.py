@@ -59,6 +59,7 @@ class Router:
             config.engine_config(),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
+            kv_store=config.kv_store_config(),
         )
         shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
         self.metrics_reporter = start_engine_reporter(

@@ -13,14 +13,14 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from serve_app.engine.block_hash import root_hash
-from serve_app.engine.config import EngineConfig
+from serve_app.engine.config import ConfigError, EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_budget import num_kv_blocks
 from serve_app.engine.kv_cache_manager import KVCacheManager
+from serve_app.engine.kv_connector import KVConnectorFactory
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.engine.outputs import CompletionOutput, RequestOutput
-from serve_app.engine.prefix_source import PrefixSourceFactory
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.engine.stats import EngineStats
@@ -60,16 +60,18 @@ class _Child:
 
 
 class LLMEngine:
-    """experts: where the experts run (in-process or remote shards). prefix_source: builds the
-    shared prefix cache for this engine's KV pool, or None. Both are injected:
+    """experts: where the experts run (in-process or remote shards). connector: builds the
+    shared-prefix connector for this engine's KV pool, or None. Both are injected:
     serve_app/runtime/factory.py's build_engine picks them from the config."""
 
     def __init__(
         self,
         config: EngineConfig,
         experts: ExpertExecutor,
-        prefix_source: PrefixSourceFactory | None = None,
+        connector: KVConnectorFactory | None = None,
     ):
+        if connector is not None and not config.enable_prefix_caching:
+            raise ConfigError("enable_prefix_caching", "must be on for a shared-prefix connector")
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
@@ -87,29 +89,6 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         limit = config.max_model_len or self.spec.max_position_embeddings
         self.max_model_len = min(limit, num_blocks * config.block_size)
-        # KV dtype: what a block holds where it is shared (int8 in Redis when compressed).
-        int8 = config.kv_store is not None and config.kv_store.int8
-        self.model_digest = model_digest(
-            config.model,
-            dtype=str(self.dtype),
-            block_size=config.block_size,
-            kv_dtype="int8" if int8 else str(self.dtype),
-        )
-        self.kv = KVCacheManager(
-            num_blocks,
-            config.block_size,
-            root_hash(config.prefix_hash_seed, self.model_digest),
-            config.enable_prefix_caching,
-        )
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs,
-                config.max_num_batched_tokens,
-                self.max_model_len,
-                config.enable_chunked_prefill,
-            ),
-            self.kv,
-        )
         remote = experts.is_remote
         self.runner = ModelRunner(
             self.model,
@@ -119,16 +98,30 @@ class LLMEngine:
             self.dtype,
             config.num_micro_batches if remote else 1,
         )
+        # KV dtype: what a block holds where it is shared (the connector may compress it).
+        kv_dtype = str(self.dtype) if connector is None else connector.kv_dtype(str(self.dtype))
+        self.model_digest = model_digest(
+            config.model, dtype=str(self.dtype), block_size=config.block_size, kv_dtype=kv_dtype
+        )
+        self.connector = None if connector is None else connector(self.runner, self.model_digest)
+        self.kv = KVCacheManager(
+            num_blocks,
+            config.block_size,
+            root_hash(config.prefix_hash_seed, self.model_digest),
+            config.enable_prefix_caching,
+            self.connector,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                self.max_model_len,
+                config.enable_chunked_prefill,
+            ),
+            self.kv,
+            self.connector,
+        )
         self.scheduler.on_finish = self.runner.sampler.states.release
-        self.shared_kv = None
-        if prefix_source is not None:
-            self.shared_kv = prefix_source(self.runner, self.model_digest)
-            self.scheduler.external = self.shared_kv
-            self.kv.record_new_blocks = True
-            store = config.kv_store
-            self.kv.record_decode_blocks = bool(store and store.publish_decode)
-            selective = store is not None and store.write_policy == "write_through_selective"
-            self.kv.record_on_reuse = selective
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
@@ -237,7 +230,8 @@ class LLMEngine:
         ids = list(self._parents)
         for rid in ids:
             self.abort_request(rid)
-        self.kv.take_new_blocks()  # never publish them to the shared cache either
+        if self.connector is not None:
+            self.connector.discard()  # never send them to the shared cache either
         if not self.kv.reset_prefix_cache():
             log.error("prefix cache not reset: blocks still in use after abort_all")
         return ids
@@ -252,11 +246,11 @@ class LLMEngine:
         if sched.is_empty:
             return []
         if sched.external_loads:
-            self.shared_kv.load(sched.external_loads)
+            self.connector.load(sched.external_loads)
         block_ids = {r.request_id: self.kv.block_ids(r.request_id) for r in sched.requests}
         result = self.runner.execute(sched, block_ids)
-        if self.shared_kv is not None:
-            self.shared_kv.publish(self.kv.take_new_blocks())
+        if self.connector is not None:
+            self.connector.save()
         ids = [r.request_id for r in result.requests]
         sampled = dict(zip(ids, result.sampled.token_ids, strict=True))
         logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
@@ -346,26 +340,24 @@ class LLMEngine:
                 if self.expert_token_counts is not None
                 else ()
             ),
-            **self._shared_kv_stats(),
+            **self._connector_stats(),
         )
 
-    def _shared_kv_stats(self) -> dict:
-        if self.shared_kv is None:
+    def _connector_stats(self) -> dict:
+        if self.connector is None:
             return {}
         return {
-            "prefix_remote_queried_tokens": self.shared_kv.num_queried_tokens,
-            "prefix_remote_hit_tokens": self.shared_kv.num_hit_tokens,
-            "kv_store": self.shared_kv.stats(),
+            "prefix_remote_queried_tokens": self.connector.num_queried_tokens,
+            "prefix_remote_hit_tokens": self.connector.num_hit_tokens,
+            "kv_store": self.connector.stats(),
         }
 
     def close(self) -> None:
-        """Stop the shared-cache threads (and the embedded redis-server this engine started)."""
+        """Stop the grammar pool and the connector (its threads and any server it started).
+        The engine serves no step after this."""
         self.grammars.close()
-        if self.shared_kv is not None:
-            self.shared_kv.close()
-            self.shared_kv = None
-            self.scheduler.external = None
-            self.kv.record_new_blocks = False
+        if self.connector is not None:
+            self.connector.close()
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
