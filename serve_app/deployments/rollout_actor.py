@@ -102,7 +102,7 @@ class ServeDeployer:
                 self._cancel.wait(DEPLOY_POLL_S)
         finally:
             self.pending = None
-        return router.info.remote().result(timeout_s=60).get("digest")
+        return router.info.remote().result(timeout_s=60).digest
 
     def cancel(self) -> str | None:
         """Stop a deploy in progress (its app is then deleted); the version, or None."""

@@ -24,8 +24,11 @@ from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.deployments.request_router import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
+from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
+from serve_app.messages import ACCEPTED, Accepted, PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
@@ -67,18 +70,18 @@ class Router:
         )
         self.outbox: OutputOutbox | None = None  # made on the replica's event loop
 
-    async def info(self) -> dict:
-        return {
-            "max_model_len": self.engine.engine.max_model_len,
-            "expert_parallel_size": self.config.expert_parallel_size,
-            "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
-            "digest": self.engine.engine.model_digest,  # the exact weights this version serves
-            # How the ingress computes the routing key (serve_app.routing.key.HashNamespace):
-            "routing": self.config.router.routing,
-            "block_size": self.engine.engine.config.block_size,
-            "prefix_hash_seed": self.engine.engine.config.prefix_hash_seed,
-            "route_key_blocks": self.config.router.affinity.max_key_blocks,
-        }
+    async def info(self) -> RouterInfo:
+        engine = self.engine.engine
+        return RouterInfo(
+            max_model_len=engine.max_model_len,
+            expert_parallel_size=self.config.expert_parallel_size,
+            node_id=ray.get_runtime_context().get_node_id(),
+            digest=engine.model_digest,
+            routing=self.config.router.routing,
+            block_size=engine.config.block_size,
+            prefix_hash_seed=engine.config.prefix_hash_seed,
+            route_key_blocks=self.config.router.affinity.max_key_blocks,
+        )
 
     async def generate(
         self,
@@ -86,8 +89,8 @@ class Router:
         params: SamplingParams,
         request_id: str,
         route: RouteRequest | None = None,
-    ) -> AsyncIterator:
-        """First item: {"accepted": True} or {"error": EngineError}; then RequestOutputs.
+    ) -> AsyncIterator[Accepted | Refused | RequestOutput]:
+        """First item: ACCEPTED or Refused(EngineError); then RequestOutputs.
 
         Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
         before it sends any byte of the response. `route` is read by the handle's request
@@ -98,9 +101,9 @@ class Router:
             await self.engine.compile_grammar(params)
             stream = self.engine.add_request(prompt, params, request_id)
         except EngineError as e:
-            yield {"error": e}
+            yield Refused(e)
             return
-        yield {"accepted": True}
+        yield ACCEPTED
         async for out in stream:
             yield out
 
@@ -112,10 +115,10 @@ class Router:
         reply: ReplyTo,
         stream: int,
         route: RouteRequest | None = None,
-    ) -> dict | None:
+    ) -> Refused | None:
         """Run a request whose outputs go over the output channel to `reply` (the ingress's
         inbox) as stream number `stream`, batched with the other requests of each engine
-        step; returns when it finished. A refusal is returned ({"error": EngineError}) before
+        step; returns when it finished. A refusal is returned (Refused) before
         anything is sent; cancelling the call aborts the request and frees its KV blocks.
         `route`: read by the request router, as for `generate`."""
         try:
@@ -125,12 +128,12 @@ class Router:
                 self.outbox = OutputOutbox()
             sink = self.outbox.sink(reply, stream)
         except EngineError as e:
-            return {"error": e}
+            return Refused(e)
         try:
             self.engine.add_request_to(prompt, params, sink, request_id)
         except EngineError as e:
             sink.close()
-            return {"error": e}
+            return Refused(e)
         try:
             await asyncio.shield(sink.done)
         finally:
@@ -229,19 +232,16 @@ class PlacementSync:
         self.experts, self.replica, self.interval_s = experts, replica, interval_s
         self.balancer = serve.get_deployment_actor(BALANCER_ACTOR_NAME)
         self.generation = 0
-        self._apply(*ray.get(self.balancer.register.remote(replica), timeout=60))
+        self._apply(ray.get(self.balancer.register.remote(replica), timeout=60))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moeserve-placement", daemon=True)
         self._thread.start()
 
-    def _apply(self, generation: int, shards: list[list[int]]) -> None:
-        if generation != self.generation or [list(s) for s in self.experts.placement.shards] != [
-            list(s) for s in shards
-        ]:
-            num_experts = self.experts.placement.num_experts
-            self.experts.set_placement(Placement(num_experts, tuple(tuple(s) for s in shards)))
-            log.info("router %s: expert placement generation %d", self.replica, generation)
-        self.generation = generation
+    def _apply(self, current: Versioned) -> None:
+        if current.generation != self.generation or current.placement != self.experts.placement:
+            self.experts.set_placement(current.placement)
+            log.info("router %s: expert placement generation %d", self.replica, current.generation)
+        self.generation = current.generation
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -255,16 +255,15 @@ class PlacementSync:
                     pass
 
     def sync(self) -> None:
-        load = self.experts.load.snapshot()
         placement = self.experts.placement
-        ref = self.balancer.sync.remote(
+        report = PlacementReport(
             self.replica,
-            list(load.expert_tokens),
-            self.generation,
-            [list(s) for s in placement.shards],
-            [_resolve_or_none(s) for s in range(placement.num_shards)],
+            tuple(self.experts.load.snapshot().expert_tokens),
+            Versioned(self.generation, placement),
+            tuple(_resolve_or_none(s) for s in range(placement.num_shards)),
         )
-        self._apply(*ray.get(ref, timeout=max(10.0, 5 * self.interval_s)))
+        ref = self.balancer.sync.remote(report)
+        self._apply(ray.get(ref, timeout=max(10.0, 5 * self.interval_s)))
 
     def stop(self) -> None:
         self._stop.set()
