@@ -25,7 +25,7 @@ class RouterInfo:
     expert_parallel_size: int
     node_id: str  # where Ray placed this replica
     digest: str  # the exact weights (and KV layout) this version serves
-    # How the ingress computes the routing key (serve_app.routing.key.HashNamespace):
+    # How the ingress computes the routing key (serve_app.replica_picking.key.HashNamespace):
     routing: str  # router.routing: pow2 | prefix_affinity
     block_size: int
     prefix_hash_seed: int

@@ -108,10 +108,10 @@ def build_api_routes(
                 f"Unrecognized request argument{s} supplied: {', '.join(names)}", names[0]
             )
 
-    router = APIRouter()
+    routes = APIRouter()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
-    @router.get("/health")
+    @routes.get("/health")
     async def health() -> JSONResponse:
         h = await client.health()
         return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
@@ -160,7 +160,7 @@ def build_api_routes(
             request, body.stream, body.stream_opts, [submitted], kind, stream_interval
         )
 
-    @router.post("/tokenize", dependencies=[Depends(authorize)])
+    @routes.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
         check_body(body)
         tok = client.tokenizer
@@ -175,7 +175,7 @@ def build_api_routes(
             out["token_strs"] = tok.convert_ids_to_tokens(tokens)
         return out
 
-    @router.post("/detokenize", dependencies=[Depends(authorize)])
+    @routes.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_body(body)
         vocab = len(client.tokenizer)
@@ -184,8 +184,8 @@ def build_api_routes(
             raise InvalidRequestError(f"token ids outside [0, {vocab}): {bad[:5]}", "tokens")
         return {"prompt": client.tokenizer.decode(body.tokens)}
 
-    router.include_router(v1)
-    return router
+    routes.include_router(v1)
+    return routes
 
 
 def _request_id(request: Request, prefix: str) -> str:

@@ -32,9 +32,9 @@ from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
 from serve_app.messages import Refused
 from serve_app.metrics import use_ray_metrics
+from serve_app.replica_picking.key import RouteKeys
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
-from serve_app.routing.key import RouteKeys
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
 from serve_app.deployments.remote_experts import RemoteExperts
-from serve_app.deployments.request_router import KV_USE_STAT
+from serve_app.deployments.replica_picker import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput
@@ -32,8 +32,8 @@ from serve_app.messages import ACCEPTED, Accepted, PlacementReport, Refused, Rou
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import load_model_spec
+from serve_app.replica_picking.affinity import RouteRequest
 from serve_app.rollout.faults import InjectedFaultError
-from serve_app.routing.affinity import RouteRequest
 from serve_app.runtime.factory import build_async_engine
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Router:
 
         Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
         before it sends any byte of the response. `route` is read by the handle's request
-        router before the call arrives here (serve_app.deployments.request_router); unused here.
+        router before the call arrives here (serve_app.deployments.replica_picker); unused here.
         """
         try:
             await self._inject_fault()
@@ -183,7 +183,7 @@ class Router:
         return load_signals(self.engine).to_stats()
 
     async def record_routing_stats(self) -> dict[str, float]:
-        """Serve's request-routing hook: what PrefixAffinityRequestRouter reads per replica."""
+        """Serve's request-routing hook: what PrefixAffinityReplicaPicker reads per replica."""
         s = self.engine.stats()
         kv_use = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         return {KV_USE_STAT: kv_use}

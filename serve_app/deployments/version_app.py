@@ -54,7 +54,7 @@ def router_deployment(config: AppConfig) -> Deployment:
     )
 
 
-AFFINITY_ROUTER = "serve_app.deployments.request_router:PrefixAffinityRequestRouter"
+AFFINITY_ROUTER = "serve_app.deployments.replica_picker:PrefixAffinityReplicaPicker"
 
 
 def request_routing(config: AppConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from serve_app.engine.block_hash import extend_block_hashes, root_hash
 from serve_app.messages import RouterInfo
-from serve_app.routing.affinity import RouteRequest
+from serve_app.replica_picking.affinity import RouteRequest
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""serve_app.routing.affinity: the replica choice, exact decisions on hand-built state."""
+"""serve_app.replica_picking.affinity: the replica choice, exact decisions on hand-built state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.request import Request, SamplingParams
 from serve_app.messages import RouterInfo
-from serve_app.routing.affinity import (
+from serve_app.replica_picking.affinity import (
     AffinityConfig,
     AffinityState,
     Decision,
@@ -18,7 +18,7 @@ from serve_app.routing.affinity import (
     rendezvous,
     within_bound,
 )
-from serve_app.routing.key import HashNamespace, route_request
+from serve_app.replica_picking.key import HashNamespace, route_request
 
 BS = 4
 NS = HashNamespace(root_hash(0, "digest-a"), BS, max_blocks=64)
@@ -281,7 +281,7 @@ class _Tokenizer:
 def test_route_keys_per_version_text_tokenized_bad_ids_and_pow2_without_key():
     import asyncio
 
-    from serve_app.routing.key import RouteKeys
+    from serve_app.replica_picking.key import RouteKeys
 
     affine = _Handle(router_info("prefix_affinity", BS, 64))
     pow2 = _Handle(router_info("pow2", BS, 64))
