@@ -31,7 +31,7 @@ from serve_app.experts.placement import Placement, place_experts
 from serve_app.messages import ACCEPTED, Accepted, PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
-from serve_app.model.config import load_model_spec
+from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.replica_picking.affinity import RouteRequest
 from serve_app.rollout.faults import InjectedFaultError
 from serve_app.runtime.factory import build_async_engine
@@ -49,7 +49,8 @@ def shard_actor_name(shard: int) -> str:
 class Router:
     def __init__(self, config: AppConfig):
         self.config = config
-        self.experts = remote_experts(config) if config.expert_parallel_size else None
+        spec = load_model_spec(config.model)  # once for this process, passed down
+        self.experts = remote_experts(config, spec) if config.expert_parallel_size else None
         replica = serve.get_replica_context().replica_id.unique_id
         self.placement_sync: PlacementSync | None = None
         if self.experts is not None and config.experts.rebalance.enabled:
@@ -63,6 +64,7 @@ class Router:
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
             kv_store=config.kv_store_config(),
+            spec=spec,
         )
         shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
         self.metrics_reporter = start_engine_reporter(
@@ -204,18 +206,19 @@ def load_signals(engine: AsyncLLMEngine) -> RouterSignals:
     )
 
 
-def expert_placement(config: AppConfig) -> Placement:
+def expert_placement(config: AppConfig, spec: ModelSpec | None = None) -> Placement:
     """Which shard owns which experts: the builder starts the shards from it, the routers
-    dispatch by it (a pure function of the config, so both always agree)."""
-    spec = load_model_spec(config.model)
+    dispatch by it (a pure function of the config, so both always agree). spec: the model's,
+    if the caller has it (None: read from the checkpoint)."""
+    spec = spec or load_model_spec(config.model)
     if not spec.is_moe:
         raise ValueError(f"expert_parallel_size > 0 needs an MoE model; {config.model} is dense")
     return place_experts(spec.num_experts, config.expert_parallel_size)
 
 
-def remote_experts(config: AppConfig) -> RemoteExperts:
+def remote_experts(config: AppConfig, spec: ModelSpec) -> RemoteExperts:
     return RemoteExperts(
-        expert_placement(config),
+        expert_placement(config, spec),
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
         transport=config.experts.transport,

@@ -9,28 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-import torch
-from transformers import AutoTokenizer, GenerationConfig
-
 from serve_app.engine.block_hash import root_hash
-from serve_app.engine.config import ConfigError, EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
-from serve_app.engine.kv_budget import num_kv_blocks
 from serve_app.engine.kv_cache_manager import KVCacheManager
-from serve_app.engine.kv_connector import KVConnectorFactory
-from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.engine.outputs import CompletionOutput, RequestOutput
+from serve_app.engine.parts import EngineParts
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
-from serve_app.model.config import load_model_spec
-from serve_app.model.digest import model_digest
-from serve_app.model.expert_executor import ExpertExecutor
-from serve_app.model.layers.moe import count_expert_tokens
-from serve_app.model.loader import load_model
-from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)
 
@@ -60,54 +48,26 @@ class _Child:
 
 
 class LLMEngine:
-    """experts: where the experts run (in-process or remote shards). connector: builds the
-    shared-prefix connector for this engine's KV pool, or None. Both are injected:
-    serve_app/runtime/factory.py's build_engine picks them from the config."""
+    """The loop over a replica's parts (engine/parts.py: model runner, KV pool, connector,
+    tokenizer): the block manager, the scheduler and the requests. build_engine
+    (serve_app/runtime/factory.py) builds the parts once, with the experts and the connector
+    it picks from the config."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        experts: ExpertExecutor,
-        connector: KVConnectorFactory | None = None,
-    ):
-        if connector is not None and not config.enable_prefix_caching:
-            raise ConfigError("enable_prefix_caching", "must be on for a shared-prefix connector")
-        self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
-        self.device = resolve_device(config.device)
-        tune_host_allocator()
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.spec = load_model_spec(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
-        self.model = load_model(config.model, self.device, self.dtype, experts, self.spec)
-        self.expert_token_counts = count_expert_tokens(self.model, self.spec.num_experts)
-        num_blocks = num_kv_blocks(
-            config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
-        )
-        self.num_kv_blocks = num_blocks
-        limit = config.max_model_len or self.spec.max_position_embeddings
-        self.max_model_len = min(limit, num_blocks * config.block_size)
-        remote = experts.is_remote
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            config.block_size,
-            self.device,
-            self.dtype,
-            config.num_micro_batches if remote else 1,
-        )
-        # KV dtype: what a block holds where it is shared (the connector may compress it).
-        kv_dtype = str(self.dtype) if connector is None else connector.kv_dtype(str(self.dtype))
-        self.model_digest = model_digest(
-            config.model, dtype=str(self.dtype), block_size=config.block_size, kv_dtype=kv_dtype
-        )
-        self.connector = None if connector is None else connector(self.runner, self.model_digest)
+    def __init__(self, parts: EngineParts):
+        config = self.config = parts.config
+        self.spec = parts.spec
+        self.tokenizer = parts.tokenizer
+        self.eos_token_ids = parts.eos_token_ids
+        self.runner = parts.runner
+        self.num_kv_blocks = parts.num_kv_blocks
+        self.max_model_len = parts.max_model_len
+        self.model_digest = parts.model_digest
+        self.connector = parts.connector
+        self.expert_token_counts = parts.expert_token_counts
         self.kv = KVCacheManager(
-            num_blocks,
+            parts.num_kv_blocks,
             config.block_size,
-            root_hash(config.prefix_hash_seed, self.model_digest),
+            root_hash(config.prefix_hash_seed, parts.model_digest),
             config.enable_prefix_caching,
             self.connector,
         )
@@ -125,15 +85,6 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
-        log.info(
-            "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
-            self.spec.architecture,
-            self.device,
-            self.dtype,
-            num_blocks,
-            config.block_size,
-            self.max_model_len,
-        )
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -358,16 +309,3 @@ class LLMEngine:
         self.grammars.close()
         if self.connector is not None:
             self.connector.close()
-
-
-def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    try:
-        gen = GenerationConfig.from_pretrained(model_dir)
-        eos = gen.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
