@@ -9,14 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_app.engine.config import (
-    DTYPES,
-    WRITE_POLICIES,
-    ConfigError,
-    EngineConfig,
-    KVStoreConfig,
-    default_of,
-)
+from serve_app.engine.config import DTYPES, ConfigError, EngineConfig, default_of
+from serve_app.kvstore.settings import WRITE_POLICIES, KVStoreConfig
 from serve_app.replica_settings import (  # noqa: F401 - re-exported: part of the app config
     AffinitySettings,
     AutoscalingSettings,
@@ -84,7 +78,7 @@ class EngineSettings(BaseModel):
 
 class PrefixCacheSettings(BaseModel):
     """The prefix cache shared by router replicas through Redis (on top of each local one).
-    Defaults and bounds are KVStoreConfig's (serve_app/engine/config.py)."""
+    Defaults and bounds are KVStoreConfig's (serve_app/kvstore/settings.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -276,20 +270,23 @@ class AppConfig(BaseModel):
     def version_name(self) -> str:
         return self.version or Path(self.model).resolve().name
 
-    def engine_config(self, embedded_owner: str | None = None) -> EngineConfig:
-        """The engine's config; runs in the router replica, so the Redis URL (and its password)
-        may come from that process's environment. embedded_owner: the app whose replicas on
-        this node share one embedded redis-server (the Router passes its Ray node)."""
-        kv_store = None
-        if self.engine.enable_prefix_caching:
-            kv_store = self.prefix_cache.store_config(embedded_owner)
+    def engine_config(self) -> EngineConfig:
+        """The engine's config (the shared prefix cache's is kv_store_config())."""
         return EngineConfig(
             model=self.model,
-            kv_store=kv_store,
             num_micro_batches=self.experts.micro_batches or (2 if self.experts.num_gpus else 1),
             num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
             **self.engine.model_dump(),
         )
+
+    def kv_store_config(self, embedded_owner: str | None = None) -> KVStoreConfig | None:
+        """The shared prefix cache's connector settings (None: off); runs in the router replica,
+        so the Redis URL (and its password) may come from that process's environment.
+        embedded_owner: the app whose replicas on this node share one embedded redis-server
+        (the Router passes its Ray node)."""
+        if not self.engine.enable_prefix_caching:
+            return None
+        return self.prefix_cache.store_config(embedded_owner)
 
 
 def config_error_line(error: ValidationError) -> str:

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from serve_app.experts.balancer import BalancerConfig
 from serve_app.experts.rebalance import RebalanceConfig
-from serve_app.routing.affinity import AffinityConfig
+from serve_app.replica_picking.affinity import AffinityConfig
 
 
 class AutoscalingSettings(BaseModel):
@@ -88,7 +88,7 @@ PlacementResources = Annotated[dict[str, float], AfterValidator(_check_resources
 
 
 class AffinitySettings(BaseModel):
-    """Thresholds of `routing: prefix_affinity` (serve_app/routing/affinity.py; docs/routing.md)."""
+    """Thresholds of `routing: prefix_affinity` (replica_picking/affinity.py; docs/routing.md)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -8,25 +8,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RouteHint:
     """What decides a request's model version (see serve_app.rollout.split).
 
     session_key: the `user` field or x-session-id header (sticky split); pinned: the
     x-moeserve-version header; session: the client's own session key, if any (session_key falls
-    back to the request id). `served` is filled in by the client with the version that took
-    the request (None where there are no versions, in-process)."""
+    back to the request id)."""
 
     session_key: str | None = None
     pinned: str | None = None
-    served: str | None = None
     session: str | None = None  # the session key only when the client gave one (replica affinity)
+
+
+class Submitted(NamedTuple):
+    """What submit returns: the request's outputs, and the model version that took it (None
+    where there are no versions, in-process)."""
+
+    stream: AsyncIterator[RequestOutput]
+    version: str | None = None
 
 
 class EngineClient(Protocol):
@@ -41,7 +47,7 @@ class EngineClient(Protocol):
         params: SamplingParams,
         request_id: str,
         hint: RouteHint | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> Submitted:
         """Validate and queue; raise InvalidRequestError & co. before returning the stream."""
         ...
 

@@ -18,7 +18,7 @@ from jinja2 import TemplateError
 
 from serve_app.api import render
 from serve_app.api.checked import checked_model_names
-from serve_app.api.client import EngineClient, RouteHint
+from serve_app.api.client import EngineClient, RouteHint, Submitted
 from serve_app.api.errors import APIError, error_body, error_response, install_error_handlers
 from serve_app.api.protocol import (
     ChatCompletionRequest,
@@ -108,10 +108,10 @@ def build_api_routes(
                 f"Unrecognized request argument{s} supplied: {', '.join(names)}", names[0]
             )
 
-    router = APIRouter()
+    routes = APIRouter()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
-    @router.get("/health")
+    @routes.get("/health")
     async def health() -> JSONResponse:
         h = await client.health()
         return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
@@ -143,12 +143,12 @@ def build_api_routes(
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid)
-        streams = await submit_all(client, body.prompts(), params, rid, hint)
+        submitted = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(
             rid, client.model_name, client.tokenizer, params.n, body.echo, body.prompt_only
         )
         return await _respond(
-            request, body.stream, body.stream_opts, streams, kind, hint, stream_interval
+            request, body.stream, body.stream_opts, submitted, kind, stream_interval
         )
 
     @v1.post("/chat/completions")
@@ -158,15 +158,15 @@ def build_api_routes(
         ids = _apply_chat_template(client, body)
         rid = _request_id(request, "chatcmpl")
         hint = _route_hint(request, body.user, rid)
-        stream = await client.submit(ids, params, rid, hint)
+        submitted = await client.submit(ids, params, rid, hint)
         kind = render.Chat(
             rid, client.model_name, client.tokenizer, params.n, body.parses_tool_calls
         )
         return await _respond(
-            request, body.stream, body.stream_opts, [stream], kind, hint, stream_interval
+            request, body.stream, body.stream_opts, [submitted], kind, stream_interval
         )
 
-    @router.post("/tokenize", dependencies=[Depends(authorize)])
+    @routes.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict:
         check_body(body)
         tok = client.tokenizer
@@ -181,7 +181,7 @@ def build_api_routes(
             out["token_strs"] = tok.convert_ids_to_tokens(tokens)
         return out
 
-    @router.post("/detokenize", dependencies=[Depends(authorize)])
+    @routes.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_body(body)
         vocab = len(client.tokenizer)
@@ -190,8 +190,8 @@ def build_api_routes(
             raise InvalidRequestError(f"token ids outside [0, {vocab}): {bad[:5]}", "tokens")
         return {"prompt": client.tokenizer.decode(body.tokens)}
 
-    router.include_router(v1)
-    return router
+    routes.include_router(v1)
+    return routes
 
 
 def _request_id(request: Request, prefix: str) -> str:
@@ -236,19 +236,19 @@ async def _respond(
     request: Request,
     stream: bool,
     stream_opts: StreamOptions,
-    streams: list[AsyncIterator[RequestOutput]],
+    submitted: list[Submitted],
     kind: render.Renderer,
-    hint: RouteHint,
     stream_interval: int = 1,
 ):
-    raw = streams
+    streams = raw = [s.stream for s in submitted]
     if stream and stream_interval > 1:
         streams = [every_n_tokens(s, stream_interval) for s in streams]
     merged = observe_stream(request, merge_streams(streams))
     headers = None
-    if hint.served:
-        headers = {PIN_HEADER: hint.served}
-        set_request_version(request, hint.served)
+    served = submitted[-1].version  # one per request, but a canary's failure retries on stable
+    if served:
+        headers = {PIN_HEADER: served}
+        set_request_version(request, served)
     if stream:
         return EndingStreamingResponse(
             _sse_events(merged, kind, stream_opts),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from serve_app.api.client import EngineClient, RouteHint
+from serve_app.api.client import EngineClient, RouteHint, Submitted
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams, resolve_max_tokens
@@ -34,18 +34,18 @@ async def submit_all(
     params: SamplingParams,
     request_id: str,
     hint: RouteHint,
-) -> list[Stream]:
+) -> list[Submitted]:
     """Submit every prompt (as `<request_id>-<i>`), or none."""
     if len(prompts) > 1:  # one prompt: the engine's own check refuses it before queueing
         check_prompts(client, prompts, params)
-    streams: list[Stream] = []
+    submitted: list[Submitted] = []
     try:
         for i, prompt in enumerate(prompts):
-            streams.append(await client.submit(prompt, params, f"{request_id}-{i}", hint))
+            submitted.append(await client.submit(prompt, params, f"{request_id}-{i}", hint))
     except BaseException:
-        await discard(streams)
+        await discard([s.stream for s in submitted])
         raise
-    return streams
+    return submitted
 
 
 async def discard(streams: Sequence[Stream]) -> None:

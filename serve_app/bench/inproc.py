@@ -47,14 +47,14 @@ def build_engine(
         }
     )
     config = app.engine_config()
-    store = config.kv_store
+    store = app.kv_store_config()
     if store is not None and shared_cache_dir is not None:
         store = dataclasses.replace(store, url=None, embedded_dir=shared_cache_dir)
         if write_policy is not None:
             store = dataclasses.replace(store, write_policy=write_policy)
     else:
         store = None
-    return build_async_engine(dataclasses.replace(config, num_threads=num_threads, kv_store=store))
+    return build_async_engine(dataclasses.replace(config, num_threads=num_threads), kv_store=store)
 
 
 async def _one(engine, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from serve_app.bench.report import write_json
 from serve_app.bench.result import loadavg_1m
-from serve_app.engine.config import EngineConfig, KVStoreConfig
+from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
 from serve_app.engine.request import SamplingParams
+from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.runtime.factory import build_engine
 
 CASES = ("cold", "remote", "local")
@@ -83,13 +84,13 @@ def _engine(args: argparse.Namespace, url: str, int8: bool, key_prefix: str) -> 
             num_kv_blocks=per_prompt * (2 * args.repeats + 2),
             max_model_len=max(2304, args.prefix_len + args.suffix_len + 16),
             max_num_batched_tokens=max(2048, args.prefix_len + args.suffix_len),
-            kv_store=KVStoreConfig(
-                url=url,
-                key_prefix=key_prefix,
-                lookup_timeout_ms=args.lookup_timeout_ms,
-                int8=int8,
-            ),
-        )
+        ),
+        kv_store=KVStoreConfig(
+            url=url,
+            key_prefix=key_prefix,
+            lookup_timeout_ms=args.lookup_timeout_ms,
+            int8=int8,
+        ),
     )
 
 
@@ -120,22 +121,22 @@ def _run_variant(args: argparse.Namespace, url: str, int8: bool) -> dict:
     try:
         for e in (a, b):  # warm-up: first-call allocations, thread pools
             _ttft(e, tokens(args.prefix_len + args.suffix_len))
-            e.shared_kv.tier.flush(60)
+            e.connector.tier.flush(60)
         samples: dict[str, list[float]] = {c: [] for c in CASES}
         for _ in range(args.repeats):
             samples["cold"].append(_ttft(b, tokens(args.prefix_len) + tokens(args.suffix_len)))
-            b.shared_kv.tier.flush(60)
+            b.connector.tier.flush(60)
             prefix = tokens(args.prefix_len)
             _ttft(a, prefix + tokens(args.suffix_len))
-            a.shared_kv.tier.flush(60)
+            a.connector.tier.flush(60)
             before = b.stats()
             samples["remote"].append(_ttft(b, prefix + tokens(args.suffix_len)))
             hit = b.stats().prefix_remote_hit_tokens - before.prefix_remote_hit_tokens
             if hit < args.prefix_len - b.config.block_size:
                 print(f"warning: remote hit only {hit} tokens (lookup timeout?)", file=sys.stderr)
-            b.shared_kv.tier.flush(60)
+            b.connector.tier.flush(60)
             samples["local"].append(_ttft(b, prefix + tokens(args.suffix_len)))
-            b.shared_kv.tier.flush(60)
+            b.connector.tier.flush(60)
         s = b.stats()
         ttft = {c: statistics.median(v) * 1000 for c, v in samples.items()}
         return {

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from serve_app.engine.config import WRITE_POLICIES  # stdlib only: keeps `--help` fast
+from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:

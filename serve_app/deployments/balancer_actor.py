@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -25,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from serve_app.experts.balancer import Balancer, BalancerConfig, Drop, Versioned
 from serve_app.experts.placement import Placement
 from serve_app.experts.rebalance import RebalancePlan
+from serve_app.messages import PlacementReport
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +43,30 @@ class ExpertBalancerActor:
         self._thread = threading.Thread(target=self._run, name="moeserve-balancer", daemon=True)
         self._thread.start()
 
-    async def register(self, router: str) -> tuple[int, Shards]:
+    async def register(self, router: str) -> Versioned:
+        """The placement a new router replica dispatches by before it serves."""
         with self._lock:
-            return _wire(self.balancer.register(router, time.monotonic()))
+            return self.balancer.register(router, time.monotonic())
 
-    async def sync(
-        self,
-        router: str,
-        expert_tokens: Sequence[int],
-        generation: int,
-        shards: Shards,
-        handles: Sequence[Any],
-    ) -> tuple[int, Shards]:
-        """A router's report; returns the (generation, shards) it should dispatch by."""
-        num_experts = self.balancer.current.placement.num_experts
-        used = Versioned(generation, Placement(num_experts, tuple(tuple(s) for s in shards)))
+    async def sync(self, report: PlacementReport) -> Versioned:
+        """A router's report; returns the placement it should dispatch by."""
         with self._lock:
-            for s, h in enumerate(handles):
+            for s, h in enumerate(report.shard_handles):
                 if h is not None:
                     self._handles[s] = h
-            return _wire(self.balancer.report(router, expert_tokens, used, time.monotonic()))
+            return self.balancer.report(
+                report.router, report.expert_tokens, report.used, time.monotonic()
+            )
 
     async def state(self) -> dict:
         """For tests and operators: the placement, its generation, and whether it drains."""
         with self._lock:
-            generation, shards = _wire(self.balancer.current)
-            return {"generation": generation, "shards": shards, "draining": self.balancer.draining}
+            current = self.balancer.current
+            return {
+                "generation": current.generation,
+                "shards": [list(s) for s in current.placement.shards],
+                "draining": self.balancer.draining,
+            }
 
     def _run(self) -> None:
         while not self._stop.wait(self.balancer.config.interval_s):
@@ -126,7 +124,3 @@ class ExpertBalancerActor:
             except GetTimeoutError:
                 out.append(None)
         return out
-
-
-def _wire(v: Versioned) -> tuple[int, Shards]:
-    return v.generation, [list(s) for s in v.placement.shards]

@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from serve_app.api.client import RouteHint
+from serve_app.api.client import RouteHint, Submitted
 from serve_app.api.errors import http_status
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
@@ -30,10 +30,11 @@ from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput, coalesce
 from serve_app.engine.request import SamplingParams
+from serve_app.messages import Refused
 from serve_app.metrics import use_ray_metrics
+from serve_app.replica_picking.key import RouteKeys
 from serve_app.rollout.state import Version
 from serve_app.rollout.window import Outcome
-from serve_app.routing.key import RouteKeys
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ class RemoteEngineClient:
         params: SamplingParams,
         request_id: str,
         hint: RouteHint | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> Submitted:
         """Route to a version; a split-traffic request that fails on a non-stable version
         before its first token is retried once on the stable one (no client-visible failure
-        from a bad canary)."""
+        from a bad canary). Returns the stream and the version that took it."""
         hint = hint or RouteHint()
         version = self.versions.choose(hint, request_id)
         retry = hint.pinned is None and version != self.versions.stable
@@ -80,8 +81,7 @@ class RemoteEngineClient:
             self.versions.report(Outcome(version, ok=False))
             version = self.versions.stable
             stream = await self._submit_to(version, prompt, params, request_id, hint)
-        hint.served = version
-        return stream
+        return Submitted(stream, version)
 
     async def _submit_to(self, version: str, prompt, params, request_id: str, hint: RouteHint):
         if self.inbox is not None:
@@ -93,8 +93,8 @@ class RemoteEngineClient:
         gen = handle.options(stream=True).generate.remote(prompt, params, request_id, **route)
         try:
             first = await gen.__anext__()
-            if "error" in first:
-                raise first["error"]
+            if isinstance(first, Refused):
+                raise first.error
             # Wait for the first token here: until then nothing was sent, so a failure can
             # still be retried elsewhere.
             out = await gen.__anext__()
@@ -135,7 +135,7 @@ CHANNEL_GRACE_S = 30.0  # after the call returned, how long its last records may
 class _ChannelReader:
     """One request's records from the inbox queue, and the Serve call that runs it.
 
-    The call ends when the request did: with {"error": ...} if it was refused, raising if the
+    The call ends when the request did: with Refused if it was refused, raising if the
     router failed, else None; its records may still be on the wire then (two paths), so a
     normal end only starts a grace period for them."""
 
@@ -178,8 +178,8 @@ class _ChannelReader:
                 return item
             if self.deadline is None:  # the call ended
                 result = self.call.result()  # raises what the router raised
-                if isinstance(result, dict) and "error" in result:
-                    raise result["error"]
+                if isinstance(result, Refused):
+                    raise result.error
                 self.deadline = time.monotonic() + CHANNEL_GRACE_S
 
     def close(self, finished: bool) -> None:
@@ -265,7 +265,7 @@ class Ingress:
     async def __serve_build_asgi_app__(self):
         info = await self.router.info.remote()
         app = serve.get_replica_context().app_name
-        base = Version(self.config.version_name, self.config.model, info.get("digest"))
+        base = Version(self.config.version_name, self.config.model, info.digest)
         controller, registered = get_or_create_controller(app, base)
         await registered
         versions = TrafficSplit(base.name, self.router, controller)
@@ -275,7 +275,7 @@ class Ingress:
         if self.config.streaming.transport == "channel":
             inbox = OutputInbox(ray.util.get_node_ip_address())
             await inbox.start()
-        client = RemoteEngineClient(versions, self.config, info["max_model_len"], inbox)
+        client = RemoteEngineClient(versions, self.config, info.max_model_len, inbox)
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
         return create_app(

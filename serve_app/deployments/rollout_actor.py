@@ -21,7 +21,7 @@ from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.metrics import use_ray_metrics
-from serve_app.rollout.controller import RolloutController
+from serve_app.rollout.controller import RolloutController, VersionSplit
 from serve_app.rollout.deploy_wait import AppSnapshot, deploy_verdict
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome
@@ -102,7 +102,7 @@ class ServeDeployer:
                 self._cancel.wait(DEPLOY_POLL_S)
         finally:
             self.pending = None
-        return router.info.remote().result(timeout_s=60).get("digest")
+        return router.info.remote().result(timeout_s=60).digest
 
     def cancel(self) -> str | None:
         """Stop a deploy in progress (its app is then deleted); the version, or None."""
@@ -185,9 +185,9 @@ class RolloutControllerActor:
         async with self.lock:
             await asyncio.to_thread(self.ctl.ensure_base, Version(**base))
 
-    async def routing(self) -> dict[str, Any]:
+    async def version_split(self) -> VersionSplit:
         self._ensure_loop()
-        return self.ctl.routing().to_dict()
+        return self.ctl.version_split()
 
     async def record(self, outcomes: list[list]) -> None:
         self.ctl.record([Outcome.from_list(o) for o in outcomes])

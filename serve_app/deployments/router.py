@@ -21,16 +21,19 @@ from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
 from serve_app.deployments.remote_experts import RemoteExperts
-from serve_app.deployments.request_router import KV_USE_STAT
+from serve_app.deployments.replica_picker import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
+from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
+from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
+from serve_app.messages import ACCEPTED, Accepted, PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
-from serve_app.model.config import load_model_spec
+from serve_app.model.config import ModelSpec, load_model_spec
+from serve_app.replica_picking.affinity import RouteRequest
 from serve_app.rollout.faults import InjectedFaultError
-from serve_app.routing.affinity import RouteRequest
 from serve_app.runtime.factory import build_async_engine
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ def shard_actor_name(shard: int) -> str:
 class Router:
     def __init__(self, config: AppConfig):
         self.config = config
-        self.experts = remote_experts(config) if config.expert_parallel_size else None
+        spec = load_model_spec(config.model)  # once for this process, passed down
+        self.experts = remote_experts(config, spec) if config.expert_parallel_size else None
         replica = serve.get_replica_context().replica_id.unique_id
         self.placement_sync: PlacementSync | None = None
         if self.experts is not None and config.experts.rebalance.enabled:
@@ -63,9 +67,11 @@ class Router:
         self.engine = build_async_engine(
             # one embedded redis-server per app and node: a node id is unique to its Ray
             # cluster, so a second app on this machine (its own Ray) gets its own
-            config.engine_config(embedded_owner=ray_node_owner(ray.get_runtime_context())),
+            config.engine_config(),
             self.experts,
             ttft_window_s=scaling.ttft_window_s if scaling is not None else 60.0,
+            kv_store=config.kv_store_config(ray_node_owner(ray.get_runtime_context())),
+            spec=spec,
         )
         shard_tokens = (lambda: self.experts.shard_tokens) if self.experts else tuple
         self.metrics_reporter = start_engine_reporter(
@@ -73,18 +79,18 @@ class Router:
         )
         self.outbox: OutputOutbox | None = None  # made on the replica's event loop
 
-    async def info(self) -> dict:
-        return {
-            "max_model_len": self.engine.engine.max_model_len,
-            "expert_parallel_size": self.config.expert_parallel_size,
-            "node_id": ray.get_runtime_context().get_node_id(),  # where Ray placed this replica
-            "digest": self.engine.engine.model_digest,  # the exact weights this version serves
-            # How the ingress computes the routing key (serve_app.routing.key.HashNamespace):
-            "routing": self.config.router.routing,
-            "block_size": self.engine.engine.config.block_size,
-            "prefix_hash_seed": self.engine.engine.config.prefix_hash_seed,
-            "route_key_blocks": self.config.router.affinity.max_key_blocks,
-        }
+    async def info(self) -> RouterInfo:
+        engine = self.engine.engine
+        return RouterInfo(
+            max_model_len=engine.max_model_len,
+            expert_parallel_size=self.config.expert_parallel_size,
+            node_id=ray.get_runtime_context().get_node_id(),
+            digest=engine.model_digest,
+            routing=self.config.router.routing,
+            block_size=engine.config.block_size,
+            prefix_hash_seed=engine.config.prefix_hash_seed,
+            route_key_blocks=self.config.router.affinity.max_key_blocks,
+        )
 
     async def generate(
         self,
@@ -92,21 +98,21 @@ class Router:
         params: SamplingParams,
         request_id: str,
         route: RouteRequest | None = None,
-    ) -> AsyncIterator:
-        """First item: {"accepted": True} or {"error": EngineError}; then RequestOutputs.
+    ) -> AsyncIterator[Accepted | Refused | RequestOutput]:
+        """First item: ACCEPTED or Refused(EngineError); then RequestOutputs.
 
         Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
         before it sends any byte of the response. `route` is read by the handle's request
-        router before the call arrives here (serve_app.deployments.request_router); unused here.
+        router before the call arrives here (serve_app.deployments.replica_picker); unused here.
         """
         try:
             await self._inject_fault()
             await self.engine.compile_grammar(params)
             stream = self.engine.add_request(prompt, params, request_id)
         except EngineError as e:
-            yield {"error": e}
+            yield Refused(e)
             return
-        yield {"accepted": True}
+        yield ACCEPTED
         async for out in stream:
             yield out
 
@@ -118,10 +124,10 @@ class Router:
         reply: ReplyTo,
         stream: int,
         route: RouteRequest | None = None,
-    ) -> dict | None:
+    ) -> Refused | None:
         """Run a request whose outputs go over the output channel to `reply` (the ingress's
         inbox) as stream number `stream`, batched with the other requests of each engine
-        step; returns when it finished. A refusal is returned ({"error": EngineError}) before
+        step; returns when it finished. A refusal is returned (Refused) before
         anything is sent; cancelling the call aborts the request and frees its KV blocks.
         `route`: read by the request router, as for `generate`."""
         try:
@@ -131,12 +137,12 @@ class Router:
                 self.outbox = OutputOutbox()
             sink = self.outbox.sink(reply, stream)
         except EngineError as e:
-            return {"error": e}
+            return Refused(e)
         try:
             self.engine.add_request_to(prompt, params, sink, request_id)
         except EngineError as e:
             sink.close()
-            return {"error": e}
+            return Refused(e)
         try:
             await asyncio.shield(sink.done)
         finally:
@@ -186,7 +192,7 @@ class Router:
         return load_signals(self.engine).to_stats()
 
     async def record_routing_stats(self) -> dict[str, float]:
-        """Serve's request-routing hook: what PrefixAffinityRequestRouter reads per replica."""
+        """Serve's request-routing hook: what PrefixAffinityReplicaPicker reads per replica."""
         s = self.engine.stats()
         kv_use = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         return {KV_USE_STAT: kv_use}
@@ -207,18 +213,19 @@ def load_signals(engine: AsyncLLMEngine) -> RouterSignals:
     )
 
 
-def expert_placement(config: AppConfig) -> Placement:
+def expert_placement(config: AppConfig, spec: ModelSpec | None = None) -> Placement:
     """Which shard owns which experts: the builder starts the shards from it, the routers
-    dispatch by it (a pure function of the config, so both always agree)."""
-    spec = load_model_spec(config.model)
+    dispatch by it (a pure function of the config, so both always agree). spec: the model's,
+    if the caller has it (None: read from the checkpoint)."""
+    spec = spec or load_model_spec(config.model)
     if not spec.is_moe:
         raise ValueError(f"expert_parallel_size > 0 needs an MoE model; {config.model} is dense")
     return place_experts(spec.num_experts, config.expert_parallel_size)
 
 
-def remote_experts(config: AppConfig) -> RemoteExperts:
+def remote_experts(config: AppConfig, spec: ModelSpec) -> RemoteExperts:
     return RemoteExperts(
-        expert_placement(config),
+        expert_placement(config, spec),
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
         transport=config.experts.transport,
@@ -235,19 +242,16 @@ class PlacementSync:
         self.experts, self.replica, self.interval_s = experts, replica, interval_s
         self.balancer = serve.get_deployment_actor(BALANCER_ACTOR_NAME)
         self.generation = 0
-        self._apply(*ray.get(self.balancer.register.remote(replica), timeout=60))
+        self._apply(ray.get(self.balancer.register.remote(replica), timeout=60))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moeserve-placement", daemon=True)
         self._thread.start()
 
-    def _apply(self, generation: int, shards: list[list[int]]) -> None:
-        if generation != self.generation or [list(s) for s in self.experts.placement.shards] != [
-            list(s) for s in shards
-        ]:
-            num_experts = self.experts.placement.num_experts
-            self.experts.set_placement(Placement(num_experts, tuple(tuple(s) for s in shards)))
-            log.info("router %s: expert placement generation %d", self.replica, generation)
-        self.generation = generation
+    def _apply(self, current: Versioned) -> None:
+        if current.generation != self.generation or current.placement != self.experts.placement:
+            self.experts.set_placement(current.placement)
+            log.info("router %s: expert placement generation %d", self.replica, current.generation)
+        self.generation = current.generation
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -261,16 +265,15 @@ class PlacementSync:
                     pass
 
     def sync(self) -> None:
-        load = self.experts.load.snapshot()
         placement = self.experts.placement
-        ref = self.balancer.sync.remote(
+        report = PlacementReport(
             self.replica,
-            list(load.expert_tokens),
-            self.generation,
-            [list(s) for s in placement.shards],
-            [_resolve_or_none(s) for s in range(placement.num_shards)],
+            tuple(self.experts.load.snapshot().expert_tokens),
+            Versioned(self.generation, placement),
+            tuple(_resolve_or_none(s) for s in range(placement.num_shards)),
         )
-        self._apply(*ray.get(ref, timeout=max(10.0, 5 * self.interval_s)))
+        ref = self.balancer.sync.remote(report)
+        self._apply(ray.get(ref, timeout=max(10.0, 5 * self.interval_s)))
 
     def stop(self) -> None:
         self._stop.set()

@@ -27,6 +27,7 @@ from serve_app.deployments.router import (
     expert_placement,
     shard_actor_name,
 )
+from serve_app.experts.placement import Placement
 
 
 def build_version_app(args: dict[str, Any] | AppConfig) -> Application:
@@ -49,12 +50,12 @@ def router_deployment(config: AppConfig) -> Deployment:
             "resources": dict(r.resources),
         },
         health_check_period_s=10,
-        deployment_actors=expert_shard_actors(config) + expert_balancer_actor(config),
+        deployment_actors=expert_actors(config),
         **request_routing(config),
     )
 
 
-AFFINITY_ROUTER = "serve_app.deployments.request_router:PrefixAffinityRequestRouter"
+AFFINITY_ROUTER = "serve_app.deployments.replica_picker:PrefixAffinityReplicaPicker"
 
 
 def request_routing(config: AppConfig) -> dict[str, Any]:
@@ -104,11 +105,16 @@ def router_scaling(num_replicas: int, autoscaling: AutoscalingSettings | None) -
     }
 
 
-def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
-    """One actor per shard, each given the experts place_experts assigns it."""
+def expert_actors(config: AppConfig) -> list[DeploymentActorConfig]:
+    """The shard actors and the balancer, from one placement (the model spec read once)."""
     if config.expert_parallel_size == 0:
         return []
     placement = expert_placement(config)
+    return expert_shard_actors(config, placement) + expert_balancer_actor(config, placement)
+
+
+def expert_shard_actors(config: AppConfig, placement: Placement) -> list[DeploymentActorConfig]:
+    """One actor per shard, each given the experts place_experts assigns it."""
     e = config.experts
     threads = e.num_threads or max(1, round(e.num_cpus))
     device = "cuda" if e.num_gpus > 0 else "cpu"
@@ -127,12 +133,11 @@ def expert_shard_actors(config: AppConfig) -> list[DeploymentActorConfig]:
     ]
 
 
-def expert_balancer_actor(config: AppConfig) -> list[DeploymentActorConfig]:
+def expert_balancer_actor(config: AppConfig, placement: Placement) -> list[DeploymentActorConfig]:
     """The balancer (experts.rebalance.enabled): one actor for all routers, no CPU reserved
     (it sleeps between moves; the shards load the weights)."""
-    if config.expert_parallel_size == 0 or not config.experts.rebalance.enabled:
+    if not config.experts.rebalance.enabled:
         return []
-    placement = expert_placement(config)
     shards = [list(s) for s in placement.shards]
     return [
         DeploymentActorConfig(

@@ -1,7 +1,7 @@
 """The ingress's side of rollouts: which version serves a request, and how it went.
 
 Every ingress replica polls the app's rollout controller (deployments/rollout_actor.py) for the
-routing table, picks a version per request with the pure sticky split (serve_app.rollout.split)
+version split, picks a version per request with the pure sticky split (serve_app.rollout.split)
 and reports each finished request's outcome back in small batches. When the controller is
 briefly unreachable (restarting), the last table keeps serving.
 """
@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.client import RouteHint
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.rollout.controller import Routing
+from serve_app.rollout.controller import VersionSplit
 from serve_app.rollout.split import PIN_HEADER, choose_version
 from serve_app.rollout.state import RolloutError
 from serve_app.rollout.window import Outcome
@@ -34,7 +34,7 @@ class TrafficSplit:
     def __init__(self, base: str, base_handle: DeploymentHandle, controller):
         self.base = base
         self.controller = controller
-        self.routing = Routing(((base, 100),), {base: None}, base, -1)
+        self.split = VersionSplit(((base, 100),), {base: None}, base, -1)
         self._handles: dict[str, DeploymentHandle] = {base: base_handle}
         self._pending: list[list] = []
         self._tasks: list[asyncio.Task] = []
@@ -45,18 +45,18 @@ class TrafficSplit:
 
     @property
     def stable(self) -> str:
-        return self.routing.stable
+        return self.split.stable
 
     def choose(self, hint: RouteHint | None, request_key: str) -> str:
         hint = hint or RouteHint()
         try:
-            return choose_version(self.routing.weights, hint.session_key, request_key, hint.pinned)
+            return choose_version(self.split.weights, hint.session_key, request_key, hint.pinned)
         except RolloutError as e:
             raise InvalidRequestError(str(e), PIN_HEADER) from None
 
     def handle(self, version: str) -> DeploymentHandle:
         if version not in self._handles:
-            app = self.routing.apps[version]
+            app = self.split.apps[version]
             self._handles[version] = serve.get_deployment_handle("router", app_name=app)
         return self._handles[version]
 
@@ -65,20 +65,20 @@ class TrafficSplit:
             self._pending.append(outcome.to_list())
 
     async def refresh(self) -> None:
-        routing = Routing.from_dict(await self.controller.routing.remote())
-        if routing.generation != self.routing.generation:
-            log.info("routing %s: %s", routing.generation, routing.weights)
-            for name, app in routing.apps.items():
-                if app is not None and self.routing.apps.get(name) != app:
+        split: VersionSplit = await self.controller.version_split.remote()
+        if split.generation != self.split.generation:
+            log.info("version split %s: %s", split.generation, split.weights)
+            for name, app in split.apps.items():
+                if app is not None and self.split.apps.get(name) != app:
                     self._handles.pop(name, None)
-        self.routing = routing
+        self.split = split
 
     async def _poll(self) -> None:
         while True:
             try:
                 await asyncio.wait_for(self.refresh(), timeout=5)
-            except Exception as e:  # noqa: BLE001 - keep the last table while it restarts
-                log.warning("rollout controller unreachable, keeping routing: %s", e)
+            except Exception as e:  # noqa: BLE001 - keep the last split while it restarts
+                log.warning("rollout controller unreachable, keeping the version split: %s", e)
             await asyncio.sleep(POLL_S)
 
     async def _flush(self) -> None:

@@ -168,13 +168,13 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         """Refreshed by the engine thread after every step (no locking of engine internals);
-        the shared prefix cache's counters are read live from its tier (which locks its own):
-        its publisher sends a step's blocks after that step, so an idle engine's last snapshot
-        would miss them until the next request."""
-        s, shared = self._stats, self.engine.shared_kv
-        if shared is None or s.kv_store is None:
+        the shared-prefix connector's counters are read live from it (it locks its own): it
+        sends a step's blocks after that step, so an idle engine's last snapshot would miss
+        them until the next request."""
+        s, connector = self._stats, self.engine.connector
+        if connector is None or s.kv_store is None:
             return s
-        return dataclasses.replace(s, kv_store=shared.stats())
+        return dataclasses.replace(s, kv_store=connector.stats())
 
     def ttft_quantile(self, q: float = 0.9) -> float | None:
         """The q-quantile of recent TTFTs in ms; None when no request started in the window."""

@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from serve_app.engine.block_events import BlockEvents
+
 
 @dataclass(slots=True, eq=False)
 class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
-    # Its K/V is in the shared tier or on its way there (or was offered and dropped): set by
-    # KVCacheManager, forgotten with the hash.
-    shared: bool = False
     prev_free: KVCacheBlock | None = None
     next_free: KVCacheBlock | None = None
 
@@ -77,9 +76,12 @@ class FreeBlockQueue:
 
 
 class BlockPool:
-    """Owns every KVCacheBlock, the free queue and the hash -> block map of cached full blocks."""
+    """Owns every KVCacheBlock, the free queue and the hash -> block map of cached full blocks.
+    Tells `events` (when given) of evicted hashes and resets."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, events: BlockEvents | None = None
+    ):
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
         self.num_blocks = num_blocks
@@ -87,6 +89,7 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, KVCacheBlock] = {}
+        self.events = events
 
     @property
     def num_free_blocks(self) -> int:
@@ -148,7 +151,8 @@ class BlockPool:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
             block.block_hash = None
-            block.shared = False
+            if self.events is not None:
+                self.events.block_evicted(block.block_id)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
@@ -156,6 +160,7 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
-            block.shared = False
         self.cached.clear()
+        if self.events is not None:
+            self.events.cache_reset()
         return True

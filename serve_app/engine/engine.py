@@ -9,28 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-import torch
-from transformers import AutoTokenizer, GenerationConfig
-
 from serve_app.engine.block_hash import root_hash
-from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
-from serve_app.engine.kv_budget import num_kv_blocks
 from serve_app.engine.kv_cache_manager import KVCacheManager
-from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.engine.outputs import CompletionOutput, RequestOutput
-from serve_app.engine.prefix_source import PrefixSourceFactory
+from serve_app.engine.parts import EngineParts
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
-from serve_app.model.config import load_model_spec
-from serve_app.model.digest import model_digest
-from serve_app.model.expert_executor import ExpertExecutor
-from serve_app.model.layers.moe import count_expert_tokens
-from serve_app.model.loader import load_model
-from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +48,29 @@ class _Child:
 
 
 class LLMEngine:
-    """experts: where the experts run (in-process or remote shards). prefix_source: builds the
-    shared prefix cache for this engine's KV pool, or None. Both are injected:
-    serve_app/runtime/factory.py's build_engine picks them from the config."""
+    """The loop over a replica's parts (engine/parts.py: model runner, KV pool, connector,
+    tokenizer): the block manager, the scheduler and the requests. build_engine
+    (serve_app/runtime/factory.py) builds the parts once, with the experts and the connector
+    it picks from the config."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        experts: ExpertExecutor,
-        prefix_source: PrefixSourceFactory | None = None,
-    ):
-        self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
-        self.device = resolve_device(config.device)
-        tune_host_allocator()
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.spec = load_model_spec(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
-        self.model = load_model(config.model, self.device, self.dtype, experts, self.spec)
-        self.expert_token_counts = count_expert_tokens(self.model, self.spec.num_experts)
-        num_blocks = num_kv_blocks(
-            config, self.device, kv_block_bytes(self.spec, config.block_size, self.dtype)
-        )
-        self.num_kv_blocks = num_blocks
-        limit = config.max_model_len or self.spec.max_position_embeddings
-        self.max_model_len = min(limit, num_blocks * config.block_size)
-        # KV dtype: what a block holds where it is shared (int8 in Redis when compressed).
-        int8 = config.kv_store is not None and config.kv_store.int8
-        self.model_digest = model_digest(
-            config.model,
-            dtype=str(self.dtype),
-            block_size=config.block_size,
-            kv_dtype="int8" if int8 else str(self.dtype),
-            kv_format=self.spec.kv_format.tag(),  # MHA K/V or MLA latent rows: never mixed
-        )
+    def __init__(self, parts: EngineParts):
+        config = self.config = parts.config
+        self.spec = parts.spec
+        self.tokenizer = parts.tokenizer
+        self.eos_token_ids = parts.eos_token_ids
+        self.runner = parts.runner
+        self.num_kv_blocks = parts.num_kv_blocks
+        self.kv_block_bytes = parts.kv_block_bytes
+        self.max_model_len = parts.max_model_len
+        self.model_digest = parts.model_digest
+        self.connector = parts.connector
+        self.expert_token_counts = parts.expert_token_counts
         self.kv = KVCacheManager(
-            num_blocks,
+            parts.num_kv_blocks,
             config.block_size,
-            root_hash(config.prefix_hash_seed, self.model_digest),
+            root_hash(config.prefix_hash_seed, parts.model_digest),
             config.enable_prefix_caching,
+            self.connector,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -110,38 +80,12 @@ class LLMEngine:
                 config.enable_chunked_prefill,
             ),
             self.kv,
-        )
-        remote = experts.is_remote
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            config.block_size,
-            self.device,
-            self.dtype,
-            config.num_micro_batches if remote else 1,
+            self.connector,
         )
         self.scheduler.on_finish = self.runner.sampler.states.release
-        self.shared_kv = None
-        if prefix_source is not None:
-            self.shared_kv = prefix_source(self.runner, self.model_digest)
-            self.scheduler.external = self.shared_kv
-            self.kv.record_new_blocks = True
-            store = config.kv_store
-            self.kv.record_decode_blocks = bool(store and store.publish_decode)
-            selective = store is not None and store.write_policy == "write_through_selective"
-            self.kv.record_on_reuse = selective
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, _Child] = {}
-        log.info(
-            "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
-            self.spec.architecture,
-            self.device,
-            self.dtype,
-            num_blocks,
-            config.block_size,
-            self.max_model_len,
-        )
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -238,7 +182,8 @@ class LLMEngine:
         ids = list(self._parents)
         for rid in ids:
             self.abort_request(rid)
-        self.kv.take_new_blocks()  # never publish them to the shared cache either
+        if self.connector is not None:
+            self.connector.discard()  # never send them to the shared cache either
         if not self.kv.reset_prefix_cache():
             log.error("prefix cache not reset: blocks still in use after abort_all")
         return ids
@@ -253,11 +198,11 @@ class LLMEngine:
         if sched.is_empty:
             return []
         if sched.external_loads:
-            self.shared_kv.load(sched.external_loads)
+            self.connector.load(sched.external_loads)
         block_ids = {r.request_id: self.kv.block_ids(r.request_id) for r in sched.requests}
         result = self.runner.execute(sched, block_ids)
-        if self.shared_kv is not None:
-            self.shared_kv.publish(self.kv.take_new_blocks())
+        if self.connector is not None:
+            self.connector.save()
         ids = [r.request_id for r in result.requests]
         sampled = dict(zip(ids, result.sampled.token_ids, strict=True))
         logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
@@ -343,42 +288,27 @@ class LLMEngine:
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             kv_format=self.spec.kv_format.tag(),
-            kv_block_bytes=kv_block_bytes(self.spec, self.config.block_size, self.dtype),
+            kv_block_bytes=self.kv_block_bytes,
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())
                 if self.expert_token_counts is not None
                 else ()
             ),
-            **self._shared_kv_stats(),
+            **self._connector_stats(),
         )
 
-    def _shared_kv_stats(self) -> dict:
-        if self.shared_kv is None:
+    def _connector_stats(self) -> dict:
+        if self.connector is None:
             return {}
         return {
-            "prefix_remote_queried_tokens": self.shared_kv.num_queried_tokens,
-            "prefix_remote_hit_tokens": self.shared_kv.num_hit_tokens,
-            "kv_store": self.shared_kv.stats(),
+            "prefix_remote_queried_tokens": self.connector.num_queried_tokens,
+            "prefix_remote_hit_tokens": self.connector.num_hit_tokens,
+            "kv_store": self.connector.stats(),
         }
 
     def close(self) -> None:
-        """Stop the shared-cache threads (and the embedded redis-server this engine started)."""
+        """Stop the grammar pool and the connector (its threads and any server it started).
+        The engine serves no step after this."""
         self.grammars.close()
-        if self.shared_kv is not None:
-            self.shared_kv.close()
-            self.shared_kv = None
-            self.scheduler.external = None
-            self.kv.record_new_blocks = False
-
-
-def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    try:
-        gen = GenerationConfig.from_pretrained(model_dir)
-        eos = gen.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+        if self.connector is not None:
+            self.connector.close()

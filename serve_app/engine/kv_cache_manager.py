@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import NamedTuple
 
+from serve_app.engine.block_events import BlockEvents
 from serve_app.engine.block_hash import extend_block_hashes
 from serve_app.engine.block_pool import BlockPool, KVCacheBlock
 from serve_app.engine.request import Request
@@ -21,25 +21,27 @@ NO_HIT = ComputedBlocks([], 0)
 
 
 class KVCacheManager:
-    """Allocates and frees the blocks of each request and publishes its full blocks for reuse."""
+    """Allocates and frees the blocks of each request and publishes its full blocks for reuse.
+
+    events (a shared-prefix connector, or None) hears of every block cached (computed here or
+    loaded by the connector), reused as a hit, evicted, and of resets; it decides what follows.
+    """
 
     def __init__(
-        self, num_blocks: int, block_size: int, root_hash: bytes, enable_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        root_hash: bytes,
+        enable_caching: bool = True,
+        events: BlockEvents | None = None,
     ):
         self.block_size = block_size
         self.root_hash = root_hash
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.events = events
+        self.pool = BlockPool(num_blocks, enable_caching, events)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_published: dict[str, int] = {}
-        # Blocks cached since the last take_new_blocks(), for the shared tier (when it is on);
-        # blocks that hold generated tokens only when record_decode_blocks. With
-        # record_on_reuse (write_through_selective) a computed block is recorded only when a
-        # later request takes it as a prefix-cache hit, whatever tokens it holds.
-        self.record_new_blocks = False
-        self.record_decode_blocks = False
-        self.record_on_reuse = False
-        self._new_blocks: list[tuple[int, bytes]] = []
         # Cumulative prefix-cache counters (tokens), exported as metrics.
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -90,9 +92,8 @@ class KVCacheManager:
         Blocks that become full with these tokens are published to the prefix cache right away:
         the model writes every token's K/V before any attention reads, so a later request in the
         same step may already share them. The first num_external_tokens of the new tokens (whole
-        blocks) are loaded from the shared tier, not computed, so they are not recorded for it.
-        With record_on_reuse, the hit blocks not yet in the shared tier are recorded instead:
-        this request holds them through the step after which the caller reads them.
+        blocks) are loaded by the connector, not computed: their event says so. Every hit block
+        is told reused: this request holds it through the step after which a connector reads it.
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_total = request.num_computed_tokens + hit.num_tokens + num_new_tokens
@@ -104,8 +105,9 @@ class KVCacheManager:
                 del self.req_blocks[request.request_id]
             return None
         self.pool.touch(hit.blocks)
-        if self.record_on_reuse and self.record_new_blocks:
-            self._record(b for b in hit.blocks if not b.shared)
+        if self.events is not None:
+            for b in hit.blocks:
+                self.events.block_reused(b.block_id, b.block_hash)
         blocks.extend(hit.blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
         blocks.extend(new_blocks)
@@ -117,36 +119,24 @@ class KVCacheManager:
     def _publish(
         self, request: Request, blocks: list[KVCacheBlock], num_tokens: int, loaded: range
     ) -> None:
-        """Cache the request's blocks that are full once num_tokens have K/V; record for the
-        shared tier those this engine computes (not the ones `loaded` from it), a block that
+        """Cache the request's blocks that are full once num_tokens have K/V, a block that
         became full only now included (the tail block of an earlier prefill chunk or decode
-        step), and blocks of generated tokens only when record_decode_blocks; none of them
-        with record_on_reuse (allocate_slots records them when they are hit)."""
+        step), and tell events of each: computed here, or `loaded` by the connector."""
         if not self.enable_caching:
             return
         start = self._num_published.get(request.request_id, 0)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
         prompt_end = request.num_prompt_tokens // self.block_size
+        events = self.events
         for i in range(start, end):
             h = request.block_hashes[i]
-            if not self.pool.cache_block(blocks[i], h) or not self.record_new_blocks:
+            if not self.pool.cache_block(blocks[i], h) or events is None:
                 continue
             if i in loaded:
-                blocks[i].shared = True
-            elif not self.record_on_reuse and (i < prompt_end or self.record_decode_blocks):
-                self._record((blocks[i],))
+                events.block_loaded(blocks[i].block_id, h)
+            else:
+                events.block_computed(blocks[i].block_id, h, i >= prompt_end)
         self._num_published[request.request_id] = max(start, end)
-
-    def _record(self, blocks: Iterable[KVCacheBlock]) -> None:
-        for block in blocks:
-            block.shared = True
-            self._new_blocks.append((block.block_id, block.block_hash))
-
-    def take_new_blocks(self) -> list[tuple[int, bytes]]:
-        """(block id, hash) of blocks cached since the last call; written by the step that
-        follows their allocation, so the caller reads them after that step."""
-        out, self._new_blocks = self._new_blocks, []
-        return out
 
     def free(self, request: Request) -> None:
         """Return every block of the request (tail first, so its tail is evicted first)."""

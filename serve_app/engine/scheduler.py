@@ -5,7 +5,7 @@ compute (a whole prompt chunk, or one token while decoding), running requests fi
 waiting ones in FCFS order, until max_num_batched_tokens or max_num_seqs is reached. Long
 prompts are chunked. When blocks run out, the most recently admitted running request is
 preempted: its blocks are freed and it will be recomputed (prefix caching usually makes that
-cheap). An optional external prefix source (the shared Redis tier) extends a new request's
+cheap). An optional external prefix source (a shared-prefix connector) extends a new request's
 local prefix-cache hit; its blocks are allocated here and filled by the engine before the
 step runs. No torch here.
 """

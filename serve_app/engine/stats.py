@@ -16,9 +16,9 @@ class EngineStats:
     prefix_queried_tokens: int  # local prefix cache
     prefix_hit_tokens: int
     num_preemptions: int
-    prefix_remote_queried_tokens: int = 0  # shared (Redis) tier, after the local hit
+    prefix_remote_queried_tokens: int = 0  # the shared-prefix connector, after the local hit
     prefix_remote_hit_tokens: int = 0
-    kv_store: Any = None  # the shared prefix source's stats() (kvstore.stats.KVStoreStats)
+    kv_store: Any = None  # the connector's stats() (kvstore.stats.KVStoreStats)
     expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
     kv_format: str = ""  # KVFormat.tag(): what a block holds (MHA K/V or MLA latent rows)
     kv_block_bytes: int = 0  # bytes of one block in the pool, all layers

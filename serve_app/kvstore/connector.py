@@ -1,10 +1,11 @@
-"""SharedPrefixCache: the engine's face of the shared KV tier (after vLLM's KV connector).
+"""SharedPrefixCache: the Redis tier as the engine's KVConnector (serve_app/engine/kv_connector.py).
 
 Scheduler side: match() says how many blocks after the local prefix-cache hit are in Redis,
 having already fetched and validated them (bounded by the tier's timeouts), so a failure is
-just a shorter match and never a half-loaded block. Worker side: load() copies matched
-blocks into the blocks the scheduler allocated, before the step runs; publish() copies
-blocks that became full this step out of the paged cache and queues them for Redis.
+just a shorter match and never a half-loaded block. Block events go to the write policy
+(write_policy.py), which picks the blocks to send. Worker side: load() copies matched blocks
+into the blocks the scheduler allocated, before the step runs; save() copies the blocks the
+policy picked out of the paged cache after the step and queues them for Redis.
 Torch lives here and in ModelRunner.{read,write}_blocks; Redis and bytes in RedisKVTier.
 """
 
@@ -17,14 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serve_app.engine.config import KVStoreConfig
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.request import Request
 from serve_app.engine.scheduler import ExternalLoad
 from serve_app.kvstore.codec import KVLayout
 from serve_app.kvstore.embedded import EmbeddedRedis, state_dir
 from serve_app.kvstore.redis_tier import RedisKVTier
+from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.kvstore.stats import KVStoreStats
+from serve_app.kvstore.write_policy import WritePolicy, make_write_policy
 from serve_app.platform.transfer import to_host
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -38,11 +40,26 @@ class _Match:
 
 
 class SharedPrefixCache:
-    def __init__(self, tier: RedisKVTier, runner: ModelRunner, embedded: EmbeddedRedis | None):
+    """Owns the tier, its write policy and its access to the engine's KV pool (the runner)."""
+
+    def __init__(
+        self,
+        tier: RedisKVTier,
+        runner: ModelRunner,
+        embedded: EmbeddedRedis | None,
+        policy: WritePolicy,
+    ):
         self.tier = tier
         self.runner = runner
         self.block_size = runner.block_size
         self.embedded = embedded
+        self.policy = policy
+        # the block events of the engine's KV cache manager (serve_app/engine/block_events.py)
+        self.block_computed = policy.block_computed
+        self.block_loaded = policy.block_loaded
+        self.block_reused = policy.block_reused
+        self.block_evicted = policy.block_evicted
+        self.cache_reset = policy.cache_reset
         self._last: _Match | None = None  # the head request's match, kept if not admitted
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -84,8 +101,17 @@ class SharedPrefixCache:
             if m is self._last:
                 self._last = None
 
+    def save(self) -> None:
+        """After the step: queue the blocks the write policy picked; never waits on Redis.
+        NOTE: called every step, even with nothing to send: it drives the tier's reconnect."""
+        self.publish(self.policy.take_writes())
+
+    def discard(self) -> None:
+        self.policy.discard()
+
     def publish(self, new_blocks: list[tuple[int, bytes]]) -> None:
-        """Queue blocks that became full this step (block id, hash); never waits on Redis."""
+        """Queue blocks (block id, hash) whose K/V the last step wrote, as room allows (the
+        rest are dropped and counted)."""
         n = self.tier.publish_room(len(new_blocks))
         if n == 0:
             return
@@ -123,7 +149,21 @@ def open_shared_prefix_cache(
         url = config.url
         url_provider = lambda: url  # noqa: E731
     tier = RedisKVTier(url_provider, namespace, layout, config)
-    return SharedPrefixCache(tier, runner, embedded)
+    policy = make_write_policy(config.write_policy, config.publish_decode)
+    return SharedPrefixCache(tier, runner, embedded, policy)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConnectorFactory:
+    """The engine's KVConnectorFactory for the Redis tier (build_engine passes it in)."""
+
+    config: KVStoreConfig
+
+    def kv_dtype(self, dtype: str) -> str:
+        return "int8" if self.config.int8 else dtype
+
+    def __call__(self, runner: ModelRunner, namespace: str) -> SharedPrefixCache:
+        return open_shared_prefix_cache(self.config, runner, namespace)
 
 
 def kv_layout(runner: ModelRunner) -> KVLayout:

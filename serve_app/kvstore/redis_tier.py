@@ -31,8 +31,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from serve_app.engine.config import KVStoreConfig
 from serve_app.kvstore.codec import CodecError, KVLayout, decode_block, encode_block
+from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.kvstore.stats import KVStoreStats, LatencyHistogram
 from serve_app.platform import sched
 from serve_app.platform.device import name_os_thread

@@ -4,7 +4,7 @@ It applies operator events (start, promote, pause, resume, abort, undo) and the 
 analysis tick through the pure `machine.step`, keeps the versions' deployments in line with the
 state (deploy a candidate before it gets traffic, delete a version RETIRE_GRACE_S after nothing
 routes to it),
-persists every new state before anyone can read it, and answers the ingress's `routing()`.
+persists every new state before anyone can read it, and answers the ingress's `version_split()`.
 Ray, Serve and the state store are behind the two small interfaces below, so the logic runs in
 unit tests with in-memory fakes; `actor.py` is the Ray adapter.
 
@@ -26,7 +26,7 @@ from serve_app.rollout.state import AnalysisConfig, RolloutError, RolloutState, 
 from serve_app.rollout.window import Outcome, OutcomeWindow
 
 DOC_SCHEMA = 1
-# A version that leaves the routing table keeps its app this long (deleted on a later tick): an
+# A version that leaves the version split keeps its app this long (deleted on a later tick): an
 # ingress replica routes with the table of its last poll, and a request sent to a deleted app
 # waits for replicas that never come (Serve handles queue until a replica appears).
 RETIRE_GRACE_S = 20.0
@@ -54,31 +54,14 @@ class StateStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Routing:
-    """What the ingress needs per request: weights (candidate first) and each version's Serve
-    app (None: the base app's own router)."""
+class VersionSplit:
+    """What the ingress needs per request (the controller actor sends it as is): weights
+    (candidate first) and each version's Serve app (None: the base app's own router)."""
 
     weights: tuple[tuple[str, int], ...]
     apps: dict[str, str | None]
     stable: str
     generation: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "weights": [list(w) for w in self.weights],
-            "apps": self.apps,
-            "stable": self.stable,
-            "generation": self.generation,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Routing:
-        return cls(
-            tuple((str(n), int(w)) for n, w in d["weights"]),
-            dict(d["apps"]),
-            d["stable"],
-            int(d["generation"]),
-        )
 
 
 class RolloutController:
@@ -97,7 +80,7 @@ class RolloutController:
         self.configs: dict[str, dict[str, Any]] = {}
         self.rollbacks: dict[str, int] = {}
         self.generation = 0
-        self.retired: dict[str, float] = {}  # version -> when it left the routing table
+        self.retired: dict[str, float] = {}  # version -> when it left the version split
         self.analyses = 0  # analyses of the current rollout (this process's count)
         self.base = base
         self.state = self._restore()
@@ -184,10 +167,10 @@ class RolloutController:
         )
         return self._apply(Tick(verdict))
 
-    def routing(self) -> Routing:
+    def version_split(self) -> VersionSplit:
         s = self.state
         apps = {name: self._app(name) for name, _ in s.weights}
-        return Routing(s.weights, apps, s.stable.name, self.generation)
+        return VersionSplit(s.weights, apps, s.stable.name, self.generation)
 
     def metrics(self, version: str) -> VersionMetrics:
         return self.window.metrics(version, self.clock(), self.state.analysis.window_s)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.outputs import RequestOutput, TokenLogprob
 from serve_app.engine.request import SamplingParams
+from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.runtime.factory import build_engine
 
 
@@ -41,8 +42,9 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: str, **engine_kwargs):
-        self.engine = build_engine(EngineConfig(model=model, **engine_kwargs))
+    def __init__(self, model: str, kv_store: KVStoreConfig | None = None, **engine_kwargs):
+        """engine_kwargs: EngineConfig's; kv_store: the shared prefix cache (None: off)."""
+        self.engine = build_engine(EngineConfig(model=model, **engine_kwargs), kv_store=kv_store)
 
     def generate(
         self,

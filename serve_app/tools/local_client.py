@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from serve_app.api.client import RouteHint
+from serve_app.api.client import RouteHint, Submitted
 from serve_app.engine.async_engine import AsyncLLMEngine
-from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams
 
 
@@ -25,9 +22,9 @@ class LocalEngineClient:
         params: SamplingParams,
         request_id: str,
         hint: RouteHint | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> Submitted:
         await self.engine.compile_grammar(params)
-        return self.engine.add_request(prompt, params, request_id)
+        return Submitted(self.engine.add_request(prompt, params, request_id))
 
     async def health(self) -> dict:
         return self.engine.health()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -301,11 +301,19 @@ def test_state_dict_round_trip_ignores_serve_keys():
 # --- the Ray Serve adapter (Ray's context object built directly; no cluster) ---------------
 
 
-def _ctx(replica_signals, target, policy_state, now=T0, lo=1, hi=6, requests=0.0):
-    from ray.serve._private.common import DeploymentID, ReplicaID
-    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+@dataclass(frozen=True)
+class _DeploymentID:
+    """What the policy reads of Serve's DeploymentID (not in Ray's public API)."""
 
-    dep = DeploymentID(name="Router", app_name="moeserve")
+    name: str
+    app_name: str
+
+
+def _ctx(replica_signals, target, policy_state, now=T0, lo=1, hi=6, requests=0.0):
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+    from ray.serve.request_router import ReplicaID
+
+    dep = _DeploymentID(name="Router", app_name="moeserve")
     ids = [ReplicaID(unique_id=f"r{i}", deployment_id=dep) for i in range(len(replica_signals))]
     metrics: dict = {}
     for rid, sig in zip(ids, replica_signals, strict=True):

@@ -32,10 +32,10 @@ def test_inproc_publishes_to_its_own_redis_and_stops_it(qwen3_tiny: Path) -> Non
         prompts = ["one two three four " * 12, "five six seven eight " * 12]
         result = asyncio.run(run_inproc_pass(engine, prompts, max_tokens=8, concurrency=2))
         assert [r.completion_tokens for r in result.records] == [8, 8]
-        assert engine.engine.shared_kv is not None
+        assert engine.engine.connector is not None
         state = json.loads((Path(cache_dir) / "state.json").read_text())
         assert pid_alive(state["pid"])  # the server the reference started, in its own dir
-        assert engine.engine.shared_kv.tier.flush(timeout_s=10)
+        assert engine.engine.connector.tier.flush(timeout_s=10)
         assert engine.stats().kv_store.blocks_published > 0
     finally:
         engine.shutdown()
@@ -48,7 +48,7 @@ def test_inproc_local_has_no_shared_tier(qwen3_tiny: Path) -> None:
         str(qwen3_tiny), BenchConfig(max_num_seqs=4, max_num_batched_tokens=256), None
     )
     try:
-        assert engine.engine.shared_kv is None
+        assert engine.engine.connector is None
         assert engine.engine.config.max_num_seqs == 4
     finally:
         engine.shutdown()

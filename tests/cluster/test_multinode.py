@@ -101,7 +101,7 @@ def _router_node_id() -> str:
     from ray import serve
 
     handle = serve.get_deployment_handle("router", app_name="moeserve")
-    return handle.info.remote().result(timeout_s=30)["node_id"]
+    return handle.info.remote().result(timeout_s=30).node_id
 
 
 def _shard_node_ids() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """router.routing: prefix_affinity on a real local Ray Serve, 2 router replicas.
 
 One application (`affine`, route prefix /affine) whose router handle uses
-PrefixAffinityRequestRouter. Shuffled requests over a few shared prefixes (token ids, and one
+PrefixAffinityReplicaPicker. Shuffled requests over a few shared prefixes (token ids, and one
 prefix sent as text) must all succeed, each prefix must stay on one replica (so every repeat
 is a local prefix-cache hit), both replicas must take prefixes, and /metrics must count the
 choices by reason. A session (x-session-id) stays on its replica across different prompts.

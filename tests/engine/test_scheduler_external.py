@@ -1,4 +1,5 @@
-"""Exact-state tests of the scheduler with an external prefix source (the shared tier's seam)."""
+"""Exact-state tests of the scheduler with an external prefix source (the shared tier's seam),
+and of the block events the KV cache manager emits to a connector."""
 
 from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
@@ -24,19 +25,45 @@ class FakeSource:
         return n, ("handle", request.request_id)
 
 
+class RecordingEvents:
+    """The BlockEvents a connector hears, as (kind, block id) in order."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def block_computed(self, block_id, block_hash, holds_output):
+        self.events.append(("computed", block_id, holds_output))
+
+    def block_loaded(self, block_id, block_hash):
+        self.events.append(("loaded", block_id))
+
+    def block_reused(self, block_id, block_hash):
+        self.events.append(("reused", block_id))
+
+    def block_evicted(self, block_id):
+        self.events.append(("evicted", block_id))
+
+    def cache_reset(self):
+        self.events.append(("reset",))
+
+    def take(self) -> list[tuple]:
+        out, self.events = self.events, []
+        return out
+
+
 def make(source, num_blocks=16, budget=32):
-    kv = KVCacheManager(num_blocks, BS, root_hash(0, "t"))
-    kv.record_new_blocks = True
-    return Scheduler(SchedulerConfig(8, budget, 64, True), kv, source), kv
+    events = RecordingEvents()
+    kv = KVCacheManager(num_blocks, BS, root_hash(0, "t"), events=events)
+    return Scheduler(SchedulerConfig(8, budget, 64, True), kv, source), kv, events
 
 
 def test_external_blocks_follow_the_local_hit_and_skip_compute():
     # Warm the local cache with the first 2 blocks of a 14-token prompt.
     source = FakeSource(set())
-    s, kv = make(source)
+    s, kv, events = make(source)
     s.add_request(req("a", 9, max_tokens=1, base=100))
     step(s)
-    assert [b for b, _ in kv.take_new_blocks()] == [0, 1]
+    assert events.take() == [("computed", 0, False), ("computed", 1, False)]
     # "b" shares 2 blocks locally; Redis holds blocks 2 and 3 of it (not the last token's).
     b = req("b", 17, base=100)
     s.kv.update_block_hashes(b)
@@ -51,14 +78,15 @@ def test_external_blocks_follow_the_local_hit_and_skip_compute():
     load = out.external_loads[0]
     assert load.request_id == "b" and load.handle == ("handle", "b")
     assert load.block_ids == kv.block_ids("b")[2:4]
-    # remote blocks are cached locally but not re-published; none of b's blocks is new
-    assert kv.take_new_blocks() == []
+    # the local hit is told reused, the remote blocks loaded (not computed); nothing else
+    loaded = [("loaded", i) for i in load.block_ids]
+    assert events.take() == [("reused", 0), ("reused", 1), *loaded]
     assert kv.pool.get_cached_block(b.block_hashes[3]).block_id == load.block_ids[1]
 
 
 def test_no_load_when_the_pool_cannot_admit_and_match_again_later():
     source = FakeSource(set())
-    s, kv = make(source, num_blocks=6)
+    s, kv, _ = make(source, num_blocks=6)
     s.add_request(req("big", 20, max_tokens=4, base=0))  # holds 5 of 6 blocks
     step(s)
     r = req("r", 9, base=500)
@@ -81,35 +109,25 @@ def hashes_of(kv, n: int, base: int) -> list[bytes]:
     return r.block_hashes
 
 
-def test_on_reuse_a_computed_block_is_recorded_when_first_hit_and_only_once():
-    """write_through_selective: nothing at compute time; the hit blocks when a later request
-    reuses them (once, however often they are hit); loaded blocks never; an evicted block
-    forgets it was shared."""
-    source = FakeSource(set())
-    s, kv = make(source, num_blocks=6)
-    kv.record_on_reuse = True
-    s.add_request(req("a", 9, max_tokens=1, base=100))
+def test_events_of_generated_blocks_evictions_and_reset():
+    """A block that fills while decoding is computed with holds_output; reallocating a cached
+    block evicts its hash; a reset is told once."""
+    s, kv, events = make(FakeSource(set()), num_blocks=4)
+    s.add_request(req("a", BS + 3, max_tokens=3, base=100))  # 1 full block + 3 tokens
     step(s)
-    assert kv.take_new_blocks() == []  # computed, not reused yet
-    h = hashes_of(kv, 9, 100)
-    assert [kv.pool.get_cached_block(x).shared for x in h] == [False, False]
-    s.add_request(req("b", 13, max_tokens=1, base=100))  # reuses a's 2 full blocks
+    assert events.take() == [("computed", 0, False)]
+    step(s)  # the first generated token is computed: block 1 (3 prompt + 1 generated) fills
+    assert events.take() == [("computed", 1, True)]
+    s.finish_requests(["a"], s.requests["a"].status)
+    kv.pool.allocate(kv.pool.num_free_blocks)  # reallocates every block, a's tail first
+    assert events.take() == [("evicted", 1), ("evicted", 0)]
+    kv.pool.free(kv.pool.blocks)
+    assert kv.reset_prefix_cache() and events.take() == [("reset",)]
+
+
+def test_no_events_without_a_listener():
+    kv = KVCacheManager(4, BS, root_hash(0, "t"))
+    s = Scheduler(SchedulerConfig(8, 32, 64, True), kv)
+    s.add_request(req("a", 17, max_tokens=1, base=1))
     step(s)
-    assert kv.take_new_blocks() == [(0, h[0]), (1, h[1])]
-    s.add_request(req("c", 9, max_tokens=1, base=100))  # the same 2 blocks again
-    step(s)
-    assert kv.take_new_blocks() == []
-    # blocks loaded from the tier are in it: reusing them records nothing
-    d = req("d", 17, base=700)
-    s.kv.update_block_hashes(d)
-    source.hashes = set(d.block_hashes)
-    s.add_request(d)
-    out = step(s)
-    assert len(out.external_loads) == 1
-    s.add_request(req("e", 17, max_tokens=1, base=700))
-    out = step(s)
-    assert ("e", 1) in scheduled(out)  # 4 blocks hit locally, the last token computed
-    assert kv.take_new_blocks() == []
-    s.finish_requests(["d"], s.requests["d"].status)
-    kv.pool.allocate(kv.pool.num_free_blocks)  # evicts every cached block
-    assert all(blk.block_hash is None and not blk.shared for blk in kv.pool.blocks)
+    assert kv.events is None and kv.pool.events is None

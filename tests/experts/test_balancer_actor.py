@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from serve_app.experts.balancer import BalancerConfig
-from serve_app.experts.placement import place_experts
+from serve_app.experts.balancer import BalancerConfig, Versioned
+from serve_app.experts.placement import Placement, place_experts
 from serve_app.experts.rebalance import RebalanceConfig
+from serve_app.messages import PlacementReport
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -38,8 +39,14 @@ def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3
 
     shards = [shard(s) for s in config_shards]
     balancer = ExpertBalancerActor.options(num_cpus=0).remote(8, config_shards, CONFIG, 60.0)
-    gen, used = ray.get(balancer.register.remote("r1"))
-    assert (gen, used) == (0, config_shards)
+    first = ray.get(balancer.register.remote("r1"))
+    assert first == Versioned(0, placement)
+    used = config_shards
+
+    def report(generation, shards_used):
+        placement_used = Placement(8, tuple(tuple(s) for s in shards_used))
+        versioned = Versioned(generation, placement_used)
+        return PlacementReport("r1", tuple(tokens), versioned, tuple(shards))
 
     def owned():
         return [ray.get(s.info.remote())["owned"] for s in shards]
@@ -51,11 +58,12 @@ def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3
     while state.get("generation", 0) == 0:
         assert time.monotonic() < deadline
         tokens = [t + x for t, x in zip(tokens, SKEW, strict=True)]
-        ray.get(balancer.sync.remote("r1", tokens, 0, used, shards))
+        ray.get(balancer.sync.remote(report(0, used)))
         state = ray.get(balancer.state.remote())
         time.sleep(0.1)
     hot = state["shards"]
-    assert ray.get(balancer.sync.remote("r1", tokens, 0, used, shards)) == (1, hot)
+    now = ray.get(balancer.sync.remote(report(0, used)))
+    assert (now.generation, [list(s) for s in now.placement.shards]) == (1, hot)
     assert state["draining"]
     assert all(0 in s for s in hot)  # the hot expert is on both shards
     held = owned()
@@ -64,14 +72,14 @@ def test_balancer_rebalances_real_shards_in_the_no_drop_order(ray_cluster, qwen3
     assert owned() == held and ray.get(balancer.state.remote())["draining"]
 
     # The router switches and reports the new generation: now the shards free the old copies.
-    ray.get(balancer.sync.remote("r1", tokens, 1, hot, shards))
+    ray.get(balancer.sync.remote(report(1, hot)))
     wait_until(lambda: not ray.get(balancer.state.remote())["draining"], every=0.1)
     assert owned() == hot
 
     # Shard 1 "recreated" from the config's placement: the balancer tops it up.
     ray.kill(shards[1])
     shards[1] = shard(config_shards[1])
-    ray.get(balancer.sync.remote("r1", tokens, 1, hot, shards))
+    ray.get(balancer.sync.remote(report(1, hot)))
     wait_until(lambda: owned()[1] == sorted(set(hot[1]) | set(config_shards[1])), every=0.1)
     for s in [*shards, balancer]:
         ray.kill(s)

@@ -40,7 +40,7 @@ def test_state_dir_is_keyed_by_the_app(tmp_path):
 OTHER_APP = textwrap.dedent(
     """
     import json, signal, sys
-    from serve_app.engine.config import KVStoreConfig
+    from serve_app.kvstore.settings import KVStoreConfig
     from serve_app.engine.request import SamplingParams
     from serve_app.runtime.llm import LLM
 
@@ -48,7 +48,7 @@ OTHER_APP = textwrap.dedent(
     llm = LLM(sys.argv[1], num_kv_blocks=96, block_size=16, max_model_len=512,
               kv_store=KVStoreConfig(embedded_dir=sys.argv[2], embedded_maxmemory_mb=64))
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))
-    kv = llm.engine.shared_kv
+    kv = llm.engine.connector
     print(json.dumps({"url": kv.stats().url, "pid": kv.embedded.pid}), flush=True)
     while True:
         signal.pause()
@@ -68,7 +68,7 @@ def test_stopping_one_app_leaves_the_others_embedded_redis_alone(qwen3_tiny, tmp
         theirs = json.loads(other.stdout.readline())
         publish(mine, prompt(90))
         before = mine.engine.stats().kv_store
-        assert before.connected and mine.engine.shared_kv.embedded.pid is not None
+        assert before.connected and mine.engine.connector.embedded.pid is not None
         assert before.url != theirs["url"]  # two apps, two servers, two state dirs
         assert len(list(tmp_path.glob("*/state.json"))) == 2
         other.send_signal(signal.SIGTERM)  # the other app stops ...

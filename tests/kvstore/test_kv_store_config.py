@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.engine.config import EngineConfig, KVStoreConfig
 from serve_app.kvstore.redis_tier import _redact
+from serve_app.kvstore.settings import KVStoreConfig
 
 
 @pytest.mark.parametrize(
@@ -28,11 +28,6 @@ def test_kv_store_config_refuses_nonsense(kwargs):
         KVStoreConfig(**kwargs)
 
 
-def test_shared_cache_needs_local_prefix_caching():
-    with pytest.raises(ValueError, match="enable_prefix_caching"):
-        EngineConfig(model="m", enable_prefix_caching=False, kv_store=KVStoreConfig())
-
-
 def test_app_config_maps_prefix_cache_and_reads_url_from_env(monkeypatch):
     monkeypatch.delenv("MOESERVE_REDIS_URL", raising=False)
     cfg = AppConfig.model_validate(
@@ -45,28 +40,28 @@ def test_app_config_maps_prefix_cache_and_reads_url_from_env(monkeypatch):
                 "write_policy": "write_through_selective",
             },
         }
-    ).engine_config()
-    assert cfg.kv_store == KVStoreConfig(
+    ).kv_store_config()
+    assert cfg == KVStoreConfig(
         url=None, int8=True, lookup_timeout_ms=5, ttl_s=60, write_policy="write_through_selective"
     )
 
     # the router passes its app's owner (its Ray node) for the embedded server's state
-    owned = AppConfig(model="m").engine_config(embedded_owner="ray-ab12").kv_store
+    owned = AppConfig(model="m").kv_store_config(embedded_owner="ray-ab12")
     assert owned.embedded_owner == "ray-ab12" and owned.url is None
 
     monkeypatch.setenv("MOESERVE_REDIS_URL", "rediss://:s3cret@cache:6380/1")
-    assert AppConfig(model="m").engine_config().kv_store.url == "rediss://:s3cret@cache:6380/1"
+    assert AppConfig(model="m").kv_store_config().url == "rediss://:s3cret@cache:6380/1"
     explicit = AppConfig.model_validate({"model": "m", "prefix_cache": {"redis_url": "redis://x"}})
-    assert explicit.engine_config().kv_store.url == "redis://x"
+    assert explicit.kv_store_config().url == "redis://x"
 
     assert (
-        AppConfig.model_validate({"model": "m", "prefix_cache": {"enabled": False}})
-        .engine_config()
-        .kv_store
+        AppConfig.model_validate(
+            {"model": "m", "prefix_cache": {"enabled": False}}
+        ).kv_store_config()
         is None
     )
     no_local = AppConfig.model_validate({"model": "m", "engine": {"enable_prefix_caching": False}})
-    assert no_local.engine_config().kv_store is None
+    assert no_local.kv_store_config() is None
     with pytest.raises(ValueError):
         AppConfig.model_validate({"model": "m", "prefix_cache": {"lookup_timeout": 5}})
 

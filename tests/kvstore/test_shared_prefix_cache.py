@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.block_hash import extend_block_hashes
-from serve_app.engine.config import KVStoreConfig
 from serve_app.engine.request import SamplingParams
 from serve_app.kvstore.codec import HEADER_SIZE, decode_block
+from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.kvstore.stats import describe_store
 from serve_app.runtime.llm import LLM
 from tests.kvstore.conftest import RedisProc
@@ -56,7 +56,7 @@ def run(llm: LLM, ids: list[int], params: SamplingParams = GREEDY):
 
 def publish(llm: LLM, ids: list[int]):
     out = run(llm, ids)
-    assert llm.engine.shared_kv.tier.flush(20)
+    assert llm.engine.connector.tier.flush(20)
     return out
 
 
@@ -101,7 +101,7 @@ def test_only_the_prompts_blocks_are_published_unless_decode_blocks_are_asked_fo
         llm = make_engine(qwen3_tiny, redis_server.url, publish_decode=publish_decode)
         try:
             run(llm, prompt(seed, 2 * BS), params)
-            assert llm.engine.shared_kv.tier.flush(20)
+            assert llm.engine.connector.tier.flush(20)
             assert llm.engine.stats().kv_store.blocks_published == expected, publish_decode
         finally:
             llm.engine.close()
@@ -121,7 +121,7 @@ def test_a_prompt_block_split_across_prefill_chunks_is_published(qwen3_tiny, red
     )
     try:
         run(llm, prompt(903), SamplingParams(temperature=0, max_tokens=1))
-        assert llm.engine.shared_kv.tier.flush(20)
+        assert llm.engine.connector.tier.flush(20)
         assert llm.engine.stats().kv_store.blocks_published == PREFIX // BS
     finally:
         llm.engine.close()
@@ -158,10 +158,10 @@ def test_selective_writes_publish_a_prefix_when_its_replica_reuses_it(
     try:
         p = prompt(905)
         run(a, p)
-        assert a.engine.shared_kv.tier.flush(20)
+        assert a.engine.connector.tier.flush(20)
         assert a.engine.stats().kv_store.blocks_published == 0
         assert run(a, p + [4, 5]).num_cached_tokens == PREFIX  # reused locally
-        assert a.engine.shared_kv.tier.flush(20)
+        assert a.engine.connector.tier.flush(20)
         assert a.engine.stats().kv_store.blocks_published == PREFIX // BS
         query = p + [7, 8, 9, 10, 11]
         got = run(b, query)
@@ -183,7 +183,7 @@ def test_a_follow_up_turn_on_the_same_replica_publishes_the_answer_only_when_sel
     it: a local hit of 4 blocks. write_through published the prompt's 2 at turn 1 and nothing
     at the hit; selective nothing at turn 1 and the 4 reused ones (2 of generated tokens)."""
     llm = make_engine(qwen3_tiny, redis_server.url, write_policy=policy)
-    tier = llm.engine.shared_kv.tier
+    tier = llm.engine.connector.tier
     try:
         first = prompt(906 if policy == "write_through" else 907, 2 * BS)
         out = run(llm, first, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
@@ -225,7 +225,7 @@ def test_corrupt_entry_is_a_counted_miss_deleted_and_output_correct(
     a, b = pair
     p = prompt({"garbage": 10, "truncated": 11, "other_block": 12}[damage])
     publish(a, p)
-    tier = b.engine.shared_kv.tier
+    tier = b.engine.connector.tier
     r = redis_server.client()
     block_hashes = extend_block_hashes([], p, BS, a.engine.kv.root_hash)
     key4 = tier.key(block_hashes[4])
@@ -276,7 +276,7 @@ def test_model_versions_never_share_entries(qwen3_tiny, pair, redis_server, tmp_
         r = redis_server.client()
         a_keys = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(f"*{a.engine.model_digest}*")}
         for e in (v2, b8):
-            e.engine.shared_kv.tier.flush(20)
+            e.engine.connector.tier.flush(20)
             mine = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(f"*{e.engine.model_digest}*")}
             assert mine and not mine & a_keys
     finally:
@@ -365,7 +365,7 @@ def test_redis_killed_mid_load_and_restarted(qwen3_tiny, ref, caplog):
         assert check(b, p + [1]).num_cached_tokens == PREFIX
 
         # Kill the server at the moment B starts fetching blocks it has just found.
-        tier = b.engine.shared_kv.tier
+        tier = b.engine.connector.tier
         original = tier._get_decode
 
         def killed_mid_load(hashes):
@@ -435,16 +435,16 @@ def test_redis_unavailable_at_start_then_reconnects(qwen3_tiny, ref, caplog):
 def test_embedded_redis_is_started_shared_taken_over_and_stopped(qwen3_tiny, tmp_path, ref):
     a = make_engine(qwen3_tiny, None, embedded_dir=str(tmp_path), embedded_maxmemory_mb=64)
     b = make_engine(qwen3_tiny, None, embedded_dir=str(tmp_path), embedded_maxmemory_mb=64)
-    first = a.engine.shared_kv.embedded.pid
+    first = a.engine.connector.embedded.pid
     try:
-        assert first is not None and b.engine.shared_kv.embedded.pid is None  # b uses a's
-        assert a.engine.shared_kv.tier._url == b.engine.shared_kv.tier._url
+        assert first is not None and b.engine.connector.embedded.pid is None  # b uses a's
+        assert a.engine.connector.tier._url == b.engine.connector.tier._url
         s = b.engine.stats().kv_store
         port = s.url.split(":")[-1].split("/")[0]
         assert s.embedded and describe_store(dataclasses.asdict(s), "-") == (
             f"shared prefix cache: embedded redis-server at 127.0.0.1:{port} (connected)"
         )
-        cfg = a.engine.shared_kv.tier._io_client.config_get("maxmemory*")
+        cfg = a.engine.connector.tier._io_client.config_get("maxmemory*")
         assert cfg["maxmemory"] == str(64 << 20) and cfg["maxmemory-policy"] == "allkeys-lru"
         p = prompt(80)
         publish(a, p)
@@ -457,12 +457,12 @@ def test_embedded_redis_is_started_shared_taken_over_and_stopped(qwen3_tiny, tmp
         deadline = time.monotonic() + 30
         seed = 81
         # ... b notices at its next lookup, and its reconnect starts the next server
-        while b.engine.shared_kv.embedded.pid is None or not b.engine.stats().kv_store.connected:
+        while b.engine.connector.embedded.pid is None or not b.engine.stats().kv_store.connected:
             assert time.monotonic() < deadline
             seed += 1
             run(b, prompt(seed, 40))
             time.sleep(0.1)
-        second = b.engine.shared_kv.embedded.pid
+        second = b.engine.connector.embedded.pid
         assert second != first and b.engine.stats().kv_store.degradation_events == 1
     finally:
         a.engine.close()

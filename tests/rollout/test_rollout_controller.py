@@ -1,8 +1,10 @@
 """The rollout controller with an in-memory store and a recording deployer (no Ray)."""
 
+import pickle
+
 import pytest
 
-from serve_app.rollout.controller import RETIRE_GRACE_S, RolloutController, Routing
+from serve_app.rollout.controller import RETIRE_GRACE_S, RolloutController, VersionSplit
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
 from serve_app.rollout.window import Outcome, OutcomeWindow, p99
 
@@ -62,7 +64,7 @@ def test_start_deploys_the_candidate_before_it_gets_traffic():
     ctl, _ = make()
     ctl.start("v2", {"model": "/m/v2"}, CANARY, FAST)
     assert ctl.deployer.calls == [("deploy", "v2")]
-    r = ctl.routing()
+    r = ctl.version_split()
     assert r.weights == (("v2", 25), ("v1", 75))
     assert r.apps == {"v2": "app--v2", "v1": None} and r.stable == "v1"
     assert ctl.state.candidate == Version("v2", "/m/v2", "sha256:v2")  # as its routers report
@@ -97,7 +99,7 @@ def test_errors_roll_back_at_once_and_the_candidate_is_deleted():
     assert s.phase == "failed" and s.weights == (("v1", 100),)
     assert "error rate 100.00%" in s.reason
     # out of the routing table at once; its app goes only after the grace (stale ingresses)
-    assert ctl.routing().weights == (("v1", 100),)
+    assert ctl.version_split().weights == (("v1", 100),)
     assert ("delete", "v2") not in ctl.deployer.calls
     clock.now += RETIRE_GRACE_S - 1
     ctl.tick()
@@ -158,7 +160,7 @@ def test_the_state_survives_a_new_controller_on_the_same_store():
     ctl.pause()
     again, _ = make(store=store)
     assert again.state == ctl.state and again.state.phase == "paused"
-    assert again.routing() == ctl.routing()
+    assert again.version_split() == ctl.version_split()
     assert again.configs == {"v2": {"model": "/m/v2"}}
 
 
@@ -170,7 +172,7 @@ def test_a_redeployed_base_ends_the_old_rollout():
     assert ctl.state.phase == "progressing"
     ctl.ensure_base(Version("v7", "/m/v7"))
     assert ctl.deployer.calls[-1] == ("delete", "v2")
-    assert ctl.state.stable.name == "v7" and ctl.routing().apps == {"v7": None}
+    assert ctl.state.stable.name == "v7" and ctl.version_split().apps == {"v7": None}
 
 
 def test_window_counts_one_version_over_its_window():
@@ -192,7 +194,9 @@ def test_a_retired_version_is_deleted_by_a_restarted_controller_too():
     ctl.start("v2", {"model": "/m/v2"}, CANARY, FAST)
     ctl.abort()
     assert ("delete", "v2") not in ctl.deployer.calls
-    assert Routing.from_dict(ctl.routing().to_dict()) == ctl.routing()  # the ingress's wire form
+    split = ctl.version_split()
+    assert isinstance(split, VersionSplit)
+    assert pickle.loads(pickle.dumps(split)) == split  # as the actor sends it to the ingress
     again, again_clock = make(store=store)
     again_clock.now = clock.now + RETIRE_GRACE_S
     again.tick()

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig, EngineSettings, PrefixCacheSettings, config_error_line
-from serve_app.engine.config import EngineConfig, KVStoreConfig
+from serve_app.engine.config import EngineConfig
+from serve_app.kvstore.settings import KVStoreConfig
 
 BAD = [
     ({"engine": {"block_size": 3}}, "engine.block_size must be a power of two, got 3"),
@@ -88,4 +89,5 @@ def test_valid_settings_reach_the_engine_unchanged():
     )
     e = config.engine_config()
     assert (e.block_size, e.max_num_batched_tokens) == (32, 64)
-    assert e.kv_store.url == "redis://h:1/0" and e.kv_store.lookup_timeout_ms == 50
+    store = config.kv_store_config()
+    assert store.url == "redis://h:1/0" and store.lookup_timeout_ms == 50

@@ -6,7 +6,6 @@ from dataclasses import fields
 
 import pytest
 from pydantic import ValidationError
-from ray.serve._private.autoscaling_state import _resolve_policy_callable
 
 from autoscaling.policy import PolicyConfig, ServePolicy
 from serve_app.builder import build_app
@@ -80,8 +79,8 @@ def test_router_autoscaling_selects_the_llm_policy_with_every_knob(qwen3_tiny):
     # The policy does its own cooldown and hysteresis: Serve's wrapper must add no delay.
     assert (cfg.upscale_delay_s, cfg.downscale_delay_s) == (0, 0)
     # What the controller does with it: instantiate the class once with the kwargs.
-    policy = _resolve_policy_callable(cfg.policy)
-    assert isinstance(policy, ServePolicy)
+    assert cfg.policy.get_policy() is ServePolicy
+    policy = ServePolicy(**cfg.policy.policy_kwargs)
     assert policy.config == PolicyConfig(**knobs)
     assert router._deployment_config.graceful_shutdown_timeout_s == 120
 
@@ -145,13 +144,13 @@ def test_placement_resources_are_checked(resources):
 
 
 def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_tiny):
-    from serve_app.deployments.request_router import PrefixAffinityRequestRouter
-    from serve_app.routing.affinity import AffinityConfig
+    from serve_app.deployments.replica_picker import PrefixAffinityReplicaPicker
+    from serve_app.replica_picking.affinity import AffinityConfig
 
     router = {"routing": "prefix_affinity", "affinity": {"load_factor": 1.25, "stats_period_s": 1}}
     dep = _router(build_app({"model": str(qwen3_tiny), "version": "v7", "router": router}))
     cfg = dep._deployment_config.request_router_config
-    assert cfg.get_request_router_class() is PrefixAffinityRequestRouter
+    assert cfg.get_request_router_class() is PrefixAffinityReplicaPicker
     assert cfg.request_routing_stats_period_s == 1
     kwargs = dict(cfg.request_router_kwargs)
     assert kwargs.pop("version") == "v7"
@@ -164,7 +163,7 @@ def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_ti
     assert vcfg.request_router_kwargs["version"] == "v8"
     pow2 = _router(build_app({"model": str(qwen3_tiny)}))._deployment_config
     assert pow2.request_router_config.get_request_router_class() is not (
-        PrefixAffinityRequestRouter
+        PrefixAffinityReplicaPicker
     )
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"model": "m", "router": {"routing": "random"}})

@@ -82,4 +82,4 @@ def test_prefix_write_policy_flag_reaches_the_engines_store_config(flag, expecte
     from serve_app.tools.ray_server import app_config
 
     args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
-    assert app_config(args, num_cpus=2).engine_config().kv_store.write_policy == expected
+    assert app_config(args, num_cpus=2).kv_store_config().write_policy == expected

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_app.engine.block_hash import extend_block_hashes, root_hash
-from serve_app.routing.affinity import RouteRequest
+from serve_app.messages import RouterInfo
+from serve_app.replica_picking.affinity import RouteRequest
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,12 @@ class HashNamespace:
     max_blocks: int
 
     @classmethod
-    def of_version(cls, info: dict) -> HashNamespace | None:
+    def of_version(cls, info: RouterInfo) -> HashNamespace | None:
         """From a router's info(); None when that version routes by pow2 (no key needed)."""
-        if info.get("routing") != "prefix_affinity":
+        if info.routing != "prefix_affinity":
             return None
         return cls(
-            root_hash(info["prefix_hash_seed"], info["digest"]),
-            info["block_size"],
-            info["route_key_blocks"],
+            root_hash(info.prefix_hash_seed, info.digest), info.block_size, info.route_key_blocks
         )
 
 

@@ -1,4 +1,4 @@
-"""serve_app.routing.affinity: the replica choice, exact decisions on hand-built state."""
+"""serve_app.replica_picking.affinity: the replica choice, exact decisions on hand-built state."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.request import Request, SamplingParams
-from serve_app.routing.affinity import (
+from serve_app.messages import RouterInfo
+from serve_app.replica_picking.affinity import (
     AffinityConfig,
     AffinityState,
     Decision,
@@ -17,7 +18,7 @@ from serve_app.routing.affinity import (
     rendezvous,
     within_bound,
 )
-from serve_app.routing.key import HashNamespace, route_request
+from serve_app.replica_picking.key import HashNamespace, route_request
 
 BS = 4
 NS = HashNamespace(root_hash(0, "digest-a"), BS, max_blocks=64)
@@ -63,10 +64,22 @@ def test_route_key_is_the_engines_own_block_hashes():
     assert not set(other.block_hashes) & set(key.block_hashes)
 
 
+def router_info(routing: str, block_size: int = 16, route_key_blocks: int = 8) -> RouterInfo:
+    return RouterInfo(
+        max_model_len=512,
+        expert_parallel_size=0,
+        node_id="n",
+        digest="d",
+        routing=routing,
+        block_size=block_size,
+        prefix_hash_seed=0,
+        route_key_blocks=route_key_blocks,
+    )
+
+
 def test_namespace_from_router_info():
-    info = {"digest": "d", "block_size": 16, "prefix_hash_seed": 0, "route_key_blocks": 8}
-    assert HashNamespace.of_version({**info, "routing": "pow2"}) is None
-    ns = HashNamespace.of_version({**info, "routing": "prefix_affinity"})
+    assert HashNamespace.of_version(router_info("pow2")) is None
+    ns = HashNamespace.of_version(router_info("prefix_affinity"))
     assert ns == HashNamespace(root_hash(0, "d"), 16, 8)
 
 
@@ -244,7 +257,7 @@ def test_one_hot_prefix_is_spread_over_both_replicas_by_the_load_bound():
 
 
 class _Info:
-    def __init__(self, info: dict | Exception):
+    def __init__(self, info: RouterInfo | Exception):
         self.info, self.calls = info, 0
 
     async def remote(self):
@@ -255,7 +268,7 @@ class _Info:
 
 
 class _Handle:
-    def __init__(self, info: dict | Exception):
+    def __init__(self, info: RouterInfo | Exception):
         self.info = _Info(info)
 
 
@@ -268,11 +281,10 @@ class _Tokenizer:
 def test_route_keys_per_version_text_tokenized_bad_ids_and_pow2_without_key():
     import asyncio
 
-    from serve_app.routing.key import RouteKeys
+    from serve_app.replica_picking.key import RouteKeys
 
-    info = {"digest": "d", "block_size": BS, "prefix_hash_seed": 0, "route_key_blocks": 64}
-    affine = _Handle({**info, "routing": "prefix_affinity"})
-    pow2 = _Handle({**info, "routing": "pow2"})
+    affine = _Handle(router_info("prefix_affinity", BS, 64))
+    pow2 = _Handle(router_info("pow2", BS, 64))
     broken = _Handle(RuntimeError("replica down"))
     keys = RouteKeys(_Tokenizer())
     ns = HashNamespace(root_hash(0, "d"), BS, 64)

@@ -1,0 +1,122 @@
+"""build_parts: everything a router replica's engine runs on, built once.
+
+The model spec is loaded once per process by the caller (serve_app/runtime/factory.py) and
+passed down; from it this builds the tokenizer, the model over the given experts, the KV pool's
+size and the model runner that holds it, the model digest (the prefix cache's namespace) and
+the shared-prefix connector over that pool. LLMEngine then only holds the loop: the block
+manager, the scheduler and the requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from serve_app.engine.config import ConfigError, EngineConfig
+from serve_app.engine.kv_budget import num_kv_blocks
+from serve_app.engine.kv_connector import KVConnector, KVConnectorFactory
+from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
+from serve_app.model.config import ModelSpec
+from serve_app.model.digest import model_digest
+from serve_app.model.expert_executor import ExpertExecutor
+from serve_app.model.layers.moe import count_expert_tokens
+from serve_app.model.loader import load_model
+from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineParts:
+    """What LLMEngine runs on; the connector (if any) is open over the runner's KV pool."""
+
+    config: EngineConfig
+    spec: ModelSpec
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    runner: ModelRunner  # the model, its KV pool of num_kv_blocks blocks, the sampler
+    num_kv_blocks: int
+    kv_block_bytes: int  # one block in the pool, all layers (K/V or MLA latent rows)
+    max_model_len: int  # the model's limit (or config.max_model_len), at most the pool's
+    model_digest: str
+    connector: KVConnector | None
+    expert_token_counts: torch.Tensor | None  # tokens routed per expert (in-process counts)
+
+
+def build_parts(
+    config: EngineConfig,
+    spec: ModelSpec,
+    experts: ExpertExecutor,
+    connector: KVConnectorFactory | None = None,
+) -> EngineParts:
+    """Run on the engine's own thread: torch's thread count is set for it first."""
+    if connector is not None and not config.enable_prefix_caching:
+        raise ConfigError("enable_prefix_caching", "must be on for a shared-prefix connector")
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
+    device = resolve_device(config.device)
+    tune_host_allocator()
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = load_model(config.model, device, dtype, experts, spec)
+    block_bytes = kv_block_bytes(spec, config.block_size, dtype)
+    blocks = num_kv_blocks(config, device, block_bytes)
+    max_model_len = min(
+        config.max_model_len or spec.max_position_embeddings, blocks * config.block_size
+    )
+    runner = ModelRunner(
+        model,
+        blocks,
+        config.block_size,
+        device,
+        dtype,
+        config.num_micro_batches if experts.is_remote else 1,
+    )
+    # KV dtype: what a block holds where it is shared (the connector may compress it).
+    kv_dtype = str(dtype) if connector is None else connector.kv_dtype(str(dtype))
+    digest = model_digest(
+        config.model,
+        dtype=str(dtype),
+        block_size=config.block_size,
+        kv_dtype=kv_dtype,
+        kv_format=spec.kv_format.tag(),  # MHA K/V or MLA latent rows: never mixed
+    )
+    log.info(
+        "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
+        spec.architecture,
+        device,
+        dtype,
+        blocks,
+        config.block_size,
+        max_model_len,
+    )
+    return EngineParts(
+        config=config,
+        spec=spec,
+        tokenizer=tokenizer,
+        eos_token_ids=_eos_token_ids(config.model, tokenizer),
+        runner=runner,
+        num_kv_blocks=blocks,
+        kv_block_bytes=block_bytes,
+        max_model_len=max_model_len,
+        model_digest=digest,
+        connector=None if connector is None else connector(runner, digest),
+        expert_token_counts=count_expert_tokens(model, spec.num_experts),
+    )
+
+
+def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
