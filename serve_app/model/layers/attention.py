@@ -86,17 +86,13 @@ class AttentionMetadata:
     workspace: GatherWorkspace
     _masks: dict = field(default_factory=dict)
 
-    def without_fresh_prefills(self) -> AttentionMetadata:
-        """This step less the prefill chunks with nothing cached before them (MLA attends to
-        those in expanded form), built once per step."""
-        if "cached_only" not in self._masks:
-            self._masks["cached_only"] = AttentionMetadata(
-                self.slot_mapping,
-                self.decode_groups,
-                [p for p in self.prefills if p.has_cached],
-                self.workspace,
+    def decodes_only(self) -> AttentionMetadata:
+        """This step's decodes alone (MLA attends to its prefill chunks itself), built once."""
+        if "decodes_only" not in self._masks:
+            self._masks["decodes_only"] = AttentionMetadata(
+                self.slot_mapping, self.decode_groups, [], self.workspace
             )
-        return self._masks["cached_only"]
+        return self._masks["decodes_only"]
 
     def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All decode groups as one ([n, max_blocks] tables, [n] context lengths), for the

@@ -35,6 +35,8 @@ from serve_app.model.layers.linear import project
 from serve_app.model.layers.norm import RMSNorm
 from serve_app.model.layers.rotary import apply_rotary
 
+# query rows (tokens x heads) per score matrix of an absorbed prefill chunk: bounds its memory
+_ROWS_PER_SLICE = 2048
 # transformers builds q_a_layernorm and kv_a_layernorm with the RMSNorm default, not the config's
 _LORA_NORM_EPS = 1e-6
 
@@ -107,12 +109,18 @@ class MLAttention(nn.Module):
         cache = kv_cache[0]
         write_rows(latent, cache, meta.slot_mapping)
         fresh = [p for p in meta.prefills if not p.has_cached and self.expand_fresh_prefills]
-        absorbed = meta.without_fresh_prefills() if fresh else meta
-        if absorbed.decode_groups or absorbed.prefills:
+        cached = [p for p in meta.prefills if p not in fresh]
+        if meta.decode_groups or cached:
             # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
             q_lat = self.w_uk.apply(q_nope.transpose(0, 1)).transpose(0, 1)
             q_abs = torch.cat([q_lat, q_pe], dim=-1)
-            o = attend(q_abs, latent, latent, (cache, cache), absorbed, m.softmax_scale, None)
+            o = q_abs.new_empty(q_abs.shape)
+            if meta.decode_groups:
+                decodes = meta.decodes_only()
+                o = attend(q_abs, latent, latent, (cache, cache), decodes, m.softmax_scale, None)
+            for seq in cached:
+                s, e = seq.token_start, seq.token_start + seq.q_len
+                o[s:e] = self._absorbed_chunk(q_abs[s:e], cache, seq, meta)
             # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
             out = self.w_uv.apply(o[..., : m.kv_lora_rank].transpose(0, 1)).transpose(0, 1)
         else:
@@ -121,6 +129,30 @@ class MLAttention(nn.Module):
             s, e = seq.token_start, seq.token_start + seq.q_len
             out[s:e] = self._expanded(q_nope[s:e], q_pe[s:e], latent[s:e, 0])
         return project(out.reshape(t, h * m.v_head_dim), self.o_proj)[0]
+
+    def _absorbed_chunk(self, q, cache, seq, meta: AttentionMetadata) -> torch.Tensor:
+        """A prefill chunk over its cached context in absorbed form: q [n, H, L] -> [n, H, L].
+
+        Every head reads the same latent rows (multi-query), so the chunk's n x H query rows
+        are one matrix against the context's rows: two GEMMs per slice of rows (the context is
+        gathered once, whole blocks), far faster here than the paged kernel at L = 576
+        (docs/benchmarks.md, "DeepSeek"). Causal: the query at position p sees keys [0, p]."""
+        n, h, width = q.shape
+        keys = meta.workspace.gather(cache, cache, seq.ctx_blocks)[0][: seq.ctx_len, 0]
+        first = seq.ctx_len - n
+        pos = torch.arange(first, seq.ctx_len, device=q.device)
+        rows = q.reshape(n * h, width)
+        out = torch.empty_like(rows)
+        step = max(h, _ROWS_PER_SLICE // h * h)
+        for r0 in range(0, n * h, step):
+            r1 = min(n * h, r0 + step)
+            scores = (rows[r0:r1] @ keys.T) * self.mla.softmax_scale
+            visible = (
+                torch.arange(seq.ctx_len, device=q.device)[None] <= pos[r0 // h : r1 // h, None]
+            )
+            scores = scores.view(-1, h, seq.ctx_len).masked_fill_(~visible[:, None], float("-inf"))
+            out[r0:r1] = torch.softmax(scores.view(r1 - r0, -1), dim=-1) @ keys
+        return out.view(n, h, width)
 
     def _expanded(self, q_nope, q_pe, latent) -> torch.Tensor:
         """Causal attention of one chunk over its own tokens, K/V expanded from its latents:
