@@ -33,8 +33,10 @@ def test_inproc_publishes_to_its_own_redis_and_stops_it(qwen3_tiny: Path) -> Non
         result = asyncio.run(run_inproc_pass(engine, prompts, max_tokens=8, concurrency=2))
         assert [r.completion_tokens for r in result.records] == [8, 8]
         assert engine.engine.connector is not None
-        state = json.loads((Path(cache_dir) / "state.json").read_text())
-        assert pid_alive(state["pid"])  # the server the reference started, in its own dir
+        # the server the reference started, in its own dir (under this process's app key)
+        (state_file,) = Path(cache_dir).glob("*/state.json")
+        state = json.loads(state_file.read_text())
+        assert pid_alive(state["pid"])
         assert engine.engine.connector.tier.flush(timeout_s=10)
         assert engine.stats().kv_store.blocks_published > 0
     finally:
