@@ -25,7 +25,7 @@ from serve_app.model.layers.routing import make_routing_rule
 from serve_app.runtime.llm import LLM
 from serve_app.tools.make_model import Variant, make_model
 from tests.conftest import tiny_model_dir
-from tests.model.test_parity import ATOL, PROMPTS, TOP, hf_reference
+from tests.model.test_parity import PROMPTS, TOP, assert_matches, hf_reference
 
 VARIANTS = {
     # no q LoRA (q_proj), 3 heads, latent 40 + rope 24 (neither a multiple of 64: kernel path)
@@ -62,13 +62,7 @@ def _generate(model_dir, **engine):
 
 
 def _assert_matches_transformers(llm, results, model_dir) -> None:
-    refs = hf_reference(model_dir, llm.engine.tokenizer, PROMPTS)
-    for prompt, res, (ref_tokens, ref_lp) in zip(PROMPTS, results, refs, strict=True):
-        choice = res.choices[0]
-        assert choice.token_ids == ref_tokens, f"greedy tokens differ for {prompt!r}"
-        for step, (lp, ref) in enumerate(zip(choice.logprobs, ref_lp, strict=True)):
-            ours = torch.tensor([v for _, v in lp.top])
-            assert torch.allclose(ours, ref[[t for t, _ in lp.top]], atol=ATOL), step
+    assert_matches(results, hf_reference(model_dir, llm.engine.tokenizer, PROMPTS))
     assert llm.engine.stats().kv_blocks_used == 0
 
 

@@ -66,6 +66,18 @@ def _hf_generate(model_dir, tokenizer, prompts):
     return refs
 
 
+def assert_matches(results, refs) -> None:
+    """Greedy tokens identical to transformers', top-k log-probabilities within ATOL."""
+    for prompt, res, (ref_tokens, ref_lp) in zip(PROMPTS, results, refs, strict=True):
+        choice = res.choices[0]
+        assert choice.token_ids == ref_tokens, f"greedy tokens differ for {prompt!r}"
+        for step, (lp, ref) in enumerate(zip(choice.logprobs, ref_lp, strict=True)):
+            ours = torch.tensor([v for _, v in lp.top])
+            theirs = ref[[t for t, _ in lp.top]]
+            assert torch.allclose(ours, theirs, atol=ATOL), f"{prompt!r} step {step}"
+            assert abs(lp.logprob - ref[choice.token_ids[step]].item()) < ATOL
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "engine_kwargs",
@@ -78,16 +90,7 @@ def test_greedy_parity(tiny_model, engine_kwargs):
     llm = LLM(str(tiny_model), block_size=16, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=TOP)
     results = llm.generate(PROMPTS, params)
-    refs = hf_reference(tiny_model, llm.engine.tokenizer, PROMPTS)
-
-    for prompt, res, (ref_tokens, ref_lp) in zip(PROMPTS, results, refs, strict=True):
-        choice = res.choices[0]
-        assert choice.token_ids == ref_tokens, f"greedy tokens differ for {prompt!r}"
-        for step, (lp, ref) in enumerate(zip(choice.logprobs, ref_lp, strict=True)):
-            ours = torch.tensor([v for _, v in lp.top])
-            theirs = ref[[t for t, _ in lp.top]]
-            assert torch.allclose(ours, theirs, atol=ATOL), f"{prompt!r} step {step}"
-            assert abs(lp.logprob - ref[choice.token_ids[step]].item()) < ATOL
+    assert_matches(results, hf_reference(tiny_model, llm.engine.tokenizer, PROMPTS))
 
     stats = llm.engine.stats()
     assert stats.kv_blocks_used == 0, "blocks leaked"
