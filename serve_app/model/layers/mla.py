@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.kernels import cpu as cpu_kernels
 from serve_app.model.config import ModelSpec
 from serve_app.model.layers.attention import AttentionMetadata, attend, write_rows
 from serve_app.model.layers.linear import project
@@ -67,8 +66,8 @@ class MLAttention(nn.Module):
         )
         self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=bias)
         # absorbed weights, split from kv_b_proj by after_load(): [H, N, R] and [H, R, V]
-        self.w_uk: HeadWeights | None = None
-        self.w_uv: HeadWeights | None = None
+        self.w_uk: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
 
     @torch.no_grad()
     def after_load(self) -> None:
@@ -86,8 +85,8 @@ class MLAttention(nn.Module):
             if kv.bias is not None:
                 kv.bias[m.kv_lora_rank :] = kv.bias[tail]
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-        self.w_uk = HeadWeights(w[:, : m.qk_nope_head_dim])  # q_nope @ w_uk: latent query
-        self.w_uv = HeadWeights(w[:, m.qk_nope_head_dim :].transpose(1, 2))
+        self.w_uk = w[:, : m.qk_nope_head_dim].contiguous()  # q_nope @ w_uk: latent query
+        self.w_uv = w[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous()
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple, kv_cache: tuple, meta: AttentionMetadata
@@ -112,7 +111,7 @@ class MLAttention(nn.Module):
         cached = [p for p in meta.prefills if p not in fresh]
         if meta.decode_groups or cached:
             # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
-            q_lat = self.w_uk.apply(q_nope.transpose(0, 1)).transpose(0, 1)
+            q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
             q_abs = torch.cat([q_lat, q_pe], dim=-1)
             o = q_abs.new_empty(q_abs.shape)
             if meta.decode_groups:
@@ -122,7 +121,7 @@ class MLAttention(nn.Module):
                 s, e = seq.token_start, seq.token_start + seq.q_len
                 o[s:e] = self._absorbed_chunk(q_abs[s:e], cache, seq, meta)
             # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
-            out = self.w_uv.apply(o[..., : m.kv_lora_rank].transpose(0, 1)).transpose(0, 1)
+            out = torch.bmm(o[..., : m.kv_lora_rank].transpose(0, 1), self.w_uv).transpose(0, 1)
         else:
             out = x.new_empty(t, h, m.v_head_dim)
         for seq in fresh:
@@ -171,30 +170,3 @@ class MLAttention(nn.Module):
             scale=m.softmax_scale,
         )
         return o.transpose(0, 1)
-
-
-class HeadWeights:
-    """One [K, N] matrix per head, applied to that head's rows: [H, T, K] -> [H, T, N].
-
-    On the CPU in float32 the heads are packed like experts and run as one grouped_mm call
-    (rows of head h against matrix h), which streams each matrix once per step: at decode this
-    is bandwidth-bound, and torch's bmm reached a fraction of the bandwidth here. Elsewhere bmm.
-    """
-
-    def __init__(self, w: torch.Tensor):
-        self.w = w.contiguous()  # [H, K, N]
-        self.packed = cpu_kernels.pack(self.w) if cpu_kernels.applies(self.w) else None
-        self.spans: dict[int, list[tuple[int, int, int]]] = {}  # T -> (head, first, end row)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels.load() if self.packed is not None else None
-        if kernels is None or x.dtype != torch.float32 or x.device.type != "cpu":
-            return torch.bmm(x, self.w)
-        h, t, k = x.shape
-        rows = x.contiguous().view(h * t, k)
-        out = rows.new_empty(h * t, self.w.shape[2])
-        spans = self.spans.get(t)
-        if spans is None:
-            spans = self.spans[t] = [(i, i * t, (i + 1) * t) for i in range(h)]
-        kernels.grouped_mm(rows, self.packed, spans, out)
-        return out.view(h, t, -1)
