@@ -23,18 +23,19 @@ from serve_app.api.errors import APIError, error_body, error_response, install_e
 from serve_app.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    DetokenizeRequest,
-    RequestBody,
     StreamOptions,
-    TokenizeRequest,
     UnknownFields,
 )
 from serve_app.api.streaming import every_n_tokens, merge_streams, sse
 from serve_app.api.submit import discard, submit_all
+from serve_app.api.tokenize import DetokenizeRequest, TokenizeRequest
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
 from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
+
+# every body the routes take
+RequestBody = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
 
 def api_keys_from_env() -> frozenset[str]:

@@ -61,6 +61,7 @@ class LLMEngine:
         self.runner = parts.runner
         self.num_kv_blocks = parts.num_kv_blocks
         self.kv_block_bytes = parts.kv_block_bytes
+        self.kv_format = parts.spec.kv_format.tag()
         self.max_model_len = parts.max_model_len
         self.model_digest = parts.model_digest
         self.connector = parts.connector
@@ -287,7 +288,7 @@ class LLMEngine:
             prefix_queried_tokens=self.kv.num_queried_tokens,
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
-            kv_format=self.spec.kv_format.tag(),
+            kv_format=self.kv_format,
             kv_block_bytes=self.kv_block_bytes,
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())

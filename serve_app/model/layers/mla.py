@@ -107,8 +107,9 @@ class MLAttention(nn.Module):
         q_pe = apply_rotary(q_pe, *cos_sin)
         cache = kv_cache[0]
         write_rows(latent, cache, meta.slot_mapping)
-        fresh = [p for p in meta.prefills if not p.has_cached and self.expand_fresh_prefills]
-        cached = [p for p in meta.prefills if p not in fresh]
+        fresh, cached = [], []
+        for p in meta.prefills:
+            (cached if p.has_cached or not self.expand_fresh_prefills else fresh).append(p)
         if meta.decode_groups or cached:
             # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
             q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
