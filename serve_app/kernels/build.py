@@ -18,11 +18,12 @@ HEADERS = (CSRC / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
 
-def build(compiler: str, cache_dir: Path) -> Path:
+def build(compiler: str, cache_dir: Path, vector_lanes: int | None = None) -> Path:
     """The compiled library for this source, flags, compiler and CPU: from the cache, or
-    built into it."""
+    built into it. `vector_lanes` forces the kernels' vector width (simd.h), else native."""
+    flags = FLAGS if vector_lanes is None else (*FLAGS, f"-DMOESERVE_VL={vector_lanes}")
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode()):
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(flags).encode()):
         key.update(part)
     key.update(_compiler_id(compiler) + _cpu_id())
     out = cache_dir / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
@@ -35,7 +36,7 @@ def build(compiler: str, cache_dir: Path) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
+            [compiler, *flags, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -2,7 +2,9 @@
 
 - `grouped_mm`: the expert matmuls of a MoE layer (and, as one "expert", the dense projections
   through `linear`);
-- `paged_decode`: attention of decoding sequences, reading K/V in place through block tables;
+- `paged_decode`: attention of decoding sequences, reading K/V in place through block tables
+  (with one KV head and many query heads, MLA's absorbed form, through `mqa_decode`: the heads
+  of a sequence in the vectors' lanes, tiled like a prefill chunk);
 - `paged_prefill`: attention of prefill chunks over their cached context, the same way;
 - `shared_prefix` (through `paged_decode`'s `shared`): cascade decode over shared blocks;
 - `rms_norm`: RMSNorm (and the residual add before it) in one pass.
@@ -36,6 +38,9 @@ from serve_app.kernels.tuning import Blocking
 logger = logging.getLogger(__name__)
 
 PANEL = 32  # must match NB in the C source (checked when it loads)
+# one KV head and at least this many query heads: decode through moeserve_mqa_decode (the
+# heads in the vectors' lanes), else moeserve_paged_decode
+MQA_MIN_HEADS = 8
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -63,6 +68,10 @@ class CpuKernels:
         self._shared.restype = None
         self._shared.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64]
         self._shared.argtypes += [_I64, ctypes.c_float, _P, _P, ctypes.c_int]
+        self._mqa = lib.moeserve_mqa_decode
+        self._mqa.restype = None
+        self._mqa.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64]
+        self._mqa.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
         self._prefill = lib.moeserve_paged_prefill
         self._prefill.restype = None
         self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
@@ -269,13 +278,21 @@ class CpuKernels:
             )  # fmt: skip
             starts = starts.clone()
             starts[shared.rows] = shared.row_starts
+        init = (
+            _ptr(init_out) if init_out is not None else None,
+            _ptr(init_lse) if init_lse is not None else None,
+        )
+        if hkv == 1 and h >= MQA_MIN_HEADS:
+            self._mqa(
+                _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
+                _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(d), _I64(b),
+                ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
+            )  # fmt: skip
+            return out
         self._attn(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
             _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
-            ctypes.c_float(scale), _ptr(out),
-            _ptr(init_out) if init_out is not None else None,
-            _ptr(init_lse) if init_lse is not None else None,
-            ctypes.c_int(torch.get_num_threads()),
+            ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
         return out
 
@@ -375,7 +392,7 @@ def load() -> CpuKernels | None:
         logger.info("no C compiler: no CPU kernels, plain torch is used instead")
         return None
     try:
-        so = build(compiler, env.cache_dir)
+        so = build(compiler, env.cache_dir, env.vector_lanes)
         lib = ctypes.CDLL(str(so))
         lib.moeserve_panel_width.restype = _I64
         if lib.moeserve_panel_width() != PANEL:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.kernels import cpu as cpu_kernel
+from serve_app.kernels import tuning
 from serve_app.kernels.tuning import Blocking
 from serve_app.model.layers.attention import (
     AttentionMetadata,
@@ -57,13 +58,20 @@ def _reference(w13, w2, expert_ids, x, ids, weights):
     return out
 
 
-@pytest.fixture(scope="module")
-def kernel():
+@pytest.fixture(scope="module", params=["native", "other width"])
+def kernel(request):
+    """The kernels as built for this CPU, and built for the other vector width (8 or 16 floats:
+    AVX2's registers or AVX-512's), so both code paths are checked on whichever CPU runs this."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine: the engine falls back to torch matmuls")
-    k = cpu_kernel.load()
-    assert k is not None, "a C compiler is here but the kernel did not build (see the log)"
-    return k
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "other width":
+            mp.setenv("MOESERVE_KERNEL_VL", "8" if tuning.cpu_info().avx512 else "16")
+        cpu_kernel.load.cache_clear()
+        k = cpu_kernel.load()
+        assert k is not None, "a C compiler is here but the kernel did not build (see the log)"
+        yield k
+    cpu_kernel.load.cache_clear()
 
 
 def test_builds_and_packs_here(kernel):
@@ -191,14 +199,17 @@ def _prefill_reference(q, k_seq, v_seq, ctx_len, window, scale):
     return out
 
 
-@pytest.mark.parametrize(("heads", "n"), [(16, 1), (16, 3), (3, 1)])
+# 16 x 1, 16 x 3: few sequences, heads split across tasks; 3: too few heads for the lanes
+# (paged_decode's per-head path); 24 x 5: whole sequences per task, 3 vectors of heads on
+# AVX2; 128: more heads than a task's 64 rows (DeepSeek-V3's real count)
+@pytest.mark.parametrize(("heads", "n"), [(16, 1), (16, 3), (3, 1), (24, 5), (128, 2)])
 def test_multi_query_decode_splits_a_few_sequences_heads_across_tasks(kernel, heads, n):
-    """One KV head (MLA's absorbed form) and fewer sequences than 4 per thread: tasks take
-    slices of a sequence's query heads; the result is the per-head softmax over its keys."""
+    """One KV head (MLA's absorbed form): the result is each head's softmax over its keys,
+    however a sequence's heads are cut into tasks."""
     g = torch.Generator().manual_seed(heads * 10 + n)
     block, dim, num_blocks = 16, 576, 24
     cache = torch.randn(num_blocks, block, 1, dim, generator=g)
-    lens = torch.tensor([37, 16, 80][:n])
+    lens = torch.tensor([37, 16, 80, 96, 1][:n])
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:6] for _ in range(n)])
     q = torch.randn(n, heads, dim, generator=g)
     out = kernel.paged_decode(q, cache, cache, tables, lens, torch.zeros(n), dim**-0.5)

@@ -14,32 +14,31 @@
    process, so there is one thread pool. serve_app/kernels/cpu.py builds and loads it. */
 #include "simd.h"
 
-#define NB 32     /* columns per panel: two 16-float vectors */
-#define MAX_MR 12 /* rows per register tile: 24 accumulators + 2 panel vectors of 32 */
+#define NB 32     /* columns per panel: NB / VL native vectors */
+#define MAX_MR 12 /* rows per register tile (AVX-512: 24 accumulators + 2 panel vectors) */
 
 /* ROWS x NB tile over k in [0, kc): out[m, 0:NB] (+)= sum_k x[m, k] * panel[k, 0:NB]; ROWS
    is a constant so the accumulators stay in registers. */
+#define NV (NB / VL) /* native vectors per panel row */
 #define TILE(ROWS)                                                                         \
     static void tile_##ROWS(const float *x, int64_t ldx, int64_t kc, const float *panel,   \
                             float *out, int64_t ldo, int add) {                            \
-        v16 lo[ROWS], hi[ROWS];                                                            \
-        for (int m = 0; m < ROWS; m++) lo[m] = hi[m] = (v16){0};                           \
+        vn acc[ROWS][NV];                                                                  \
+        for (int m = 0; m < ROWS; m++)                                                     \
+            for (int j = 0; j < NV; j++) acc[m][j] = (vn){0};                              \
         for (int64_t k = 0; k < kc; k++) {                                                 \
-            const v16 w0 = load16(panel + k * NB), w1 = load16(panel + k * NB + 16);       \
+            vn w[NV];                                                                      \
+            for (int j = 0; j < NV; j++) w[j] = loadn(panel + k * NB + j * VL);            \
             for (int m = 0; m < ROWS; m++) {                                               \
-                const float xv = x[m * ldx + k];                                           \
-                lo[m] += xv * w0;                                                          \
-                hi[m] += xv * w1;                                                          \
+                const vn xv = splat(x[m * ldx + k]);                                    \
+                for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                       \
             }                                                                              \
         }                                                                                  \
-        for (int m = 0; m < ROWS; m++) {                                                   \
-            if (add) {                                                                     \
-                lo[m] += load16(out + m * ldo);                                            \
-                hi[m] += load16(out + m * ldo + 16);                                       \
+        for (int m = 0; m < ROWS; m++)                                                     \
+            for (int j = 0; j < NV; j++) {                                                 \
+                float *o = out + m * ldo + j * VL;                                         \
+                storen(o, add ? acc[m][j] + loadn(o) : acc[m][j]);                         \
             }                                                                              \
-            store16(out + m * ldo, lo[m]);                                                 \
-            store16(out + m * ldo + 16, hi[m]);                                            \
-        }                                                                                  \
     }
 TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
@@ -83,12 +82,12 @@ void moeserve_grouped_mm(const float *x, int64_t K, const int64_t *row_start,
 /* silu(g) * u over n floats, with the vector exp of simd.h (silu(g) = g * sigmoid(g), and
    sigmoid from exp(-|g|) <= 1 so it never overflows). */
 static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) {
-        const v16 gv = load16(g + i), uv = load16(u + i);
-        const v16i neg = gv < (v16){0};
-        const v16 e = exp16_nonpos(select16(neg, gv, -gv)); /* exp(-|g|) */
-        const v16 sig = select16(neg, e, (v16){0} + 1.0f) / (1.0f + e);
-        store16(out + i, gv * sig * uv);
+    for (int64_t i = 0; i < n; i += VL) {
+        const vn gv = loadn(g + i), uv = loadn(u + i);
+        const vni neg = gv < (vn){0};
+        const vn e = expn_nonpos(selectn(neg, gv, -gv)); /* exp(-|g|) */
+        const vn sig = selectn(neg, e, splat(1.0f)) / (1.0f + e);
+        storen(out + i, gv * sig * uv);
     }
 }
 
@@ -129,8 +128,7 @@ void moeserve_moe_mlp(const float *x, int64_t D, const int64_t *row_start,
             for (int64_t r = 0; r < n; r++) {
                 const float s = row_weight[r0 + r];
                 float *yo = y + dest[r0 + r] * D + p * NB;
-                store16(yo, load16(dn + r * D) * s);
-                store16(yo + 16, load16(dn + r * D + 16) * s);
+                for (int j = 0; j < NB; j += VL) storen(yo + j, loadn(dn + r * D + j) * s);
             }
         }
     }

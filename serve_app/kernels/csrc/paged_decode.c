@@ -22,7 +22,7 @@
 #define MAX_D 576    /* head dim */
 #define MAX_HD 9216  /* query heads x head dim (16 x 576) */
 #define MAX_B 64     /* block size */
-#define VD (MAX_D / 16)
+#define VD (MAX_D / VL)
 
 /* Sequence attention for KV heads [h0, h0 + nh): their K/V rows are adjacent in the cache, so
    a task over several heads reads each token's K and V as one contiguous stream. */
@@ -30,18 +30,18 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
                         const int64_t *table, int64_t start, int64_t len, float *out,
                         int64_t G, int64_t D, int64_t B, int64_t Hkv, int64_t h0, int64_t nh,
                         float scale, const float *init_out, const float *init_lse) {
-    v16 qv[MAX_HD / 16], acc[MAX_HD / 16];
+    vn qv[MAX_HD / VL], acc[MAX_HD / VL];
     float m[MAX_H], l[MAX_H], s[MAX_H][MAX_B] __attribute__((aligned(64)));
-    v16 part[MAX_H][16]; /* per query head, 16 keys' partial products */
-    const int64_t nq = nh * G, nv = D / 16, row = Hkv * D; /* floats between tokens */
+    vn part[MAX_H][16]; /* per query head, 16 keys' partial products */
+    const int64_t nq = nh * G, nv = D / VL, row = Hkv * D; /* floats between tokens */
     q += h0 * G * D;
     out += h0 * G * D;
     for (int64_t g = 0; g < nq; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
         for (int64_t i = 0; i < nv; i++) {
-            qv[g * nv + i] = load16(q + g * D + i * 16) * scale;
-            acc[g * nv + i] = (v16){0};
+            qv[g * nv + i] = loadn(q + g * D + i * VL) * scale;
+            acc[g * nv + i] = (vn){0};
         }
     }
     /* continuing after a shared prefix (moeserve_shared_prefix): its normalised output and
@@ -53,7 +53,7 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
             if (init_lse[g] == -INFINITY) continue;
             m[g] = init_lse[g];
             l[g] = 1.0f;
-            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = load16(init_out + g * D + i * 16);
+            for (int64_t i = 0; i < nv; i++) acc[g * nv + i] = loadn(init_out + g * D + i * VL);
         }
     }
     for (int64_t p0 = start - start % B; p0 < len; p0 += B) {
@@ -65,8 +65,8 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
         /* the next block sits anywhere in the cache, out of the hardware prefetcher's sight:
            fetch its K while this block's scores are computed, its V during this block's P @ V */
         const int64_t nxt = p0 + B < len ? table[p0 / B + 1] : blk;
-        const char *kn = (const char *)(k_cache + nxt * B * row + h0 * D);
-        const char *vn = (const char *)(v_cache + nxt * B * row + h0 * D);
+        const char *k_next = (const char *)(k_cache + nxt * B * row + h0 * D);
+        const char *v_next = (const char *)(v_cache + nxt * B * row + h0 * D);
         const int64_t lines = (nh * D * 4 + 63) / 64; /* per key */
         /* scores of 16 keys at a time: keys in memory order, one vector of partial products
            per (query head, key), then one transpose-and-add tree per head for all 16 keys (no
@@ -78,17 +78,17 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
                 const float *kr = kb + (c + t) * row;
                 const int in = c + t >= lo && c + t < hi;
                 for (int64_t ln = 0; ln < lines; ln++)
-                    __builtin_prefetch(kn + (c + t) * row * 4 + ln * 64);
+                    __builtin_prefetch(k_next + (c + t) * row * 4 + ln * 64);
                 for (int64_t hk = 0; hk < nh; hk++, kr += D) {
                     for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
-                        v16 p = (v16){0};
+                        vn p = (vn){0};
                         if (in)
-                            for (int64_t i = 0; i < nv; i++) p += qv[g * nv + i] * load16(kr + i * 16);
+                            for (int64_t i = 0; i < nv; i++) p += qv[g * nv + i] * loadn(kr + i * VL);
                         part[g][t] = p;
                     }
                 }
             }
-            for (int64_t g = 0; g < nq; g++) store16(&s[g][c], hsum16x16(part[g]));
+            for (int64_t g = 0; g < nq; g++) hsum_keys16(part[g], &s[g][c]);
         }
         for (int64_t g = 0; g < nq; g++) {
             float mx = m[g];
@@ -96,23 +96,23 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
             const float corr = expf(m[g] - mx); /* 0 on the first block (m = -inf) */
             for (int64_t i = 0; i < nv; i++) acc[g * nv + i] *= corr;
             float sum = 0.0f;
-            for (int64_t c = 0; c < B; c += 16) {
-                v16 e = exp16_nonpos(load16(&s[g][c]) - mx);
-                for (int i = 0; i < 16; i++) {
+            for (int64_t c = 0; c < B; c += VL) {
+                vn e = expn_nonpos(loadn(&s[g][c]) - mx);
+                for (int i = 0; i < VL; i++) {
                     const int64_t t = c + i;
                     e[i] = (t >= t0 && t < t1) ? e[i] : 0.0f;
                 }
-                store16(&s[g][c], e);
-                sum += hsum(e);
+                storen(&s[g][c], e);
+                sum += hsumn(e);
             }
             l[g] = l[g] * corr + sum;
             m[g] = mx;
         }
         for (int64_t t = t0; t < t1; t++) {
-            for (int64_t ln = 0; ln < lines; ln++) __builtin_prefetch(vn + t * row * 4 + ln * 64);
+            for (int64_t ln = 0; ln < lines; ln++) __builtin_prefetch(v_next + t * row * 4 + ln * 64);
             for (int64_t hk = 0; hk < nh; hk++) {
-                v16 vv[VD];
-                for (int64_t i = 0; i < nv; i++) vv[i] = load16(vb + t * row + hk * D + i * 16);
+                vn vv[VD];
+                for (int64_t i = 0; i < nv; i++) vv[i] = loadn(vb + t * row + hk * D + i * VL);
                 for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
                     const float pr = s[g][t];
                     for (int64_t i = 0; i < nv; i++) acc[g * nv + i] += pr * vv[i];
@@ -122,7 +122,7 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
     }
     for (int64_t g = 0; g < nq; g++) {
         const float inv = 1.0f / l[g];
-        for (int64_t i = 0; i < nv; i++) store16(out + g * D + i * 16, acc[g * nv + i] * inv);
+        for (int64_t i = 0; i < nv; i++) storen(out + g * D + i * VL, acc[g * nv + i] * inv);
     }
 }
 

@@ -7,11 +7,11 @@
    share the KV head) stay in L1/L2 while the context streams past in steps of 64 keys (whole
    blocks), read in place in the cache's own [key, D] layout.
    The query rows live in the lanes of the vectors (Q is transposed once per task into
-   [D, R]): the scores of 4 keys x up to 64 rows are 16 vector accumulators fed by one
+   [D, R]): the scores of a few keys x up to 64 rows are vector accumulators fed by one
    broadcast of a K element each, so K is never transposed; the online softmax is then plain
    vector work across rows (running max, masks from each row's visible range, exp, sums: no
-   horizontal max or sum), and P @ V takes 4 rows x 64 values per key with each V row loaded
-   once for the 4 rows. (The previous kernel transposed every 64-key step of K for every query
+   horizontal max or sum), and P @ V takes 4 rows x PV_W values per key with each V row loaded
+   once for the 4 rows. Vectors are the CPU's native width (simd.h). (The previous kernel transposed every 64-key step of K for every query
    tile and kept rows in scalars: ~2x slower on an AMD EPYC.)
    Layouts: q, out [T, H, D] (the flattened batch; sequence i's tokens start at q_start[i]);
    k_cache, v_cache [num_blocks, B, Hkv, D]; block_tables [n, max_blocks]. The query tokens of
@@ -26,13 +26,15 @@
 #include "simd.h"
 
 #define MAX_R 64  /* query rows of a task: qt x G */
-#define MAX_RV (MAX_R / 16)
+#define MAX_RV (MAX_R / VL)
 #define MAX_D 576 /* head dim */
 #define MAX_B 64  /* block size */
 #define KC 64     /* keys per softmax step: whole blocks, at least one */
 #define MAX_KC (KC > MAX_B ? KC : MAX_B)
 #define KB 16     /* most keys whose scores are computed together */
 #define RB 4      /* rows whose P @ V is computed together */
+#define PV_NV (VL == 16 ? 4 : 2) /* vectors per row of a P @ V tile: RB x PV_NV accumulators */
+#define PV_W (PV_NV * VL)        /* values per row of a P @ V tile */
 
 typedef struct {
     float qt[MAX_D][MAX_R];        /* scaled queries, transposed: rows in lanes */
@@ -46,57 +48,66 @@ typedef struct {
     float zero[MAX_D];             /* K of padding keys */
 } Scratch;
 
-/* st[t0..t0+NK)[0..16 RV) = the NK keys' rows of K . the transposed query rows: NK x RV
-   vector accumulators, one broadcast of a K element per key and d (few rows: more keys) */
+/* st[t0..t0+NK)[0..VL RV) = the NK keys' rows of K . the transposed query rows: NK x RV
+   vector accumulators, one broadcast of a K element per key and d (few rows: more keys; NK x
+   RV + RV vectors fit the ISA's registers) */
 #define SCORES(RV, NK)                                                                      \
     static void scores_##RV(Scratch *w, int64_t t0, int64_t D) {                            \
-        v16 a[NK][RV];                                                                      \
+        vn a[NK][RV];                                                                       \
         const float *k[NK];                                                                 \
         for (int j = 0; j < NK; j++) {                                                      \
             k[j] = w->kr[t0 + j];                                                           \
-            for (int c = 0; c < RV; c++) a[j][c] = (v16){0};                                \
+            for (int c = 0; c < RV; c++) a[j][c] = (vn){0};                                 \
         }                                                                                   \
         for (int64_t d = 0; d < D; d++) {                                                   \
-            v16 qv[RV];                                                                     \
-            for (int c = 0; c < RV; c++) qv[c] = load16(&w->qt[d][16 * c]);                 \
+            vn qv[RV];                                                                      \
+            for (int c = 0; c < RV; c++) qv[c] = loadn(&w->qt[d][VL * c]);                  \
             for (int j = 0; j < NK; j++) {                                                  \
                 const float kv = k[j][d];                                                   \
                 for (int c = 0; c < RV; c++) a[j][c] += kv * qv[c];                         \
             }                                                                               \
         }                                                                                   \
         for (int j = 0; j < NK; j++)                                                        \
-            for (int c = 0; c < RV; c++) store16(&w->st[t0 + j][16 * c], a[j][c]);          \
+            for (int c = 0; c < RV; c++) storen(&w->st[t0 + j][VL * c], a[j][c]);           \
     }
+typedef void (*scores_fn)(Scratch *, int64_t, int64_t);
+#if VL == 16 /* 32 registers */
 SCORES(1, 16) SCORES(2, 8) SCORES(3, 4) SCORES(4, 4)
-static const int KEYS_PER_CALL[5] = {0, 16, 8, 4, 4}; /* NK of scores_RV */
+static const int KEYS_PER_CALL[MAX_RV + 1] = {0, 16, 8, 4, 4}; /* NK of scores_RV */
+static const scores_fn SCORES_RV[MAX_RV + 1] = {0, scores_1, scores_2, scores_3, scores_4};
+#else /* 16 registers */
+SCORES(1, 12) SCORES(2, 6) SCORES(3, 4) SCORES(4, 2)
+SCORES(5, 2) SCORES(6, 1) SCORES(7, 1) SCORES(8, 1)
+static const int KEYS_PER_CALL[MAX_RV + 1] = {0, 12, 6, 4, 2, 2, 1, 1, 1};
+static const scores_fn SCORES_RV[MAX_RV + 1] = {0,        scores_1, scores_2, scores_3, scores_4,
+                                                scores_5, scores_6, scores_7, scores_8};
+#endif
 
-/* acc[r0..r0+RB)[d0..d0+64) += P[r][t] V[t][d0..d0+64) over the step's nk keys */
+/* acc[r0..r0+RB)[d0..d0+PV_W) += P[r][t] V[t][d0..d0+PV_W) over the step's nk keys */
 static void pv_rows(Scratch *w, int64_t r0, int64_t d0, int64_t nk) {
-    v16 a[RB][4];
+    vn a[RB][PV_NV];
     for (int i = 0; i < RB; i++)
-        for (int c = 0; c < 4; c++) a[i][c] = load16(&w->acc[r0 + i][d0 + 16 * c]);
+        for (int c = 0; c < PV_NV; c++) a[i][c] = loadn(&w->acc[r0 + i][d0 + VL * c]);
     for (int64_t t = 0; t < nk; t++) {
         const float *vt = w->vr[t] + d0;
-        const v16 v0 = load16(vt), v1 = load16(vt + 16), v2 = load16(vt + 32), v3 = load16(vt + 48);
+        vn v[PV_NV];
+        for (int c = 0; c < PV_NV; c++) v[c] = loadn(vt + VL * c);
         for (int i = 0; i < RB; i++) {
-            const float p = w->st[t][r0 + i];
-            a[i][0] += p * v0;
-            a[i][1] += p * v1;
-            a[i][2] += p * v2;
-            a[i][3] += p * v3;
+            const vn p = splat(w->st[t][r0 + i]);
+            for (int c = 0; c < PV_NV; c++) a[i][c] += p * v[c];
         }
     }
     for (int i = 0; i < RB; i++)
-        for (int c = 0; c < 4; c++) store16(&w->acc[r0 + i][d0 + 16 * c], a[i][c]);
+        for (int c = 0; c < PV_NV; c++) storen(&w->acc[r0 + i][d0 + VL * c], a[i][c]);
 }
 
-/* the same for D - d0 < 64 values (a head dim that is no multiple of 64) */
+/* the same for D - d0 < PV_W values (a head dim that is no multiple of PV_W) */
 static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t nk) {
     for (int64_t t = 0; t < nk; t++)
         for (int i = 0; i < RB; i++) {
             const float p = w->st[t][r0 + i];
-            for (int64_t d = d0; d < D; d += 16)
-                store16(&w->acc[r0 + i][d], load16(&w->acc[r0 + i][d]) + p * load16(w->vr[t] + d));
+            for (int64_t d = d0; d < D; d += VL)
+                storen(&w->acc[r0 + i][d], loadn(&w->acc[r0 + i][d]) + p * loadn(w->vr[t] + d));
         }
 }
 
@@ -106,9 +117,9 @@ static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t 
 static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float *v_cache,
                         const int64_t *table, int64_t p_begin, int64_t p_end, int64_t hk,
                         int64_t Hkv, int64_t D, int64_t B, int64_t window) {
-    const int64_t RV = (R + 15) / 16, row = Hkv * D;
+    const int64_t RV = (R + VL - 1) / VL, row = Hkv * D;
     const int64_t step = KC >= B ? KC / B * B : B; /* keys per softmax step: whole blocks */
-    const v16 ninf = (v16){0} - INFINITY;
+    const vn ninf = splat(-INFINITY);
     for (int64_t p0 = p_begin; p0 < p_end; p0 += step) {
         const int64_t end = p_end < p0 + step ? p_end : p0 + step;
         const int64_t nkc = KEYS_PER_CALL[RV], nk = end - p0, nkb = (nk + nkc - 1) / nkc * nkc;
@@ -123,46 +134,41 @@ static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float
             w->kpos[t] = INFINITY;
         }
         for (int64_t t = 0; t < nkb; t += nkc) {
-            switch (RV) {
-            case 1: scores_1(w, t, D); break;
-            case 2: scores_2(w, t, D); break;
-            case 3: scores_3(w, t, D); break;
-            default: scores_4(w, t, D); break;
-            }
+            SCORES_RV[RV](w, t, D);
         }
-        /* online softmax, 16 rows per vector: mask, running max, exp, sums */
+        /* online softmax, VL rows per vector: mask, running max, exp, sums */
         for (int64_t c = 0; c < RV; c++) {
-            const v16 pos = load16(&w->pos[16 * c]);
-            const v16 wlo = window > 0 ? pos - (float)window : ninf;
-            const v16 m_old = load16(&w->m[16 * c]);
-            v16 mx = m_old;
+            const vn pos = loadn(&w->pos[VL * c]);
+            const vn wlo = window > 0 ? pos - (float)window : ninf;
+            const vn m_old = loadn(&w->m[VL * c]);
+            vn mx = m_old;
             for (int64_t t = 0; t < nk; t++) {
-                const v16 kp = (v16){0} + w->kpos[t];
-                const v16 sv = select16((kp <= pos) & (kp > wlo), load16(&w->st[t][16 * c]), ninf);
-                store16(&w->st[t][16 * c], sv);
-                mx = select16(sv > mx, sv, mx);
+                const vn kp = splat(w->kpos[t]);
+                const vn sv = selectn((kp <= pos) & (kp > wlo), loadn(&w->st[t][VL * c]), ninf);
+                storen(&w->st[t][VL * c], sv);
+                mx = selectn(sv > mx, sv, mx);
             }
             /* rows with nothing visible yet keep max -inf: exponents against 0 give 0 */
-            const v16 base = select16(mx == ninf, (v16){0}, mx);
-            const v16 corr = exp16_nonpos(m_old - base);
-            v16 sum = (v16){0};
+            const vn base = selectn(mx == ninf, (vn){0}, mx);
+            const vn corr = expn_nonpos(m_old - base);
+            vn sum = (vn){0};
             for (int64_t t = 0; t < nk; t++) {
-                const v16 e = exp16_nonpos(load16(&w->st[t][16 * c]) - base);
-                store16(&w->st[t][16 * c], e);
+                const vn e = expn_nonpos(loadn(&w->st[t][VL * c]) - base);
+                storen(&w->st[t][VL * c], e);
                 sum += e;
             }
-            store16(&w->l[16 * c], load16(&w->l[16 * c]) * corr + sum);
-            store16(&w->m[16 * c], mx);
-            for (int i = 0; i < 16; i++) {
+            storen(&w->l[VL * c], loadn(&w->l[VL * c]) * corr + sum);
+            storen(&w->m[VL * c], mx);
+            for (int i = 0; i < VL; i++) {
                 const float f = corr[i];
-                float *ar = w->acc[16 * c + i];
+                float *ar = w->acc[VL * c + i];
                 if (f != 1.0f)
-                    for (int64_t d = 0; d < D; d += 16) store16(ar + d, load16(ar + d) * f);
+                    for (int64_t d = 0; d < D; d += VL) storen(ar + d, loadn(ar + d) * f);
             }
         }
         for (int64_t r0 = 0; r0 < R; r0 += RB) {
             int64_t d0 = 0;
-            for (; d0 + 64 <= D; d0 += 64) pv_rows(w, r0, d0, nk);
+            for (; d0 + PV_W <= D; d0 += PV_W) pv_rows(w, r0, d0, nk);
             if (d0 < D) pv_rows_tail(w, r0, d0, D, nk);
         }
     }
@@ -170,8 +176,8 @@ static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float
 
 /* empty state for R rows (padded to whole vectors: position -1, so nothing is visible) */
 static void reset_rows(Scratch *w, int64_t R, int64_t D) {
-    const int64_t RV = (R + 15) / 16;
-    for (int64_t r = 0; r < RV * 16; r++) {
+    const int64_t RV = (R + VL - 1) / VL;
+    for (int64_t r = 0; r < RV * VL; r++) {
         w->m[r] = -INFINITY;
         w->l[r] = 0.0f;
         w->pos[r] = -1.0f;
@@ -179,7 +185,7 @@ static void reset_rows(Scratch *w, int64_t R, int64_t D) {
     }
     for (int64_t d = 0; d < D; d++) {
         w->zero[d] = 0.0f;
-        for (int64_t r = R; r < RV * 16; r++) w->qt[d][r] = 0.0f;
+        for (int64_t r = R; r < RV * VL; r++) w->qt[d][r] = 0.0f;
     }
 }
 
@@ -339,4 +345,61 @@ void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v
                              max_blocks, H, Hkv, D, B, scale, out, lse};
     run_tasks(chunk_start[groups] * Hkv, shared_chunk, &args, num_threads);
     free(chunk_start);
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache, *init_out, *init_lse;
+    const int64_t *tables, *starts, *ctx_lens;
+    int64_t max_blocks, H, D, B, per, chunks;
+    float scale;
+    float *out;
+} MqaArgs;
+
+static void mqa_rows(const void *args, int64_t task, int64_t *item, Scratch *w) {
+    const MqaArgs *a = args;
+    (void)item;
+    const int64_t i = task / a->chunks, g0 = (task % a->chunks) * a->per, D = a->D;
+    const int64_t R = a->H - g0 < a->per ? a->H - g0 : a->per, len = a->ctx_lens[i];
+    reset_rows(w, R, D);
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t at = i * a->H + g0 + r;
+        load_row(w, r, a->q + at * D, D, a->scale, (float)(len - 1));
+        if (a->init_lse != NULL && a->init_lse[at] != -INFINITY) {
+            w->m[r] = a->init_lse[at]; /* the shared prefix's normalised output and lse */
+            w->l[r] = 1.0f;
+            for (int64_t d = 0; d < D; d++) w->acc[r][d] = a->init_out[at * D + d];
+        }
+    }
+    attend_rows(w, R, a->k_cache, a->v_cache, a->tables + i * a->max_blocks, a->starts[i], len,
+                0, 1, D, a->B, 0);
+    for (int64_t r = 0; r < R; r++) {
+        const float inv = 1.0f / w->l[r];
+        float *dst = a->out + (i * a->H + g0 + r) * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = w->acc[r][d] * inv;
+    }
+}
+
+/* Multi-query decode (one KV head: MLA's absorbed form): a sequence's query heads are the
+   rows of a prefill-style task, in the vectors' lanes, so its keys (positions [starts[i],
+   ctx_lens[i])) are read once for all heads and the scores and P @ V are register-tiled FMAs;
+   paged_decode's per-key dot products across D load both operands for every FMA (measured
+   1.5-2x slower on an AVX2 Zen 3 for 16 heads of 576). Tasks are (sequence, `per` heads);
+   init_out / init_lse continue after a shared prefix as in moeserve_paged_decode.
+   q, out [n, H, D]; cache [num_blocks, B, 1, D]. */
+void moeserve_mqa_decode(const float *q, const float *k_cache, const float *v_cache,
+                         const int64_t *block_tables, int64_t max_blocks,
+                         const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
+                         int64_t D, int64_t B, float scale, float *out, const float *init_out,
+                         const float *init_lse, int num_threads) {
+    /* few sequences: split their heads, a vector of rows at least, so every thread works */
+    int64_t per = H < MAX_R ? H : MAX_R;
+    if (n < 2 * num_threads && per > VL) {
+        const int64_t want = (2 * num_threads + n - 1) / n; /* tasks per sequence */
+        per = (H + want - 1) / want;
+        per = (per + VL - 1) / VL * VL;
+    }
+    const MqaArgs args = {q,      k_cache, v_cache, init_out, init_lse,   block_tables,
+                          starts, ctx_lens, max_blocks, H,   D,   B, per, (H + per - 1) / per,
+                          scale,  out};
+    run_tasks(n * args.chunks, mqa_rows, &args, num_threads);
 }

@@ -22,23 +22,23 @@ void moeserve_rms_norm(const float *x, int64_t x_stride, int64_t heads, const fl
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + (r / heads) * x_stride + (r % heads) * dim;
         float *o = out + r * dim;
-        v16 ss = (v16){0};
+        vn ss = (vn){0};
         if (res != NULL) {
             const float *rr = res + r * dim;
             float *sr = sum_out + r * dim;
-            for (int64_t i = 0; i < dim; i += 16) {
-                const v16 y = load16(xr + i) + load16(rr + i);
-                store16(sr + i, y);
+            for (int64_t i = 0; i < dim; i += VL) {
+                const vn y = loadn(xr + i) + loadn(rr + i);
+                storen(sr + i, y);
                 ss += y * y;
             }
             xr = sr;
         } else {
-            for (int64_t i = 0; i < dim; i += 16) {
-                const v16 y = load16(xr + i);
+            for (int64_t i = 0; i < dim; i += VL) {
+                const vn y = loadn(xr + i);
                 ss += y * y;
             }
         }
-        const float inv = 1.0f / sqrtf(hsum(ss) / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i += 16) store16(o + i, load16(w + i) * (load16(xr + i) * inv));
+        const float inv = 1.0f / sqrtf(hsumn(ss) / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i += VL) storen(o + i, loadn(w + i) * (loadn(xr + i) * inv));
     }
 }

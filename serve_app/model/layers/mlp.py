@@ -1,10 +1,14 @@
-"""Dense SwiGLU MLP (Llama, MoE models' dense layers, Qwen2-MoE's and DeepSeek's shared experts)."""
+"""Dense SwiGLU MLP (Llama, dense layers of MoE models, Qwen2-MoE's and DeepSeek's shared
+experts): gate and up read the same input, so they run as one packed projection where the CPU
+panel kernel applies (serve_app/model/layers/linear.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+
+from serve_app.model.layers.linear import project
 
 
 class GatedMLP(nn.Module):
@@ -16,4 +20,7 @@ class GatedMLP(nn.Module):
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        shape = x.shape
+        gate, up = project(x.reshape(-1, shape[-1]), self.gate_proj, self.up_proj)
+        out = project(self.act_fn(gate) * up, self.down_proj)[0]
+        return out.view(*shape[:-1], -1)
