@@ -2,7 +2,9 @@
 
 Every system runs the same token-id workloads on the same checkpoint in one invocation, one
 system after another (model load and a short warm-up are excluded from timing). The machine
-is shared, so compare the ratios of one run, not absolute numbers across runs.
+is shared, so compare the ratios of one run, not absolute numbers across runs. `--repeat N`
+runs the whole sequence N times: the table shows each figure's median round and every
+round's ratio, so a claim rests on more than one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from serve_app.bench.config import BenchConfig
-from serve_app.bench.report import SYSTEMS, format_table, report_json, write_json, write_plot
+from serve_app.bench.report import (
+    SYSTEMS,
+    format_table,
+    median_round,
+    report_json,
+    write_json,
+    write_plot,
+)
 from serve_app.bench.result import RunResult
 from serve_app.bench.workloads import (
     DEFAULT_SPECS,
@@ -47,6 +56,9 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         )
         return 2
 
+    if args.repeat < 1:
+        print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
+        return 2
     config = BenchConfig()
     pool = _token_pool(model_dir)
     workloads = []
@@ -74,33 +86,24 @@ def run_engine_bench(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    by_workload: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
     missing = {s: "skipped (--skip)" for s in skip}
-    if "moeserve" not in skip:
-        from serve_app.bench.moeserve_runner import run_moeserve
-
-        _collect(by_workload, run_moeserve(model_dir, workloads, warmup, config))
-    if "transformers" not in skip:
-        from serve_app.bench.hf_baseline import run_transformers
-
-        _collect(by_workload, run_transformers(model_dir, workloads, warmup, config))
+    rounds: list[dict[str, dict[str, RunResult]]] = []
     vllm_version = None
-    if "vllm" not in skip:
-        from serve_app.bench.vllm_baseline import run_vllm
-
-        log_path = out_dir / "vllm_worker.log"
-        print(f"running vLLM in .venv-vllm (log: {log_path})", flush=True)
-        vr = run_vllm(model_dir, workloads, warmup, config, log_path)
-        _collect(by_workload, vr.results)
-        vllm_version = vr.version
-        if vr.unavailable:
-            missing["vllm"] = vr.unavailable
+    for n in range(args.repeat):
+        if args.repeat > 1:
+            print(f"round {n + 1} of {args.repeat}", flush=True)
+        by_workload: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
+        vllm_version = _run_round(
+            by_workload, model_dir, workloads, warmup, config, skip, missing, out_dir
+        )
+        rounds.append(by_workload)
+    by_workload = median_round(rounds)
 
     machine = machine_info(vllm_version)
-    table = format_table(workloads, by_workload, missing)
+    table = format_table(workloads, by_workload, missing, rounds)
     print()
     print(table)
-    data = report_json(workloads, by_workload, missing, machine, asdict(config))
+    data = report_json(workloads, by_workload, missing, machine, asdict(config), rounds)
     write_json(out_dir / "engine_bench.json", data)
     title = (
         f"{Path(model_dir).name} on {machine['cpu_count']} CPU ({machine['cpu_model']}), "
@@ -109,6 +112,38 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     write_plot(out_dir / "engine_bench.png", workloads, by_workload, title)
     print(f"wrote {out_dir / 'engine_bench.json'} and {out_dir / 'engine_bench.png'}")
     return 0
+
+
+def _run_round(
+    by_workload: dict[str, dict[str, RunResult]],
+    model_dir: str,
+    workloads: list,
+    warmup,
+    config: BenchConfig,
+    skip: set[str],
+    missing: dict[str, str],
+    out_dir: Path,
+) -> str | None:
+    """Every system not skipped, one after another, on every workload; vLLM's version."""
+    if "moeserve" not in skip:
+        from serve_app.bench.moeserve_runner import run_moeserve
+
+        _collect(by_workload, run_moeserve(model_dir, workloads, warmup, config))
+    if "transformers" not in skip:
+        from serve_app.bench.hf_baseline import run_transformers
+
+        _collect(by_workload, run_transformers(model_dir, workloads, warmup, config))
+    if "vllm" in skip:
+        return None
+    from serve_app.bench.vllm_baseline import run_vllm
+
+    log_path = out_dir / "vllm_worker.log"
+    print(f"running vLLM in .venv-vllm (log: {log_path})", flush=True)
+    vr = run_vllm(model_dir, workloads, warmup, config, log_path)
+    _collect(by_workload, vr.results)
+    if vr.unavailable:
+        missing["vllm"] = vr.unavailable
+    return vr.version
 
 
 def machine_info(vllm_version: str | None) -> dict:

@@ -21,14 +21,41 @@ def ratio(results: dict[str, RunResult], system: str, baseline: str) -> float | 
     return a.output_tokens_per_s / b.output_tokens_per_s
 
 
+Runs = dict[str, dict[str, RunResult]]  # workload -> system -> result (one round)
+
+
+def median_round(rounds: list[Runs]) -> Runs:
+    """Per (workload, system), the round whose tok/s is the median (the lower one of an even
+    count): the figure a repeated run reports."""
+    out: Runs = {}
+    for w in dict.fromkeys(name for runs in rounds for name in runs):
+        for system in SYSTEMS:
+            got = sorted(
+                (runs[w][system] for runs in rounds if system in runs.get(w, {})),
+                key=lambda r: r.output_tokens_per_s,
+            )
+            if got:
+                out.setdefault(w, {})[system] = got[(len(got) - 1) // 2]
+    return out
+
+
+def round_ratios(rounds: list[Runs], workload: str, baseline: str) -> list[float]:
+    """moeserve / baseline in each round that ran both (systems of one round ran back to back)."""
+    found = (ratio(runs.get(workload, {}), "moeserve", baseline) for runs in rounds)
+    return [x for x in found if x is not None]
+
+
 def format_table(
     workloads: list[Workload],
-    by_workload: dict[str, dict[str, RunResult]],
+    by_workload: Runs,
     missing: dict[str, str],
+    rounds: list[Runs] | None = None,
 ) -> str:
     """One row per (workload, system): output tok/s and the ratio against each baseline.
 
-    missing maps a system that did not run to the reason, shown in place of its numbers."""
+    missing maps a system that did not run to the reason, shown in place of its numbers. With
+    several rounds, by_workload is their median_round and each workload gets a line with the
+    ratio of every round."""
     head = (
         f"{'workload':<8} {'system':<13} {'out tok/s':>10} {'vs transformers':>16} "
         f"{'vs vllm':>8} {'wall s':>8} {'out tokens':>10} {'load1m':>6}"
@@ -47,6 +74,14 @@ def format_table(
                 f"{w.name:<8} {system:<13} {r.output_tokens_per_s:>10.1f} {cells[0]:>16} "
                 f"{cells[1]:>8} {r.elapsed_s:>8.1f} {r.output_tokens:>10} {max(r.loadavg):>6.1f}"
             )
+        if rounds is not None and len(rounds) > 1:
+            for b in BASELINES:
+                xs = round_ratios(rounds, w.name, b)
+                if xs:
+                    lines.append(
+                        f"{w.name:<8} moeserve / {b} by round: "
+                        + " ".join(_fmt_ratio(x) for x in xs)
+                    )
         lines.append("")
     lines.append(
         "load1m: the highest 1-minute load average around the run. The system itself adds about"
@@ -58,10 +93,11 @@ def format_table(
 
 def report_json(
     workloads: list[Workload],
-    by_workload: dict[str, dict[str, RunResult]],
+    by_workload: Runs,
     missing: dict[str, str],
     machine: dict,
     config: dict,
+    rounds: list[Runs] | None = None,
 ) -> dict:
     out: dict = {"machine": machine, "config": config, "missing": missing, "workloads": {}}
     for w in workloads:
@@ -76,6 +112,13 @@ def report_json(
             "moeserve_vs": {b: ratio(runs, "moeserve", b) for b in BASELINES},
             "runs": {s: r.to_json() for s, r in runs.items()},
         }
+        if rounds is not None:
+            out["workloads"][w.name]["moeserve_vs_by_round"] = {
+                b: round_ratios(rounds, w.name, b) for b in BASELINES
+            }
+            out["workloads"][w.name]["rounds"] = [
+                {s: r.to_json() for s, r in one.get(w.name, {}).items()} for one in rounds
+            ]
     return out
 
 

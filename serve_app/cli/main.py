@@ -66,7 +66,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="bench_results")
     e.add_argument("--num-prompts", type=int, default=None, help="override prompt counts")
     e.add_argument("--skip", default="", help="comma list of systems to skip")
-
+    e.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every system in turn (median shown)"
+    )
     e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
     pc = bsub.add_parser("prefix-cache", help="TTFT: cold vs Redis-shared vs local prefix hit")
     pc.add_argument("--model", default="models/qwen3_moe-small")

@@ -44,3 +44,32 @@ def test_legend_keeps_each_colour_when_a_system_did_not_run():
     labels = {h.get_label(): h.get_facecolor() for h in handles}
     assert set(labels) == {"moeserve", "transformers (not run)", "vllm"}
     assert len({tuple(c) for c in labels.values()}) == 3
+
+
+def _round(moeserve_tok: int, vllm_tok: int):
+    return {
+        "random": {
+            "moeserve": RunResult("moeserve", "random", moeserve_tok, 1.0),
+            "vllm": RunResult("vllm", "random", vllm_tok, 1.0),
+        }
+    }
+
+
+def test_repeated_rounds_report_the_median_and_every_ratio():
+    rounds = [_round(300, 250), _round(100, 200), _round(200, 100)]
+    median = report.median_round(rounds)
+    assert median["random"]["moeserve"].output_tokens == 200
+    assert median["random"]["vllm"].output_tokens == 200
+    assert report.round_ratios(rounds, "random", "vllm") == [1.2, 0.5, 2.0]
+    assert report.round_ratios(rounds, "random", "transformers") == []
+    table = report.format_table([_workload("random")], median, {}, rounds)
+    assert "moeserve / vllm by round: 1.20x 0.50x 2.00x" in table
+    data = report.report_json([_workload("random")], median, {}, {}, {}, rounds)
+    assert data["workloads"]["random"]["moeserve_vs_by_round"]["vllm"] == [1.2, 0.5, 2.0]
+    assert len(data["workloads"]["random"]["rounds"]) == 3
+
+
+def test_even_rounds_take_the_lower_median():
+    median = report.median_round([_round(300, 250), _round(100, 200)])
+    assert median["random"]["moeserve"].output_tokens == 100
+    assert median["random"]["vllm"].output_tokens == 200
