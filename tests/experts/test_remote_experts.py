@@ -65,13 +65,15 @@ def test_expert_actors_match_in_process(ray_cluster, arch, transport):
         ray_cluster.kill(a)
 
 
-def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, qwen3_tiny):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, arch):
     """Add replicas on the shards, switch the dispatcher between steps, then drop: the same
-    greedy tokens as in-process, with requests running across both switches."""
+    greedy tokens as in-process, with requests running across both switches. DeepSeek: the
+    hot expert's copies serve tokens that its gate picked through grouped top-k."""
     from serve_app.deployments.expert_actor import ExpertShardActor
     from serve_app.experts.rebalance import RebalanceConfig, plan_rebalance
 
-    model = str(qwen3_tiny)
+    model = str(tiny_model_dir(arch))
     config = EngineConfig(model=model, num_kv_blocks=256, max_model_len=512)
     prompts = [f"Tale {i}: the river bends " * (1 + i % 2) for i in range(6)]
     reference = _run(build_engine(config), prompts)
