@@ -37,15 +37,19 @@ class GatherWorkspace:
     def gather(
         self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the given blocks, as [len(block_ids) * B, Hkv, D] views of the workspace."""
+        """K and V of the given blocks, as [len(block_ids) * B, Hkv, D] views of the workspace.
+        One cache passed as both (MLA's latent rows are keys and values) is gathered once."""
         n, b, hkv, d = k_cache.shape
         rows = block_ids.numel()
         if self._k is None or self._k.shape[0] < rows or self._k.dtype != k_cache.dtype:
             size = max(rows, 2 * (self._k.shape[0] if self._k is not None else 0))
             self._k = k_cache.new_empty(size, b * hkv * d)
             self._v = v_cache.new_empty(size, b * hkv * d)
-        k_out, v_out = self._k[:rows], self._v[:rows]
+        k_out = self._k[:rows]
         torch.index_select(k_cache.view(n, -1), 0, block_ids, out=k_out)
+        if v_cache is k_cache:
+            return (k_out.view(rows * b, hkv, d),) * 2
+        v_out = self._v[:rows]
         torch.index_select(v_cache.view(n, -1), 0, block_ids, out=v_out)
         return k_out.view(rows * b, hkv, d), v_out.view(rows * b, hkv, d)
 
