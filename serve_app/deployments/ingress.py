@@ -24,7 +24,7 @@ from serve_app.api.errors import http_status
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
-from serve_app.deployments.output_wire import decode_record
+from serve_app.deployments.output_wire import ErrorRecord, Record
 from serve_app.deployments.rollout_actor import get_or_create_controller
 from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
@@ -47,10 +47,10 @@ class RemoteEngineClient:
         versions: TrafficSplit,
         config: AppConfig,
         max_model_len: int,
-        inbox: OutputInbox | None = None,
+        inbox: OutputInbox,
     ):
         self.versions = versions
-        self.inbox = inbox  # None: outputs come back as Serve stream items (transport "serve")
+        self.inbox = inbox
         self.model_name = config.model_name
         self.version = versions.base
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -84,31 +84,9 @@ class RemoteEngineClient:
         return Submitted(stream, version)
 
     async def _submit_to(self, version: str, prompt, params, request_id: str, hint: RouteHint):
-        if self.inbox is not None:
-            return await self._submit_over_channel(version, prompt, params, request_id, hint)
-        t0 = time.monotonic()
-        handle = self.versions.handle(version)
-        # prefix_affinity: the request router of this version's handle reads `route`.
-        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
-        gen = handle.options(stream=True).generate.remote(prompt, params, request_id, **route)
-        try:
-            first = await gen.__anext__()
-            if isinstance(first, Refused):
-                raise first.error
-            # Wait for the first token here: until then nothing was sent, so a failure can
-            # still be retried elsewhere.
-            out = await gen.__anext__()
-        except BaseException:
-            gen.cancel()
-            raise
-        ttft = (time.monotonic() - t0) * 1000
-        return _relay(_ServeStream(gen), out, _Reporter(self.versions, version, t0, ttft))
-
-    async def _submit_over_channel(
-        self, version: str, prompt, params, request_id: str, hint: RouteHint
-    ):
         """The request through Serve, its outputs over the output channel (see
-        output_channel.py). Returns once the first token is here, like the Serve path."""
+        output_channel.py). Returns once the first token is here: until then nothing was sent
+        to the client, so a failure can still be retried elsewhere."""
         t0 = time.monotonic()
         handle = self.versions.handle(version)
         route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
@@ -156,15 +134,16 @@ class _ChannelReader:
                 records.append(item)
         outs = []
         for record in records:
-            if record[1] is not None:
-                self.prompt_token_ids = record[1]
-            item = decode_record(record, self.request_id, self.prompt_token_ids)
-            if isinstance(item, EngineError):
-                raise item
-            outs.append(item)
+            if isinstance(record, ErrorRecord):
+                raise record.error
+            out = record.output
+            if out.prompt_token_ids:  # the first record's
+                self.prompt_token_ids = out.prompt_token_ids
+            out.request_id, out.prompt_token_ids = self.request_id, self.prompt_token_ids
+            outs.append(out)
         return coalesce(outs)
 
-    async def _get(self) -> list:
+    async def _get(self) -> Record:
         while True:
             if self.deadline is None:
                 item = await self.queue.get()
@@ -195,27 +174,6 @@ async def _result(response):
     return await response
 
 
-class _ServeStream:
-    """The per-token Serve stream (`streaming.transport: serve`) as _relay reads it."""
-
-    __slots__ = ("gen",)
-
-    def __init__(self, gen):
-        self.gen = gen
-
-    async def next(self) -> RequestOutput | None:
-        """The next output, or None when the router's generator ended."""
-        try:
-            return await self.gen.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    def close(self, finished: bool) -> None:
-        """Cancelling the remote generator aborts the request on the router."""
-        if not finished:
-            self.gen.cancel()
-
-
 def _client_error(e: BaseException) -> bool:
     return isinstance(e, EngineError) and http_status(e)[0] < 500
 
@@ -233,7 +191,7 @@ class _Reporter:
 
 
 async def _relay(
-    source: _ChannelReader | _ServeStream, first: RequestOutput, reporter: _Reporter
+    source: _ChannelReader, first: RequestOutput, reporter: _Reporter
 ) -> AsyncIterator[RequestOutput]:
     """Forward the router's outputs (over the channel, what piled up while the consumer was
     busy comes as one); closing this early aborts the request on the router, which frees its
@@ -243,8 +201,6 @@ async def _relay(
         yield first
         while not finished:
             out = await source.next()
-            if out is None:
-                break
             finished = out.finished
             yield out
         reporter.done(ok=True)
@@ -271,10 +227,8 @@ class Ingress:
         versions = TrafficSplit(base.name, self.router, controller)
         await versions.refresh()
         versions.start()
-        inbox = None
-        if self.config.streaming.transport == "channel":
-            inbox = OutputInbox(ray.util.get_node_ip_address())
-            await inbox.start()
+        inbox = OutputInbox(ray.util.get_node_ip_address())
+        await inbox.start()
         client = RemoteEngineClient(versions, self.config, info.max_model_len, inbox)
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())

@@ -11,42 +11,45 @@ The request itself still goes through a Serve handle (`Router.generate_to`): Ser
 replica, counts the request as ongoing for routing and autoscaling until it finishes, and a
 cancelled call aborts it. Only the outputs take this channel. The ingress listens (its node's
 Ray address, a free port) and tells each request where to reply, with a random token that the
-router sends first on the connection; frames are JSON (output_wire.py), never pickle.
+router sends first on the connection. The framing, the token, the timeouts and the address are
+the expert channel's (serve_app.platform.channel); the records are typed (output_wire.py), JSON
+on the wire, never pickle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import secrets
-from dataclasses import dataclass
 
 from serve_app.deployments.output_wire import (
-    HEADER,
+    MAGIC,
     MAX_FRAME,
+    ErrorRecord,
+    OutputRecord,
+    Record,
     WireError,
-    decode_frame,
-    encode_frame,
-    error_record,
-    output_record,
+    decode_records,
+    encode_records,
 )
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import RequestOutput
+from serve_app.platform.channel import (
+    ChannelAddress,
+    ChannelError,
+    frame_header,
+    new_token,
+    open_channel,
+    read_frame,
+    read_token,
+)
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32  # hex characters of the connection token
-CONNECT_TIMEOUT_S = 10.0
 MAX_UNSENT_BYTES = 256 << 20  # a router whose ingress stopped reading gives up past this
 
-
-@dataclass(frozen=True, slots=True)
-class ReplyTo:
-    """Where a request's outputs go: an ingress replica's inbox."""
-
-    host: str
-    port: int
-    token: str
+# Where a request's outputs go: an ingress replica's inbox.
+ReplyTo = ChannelAddress
 
 
 # --- the ingress's end ---------------------------------------------------------------------
@@ -60,7 +63,7 @@ class OutputInbox:
 
     def __init__(self, host: str):
         self.host = host
-        self.token = secrets.token_hex(TOKEN_BYTES // 2)
+        self.token = new_token()
         self.port = 0
         self._queues: dict[int, asyncio.Queue] = {}
         self._next = 0
@@ -92,23 +95,22 @@ class OutputInbox:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), CONNECT_TIMEOUT_S)
-            if not secrets.compare_digest(hello, self.token.encode()):
+            if not await read_token(reader, self.token):
                 log.warning("output channel: refused a connection from %s (bad token)", peer)
                 return
             while True:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if size > MAX_FRAME:
-                    raise WireError(f"frame of {size} bytes")
+                _, body = await read_frame(reader, MAGIC, MAX_FRAME)
                 self.frames_received += 1
-                for record in decode_frame(await reader.readexactly(size)):
-                    queue = self._queues.get(record[0])
+                for record in decode_records(body):
+                    queue = self._queues.get(record.stream)
                     if queue is not None:
                         queue.put_nowait(record)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass  # the router went away; its Serve calls fail and say so
-        except WireError as e:
+        except (WireError, ChannelError) as e:  # before ConnectionError: ChannelError is one
             log.error("output channel: dropping the connection from %s: %s", peer, e)
+        except ConnectionError:
+            pass  # the router went away
         finally:
             writer.close()
 
@@ -138,10 +140,12 @@ class OutputSink:
         if self.done.done():
             return  # cancelled (aborted) or failed: nobody reads this stream any more
         if isinstance(item, EngineError):
-            self.conn.push(error_record(self.stream, item))
+            self.conn.push(ErrorRecord(self.stream, item))
             self._end()
             return
-        self.conn.push(output_record(self.stream, item, self._first))
+        if not self._first:  # the prompt's token ids travel once
+            item = dataclasses.replace(item, prompt_token_ids=[])
+        self.conn.push(OutputRecord(self.stream, item))
         self._first = False
         if item.finished:
             self._end()
@@ -163,14 +167,14 @@ class _Connection:
         self.reply = reply
         self.sinks: set[OutputSink] = set()
         self.failed: BaseException | None = None
-        self._records: list[list] = []
+        self._records: list[Record] = []
         self._backlog: list[bytes] = []  # frames made before the connection was up
         self._writer: asyncio.StreamWriter | None = None
         self._flush_scheduled = False
         self._on_lost = on_lost
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def push(self, record: list) -> None:
+    def push(self, record: Record) -> None:
         """Queue a record; everything pushed in one event-loop turn (one engine step's
         delivery) leaves as one frame."""
         self._records.append(record)
@@ -183,7 +187,8 @@ class _Connection:
         if not self._records or self.failed is not None:
             self._records = []
             return
-        frame = encode_frame(self._records)
+        body = encode_records(self._records)
+        frame = frame_header(MAGIC, len(self._records), len(body)) + body
         self._records = []
         if self._writer is None:
             self._backlog.append(frame)
@@ -194,14 +199,11 @@ class _Connection:
 
     @property
     def _addr(self) -> str:
-        return f"{self.reply.host}:{self.reply.port}"
+        return str(self.reply)
 
     async def _run(self) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.reply.host, self.reply.port), CONNECT_TIMEOUT_S
-            )
-            writer.write(self.reply.token.encode())
+            reader, writer = await open_channel(self.reply)
             for frame in self._backlog:
                 writer.write(frame)
             self._backlog = []

@@ -30,11 +30,8 @@ def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize(
-    ("arch", "transport"),
-    [("qwen3_moe", "channel"), ("qwen3_moe", "ray"), ("deepseek_v3", "channel")],
-)
-def test_expert_actors_match_in_process(ray_cluster, arch, transport):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_expert_actors_match_in_process(ray_cluster, arch):
     """DeepSeek: routed experts on the shards; its gate (fp32, correction bias, grouped top-k)
     and shared experts on the router."""
     from serve_app.deployments.expert_actor import ExpertShardActor
@@ -53,14 +50,13 @@ def test_expert_actors_match_in_process(ray_cluster, arch, transport):
     assert [ray_cluster.get(a.info.remote())["owned"] for a in actors] == [
         list(s) for s in placement.shards
     ]
-    experts = RemoteExperts(placement, lambda s: actors[s], transport=transport)
+    experts = RemoteExperts(placement, lambda s: actors[s])
     remote = build_engine(config, experts)
     assert remote.runner.num_micro_batches == 2
     assert _run(remote, prompts) == reference
     assert remote.runner.num_split_steps > 0  # the ping-pong path ran
     assert remote.stats().kv_blocks_used == 0
-    # the layer calls took the transport asked for
-    assert (experts._links[0] is not None) == (transport == "channel")
+    assert experts._links[0] is not None  # the layer calls took the expert channel
     for a in actors:
         ray_cluster.kill(a)
 
@@ -204,10 +200,7 @@ def test_a_shard_killed_mid_generation_is_replaced_over_the_channel(ray_cluster,
         ray_cluster.kill(a)
 
 
-@pytest.mark.parametrize("transport", ["channel", "ray"])
-def test_a_shard_asked_for_experts_it_lacks_is_a_503_not_a_wrong_answer(
-    ray_cluster, qwen3_tiny, transport
-):
+def test_a_shard_asked_for_experts_it_lacks_is_a_503_not_a_wrong_answer(ray_cluster, qwen3_tiny):
     """A router whose placement is newer than a shard's weights: the shard refuses the call,
     the step fails with ExpertsUnavailableError, and the next call works on fresh links."""
     import torch
@@ -222,7 +215,7 @@ def test_a_shard_asked_for_experts_it_lacks_is_a_503_not_a_wrong_answer(
     half = tuple(range(n // 2))
     actor = ExpertShardActor.options(num_cpus=0).remote(model, list(half), "cpu", "float32", 1)
     # the router believes the one shard holds every expert; it holds only the first half
-    experts = RemoteExperts(Placement(n, (tuple(range(n)),)), lambda s: actor, transport=transport)
+    experts = RemoteExperts(Placement(n, (tuple(range(n)),)), lambda s: actor)
     x = torch.randn(3, spec.hidden_size)
     w = torch.full((3, 2), 0.5)
     with pytest.raises(ExpertsUnavailableError, match="does not hold experts"):

@@ -11,12 +11,11 @@ import pytest
 from serve_app.api.errors import http_status
 from serve_app.deployments.output_channel import OutputInbox, OutputOutbox, ReplyTo
 from serve_app.deployments.output_wire import (
+    ErrorRecord,
+    OutputRecord,
     WireError,
-    decode_frame,
-    decode_record,
-    encode_frame,
-    error_record,
-    output_record,
+    decode_records,
+    encode_records,
 )
 from serve_app.engine.errors import ExpertsUnavailableError, InvalidRequestError
 from serve_app.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob, coalesce
@@ -29,34 +28,32 @@ def out(rid: str, i: int, text: str, ids: list[int], finish: str | None = None) 
     )
 
 
-def test_records_round_trip_and_the_prompt_travels_once() -> None:
-    a, b = out("r", 0, "he", [5]), out("r", 0, "llo", [6, 7], "length")
-    body = encode_frame([output_record(4, a, first=True), output_record(4, b, first=False)])[4:]
-    first, second = decode_frame(body)
-    assert first[0] == 4 and first[1] == [1, 2, 3] and second[1] is None
-    got_a = decode_record(first, "r", [])
-    got_b = decode_record(second, "r", got_a.prompt_token_ids)
-    assert got_a == a and got_b == b  # logprobs, finish, cached tokens, prompt ids included
-
-
-def test_prompt_logprobs_travel_with_the_first_record() -> None:
-    a = out("r", 0, "x", [5])
+def test_records_round_trip() -> None:
+    a, b = out("", 0, "he", [5]), out("", 0, "llo", [6, 7], "length")
     a.prompt_logprobs = [None, TokenLogprob(2, -1.5, ((2, -1.5),)), TokenLogprob(3, None)]
-    (rec,) = decode_frame(encode_frame([output_record(1, a, first=True)])[4:])
-    assert decode_record(rec, "r", []) == a
+    records = [OutputRecord(4, a), OutputRecord(5, b)]
+    assert decode_records(encode_records(records)) == records  # logprobs, finish, cached...
 
 
 def test_errors_keep_their_class_and_param() -> None:
-    e = decode_record(error_record(1, InvalidRequestError("too long", "prompt")), "r", [])
-    assert isinstance(e, InvalidRequestError) and e.param == "prompt" and str(e) == "too long"
-    e = decode_record(error_record(1, ExpertsUnavailableError("shard 1")), "r", [])
-    assert isinstance(e, ExpertsUnavailableError) and http_status(e) == (503, "service_unavailable")
+    body = encode_records(
+        [
+            ErrorRecord(1, InvalidRequestError("too long", "prompt")),
+            ErrorRecord(2, ExpertsUnavailableError("shard 1")),
+        ]
+    )
+    (e1, e2) = (r.error for r in decode_records(body))
+    assert isinstance(e1, InvalidRequestError) and e1.param == "prompt" and str(e1) == "too long"
+    assert isinstance(e2, ExpertsUnavailableError)
+    assert http_status(e2) == (503, "service_unavailable")
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["x",0,0,0,[],0,0]]'])
+@pytest.mark.parametrize(
+    "body", [b"not json", b'{"a": 1}', b"[[1, 2]]", b'[["o","x",null,0,0,[],null]]', b'[["z",1]]']
+)
 def test_malformed_frames_are_refused(body: bytes) -> None:
     with pytest.raises(WireError):
-        decode_frame(body)
+        decode_records(body)
 
 
 def test_coalesce_joins_deltas_per_choice() -> None:
@@ -70,7 +67,7 @@ def test_coalesce_joins_deltas_per_choice() -> None:
     assert coalesce(parts[:1]) is parts[0]
 
 
-async def _recv(queue: asyncio.Queue, n: int) -> list[list]:
+async def _recv(queue: asyncio.Queue, n: int) -> list[OutputRecord]:
     return [await asyncio.wait_for(queue.get(), 5) for _ in range(n)]
 
 
@@ -86,9 +83,12 @@ async def test_one_frame_carries_every_stream_of_a_turn() -> None:
             k2.put_nowait(out("b", 0, f"b{step}", [step]))
             await asyncio.sleep(0.05)
         got1, got2 = await _recv(q1, 3), await _recv(q2, 3)
-        assert [r[4][0][1] for r in got1] == ["a0", "a1", "a2"]
-        assert [r[4][0][1] for r in got2] == ["b0", "b1", "b2"]
-        assert got1[0][1] == [1, 2, 3] and got1[1][1] is None
+        assert [r.output.outputs[0].text for r in got1] == ["a0", "a1", "a2"]
+        assert [r.output.outputs[0].text for r in got2] == ["b0", "b1", "b2"]
+        # the prompt travels once, in a stream's first record
+        assert (
+            got1[0].output.prompt_token_ids == [1, 2, 3] and got1[1].output.prompt_token_ids == []
+        )
         assert inbox.frames_received == 3 and outbox.num_connections == 1
         assert k1.finished and k1.done.done() and not k2.done.done()
         inbox.close(s2)  # a closed stream's records are dropped
