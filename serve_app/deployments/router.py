@@ -1,6 +1,7 @@
 """The router replica: the engine (attention, gates, KV cache, scheduler) behind a Serve
-deployment. A request comes through a Serve handle (`generate_to`); its outputs go to the
-ingress over the output channel (serve_app.deployments.output_channel), one frame per step.
+deployment. Token-in/token-out: a request's sequences come as token ids through a Serve handle
+(`generate_to`); their token outputs go to the ingress over the output channel
+(serve_app.deployments.output_channel), one frame per step. The ingress makes the text.
 
 With expert_parallel_size > 0 the engine's experts are the deployment-scoped shard actors
 (see serve_app.builder), reached through RemoteExperts; handles are re-resolved by name
@@ -24,7 +25,7 @@ from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.deployments.replica_picker import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
-from serve_app.engine.request import SamplingParams
+from serve_app.engine.outputs import EngineRequest
 from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
 from serve_app.messages import PlacementReport, Refused, RouterInfo
@@ -93,29 +94,29 @@ class Router:
 
     async def generate_to(
         self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
+        requests: list[EngineRequest],
         reply: ReplyTo,
         stream: int,
         route: RouteRequest | None = None,
     ) -> Refused | None:
-        """Run a request whose outputs go over the output channel to `reply` (the ingress's
-        inbox) as stream number `stream`, batched with the other requests of each engine
-        step; returns when it finished. A refusal is returned (Refused) before
-        anything is sent; cancelling the call aborts the request and frees its KV blocks.
-        `route` is read by the handle's request router before the call arrives here
-        (serve_app.deployments.replica_picker); unused here."""
+        """Run a request's sequences (token ids in: the ingress's front end tokenized the
+        prompt and fanned n > 1 out) whose token outputs go over the output channel to `reply`
+        (the ingress's inbox) as stream number `stream`, batched with the other requests of
+        each engine step; returns when every sequence finished or the ingress aborted it. A
+        refusal is returned (Refused) before anything is sent; cancelling the call aborts the
+        sequences and frees their KV blocks. `route` is read by the handle's request router
+        before the call arrives here (serve_app.deployments.replica_picker); unused here."""
+        ids = [r.request_id for r in requests]
         try:
             await self._inject_fault()
-            await self.engine.compile_grammar(params)
+            await self.engine.compile_grammar(requests[0].params)
             if self.outbox is None:
                 self.outbox = OutputOutbox()
-            sink = self.outbox.sink(reply, stream)
+            sink = self.outbox.sink(reply, stream, ids, self.engine.abort)
         except EngineError as e:
             return Refused(e)
         try:
-            self.engine.add_request_to(prompt, params, sink, request_id)
+            self.engine.add_request_to(requests, sink)
         except EngineError as e:
             sink.close()
             return Refused(e)
@@ -124,7 +125,8 @@ class Router:
         finally:
             if not sink.finished:
                 sink.close()  # drops whatever the engine still hands it
-                self.engine.abort(request_id)
+                for rid in ids:
+                    self.engine.abort(rid)
         return None
 
     async def _inject_fault(self) -> None:

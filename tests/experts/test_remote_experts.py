@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from transformers import AutoTokenizer
 
 from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
+from serve_app.engine.outputs import EngineRequest
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.placement import place_experts
 from serve_app.model.config import load_model_spec
@@ -19,14 +21,20 @@ from tests.conftest import tiny_model_dir
 pytestmark = pytest.mark.slow
 
 
+def _queue(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> None:
+    """The prompts as the front end sends them: token ids, one sequence each."""
+    tok = AutoTokenizer.from_pretrained(engine.config.model)
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(str(i), tok.encode(p), params))
+
+
 def _run(engine: LLMEngine, prompts: list[str]) -> dict[str, list[int]]:
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+    _queue(engine, prompts, params)
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     return tokens
 
 
@@ -81,14 +89,13 @@ def test_rebalance_mid_generation_keeps_outputs_and_drops_nothing(ray_cluster, q
     experts = RemoteExperts(placement, lambda s: actors[s])
     engine = build_engine(config, experts)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+    _queue(engine, prompts, params)
     tokens: dict[str, list[int]] = {}
 
     def steps(n: int) -> None:
         for _ in range(n):
             for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
 
     steps(5)
     load = experts.load.snapshot()
@@ -170,13 +177,12 @@ def test_a_shard_killed_mid_generation_is_replaced_over_the_channel(ray_cluster,
     experts = RemoteExperts(placement, lambda s: actors[s], retry_interval_s=0.05)
     engine = build_engine(config, experts)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+    _queue(engine, prompts, params)
     tokens: dict[str, list[int]] = {}
 
     def step() -> None:
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
 
     for _ in range(4):
         step()
