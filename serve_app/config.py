@@ -17,6 +17,7 @@ from serve_app.replica_settings import (  # noqa: F401 - re-exported: part of th
     ExpertSettings,
     RebalanceSettings,
     RouterSettings,
+    refuse_retired,
 )
 from serve_app.rollout.state import AnalysisConfig, Strategy
 
@@ -192,16 +193,15 @@ class RolloutSettings(BaseModel):
 
 
 class StreamingSettings(BaseModel):
-    """How a response's tokens travel from the router to the client (docs/serving-path.md)."""
+    """How a response's tokens are streamed to the client (docs/serving-path.md). They travel
+    from the router over the output channel, one frame per engine step."""
 
     model_config = ConfigDict(extra="forbid")
 
-    transport: Literal["channel", "serve"] = Field(
-        "channel",
-        description="Router -> ingress: `channel` sends each engine step's outputs for an "
-        "ingress as one frame over a direct TCP connection (the request itself still goes "
-        "through Serve); `serve` streams every token as its own Serve stream item.",
+    _retired = refuse_retired(
+        "streaming", {"transport": "outputs always take the output channel (docs/serving-path.md)"}
     )
+
     stream_interval: int = Field(
         1,
         ge=1,

@@ -3,8 +3,8 @@
 Frozen slots dataclasses, read by attribute: no string-keyed dicts, no positional lists.
 - RouterInfo: what a router replica says about itself (Router.info), read by the ingress
   (context length, the version's digest) and by its routing key (the hash namespace).
-- Accepted / Refused: the first item of Router.generate, and Router.generate_to's result when
-  the request was refused before any output (the ingress answers 4xx / 503 with it).
+- Refused: Router.generate_to's result when the request was refused before any output (the
+  ingress answers 4xx / 503 with it).
 - PlacementReport: a router replica's periodic report to the expert balancer; the balancer
   answers a Versioned placement (serve_app/experts/balancer.py) to register and to it.
 No Ray here: the deployments send these, everything below them reads them.
@@ -30,14 +30,6 @@ class RouterInfo:
     block_size: int
     prefix_hash_seed: int
     route_key_blocks: int
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """The request is queued: RequestOutputs follow."""
-
-
-ACCEPTED = Accepted()
 
 
 @dataclass(frozen=True, slots=True)

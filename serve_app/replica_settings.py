@@ -13,6 +13,20 @@ from serve_app.experts.rebalance import RebalanceConfig
 from serve_app.replica_picking.affinity import AffinityConfig
 
 
+def refuse_retired(section: str, retired: dict[str, str]):
+    """A settings model's check that a retired key is a one-line error saying what replaced it
+    (not pydantic's "extra inputs are not permitted", nor silently ignored)."""
+
+    def check(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key, instead in retired.items():
+                if key in data:
+                    raise ValueError(f"{section}.{key} was retired: {instead}; remove the key")
+        return data
+
+    return model_validator(mode="before")(classmethod(check))
+
+
 class AutoscalingSettings(BaseModel):
     """Router replicas sized by the LLM-signal policy (autoscaling/policy.py; num_replicas is
     then ignored). Defaults and the reasons for them: docs/autoscaling.md."""
@@ -209,6 +223,9 @@ class RebalanceSettings(BaseModel):
 
 class ExpertSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _retired = refuse_retired(
+        "experts", {"transport": "layer calls always take the expert channel (docs/transport.md)"}
+    )
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert shard actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per expert shard actor.")
@@ -224,11 +241,6 @@ class ExpertSettings(BaseModel):
     )
     call_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for a shard, retries after its death included."
-    )
-    transport: Literal["channel", "ray"] = Field(
-        "channel",
-        description="How a router sends a shard its tokens each MoE layer: `channel`, a TCP "
-        "connection per (router, shard) (docs/transport.md); `ray`, an actor call each.",
     )
     resources: PlacementResources = Field(
         default_factory=dict,

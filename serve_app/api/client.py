@@ -1,7 +1,9 @@
 """What the HTTP layer needs from an engine, wherever the engine runs.
 
-The in-process client (serve_app/tools/local_client.py) wraps AsyncLLMEngine; the Serve ingress
-wraps a deployment handle. Nothing here imports the engine's torch side.
+EngineClient is what the routes call; the one implementation is the front end (api/frontend.py),
+which does the text work over an EngineCore: the in-process one (serve_app/tools/local_client.py,
+over AsyncLLMEngine) or the router replicas (serve_app/deployments/ingress.py, over Serve and
+the output channel). Nothing here imports the engine's torch side.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.outputs import EngineOutput, EngineRequest, RequestOutput
 from serve_app.engine.request import SamplingParams
 
 
@@ -35,11 +37,47 @@ class Submitted(NamedTuple):
     version: str | None = None
 
 
+class CoreCall(Protocol):
+    """One request's sequences running in an engine core (token-in/token-out)."""
+
+    version: str | None  # the model version that took it (None: in-process, no versions)
+
+    async def next(self) -> list[EngineOutput]:
+        """Every output that arrived since the last call (waits for one); raises the
+        request's EngineError."""
+        ...
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these sequences in the engine (a stop string ended them in the front end)."""
+        ...
+
+    def close(self, finished: bool) -> None:
+        """The front end is done with the call; an unfinished one is aborted in the engine."""
+        ...
+
+
+class EngineCore(Protocol):
+    """Where the front end sends a request's sequences."""
+
+    async def add(
+        self, request_id: str, requests: list[EngineRequest], hint: RouteHint
+    ) -> CoreCall:
+        """Queue request `request_id`'s sequences together; raise InvalidRequestError & co.
+        if refused."""
+        ...
+
+    async def health(self) -> dict: ...
+
+
 class EngineClient(Protocol):
     model_name: str
     version: str  # the model version requests are labelled with unless routing picks another
     tokenizer: Any
     max_model_len: int
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (a string tokenized: the one time for its request)."""
+        ...
 
     async def submit(
         self,

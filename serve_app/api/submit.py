@@ -1,8 +1,9 @@
 """Submitting the prompts of one request so that a refused request leaves no work behind.
 
-Every prompt is checked (tokenized, length against the context) before any is queued; if
-anything fails once some are queued, each queued stream is aborted. A request refused with a
-4xx therefore never keeps a prompt generating unread on a router.
+Every prompt is tokenized (the one time for its request) and checked (length against the
+context) before any is queued; if anything fails once some are queued, each queued stream is
+aborted. A request refused with a 4xx therefore never keeps a prompt generating unread on a
+router.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from serve_app.api.client import EngineClient, RouteHint, Submitted
-from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams, resolve_max_tokens
 
 Stream = AsyncIterator[RequestOutput]
-
-
-def check_prompts(client: EngineClient, prompts: Sequence[str | list[int]], params) -> None:
-    """Refuse the request if any prompt is empty or does not fit the context, as the engine
-    would, with the API's tokenizer (the engine still checks each one itself)."""
-    for prompt in prompts:
-        if not prompt:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        n = len(prompt) if isinstance(prompt, list) else len(client.tokenizer.encode(prompt))
-        resolve_max_tokens(n, params.max_tokens, client.max_model_len)
 
 
 async def submit_all(
@@ -36,12 +26,13 @@ async def submit_all(
     hint: RouteHint,
 ) -> list[Submitted]:
     """Submit every prompt (as `<request_id>-<i>`), or none."""
-    if len(prompts) > 1:  # one prompt: the engine's own check refuses it before queueing
-        check_prompts(client, prompts, params)
+    token_ids = [client.encode_prompt(p) for p in prompts]
+    for ids in token_ids:
+        resolve_max_tokens(len(ids), params.max_tokens, client.max_model_len)
     submitted: list[Submitted] = []
     try:
-        for i, prompt in enumerate(prompts):
-            submitted.append(await client.submit(prompt, params, f"{request_id}-{i}", hint))
+        for i, ids in enumerate(token_ids):
+            submitted.append(await client.submit(ids, params, f"{request_id}-{i}", hint))
     except BaseException:
         await discard([s.stream for s in submitted])
         raise

@@ -1,5 +1,6 @@
 """The in-process reference of `moeserve bench serve`: the same prompts at the same concurrency
-straight into AsyncLLMEngine, with no HTTP, no Serve and no Ray.
+straight into AsyncLLMEngine through the in-process front end (tokenizing, detokenizing: the
+text work every server does), with no HTTP, no Serve and no Ray.
 
 It answers "how much of the engine's own speed does the serving path keep": a launched target's
 output tok/s over this one's, at the same concurrency, measured in the same run. The engine gets
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Sequence
 
 from serve_app.bench.config import BenchConfig
@@ -57,13 +59,14 @@ def build_engine(
     return build_async_engine(dataclasses.replace(config, num_threads=num_threads), kv_store=store)
 
 
-async def _one(engine, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:
+async def _one(client, prompt: str, max_tokens: int, pass_start: float) -> RequestRecord:
     from serve_app.engine.request import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     ttft, last, itl, tokens, prompt_tokens = None, start, [], 0, None
-    async for out in engine.generate(prompt, params):
+    submitted = await client.submit(prompt, params, uuid.uuid4().hex)
+    async for out in submitted.stream:
         now = time.perf_counter()
         prompt_tokens = len(out.prompt_token_ids)
         n = sum(len(c.token_ids) for c in out.outputs)
@@ -92,12 +95,15 @@ async def run_inproc_pass(
     engine, prompts: Sequence[str], max_tokens: int, concurrency: int
 ) -> PassResult:
     """Like load.run_pass: every prompt, never more than `concurrency` in flight."""
+    from serve_app.tools.local_client import LocalEngineClient
+
+    client = LocalEngineClient(engine, "inproc")
     gate = asyncio.Semaphore(concurrency)
     t0 = time.perf_counter()
 
     async def one(prompt: str) -> RequestRecord:
         async with gate:
-            return await _one(engine, prompt, max_tokens, t0)
+            return await _one(client, prompt, max_tokens, t0)
 
     records = await asyncio.gather(*(one(p) for p in prompts))
     return PassResult(list(records), time.perf_counter() - t0)

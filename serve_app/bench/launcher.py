@@ -64,7 +64,7 @@ def launch_command(
     name: str, model: str, port: int, run_dir: str, serve_args: tuple[str, ...] = ()
 ) -> Launch | str:
     """How to start `name`, or why it cannot be started here. serve_args: appended to every
-    `moeserve serve` command line (e.g. `--stream-transport serve` to compare transports)."""
+    `moeserve serve` command line (e.g. `--stream-interval 4`)."""
     engine = BenchConfig()
     model = str(Path(model).resolve())
     if name == "vllm":

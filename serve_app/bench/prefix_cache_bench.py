@@ -25,6 +25,7 @@ from serve_app.bench.report import write_json
 from serve_app.bench.result import loadavg_1m
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
+from serve_app.engine.outputs import EngineRequest
 from serve_app.engine.request import SamplingParams
 from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.runtime.factory import build_engine
@@ -98,11 +99,11 @@ def _ttft(engine: LLMEngine, ids: list[int]) -> float:
     """Seconds from add_request to the first sampled token (B's publish copy included)."""
     rid = uuid.uuid4().hex
     t0 = time.perf_counter()
-    engine.add_request(rid, ids, FIRST_TOKEN)
+    engine.add_request(EngineRequest(rid, ids, FIRST_TOKEN))
     first = None
     while engine.has_unfinished_requests():
         for out in engine.step():
-            if first is None and out.request_id == rid and out.outputs[0].token_ids:
+            if first is None and out.request_id == rid and out.new_token_ids:
                 first = time.perf_counter() - t0
     if first is None:
         raise RuntimeError("no token was produced")

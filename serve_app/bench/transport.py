@@ -2,14 +2,13 @@
 
 At every MoE layer of every decode step a router sends each expert shard the tokens routed to
 it and waits for all shards' outputs. This benchmark times exactly that hop, with a trivial
-shard (x * 2) so that the transport dominates, over five transports:
+shard (x * 2) so that the transport dominates, over Ray's transports and the expert channel:
 
   actor_torch    plain actor calls, `shard.fwd.remote(...)` + `ray.get`, torch tensors
   actor_numpy    the same with numpy arrays (zero-copy deserialization from the object store)
-  actor_wire     the same in the routers' wire form (serve_app.experts.wire): one flat bytes
-                 payload each way below 96 KB, the three arrays above
   cgraph_torch   a Ray Compiled Graph, InputNode -> every shard -> MultiOutputNode, torch
   cgraph_numpy   the same compiled graph fed numpy arrays
+  channel        the expert channel the routers use (serve_app.experts.channel), wire.py bodies
 
 Shapes: T tokens sent to each shard, D hidden size, K experts per token (top-k).
   x [T, D] float32, topk_ids [T, K] int64, topk_weights [T, K] float32 -> out [T, D] float32
@@ -36,12 +35,10 @@ import numpy as np
 import torch
 
 from serve_app.bench.result import loadavg_1m
-from serve_app.experts.wire import pack_request, pack_response, unpack_request, unpack_response
 
 TRANSPORTS = (
     "actor_torch",
     "actor_numpy",
-    "actor_wire",
     "cgraph_torch",
     "cgraph_numpy",
     "channel",
@@ -49,7 +46,6 @@ TRANSPORTS = (
 COLORS = {
     "actor_torch": "tab:orange",
     "actor_numpy": "tab:red",
-    "actor_wire": "tab:purple",
     "cgraph_torch": "tab:blue",
     "cgraph_numpy": "tab:green",
     "channel": "tab:brown",
@@ -127,11 +123,7 @@ class EchoShard:
     def fwd(self, x: Any, topk_ids: Any, topk_weights: Any) -> Any:
         return x * 2
 
-    def fwd_wire(self, *payload: Any) -> Any:
-        x, _, _ = unpack_request(payload)
-        return pack_response(x * 2)
-
-    def start_channel(self) -> tuple[str, int, str]:
+    def start_channel(self) -> Any:
         """The expert channel's server (serve_app.experts.channel), as a shard actor runs it."""
         from serve_app.experts.channel import ShardServer
         from serve_app.experts.wire import decode_request, encode_response
@@ -140,8 +132,7 @@ class EchoShard:
             return encode_response(decode_request(body)[0] * 2)
 
         self.server = ShardServer(echo, "127.0.0.1")
-        a = self.server.address
-        return a.host, a.port, a.token
+        return self.server.address
 
     def pid(self) -> int:
         return os.getpid()
@@ -197,21 +188,13 @@ def measure(cfg: TransportBenchConfig, transports: Sequence[str]) -> dict[str, A
         shards = [ray.remote(num_cpus=0)(EchoShard).remote() for _ in range(cfg.num_shards)]
         pids = ray.get([s.pid.remote() for s in shards])
         extra["actor_idle_cpu"] = _idle_cpu_fraction(pids, 1.0)
-        for transport in ("actor_torch", "actor_numpy", "actor_wire"):
+        for transport in ("actor_torch", "actor_numpy"):
             if transport not in transports:
                 continue
             for t in cfg.token_counts:
                 payloads = [make_payload(t, cfg, gen, transport != "actor_torch") for _ in shards]
 
-                def call(
-                    payloads: list[ShardPayload] = payloads, wire: bool = transport == "actor_wire"
-                ) -> list[Any]:
-                    if wire:  # encoding is part of the hop, as in the router
-                        refs = [
-                            s.fwd_wire.remote(*pack_request(*p))
-                            for s, p in zip(shards, payloads, strict=True)
-                        ]
-                        return [unpack_response(b) for b in ray.get(refs)]
+                def call(payloads: list[ShardPayload] = payloads) -> list[Any]:
                     return ray.get(
                         [s.fwd.remote(*p) for s, p in zip(shards, payloads, strict=True)]
                     )
@@ -221,11 +204,11 @@ def measure(cfg: TransportBenchConfig, transports: Sequence[str]) -> dict[str, A
                 _progress(transport, t, results[transport][t])
 
         if "channel" in transports:
-            from serve_app.experts.channel import ChannelAddress, ShardLink
+            from serve_app.experts.channel import ShardLink
             from serve_app.experts.wire import decode_response, encode_request
 
             addresses = ray.get([s.start_channel.remote() for s in shards])
-            links = [ShardLink(ChannelAddress(*a)) for a in addresses]
+            links = [ShardLink(a) for a in addresses]
             for t in cfg.token_counts:
                 payloads = [make_payload(t, cfg, gen, True) for _ in shards]
 

@@ -118,7 +118,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--serve-args",
         default="",
-        help="extra flags for every launched `moeserve serve`, e.g. '--stream-transport serve'",
+        help="extra flags for every launched `moeserve serve`, e.g. '--stream-interval 4'",
     )
     _add_write_policy(s, "for inproc and every launched moeserve")
     s.add_argument("--seed", type=int, default=0)
@@ -151,7 +151,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--shards", type=int, default=2, help="expert-shard actors")
     t.add_argument(
         "--transports",
-        default="actor_torch,actor_numpy,actor_wire,cgraph_torch,cgraph_numpy,channel",
+        default="actor_torch,actor_numpy,cgraph_torch,cgraph_numpy,channel",
     )
     t.add_argument("--out", default="bench_results")
 
@@ -188,13 +188,6 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         default="reject",
         help="a request field the server does not know: 400 naming it (reject, as OpenAI) or "
         "dropped (ignore, as vLLM)",
-    )
-    p.add_argument(
-        "--stream-transport",
-        choices=("channel", "serve"),
-        default="channel",
-        help="--ray: router -> ingress outputs per engine step over a direct connection "
-        "(channel), or one Serve stream item per token (serve)",
     )
     p.add_argument(
         "--serve-mode",

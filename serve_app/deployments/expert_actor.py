@@ -12,7 +12,7 @@ import os
 import ray
 import torch
 
-from serve_app.experts.channel import ShardServer
+from serve_app.experts.channel import ChannelAddress, ShardServer
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
@@ -33,22 +33,17 @@ class ExpertShardActor:
         self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
         self.metrics_reporter = PeriodicReporter(lambda: record_memory(metrics), 2.0, "memory")
-        # The routers' layer calls (serve_app.experts.channel); `forward` below stays for the
-        # `experts.transport: ray` path. The compute thread runs torch, so it sets its threads.
+        # The routers' layer calls (serve_app.experts.channel): Ray only creates, pings and
+        # recreates this actor. The compute thread runs torch, so it sets its threads.
         self.channel = ShardServer(
             self.shard.forward_bytes,
             ray.util.get_node_ip_address(),
             on_compute_start=lambda: torch.set_num_threads(threads),
         )
 
-    def channel_address(self) -> tuple[str, int, str]:
-        """Where routers connect for layer calls: (host, port, token)."""
-        a = self.channel.address
-        return a.host, a.port, a.token
-
-    def forward(self, layer: int, *payload):
-        """One MoE layer for the tokens in `payload` (serve_app.experts.wire.pack_request)."""
-        return self.shard.forward_payload(layer, *payload)
+    def channel_address(self) -> ChannelAddress:
+        """Where routers connect for layer calls, and the token they send first."""
+        return self.channel.address
 
     def ping(self) -> bool:
         """Liveness for the routers' health reports (queued behind forward calls)."""

@@ -1,8 +1,10 @@
 """The HTTP ingress deployment: the OpenAI routes of serve_app.api over handles to the routers
 of each model version (the base version bound in the app, rollout versions as their own apps).
 
-The tokenizer is loaded here too (no weights): chat templates, /tokenize and logprob token text
-need it, and it keeps that CPU work off the router replicas.
+The front end runs here (api/frontend.py, the same code as the in-process server): the
+tokenizer is loaded here (no weights), a prompt is tokenized once, the routers get token ids
+and send token ids back, and detokenizing, stop strings, n > 1 and rendering happen here, off
+the router replicas' step threads.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import ray
@@ -19,17 +20,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from serve_app.api.client import RouteHint, Submitted
+from serve_app.api.client import RouteHint
 from serve_app.api.errors import http_status
+from serve_app.api.frontend import FrontEnd
 from serve_app.api.routes import create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
-from serve_app.deployments.output_wire import decode_record
+from serve_app.deployments.output_wire import ErrorRecord, Record
 from serve_app.deployments.rollout_actor import get_or_create_controller
 from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import RequestOutput, coalesce
-from serve_app.engine.request import SamplingParams
+from serve_app.engine.outputs import EngineOutput, EngineRequest
 from serve_app.messages import Refused
 from serve_app.metrics import use_ray_metrics
 from serve_app.replica_picking.key import RouteKeys
@@ -39,39 +40,26 @@ from serve_app.rollout.window import Outcome
 log = logging.getLogger(__name__)
 
 
-class RemoteEngineClient:
-    """EngineClient over Serve handles to the routers of every live model version."""
+class RouterCore:
+    """The engine core behind Serve (api/client.py's EngineCore): the router replicas of
+    every live model version, sent a request's sequences as token ids, read back over the
+    output channel. The front end (api/frontend.py) over it makes the text."""
 
-    def __init__(
-        self,
-        versions: TrafficSplit,
-        config: AppConfig,
-        max_model_len: int,
-        inbox: OutputInbox | None = None,
-    ):
+    def __init__(self, versions: TrafficSplit, inbox: OutputInbox):
         self.versions = versions
-        self.inbox = inbox  # None: outputs come back as Serve stream items (transport "serve")
-        self.model_name = config.model_name
-        self.version = versions.base
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.max_model_len = max_model_len
-        self.route_keys = RouteKeys(self.tokenizer)
+        self.inbox = inbox
+        self.route_keys = RouteKeys()
 
-    async def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        hint: RouteHint | None = None,
-    ) -> Submitted:
+    async def add(
+        self, request_id: str, requests: list[EngineRequest], hint: RouteHint
+    ) -> _ChannelCall:
         """Route to a version; a split-traffic request that fails on a non-stable version
         before its first token is retried once on the stable one (no client-visible failure
-        from a bad canary). Returns the stream and the version that took it."""
-        hint = hint or RouteHint()
+        from a bad canary)."""
         version = self.versions.choose(hint, request_id)
         retry = hint.pinned is None and version != self.versions.stable
         try:
-            stream = await self._submit_to(version, prompt, params, request_id, hint)
+            return await self._add_to(version, request_id, requests, hint)
         except Exception as e:
             if not retry or _client_error(e):
                 if not _client_error(e):
@@ -79,51 +67,28 @@ class RemoteEngineClient:
                 raise
             log.warning("request %s failed on %s, retrying on stable: %s", request_id, version, e)
             self.versions.report(Outcome(version, ok=False))
-            version = self.versions.stable
-            stream = await self._submit_to(version, prompt, params, request_id, hint)
-        return Submitted(stream, version)
+            return await self._add_to(self.versions.stable, request_id, requests, hint)
 
-    async def _submit_to(self, version: str, prompt, params, request_id: str, hint: RouteHint):
-        if self.inbox is not None:
-            return await self._submit_over_channel(version, prompt, params, request_id, hint)
+    async def _add_to(
+        self, version: str, request_id: str, requests: list[EngineRequest], hint: RouteHint
+    ) -> _ChannelCall:
+        """The sequences through Serve, their outputs over the output channel (see
+        output_channel.py). Returns once the first token is here: until then nothing was sent
+        to the client, so a failure can still be retried elsewhere."""
         t0 = time.monotonic()
         handle = self.versions.handle(version)
-        # prefix_affinity: the request router of this version's handle reads `route`.
-        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
-        gen = handle.options(stream=True).generate.remote(prompt, params, request_id, **route)
-        try:
-            first = await gen.__anext__()
-            if isinstance(first, Refused):
-                raise first.error
-            # Wait for the first token here: until then nothing was sent, so a failure can
-            # still be retried elsewhere.
-            out = await gen.__anext__()
-        except BaseException:
-            gen.cancel()
-            raise
-        ttft = (time.monotonic() - t0) * 1000
-        return _relay(_ServeStream(gen), out, _Reporter(self.versions, version, t0, ttft))
-
-    async def _submit_over_channel(
-        self, version: str, prompt, params, request_id: str, hint: RouteHint
-    ):
-        """The request through Serve, its outputs over the output channel (see
-        output_channel.py). Returns once the first token is here, like the Serve path."""
-        t0 = time.monotonic()
-        handle = self.versions.handle(version)
+        prompt = requests[0].prompt_token_ids
         route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
         stream, queue = self.inbox.open()
-        response = handle.generate_to.remote(
-            prompt, params, request_id, self.inbox.reply_to, stream, **route
-        )
-        reader = _ChannelReader(request_id, queue, response, lambda: self.inbox.close(stream))
+        response = handle.generate_to.remote(requests, self.inbox.reply_to, stream, **route)
+        call = _ChannelCall(self.inbox, stream, queue, response, version)
         try:
-            first = await reader.next()
+            await call.first()
         except BaseException:
-            reader.close(finished=False)
+            call.close(finished=False)
             raise
-        ttft = (time.monotonic() - t0) * 1000
-        return _relay(reader, first, _Reporter(self.versions, version, t0, ttft))
+        call.reporter = _Reporter(self.versions, version, t0, (time.monotonic() - t0) * 1000)
+        return call
 
     async def health(self) -> dict:
         return await self.versions.handle(self.versions.base).health.remote()
@@ -132,23 +97,40 @@ class RemoteEngineClient:
 CHANNEL_GRACE_S = 30.0  # after the call returned, how long its last records may take
 
 
-class _ChannelReader:
-    """One request's records from the inbox queue, and the Serve call that runs it.
+class _ChannelCall:
+    """One request's records from the inbox queue, and the Serve call that runs it (the
+    front end's CoreCall).
 
     The call ends when the request did: with Refused if it was refused, raising if the
     router failed, else None; its records may still be on the wire then (two paths), so a
     normal end only starts a grace period for them."""
 
-    def __init__(self, request_id: str, queue: asyncio.Queue, response, release):
-        self.request_id, self.queue, self.response = request_id, queue, response
-        self.release = release  # gives the stream's inbox slot back
-        self.prompt_token_ids: list[int] = []
+    def __init__(self, inbox: OutputInbox, stream: int, queue: asyncio.Queue, response, version):
+        self.inbox, self.stream, self.queue, self.response = inbox, stream, queue, response
+        self.version = version
+        self.reporter: _Reporter | None = None  # set once the first token is here
         self.call = asyncio.ensure_future(_result(response))
         self.call.add_done_callback(lambda _: queue.put_nowait(None))  # wakes next()
         self.deadline: float | None = None
+        self._first: list[EngineOutput] | None = None
+        self._error: BaseException | None = None
 
-    async def next(self) -> RequestOutput:
-        """What arrived since the last call, as one output; raises the request's error."""
+    async def first(self) -> None:
+        """Wait for the first records (next() hands them out)."""
+        self._first = await self._read()
+
+    async def next(self) -> list[EngineOutput]:
+        """What arrived since the last call; raises the request's error."""
+        if self._first is not None:
+            outs, self._first = self._first, None
+            return outs
+        try:
+            return await self._read()
+        except Exception as e:
+            self._error = e
+            raise
+
+    async def _read(self) -> list[EngineOutput]:
         records = [await self._get()]
         while not self.queue.empty():
             item = self.queue.get_nowait()
@@ -156,15 +138,12 @@ class _ChannelReader:
                 records.append(item)
         outs = []
         for record in records:
-            if record[1] is not None:
-                self.prompt_token_ids = record[1]
-            item = decode_record(record, self.request_id, self.prompt_token_ids)
-            if isinstance(item, EngineError):
-                raise item
-            outs.append(item)
-        return coalesce(outs)
+            if isinstance(record, ErrorRecord):
+                raise record.error
+            outs.append(record.output)
+        return outs
 
-    async def _get(self) -> list:
+    async def _get(self) -> Record:
         while True:
             if self.deadline is None:
                 item = await self.queue.get()
@@ -182,10 +161,19 @@ class _ChannelReader:
                     raise result.error
                 self.deadline = time.monotonic() + CHANNEL_GRACE_S
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Over the output channel, to the router that runs them."""
+        self.inbox.abort(self.stream, request_ids)
+
     def close(self, finished: bool) -> None:
-        """The stream is over: free its inbox slot; an unfinished request's call is cancelled,
-        which aborts it on the router."""
-        self.release()
+        """The stream is over: free its inbox slot and report the outcome to the version
+        split; an unfinished request's call is cancelled, which aborts it on the router."""
+        self.inbox.close(self.stream)
+        if self.reporter is not None:
+            if self._error is not None:
+                self.reporter.done(ok=_client_error(self._error))
+            elif finished:
+                self.reporter.done(ok=True)
         if not finished and not self.call.done():
             self.response.cancel()
             self.call.cancel()
@@ -193,27 +181,6 @@ class _ChannelReader:
 
 async def _result(response):
     return await response
-
-
-class _ServeStream:
-    """The per-token Serve stream (`streaming.transport: serve`) as _relay reads it."""
-
-    __slots__ = ("gen",)
-
-    def __init__(self, gen):
-        self.gen = gen
-
-    async def next(self) -> RequestOutput | None:
-        """The next output, or None when the router's generator ended."""
-        try:
-            return await self.gen.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    def close(self, finished: bool) -> None:
-        """Cancelling the remote generator aborts the request on the router."""
-        if not finished:
-            self.gen.cancel()
 
 
 def _client_error(e: BaseException) -> bool:
@@ -232,29 +199,6 @@ class _Reporter:
         self.versions.report(Outcome(self.version, ok, self.ttft_ms, e2e))
 
 
-async def _relay(
-    source: _ChannelReader | _ServeStream, first: RequestOutput, reporter: _Reporter
-) -> AsyncIterator[RequestOutput]:
-    """Forward the router's outputs (over the channel, what piled up while the consumer was
-    busy comes as one); closing this early aborts the request on the router, which frees its
-    KV blocks."""
-    finished = first.finished
-    try:
-        yield first
-        while not finished:
-            out = await source.next()
-            if out is None:
-                break
-            finished = out.finished
-            yield out
-        reporter.done(ok=True)
-    except Exception as e:
-        reporter.done(ok=_client_error(e))
-        raise
-    finally:
-        source.close(finished)
-
-
 @serve.ingress()
 class Ingress:
     def __init__(self, router: DeploymentHandle, config: AppConfig):
@@ -271,11 +215,13 @@ class Ingress:
         versions = TrafficSplit(base.name, self.router, controller)
         await versions.refresh()
         versions.start()
-        inbox = None
-        if self.config.streaming.transport == "channel":
-            inbox = OutputInbox(ray.util.get_node_ip_address())
-            await inbox.start()
-        client = RemoteEngineClient(versions, self.config, info.max_model_len, inbox)
+        inbox = OutputInbox(ray.util.get_node_ip_address())
+        await inbox.start()
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        core = RouterCore(versions, inbox)
+        client = FrontEnd(
+            core, tokenizer, self.config.model_name, versions.base, info.max_model_len
+        )
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
         return create_app(

@@ -1,5 +1,6 @@
 """Router -> ingress output channel: one TCP connection per (router replica, ingress replica),
-one frame per engine step with every output of that step bound for that ingress.
+one frame per engine step with every token output of that step bound for that ingress, and
+the ingress's aborts (a stop string matched in its front end) back the other way.
 
 Why: a Serve streaming call carries each token of each stream as its own Ray object, with its
 own task report, serialisation and event-loop work on both sides: about 2 ms of CPU per token
@@ -7,46 +8,52 @@ per hop on a 2-core machine (docs/benchmarks.md), which at 32 streams took half 
 the engine. vLLM (API server <-> engine core over ZMQ) and SGLang (tokenizer manager <->
 scheduler) batch a step's outputs into one message the same way.
 
-The request itself still goes through a Serve handle (`Router.generate_to`): Serve picks the
-replica, counts the request as ongoing for routing and autoscaling until it finishes, and a
-cancelled call aborts it. Only the outputs take this channel. The ingress listens (its node's
+The request itself still goes through a Serve handle (`Router.generate_to`, a request's n
+sequences in one call): Serve picks the replica, counts the request as ongoing for routing and
+autoscaling until it finishes, and a cancelled call aborts it. Only the outputs (and the aborts
+of single sequences) take this channel. The ingress listens (its node's
 Ray address, a free port) and tells each request where to reply, with a random token that the
-router sends first on the connection; frames are JSON (output_wire.py), never pickle.
+router sends first on the connection. The framing, the token, the timeouts and the address are
+the expert channel's (serve_app.platform.channel); the records are typed (output_wire.py), JSON
+on the wire, never pickle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from serve_app.deployments.output_wire import (
-    HEADER,
+    ABORT_MAGIC,
     MAX_FRAME,
+    OUTPUT_MAGIC,
+    AbortRecord,
+    ErrorRecord,
+    OutputRecord,
+    Record,
     WireError,
-    decode_frame,
-    encode_frame,
-    error_record,
-    output_record,
+    decode_records,
+    encode_records,
 )
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.outputs import EngineOutput
+from serve_app.platform.channel import (
+    ChannelAddress,
+    ChannelError,
+    frame_header,
+    new_token,
+    open_channel,
+    read_frame,
+    read_token,
+)
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32  # hex characters of the connection token
-CONNECT_TIMEOUT_S = 10.0
 MAX_UNSENT_BYTES = 256 << 20  # a router whose ingress stopped reading gives up past this
 
-
-@dataclass(frozen=True, slots=True)
-class ReplyTo:
-    """Where a request's outputs go: an ingress replica's inbox."""
-
-    host: str
-    port: int
-    token: str
+# Where a request's outputs go: an ingress replica's inbox.
+ReplyTo = ChannelAddress
 
 
 # --- the ingress's end ---------------------------------------------------------------------
@@ -60,9 +67,10 @@ class OutputInbox:
 
     def __init__(self, host: str):
         self.host = host
-        self.token = secrets.token_hex(TOKEN_BYTES // 2)
+        self.token = new_token()
         self.port = 0
         self._queues: dict[int, asyncio.Queue] = {}
+        self._writers: dict[int, asyncio.StreamWriter] = {}  # the connection a stream came on
         self._next = 0
         self._server: asyncio.AbstractServer | None = None
         self.frames_received = 0  # one per engine step per connected router, when busy
@@ -84,6 +92,15 @@ class OutputInbox:
 
     def close(self, stream: int) -> None:
         self._queues.pop(stream, None)
+        self._writers.pop(stream, None)
+
+    def abort(self, stream: int, request_ids: list[str]) -> None:
+        """Tell the router running `stream` to stop these sequences (their records so far
+        came on its connection, so it is known once the first one arrived)."""
+        writer = self._writers.get(stream)
+        if writer is not None and not writer.is_closing():
+            body = encode_records([AbortRecord(stream, tuple(request_ids))])
+            writer.write(frame_header(ABORT_MAGIC, 1, len(body)) + body)
 
     @property
     def num_open(self) -> int:
@@ -92,23 +109,24 @@ class OutputInbox:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), CONNECT_TIMEOUT_S)
-            if not secrets.compare_digest(hello, self.token.encode()):
+            if not await read_token(reader, self.token):
                 log.warning("output channel: refused a connection from %s (bad token)", peer)
                 return
             while True:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if size > MAX_FRAME:
-                    raise WireError(f"frame of {size} bytes")
+                _, body = await read_frame(reader, OUTPUT_MAGIC, MAX_FRAME)
                 self.frames_received += 1
-                for record in decode_frame(await reader.readexactly(size)):
-                    queue = self._queues.get(record[0])
+                for record in decode_records(body):
+                    queue = self._queues.get(record.stream)
                     if queue is not None:
+                        if record.stream not in self._writers:
+                            self._writers[record.stream] = writer
                         queue.put_nowait(record)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass  # the router went away; its Serve calls fail and say so
-        except WireError as e:
+        except (WireError, ChannelError) as e:  # before ConnectionError: ChannelError is one
             log.error("output channel: dropping the connection from %s: %s", peer, e)
+        except ConnectionError:
+            pass  # the router went away
         finally:
             writer.close()
 
@@ -122,55 +140,68 @@ class OutputInbox:
 
 
 class OutputSink:
-    """One request's end on the router: takes the engine's items on the event loop (the
-    AsyncLLMEngine sink protocol) and queues them on its connection. `done` resolves when the
-    request finished or failed in-band, and raises if the connection is lost."""
+    """One call's end on the router (a request's sequences): takes the engine's items on the
+    event loop (the AsyncLLMEngine sink protocol) and queues them on its connection. `done`
+    resolves when every sequence finished (or was aborted by the ingress) or the call failed
+    in-band, and raises if the connection is lost. on_abort: stops a sequence in the engine."""
 
-    __slots__ = ("conn", "stream", "done", "finished", "_first")
+    __slots__ = ("conn", "stream", "live", "on_abort", "done", "finished")
 
-    def __init__(self, conn: _Connection, stream: int):
-        self.conn, self.stream = conn, stream
+    def __init__(self, conn: _Connection, stream: int, request_ids: list[str], on_abort: Callable):
+        self.conn, self.stream, self.on_abort = conn, stream, on_abort
+        self.live = set(request_ids)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.finished = False
-        self._first = True
 
-    def put_nowait(self, item: RequestOutput | EngineError) -> None:
+    def put_nowait(self, item: EngineOutput | EngineError) -> None:
         if self.done.done():
             return  # cancelled (aborted) or failed: nobody reads this stream any more
         if isinstance(item, EngineError):
-            self.conn.push(error_record(self.stream, item))
+            self.conn.push(ErrorRecord(self.stream, item))
             self._end()
             return
-        self.conn.push(output_record(self.stream, item, self._first))
-        self._first = False
-        if item.finished:
+        if item.request_id not in self.live:
+            return  # the ingress aborted it: it has what it needs
+        self.conn.push(OutputRecord(self.stream, item))
+        if item.finish_reason is not None:
+            self.live.discard(item.request_id)
+            if not self.live:
+                self._end()
+
+    def abort(self, request_ids: tuple[str, ...]) -> None:
+        """The ingress's front end ended these sequences (a stop string matched)."""
+        for rid in request_ids:
+            if rid in self.live:
+                self.live.discard(rid)
+                self.on_abort(rid)
+        if not self.live and not self.done.done():
             self._end()
 
     def _end(self) -> None:
         self.finished = True
         self.done.set_result(None)
-        self.conn.sinks.discard(self)
+        self.conn.sinks.pop(self.stream, None)
 
     def close(self) -> None:
         """Stop taking items (the request was refused or aborted)."""
         if not self.done.done():
             self.done.cancel()
-        self.conn.sinks.discard(self)
+        self.conn.sinks.pop(self.stream, None)
 
 
 class _Connection:
     def __init__(self, reply: ReplyTo, on_lost):
         self.reply = reply
-        self.sinks: set[OutputSink] = set()
+        self.sinks: dict[int, OutputSink] = {}  # by stream
         self.failed: BaseException | None = None
-        self._records: list[list] = []
+        self._records: list[Record] = []
         self._backlog: list[bytes] = []  # frames made before the connection was up
         self._writer: asyncio.StreamWriter | None = None
         self._flush_scheduled = False
         self._on_lost = on_lost
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def push(self, record: list) -> None:
+    def push(self, record: Record) -> None:
         """Queue a record; everything pushed in one event-loop turn (one engine step's
         delivery) leaves as one frame."""
         self._records.append(record)
@@ -183,7 +214,8 @@ class _Connection:
         if not self._records or self.failed is not None:
             self._records = []
             return
-        frame = encode_frame(self._records)
+        body = encode_records(self._records)
+        frame = frame_header(OUTPUT_MAGIC, len(self._records), len(body)) + body
         self._records = []
         if self._writer is None:
             self._backlog.append(frame)
@@ -194,20 +226,25 @@ class _Connection:
 
     @property
     def _addr(self) -> str:
-        return f"{self.reply.host}:{self.reply.port}"
+        return str(self.reply)
 
     async def _run(self) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.reply.host, self.reply.port), CONNECT_TIMEOUT_S
-            )
-            writer.write(self.reply.token.encode())
+            reader, writer = await open_channel(self.reply)
             for frame in self._backlog:
                 writer.write(frame)
             self._backlog = []
             self._writer = writer
-            await reader.read()  # the ingress never writes: this returns when it hangs up
-            raise ConnectionError(f"ingress {self._addr} closed the output channel")
+            while True:  # the ingress writes only aborts; this ends when it hangs up
+                try:
+                    _, body = await read_frame(reader, ABORT_MAGIC, MAX_FRAME)
+                except asyncio.IncompleteReadError:
+                    closed = f"ingress {self._addr} closed the output channel"
+                    raise ConnectionError(closed) from None
+                for record in decode_records(body):
+                    sink = self.sinks.get(record.stream)
+                    if isinstance(record, AbortRecord) and sink is not None:
+                        sink.abort(record.request_ids)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure ends this connection's requests
@@ -223,7 +260,7 @@ class _Connection:
         if self._writer is not None:
             self._writer.close()
         self._on_lost(self)
-        for sink in list(self.sinks):
+        for sink in list(self.sinks.values()):
             if not sink.done.done():
                 sink.done.set_exception(error)
         self.sinks.clear()
@@ -240,12 +277,14 @@ class OutputOutbox:
     def __init__(self) -> None:
         self._conns: dict[ReplyTo, _Connection] = {}
 
-    def sink(self, reply: ReplyTo, stream: int) -> OutputSink:
+    def sink(
+        self, reply: ReplyTo, stream: int, request_ids: list[str], on_abort: Callable
+    ) -> OutputSink:
         conn = self._conns.get(reply)
         if conn is None:
             conn = self._conns[reply] = _Connection(reply, self._forget)
-        sink = OutputSink(conn, stream)
-        conn.sinks.add(sink)
+        sink = OutputSink(conn, stream, request_ids, on_abort)
+        conn.sinks[stream] = sink
         return sink
 
     def _forget(self, conn: _Connection) -> None:

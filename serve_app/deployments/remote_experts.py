@@ -2,10 +2,10 @@
 
 submit() splits the routed tokens by shard (serve_app.experts.dispatch), sends each shard only
 its slice, and returns at once; result() gathers and combines. The slices travel over the expert
-channel (serve_app.experts.channel: a TCP connection per shard, `experts.transport: channel`,
-the default) or as Ray actor calls (`ray`). A shard that died is re-resolved (the Serve
-controller recreates it) and its slice re-sent until call_timeout_s; after that the step fails
-with ExpertsUnavailableError (HTTP 503) instead of hanging.
+channel (serve_app.experts.channel: a TCP connection per shard); Ray only resolves, pings and
+recreates the shards. A shard that died is re-resolved (the Serve controller recreates it) and
+its slice re-sent until call_timeout_s; after that the step fails with ExpertsUnavailableError
+(HTTP 503) instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,22 +18,21 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from serve_app.engine.errors import ExpertsUnavailableError
-from serve_app.experts.channel import ChannelAddress, ChannelError, ShardLink, ShardRefused
+from serve_app.experts.channel import ChannelError, ShardLink, ShardRefused
 from serve_app.experts.dispatch import Dispatcher, ShardSlice
 from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
-from serve_app.experts.wire import decode_response, encode_request, pack_request, unpack_response
+from serve_app.experts.wire import decode_response, encode_request
 from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 
 log = logging.getLogger(__name__)
 
 # shard index -> a handle to the live actor; raises ValueError while it is being recreated
 ShardResolver = Callable[[int], Any]
-TRANSPORTS = ("channel", "ray")
 
 
 class RemoteExperts(ExpertExecutor):
@@ -43,14 +42,10 @@ class RemoteExperts(ExpertExecutor):
         resolve: ShardResolver,
         call_timeout_s: float = 60.0,
         retry_interval_s: float = 0.2,
-        transport: str = "channel",
     ):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"expert transport {transport!r}: one of {TRANSPORTS}")
         self.dispatcher = Dispatcher(placement)
         self.call_timeout_s = call_timeout_s
         self.retry_interval_s = retry_interval_s
-        self.transport = transport
         self._resolve = resolve
         self._handles: list[Any] = [None] * placement.num_shards
         self._links: list[ShardLink | None] = [None] * placement.num_shards
@@ -88,14 +83,12 @@ class RemoteExperts(ExpertExecutor):
         slices = self.dispatcher.split(x, topk_ids, topk_weights)
         self.load.record(topk_ids, slices)
         deadline = time.monotonic() + self.call_timeout_s
-        refs = [self._send(layer, sl, deadline) for sl in slices]
-        return _RemoteFuture(self, layer, x, slices, refs, deadline)
+        links = [self._send(layer, sl, deadline) for sl in slices]
+        return _RemoteFuture(self, layer, x, slices, links, deadline)
 
-    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ray.ObjectRef | ShardLink:
-        """Start the shard's call: an ObjectRef (Ray) or the link it went out on (channel)."""
+    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ShardLink:
+        """Start the shard's call; returns the link it went out on."""
         x, ids, w = to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights)
-        if self.transport == "ray":
-            return self._handle(sl.shard, deadline).forward.remote(layer, *pack_request(x, ids, w))
         body = encode_request(x, ids, w)
         while True:
             link = self._link(sl.shard, deadline)
@@ -111,8 +104,8 @@ class RemoteExperts(ExpertExecutor):
             handle = self._handle(shard, deadline)
             try:
                 left = max(0.1, deadline - time.monotonic())
-                host, port, token = ray.get(handle.channel_address.remote(), timeout=left)
-                self._links[shard] = ShardLink(ChannelAddress(host, port, token))
+                address = ray.get(handle.channel_address.remote(), timeout=left)
+                self._links[shard] = ShardLink(address)
             except GetTimeoutError:
                 raise self._silent(shard) from None
             except (RayActorError, ChannelError) as e:
@@ -158,22 +151,7 @@ class RemoteExperts(ExpertExecutor):
         flags = await asyncio.gather(*(down(s) for s in range(len(self._handles))))
         return [s for s, is_down in enumerate(flags) if is_down]
 
-    def _wait(self, layer: int, sl: ShardSlice, ref, deadline: float) -> torch.Tensor:
-        if self.transport == "channel":
-            return self._wait_channel(layer, sl, ref, deadline)
-        while True:
-            try:
-                payload = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                return as_tensor(unpack_response(payload))
-            except GetTimeoutError:
-                raise self._silent(sl.shard) from None
-            except RayActorError as e:
-                self._lost(sl.shard, e, deadline)
-                ref = self._send(layer, sl, deadline)
-            except RayTaskError as e:  # the shard refused (e.g. an expert it does not hold)
-                raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
-
-    def _wait_channel(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float):
+    def _wait(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float) -> torch.Tensor:
         while True:
             try:
                 body = link.receive(deadline)
@@ -204,19 +182,19 @@ class RemoteExperts(ExpertExecutor):
 
 
 class _RemoteFuture(ExpertFuture):
-    __slots__ = ("executor", "layer", "like", "slices", "refs", "deadline")
+    __slots__ = ("executor", "layer", "like", "slices", "links", "deadline")
 
-    def __init__(self, executor, layer, like, slices, refs, deadline):
+    def __init__(self, executor, layer, like, slices, links, deadline):
         self.executor: RemoteExperts = executor
         self.layer, self.like, self.slices = layer, like, slices
-        self.refs, self.deadline = refs, deadline
+        self.links, self.deadline = links, deadline
 
     def result(self) -> torch.Tensor:
         ex = self.executor
         try:
             parts = [
-                (sl, ex._wait(self.layer, sl, ref, self.deadline))
-                for sl, ref in zip(self.slices, self.refs, strict=True)
+                (sl, ex._wait(self.layer, sl, link, self.deadline))
+                for sl, link in zip(self.slices, self.links, strict=True)
             ]
         except ExpertsUnavailableError:
             # Answers to this call (and to a second micro-batch's) may still be on their way:

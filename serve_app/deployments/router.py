@@ -1,5 +1,7 @@
 """The router replica: the engine (attention, gates, KV cache, scheduler) behind a Serve
-deployment. Streams engine outputs to the ingress over a Serve streaming handle.
+deployment. Token-in/token-out: a request's sequences come as token ids through a Serve handle
+(`generate_to`); their token outputs go to the ingress over the output channel
+(serve_app.deployments.output_channel), one frame per step. The ingress makes the text.
 
 With expert_parallel_size > 0 the engine's experts are the deployment-scoped shard actors
 (see serve_app.builder), reached through RemoteExperts; handles are re-resolved by name
@@ -11,7 +13,6 @@ import asyncio
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -24,11 +25,10 @@ from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.deployments.replica_picker import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import RequestOutput
-from serve_app.engine.request import SamplingParams
+from serve_app.engine.outputs import EngineRequest
 from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
-from serve_app.messages import ACCEPTED, Accepted, PlacementReport, Refused, RouterInfo
+from serve_app.messages import PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
 from serve_app.model.config import ModelSpec, load_model_spec
@@ -92,54 +92,31 @@ class Router:
             route_key_blocks=self.config.router.affinity.max_key_blocks,
         )
 
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        route: RouteRequest | None = None,
-    ) -> AsyncIterator[Accepted | Refused | RequestOutput]:
-        """First item: ACCEPTED or Refused(EngineError); then RequestOutputs.
-
-        Refusals travel as a value, not an exception, so the ingress can answer 4xx/503
-        before it sends any byte of the response. `route` is read by the handle's request
-        router before the call arrives here (serve_app.deployments.replica_picker); unused here.
-        """
-        try:
-            await self._inject_fault()
-            await self.engine.compile_grammar(params)
-            stream = self.engine.add_request(prompt, params, request_id)
-        except EngineError as e:
-            yield Refused(e)
-            return
-        yield ACCEPTED
-        async for out in stream:
-            yield out
-
     async def generate_to(
         self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
+        requests: list[EngineRequest],
         reply: ReplyTo,
         stream: int,
         route: RouteRequest | None = None,
     ) -> Refused | None:
-        """Run a request whose outputs go over the output channel to `reply` (the ingress's
-        inbox) as stream number `stream`, batched with the other requests of each engine
-        step; returns when it finished. A refusal is returned (Refused) before
-        anything is sent; cancelling the call aborts the request and frees its KV blocks.
-        `route`: read by the request router, as for `generate`."""
+        """Run a request's sequences (token ids in: the ingress's front end tokenized the
+        prompt and fanned n > 1 out) whose token outputs go over the output channel to `reply`
+        (the ingress's inbox) as stream number `stream`, batched with the other requests of
+        each engine step; returns when every sequence finished or the ingress aborted it. A
+        refusal is returned (Refused) before anything is sent; cancelling the call aborts the
+        sequences and frees their KV blocks. `route` is read by the handle's request router
+        before the call arrives here (serve_app.deployments.replica_picker); unused here."""
+        ids = [r.request_id for r in requests]
         try:
             await self._inject_fault()
-            await self.engine.compile_grammar(params)
+            await self.engine.compile_grammar(requests[0].params)
             if self.outbox is None:
                 self.outbox = OutputOutbox()
-            sink = self.outbox.sink(reply, stream)
+            sink = self.outbox.sink(reply, stream, ids, self.engine.abort)
         except EngineError as e:
             return Refused(e)
         try:
-            self.engine.add_request_to(prompt, params, sink, request_id)
+            self.engine.add_request_to(requests, sink)
         except EngineError as e:
             sink.close()
             return Refused(e)
@@ -148,7 +125,8 @@ class Router:
         finally:
             if not sink.finished:
                 sink.close()  # drops whatever the engine still hands it
-                self.engine.abort(request_id)
+                for rid in ids:
+                    self.engine.abort(rid)
         return None
 
     async def _inject_fault(self) -> None:
@@ -228,7 +206,6 @@ def remote_experts(config: AppConfig, spec: ModelSpec) -> RemoteExperts:
         expert_placement(config, spec),
         lambda shard: serve.get_deployment_actor(shard_actor_name(shard)),
         call_timeout_s=config.experts.call_timeout_s,
-        transport=config.experts.transport,
     )
 
 

@@ -6,13 +6,14 @@ thread should run torch ops: each thread that enters OpenMP gets its own spinnin
 and on a small CPU two teams slow every step down 2.5x (measured: 16 -> 42 ms per token).
 Requests and aborts reach the loop through an inbox that the
 thread drains between steps, so LLMEngine itself is only ever touched by that thread.
-Validation and tokenization run on the caller's side, so bad input raises at once.
+Validation runs on the caller's side, so bad input raises at once.
 
+Token-in/token-out: a call brings EngineRequests (token ids; a request's n sequences together)
+and gets EngineOutputs back; the thread makes no text (the front end does: serve_app/frontend).
 Outputs go back once per step and event loop: the engine thread hands each loop the whole
-step's outputs in one call_soon_threadsafe, not one wake-up per request. A request is read
-either as an async stream (`add_request`), which coalesces whatever piled up while its
-consumer was busy into one item, or through a sink (`add_request_to`) that the loop feeds
-synchronously, e.g. the router's batched output channel.
+step's outputs in one call_soon_threadsafe, not one wake-up per request, and the loop feeds
+each call's sink synchronously (the in-process front end's queue, or the router's batched
+output channel).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Protocol
 
-from serve_app.engine.engine import LLMEngine, PreparedRequest
+from serve_app.engine.engine import LLMEngine
 from serve_app.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -34,8 +34,8 @@ from serve_app.engine.errors import (
     ExpertsUnavailableError,
 )
 from serve_app.engine.latency_window import RecentLatencies
-from serve_app.engine.outputs import RequestOutput, coalesce
-from serve_app.engine.request import SamplingParams
+from serve_app.engine.outputs import EngineOutput, EngineRequest
+from serve_app.engine.request import Request, SamplingParams
 from serve_app.engine.stats import EngineStats
 from serve_app.platform import sched
 from serve_app.platform.device import name_os_thread
@@ -46,14 +46,15 @@ ENGINE_THREAD_NAME = "moeserve-engine"  # also the OS thread's name (profilers, 
 
 
 class OutputSink(Protocol):
-    """Where a request's items go, called on its event loop: RequestOutputs in order, then
-    possibly an EngineError (the request failed; nothing follows it)."""
+    """Where a call's items go, called on its event loop: each sequence's EngineOutputs in
+    order, or an EngineError (the call failed; nothing follows it)."""
 
-    def put_nowait(self, item: RequestOutput | EngineError) -> None: ...
+    def put_nowait(self, item: EngineOutput | EngineError) -> None: ...
 
 
 class _Subscriber:
-    """A request's sink, its event loop and its arrival time (for TTFT)."""
+    """A call's sink, its event loop and its arrival time (for TTFT), shared by the call's
+    sequences."""
 
     __slots__ = ("sink", "loop", "arrived", "started")
 
@@ -69,7 +70,7 @@ class AsyncLLMEngine:
         self.ttft = RecentLatencies(ttft_window_s)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inbox: list[tuple[PreparedRequest, _Subscriber]] = []
+        self._inbox: list[tuple[Request, _Subscriber]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, _Subscriber] = {}
         self._stopped = False
@@ -85,17 +86,6 @@ class AsyncLLMEngine:
 
     # ---- public API -------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream incremental outputs. Leaving the loop early (or cancellation) aborts."""
-        stream = self.add_request(prompt, params, request_id)
-        async for out in stream:
-            yield out
-
     async def compile_grammar(self, params: SamplingParams) -> None:
         """Wait, off the event loop and off the step loop, for the request's grammar to be
         compiled (cached by schema); raises InvalidRequestError for a bad one. Calling it
@@ -104,62 +94,26 @@ class AsyncLLMEngine:
         if fut is not None:
             await asyncio.wrap_future(fut)
 
-    def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising InvalidRequestError etc.), then return the output stream."""
-        queue: asyncio.Queue = asyncio.Queue()
-        rid = self.add_request_to(prompt, params, queue, request_id)
-        return self._stream(rid, queue)
-
-    def add_request_to(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        sink: OutputSink,
-        request_id: str | None = None,
-    ) -> str:
-        """Validate now (raising InvalidRequestError etc.), then feed the request's items to
-        `sink` on the calling event loop; returns the request id. Abort with `abort`."""
+    def add_request_to(self, requests: list[EngineRequest], sink: OutputSink) -> None:
+        """Validate now (raising InvalidRequestError etc.), then feed the sequences' items to
+        `sink` on the calling event loop; all of them or none are queued. Abort each with
+        `abort`."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine loop died: {self.dead_error}")
         arrived = time.monotonic()
-        rid = request_id or uuid.uuid4().hex
-        prepared = self.engine.prepare_request(rid, prompt, params)
-        sub = _Subscriber(sink, asyncio.get_running_loop(), arrived)
+        prepared = [self.engine.prepare_request(r) for r in requests]
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self._streams) + len(self._inbox) >= self.engine.config.max_waiting_requests:
+            in_flight = len(self._streams) + len(self._inbox)
+            if in_flight + len(prepared) > self.engine.config.max_waiting_requests:
                 raise EngineOverloadedError("too many requests in flight; retry later")
-            if rid in self._streams or any(p.request_id == rid for p, _ in self._inbox):
-                raise EngineError(f"duplicate request id {rid}")
-            self._inbox.append((prepared, sub))
+            queued = {p.request_id for p, _ in self._inbox}
+            for req in prepared:
+                if req.request_id in self._streams or req.request_id in queued:
+                    raise EngineError(f"duplicate request id {req.request_id}")
+            sub = _Subscriber(sink, loop, arrived)  # one per call: one TTFT per request
+            self._inbox.extend((req, sub) for req in prepared)
             self._wake.notify()
-        return rid
-
-    async def _stream(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """The queue's items; what piled up while the consumer was busy comes as one item."""
-        finished = False
-        try:
-            while True:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                outs = []
-                for item in items:
-                    if isinstance(item, EngineError):
-                        finished = True  # the engine already dropped it
-                        if outs:
-                            yield coalesce(outs)
-                        raise item
-                    outs.append(item)
-                out = coalesce(outs)
-                yield out
-                if out.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(rid)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -248,13 +202,14 @@ class AsyncLLMEngine:
                         return
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
-                for prepared, sub in inbox:
+                for req, sub in inbox:
                     try:
-                        self.engine.add_prepared(prepared)
+                        self.engine.add_prepared(req)
                     except EngineError as e:
-                        self._send([(sub, _error_output(prepared, e))])
+                        log.warning("request %s refused: %s", req.request_id, e)
+                        self._send([(sub, EngineOutput(req.request_id, [], None, "abort"))])
                         continue
-                    self._streams[prepared.request_id] = sub
+                    self._streams[req.request_id] = sub
                 for rid in aborts:
                     self.engine.abort_request(rid)
                     self._streams.pop(rid, None)
@@ -270,7 +225,7 @@ class AsyncLLMEngine:
                     sub = self._streams.get(out.request_id)
                     if sub is None:
                         continue
-                    if out.finished:
+                    if out.finish_reason is not None:
                         del self._streams[out.request_id]
                     batch.append((sub, out))
                 self._send(batch)
@@ -281,7 +236,7 @@ class AsyncLLMEngine:
             self._send([(sub, dead) for sub in self._streams.values()])
             self._streams.clear()
 
-    def _send(self, batch: list[tuple[_Subscriber, RequestOutput | EngineError]]) -> None:
+    def _send(self, batch: list[tuple[_Subscriber, EngineOutput | EngineError]]) -> None:
         """One call_soon_threadsafe per event loop for the whole batch (engine thread)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for sub, item in batch:
@@ -292,11 +247,11 @@ class AsyncLLMEngine:
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 pass
 
-    def _deliver(self, items: list[tuple[_Subscriber, RequestOutput | EngineError]]) -> None:
+    def _deliver(self, items: list[tuple[_Subscriber, EngineOutput | EngineError]]) -> None:
         """On the subscribers' event loop: hand each item over, timing first outputs."""
         now = time.monotonic()
         for sub, item in items:
-            if not sub.started and isinstance(item, RequestOutput):
+            if not sub.started and isinstance(item, EngineOutput):
                 sub.started = True
                 self.ttft.add(now, (now - sub.arrived) * 1000.0)
             try:
@@ -311,12 +266,3 @@ class AsyncLLMEngine:
         self._send([(sub, error) for sub in self._streams.values()])
         self._streams.clear()
         self._stats = self.engine.stats()
-
-
-def _error_output(prepared: PreparedRequest, error: EngineError) -> RequestOutput:
-    """A request refused inside the loop finishes at once with finish_reason 'abort'."""
-    from serve_app.engine.outputs import CompletionOutput
-
-    log.warning("request %s refused: %s", prepared.request_id, error)
-    outs = [CompletionOutput(i, finish_reason="abort") for i in range(len(prepared.children))]
-    return RequestOutput(prepared.request_id, prepared.prompt_token_ids, outs, True)

@@ -1,19 +1,19 @@
-"""LLMEngine: the synchronous core. step() = schedule, execute, update.
+"""LLMEngine: the synchronous, token-in/token-out core. step() = schedule, execute, update.
 
-A request with n > 1 is fanned out into n child sequences that share the prompt's KV blocks
-through the prefix cache; their outputs are merged back per step under the parent's id.
+It takes EngineRequests (prompt token ids, n == 1) and returns EngineOutputs (token ids,
+logprob ids, finish reasons): no text. Tokenizing, detokenizing, stop strings and n > 1 are
+the front end's (serve_app/frontend/), once per request, off the step thread. Grammars stay
+here: a grammar masks the logits of every step.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 
 from serve_app.engine.block_hash import root_hash
-from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache_manager import KVCacheManager
-from serve_app.engine.outputs import CompletionOutput, RequestOutput
+from serve_app.engine.outputs import EngineOutput, EngineRequest
 from serve_app.engine.parts import EngineParts
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
@@ -21,30 +21,6 @@ from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedRequest:
-    """A validated, tokenized request, fanned out into its n child sequences."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    children: list[Request]
-
-
-@dataclass(slots=True)
-class _Parent:
-    request_id: str
-    prompt_token_ids: list[int]
-    children: list[Request]
-    sent_first: bool = False
-
-
-@dataclass(slots=True)
-class _Child:
-    parent: _Parent
-    index: int
-    detok: IncrementalDetokenizer
 
 
 class LLMEngine:
@@ -56,7 +32,6 @@ class LLMEngine:
     def __init__(self, parts: EngineParts):
         config = self.config = parts.config
         self.spec = parts.spec
-        self.tokenizer = parts.tokenizer
         self.eos_token_ids = parts.eos_token_ids
         self.runner = parts.runner
         self.num_kv_blocks = parts.num_kv_blocks
@@ -84,18 +59,16 @@ class LLMEngine:
             self.connector,
         )
         self.scheduler.on_finish = self.runner.sampler.states.release
-        self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size, self.eos_token_ids)
-        self._parents: dict[str, _Parent] = {}
-        self._children: dict[str, _Child] = {}
+        # the tokenizer's only use here: llguidance's token masks (no text is made on this side)
+        self.grammars = GrammarCompiler(parts.tokenizer, self.spec.vocab_size, self.eos_token_ids)
+        self._requests: dict[str, Request] = {}  # queued or running, by id
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        ids = list(prompt)
+    def prepare_request(self, request: EngineRequest) -> Request:
+        """Validate without touching engine state (safe from any thread): the prompt's ids in
+        the vocabulary, the budget within the context, the logit bias, one sequence."""
+        ids, params = list(request.prompt_token_ids), request.params
         if not ids:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         vocab = self.spec.vocab_size
@@ -106,31 +79,18 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt contains token ids outside [0, {vocab}): {bad[:5]}", "prompt"
             )
-        return ids
-
-    def prepare_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> PreparedRequest:
-        """Validate and tokenize without touching engine state (safe from any thread)."""
-        ids = self.encode_prompt(prompt)
-        max_tokens = self._resolve_max_tokens(len(ids), params)
-        vocab = self.spec.vocab_size
+        if params.n != 1:
+            raise InvalidRequestError("the engine runs one sequence per request (n == 1)", "n")
+        max_tokens = resolve_max_tokens(len(ids), params.max_tokens, self.max_model_len)
         bad = [t for t, _ in params.logit_bias if t >= vocab]
         if bad:
             raise InvalidRequestError(
                 f"logit_bias has token ids outside [0, {vocab}): {bad[:5]}", "logit_bias"
             )
-        children = []
-        for i in range(params.n):
-            child_params = params
-            if params.n > 1 and params.seed is not None:
-                child_params = replace(params, seed=params.seed + i, n=1)
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child_params, self.eos_token_ids, max_tokens)
-            if params.structured is not None:  # one matcher per sequence
-                req.grammar = self.grammars.matcher(params.structured)
-            children.append(req)
-        return PreparedRequest(request_id, ids, children)
+        req = Request(request.request_id, ids, params, self.eos_token_ids, max_tokens)
+        if params.structured is not None:  # one matcher per sequence
+            req.grammar = self.grammars.matcher(params.structured)
+        return req
 
     def compile_grammar(self, params: SamplingParams):
         """Start compiling the request's grammar on the pool; a future (None: no grammar).
@@ -138,49 +98,32 @@ class LLMEngine:
         event loop."""
         return None if params.structured is None else self.grammars.submit(params.structured)
 
-    def add_prepared(self, prepared: PreparedRequest) -> None:
-        if prepared.request_id in self._parents:
-            raise InvalidRequestError(f"duplicate request id {prepared.request_id!r}", "request_id")
+    def add_prepared(self, req: Request) -> None:
+        if req.request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {req.request_id!r}", "request_id")
         if self.scheduler.num_waiting >= self.config.max_waiting_requests:
             raise EngineOverloadedError("too many requests waiting; retry later")
-        parent = _Parent(prepared.request_id, prepared.prompt_token_ids, prepared.children)
-        for i, req in enumerate(prepared.children):
-            detok = IncrementalDetokenizer(
-                self.tokenizer, req.sampling_params, req.prompt_token_ids
-            )
-            self._children[req.request_id] = _Child(parent, i, detok)
-            self.scheduler.add_request(req)
-        self._parents[prepared.request_id] = parent
+        self._requests[req.request_id] = req
+        self.scheduler.add_request(req)
 
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> list[int]:
-        """Validate and queue a request; returns its prompt token ids."""
-        prepared = self.prepare_request(request_id, prompt, params)
-        self.add_prepared(prepared)
-        return prepared.prompt_token_ids
+    def add_request(self, request: EngineRequest) -> None:
+        """Validate and queue a sequence."""
+        self.add_prepared(self.prepare_request(request))
 
-    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        return resolve_max_tokens(num_prompt, params.max_tokens, self.max_model_len)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Abort every unfinished choice of a request; returns its final output."""
-        parent = self._parents.pop(request_id, None)
-        if parent is None:
-            return None
-        live = [r.request_id for r in parent.children if not r.is_finished]
-        self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
-        outs = []
-        for req in parent.children:
-            child = self._children.pop(req.request_id)
-            if req.request_id in live:
-                outs.append(CompletionOutput(child.index, finish_reason="abort"))
-        return RequestOutput(request_id, parent.prompt_token_ids, outs, True)
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a sequence (the front end's stop string matched, or its client left) and free
+        its blocks; False if it is not running here (already finished)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if not req.is_finished:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        return True
 
     def abort_all(self) -> list[str]:
         """Abort every request after a failed step, and forget the prefix cache: that step's
         blocks were published (hashed) at allocation but may hold half-written KV."""
-        ids = list(self._parents)
+        ids = list(self._requests)
         for rid in ids:
             self.abort_request(rid)
         if self.connector is not None:
@@ -194,7 +137,7 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -209,7 +152,7 @@ class LLMEngine:
         logprobs = dict(zip(ids, result.sampled.logprobs, strict=True))
         advanced, _ = self.scheduler.update_from_output(sched, sampled)
         completed = self._advance_grammars(advanced)
-        return self._process_outputs(advanced, logprobs, completed)
+        return [self._output(req, logprobs.get(req.request_id), completed) for req in advanced]
 
     def _advance_grammars(self, advanced: list[Request]) -> set[str]:
         """Feed each constrained request its new token; stop it when its grammar is complete.
@@ -230,54 +173,22 @@ class LLMEngine:
                 completed.add(req.request_id)
         return completed
 
-    def _process_outputs(
-        self, advanced: list[Request], logprobs: dict, completed: set[str]
-    ) -> list[RequestOutput]:
-        by_parent: dict[str, RequestOutput] = {}
-        for req in advanced:
-            child = self._children[req.request_id]
-            token = req.output_token_ids[-1]
-            stop_terminated = (
-                req.status == RequestStatus.FINISHED_STOPPED and req.request_id not in completed
-            )
-            stop_str = child.detok.update([token], stop_terminated)
-            if stop_str is not None and not req.is_finished:
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                req.stop_reason = stop_str
-            if req.is_finished and not child.detok.finished:
-                child.detok.finish()
-            lp = logprobs.get(req.request_id)
-            out = CompletionOutput(
-                index=child.index,
-                text=child.detok.get_delta(),
-                token_ids=[token],
-                logprobs=[lp] if lp is not None else None,
-                finish_reason=req.status.finish_reason,
-                stop_reason=req.stop_reason,
-            )
-            parent = child.parent
-            ro = by_parent.get(parent.request_id)
-            if ro is None:
-                ro = by_parent[parent.request_id] = RequestOutput(
-                    parent.request_id,
-                    parent.prompt_token_ids,
-                    [],
-                    False,
-                    max(req.num_cached_tokens, 0),
-                )
-                if not parent.sent_first:
-                    parent.sent_first = True
-                    if req.sampling_params.prompt_logprobs is not None:
-                        ro.prompt_logprobs = [None, *req.prompt_logprobs]
-            ro.outputs.append(out)
-        for ro in by_parent.values():
-            parent = self._parents[ro.request_id]
-            if all(r.is_finished for r in parent.children):
-                ro.finished = True
-                del self._parents[ro.request_id]
-                for r in parent.children:
-                    self._children.pop(r.request_id, None)
-        return list(by_parent.values())
+    def _output(self, req: Request, logprob, completed: set[str]) -> EngineOutput:
+        """The step's token of one sequence; its prompt logprobs with its first token."""
+        out = EngineOutput(
+            req.request_id,
+            [req.output_token_ids[-1]],
+            [logprob] if logprob is not None else None,
+            req.status.finish_reason,
+            req.stop_reason if isinstance(req.stop_reason, int) else None,
+            req.status == RequestStatus.FINISHED_STOPPED and req.request_id not in completed,
+            max(req.num_cached_tokens, 0),
+        )
+        if req.num_output_tokens == 1 and req.sampling_params.prompt_logprobs is not None:
+            out.prompt_logprobs = [None, *req.prompt_logprobs]
+        if req.is_finished:
+            self._requests.pop(req.request_id, None)
+        return out
 
     def stats(self) -> EngineStats:
         return EngineStats(

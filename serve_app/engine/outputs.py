@@ -1,8 +1,16 @@
-"""What the engine hands back: small typed results, never its internals."""
+"""What the engine takes and hands back: small typed results, never its internals.
+
+The engine core is token-in/token-out: it takes EngineRequests (prompt token ids, n == 1) and
+emits EngineOutputs (new token ids, their logprobs, the finish). Text (tokenizing, detokenizing,
+stop strings, n > 1) is the front end's (serve_app/frontend/), which turns them into
+RequestOutputs: the CompletionOutput deltas the API renders.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from serve_app.engine.request import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +28,34 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One sequence for the engine core: its prompt as token ids, its sampling (params.n == 1;
+    the front end fans n > 1 out into n of these), its grammar in params.structured."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """What one engine step (or several, coalesced) made of one sequence (vLLM v1's
+    EngineCoreOutput): token ids and logprob ids, no text."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id that matched (eos: None)
+    # The last new token is the eos / stop token that ended the sequence: its text is not
+    # output (unless include_stop_str_in_output). A grammar that completed sets no such flag.
+    stop_token: bool = False
+    num_cached_tokens: int = 0
+    # In a sequence's first output only, when asked: None, then one per prompt token after it.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)

@@ -8,10 +8,11 @@ shard. Ray still creates, places, restarts and health-checks the shards; only th
 this path (the way the router's outputs take serve_app.deployments.output_channel).
 
 A shard listens on its node's address (a free port) and hands its address and a random token to
-routers over Ray (`ExpertShardActor.channel_address`); a router sends the token first. Frames:
+routers over Ray (`ExpertShardActor.channel_address`); a router sends the token first. The
+framing, the token and the timeouts are the output channel's too (serve_app.platform.channel):
 
-  request  = "<4sIQ" (b"MXQ1", layer, n) | n bytes: serve_app.experts.wire.encode_request
-  response = "<4sIQ" (b"MXA1", status, n) | n bytes: encode_response (status 0) or a UTF-8
+  request  = frame (b"MXQ1", layer, n) | n bytes: serve_app.experts.wire.encode_request
+  response = frame (b"MXA1", status, n) | n bytes: encode_response (status 0) or a UTF-8
              error message (status 1: the shard refused, e.g. an expert it does not hold)
 
 Never pickle. One thread per connection reads frames; one compute thread runs them in arrival
@@ -22,72 +23,36 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from serve_app.platform.channel import (
+    CONNECT_TIMEOUT_S,
+    ChannelAddress,
+    ChannelError,
+    accept_token,
+    connect,
+    new_token,
+    recv_frame,
+    send_frame,
+)
 
 log = logging.getLogger(__name__)
 
-FRAME = struct.Struct("<4sIQ")
-REQUEST_MAGIC = b"MXQ1"
-RESPONSE_MAGIC = b"MXA1"
+REQUEST_MAGIC = b"MXQ1"  # an expert call, version 1
+RESPONSE_MAGIC = b"MXA1"  # its answer, version 1
 OK, REFUSED = 0, 1
-TOKEN_BYTES = 32  # hex characters
-MAX_FRAME = 1 << 32  # 4 GiB: far above a prefill chunk's hidden states
-CONNECT_TIMEOUT_S = 10.0
 
 # (layer, request body) -> response body; raises ValueError to refuse the call
 Handler = Callable[[int, memoryview], bytes]
 
-
-class ChannelError(ConnectionError):
-    """The connection to a shard is gone or spoke garbage: re-resolve the shard and resend."""
+__all__ = ["ChannelAddress", "ChannelError", "ShardLink", "ShardRefused", "ShardServer"]
 
 
 class ShardRefused(Exception):
     """The shard answered the call with an error (status 1)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelAddress:
-    host: str
-    port: int
-    token: str
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ChannelError("connection closed by the peer")
-        got += k
-    return buf
-
-
-def _recv_frame(sock: socket.socket, magic: bytes) -> tuple[int, bytearray]:
-    got, word, size = FRAME.unpack(_recv_exact(sock, FRAME.size))
-    if got != magic or size > MAX_FRAME:
-        raise ChannelError(f"bad frame (magic {got!r}, {size} bytes)")
-    return word, _recv_exact(sock, size)
-
-
-def _send_frame(sock: socket.socket, magic: bytes, word: int, body: bytes) -> None:
-    """Header and body in one sendmsg (no copy of the body to glue them); the rest, if the
-    socket took only part of it, with sendall."""
-    header = FRAME.pack(magic, word, len(body))
-    sent = sock.sendmsg([header, body])
-    if sent < len(header):
-        sock.sendall(header[sent:])
-        sent = len(header)
-    if sent - len(header) < len(body):
-        sock.sendall(memoryview(body)[sent - len(header) :])
 
 
 # --- the shard's end ------------------------------------------------------------------------
@@ -100,7 +65,7 @@ class ShardServer:
         self, handler: Handler, host: str, on_compute_start: Callable[[], None] | None = None
     ):
         self.handler = handler
-        self.token = secrets.token_hex(TOKEN_BYTES // 2)
+        self.token = new_token()
         self._listener = socket.create_server((host, 0))
         self.address = ChannelAddress(host, self._listener.getsockname()[1], self.token)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -140,17 +105,13 @@ class ShardServer:
 
     def _read(self, conn: socket.socket) -> None:
         """One router's calls, in order, onto the compute queue."""
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            conn.settimeout(CONNECT_TIMEOUT_S)
-            hello = _recv_exact(conn, TOKEN_BYTES)
-            if not secrets.compare_digest(bytes(hello), self.token.encode()):
+            if not accept_token(conn, self.token):
                 log.warning("expert channel: refused a connection (bad token)")
                 conn.close()
                 return
-            conn.settimeout(None)
             while True:
-                layer, body = _recv_frame(conn, REQUEST_MAGIC)
+                layer, body = recv_frame(conn, REQUEST_MAGIC)
                 self._calls.put((conn, layer, body))
         except (OSError, ChannelError):
             conn.close()  # the router went away or sent garbage; it reconnects if it lives
@@ -173,7 +134,7 @@ class ShardServer:
                 status, out = REFUSED, f"{type(e).__name__}: {e}".encode()
             self.calls_served += 1
             try:
-                _send_frame(conn, RESPONSE_MAGIC, status, out)
+                send_frame(conn, RESPONSE_MAGIC, status, out)
             except OSError:
                 conn.close()
 
@@ -199,17 +160,12 @@ class ShardLink:
     """A router's blocking connection to one shard; used by one thread (the engine's)."""
 
     def __init__(self, address: ChannelAddress, timeout_s: float = CONNECT_TIMEOUT_S):
-        try:
-            self.sock = socket.create_connection((address.host, address.port), timeout_s)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.sendall(address.token.encode())
-        except OSError as e:
-            raise ChannelError(f"expert channel {address.host}:{address.port}: {e}") from e
+        self.sock = connect(address, timeout_s)
 
     def send(self, layer: int, body: bytes) -> None:
         try:
             self.sock.settimeout(CONNECT_TIMEOUT_S)
-            _send_frame(self.sock, REQUEST_MAGIC, layer, body)
+            send_frame(self.sock, REQUEST_MAGIC, layer, body)
         except OSError as e:
             raise ChannelError(f"send failed: {e}") from e
 
@@ -218,7 +174,7 @@ class ShardLink:
         ShardRefused if the shard refused it, ChannelError if the connection is gone."""
         try:
             self.sock.settimeout(max(1e-3, deadline - time.monotonic()))
-            status, body = _recv_frame(self.sock, RESPONSE_MAGIC)
+            status, body = recv_frame(self.sock, RESPONSE_MAGIC)
         except TimeoutError:
             raise
         except OSError as e:

@@ -13,12 +13,7 @@ import torch
 
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.experts.weights import load_expert_weights
-from serve_app.experts.wire import (
-    decode_request,
-    encode_response,
-    pack_response,
-    unpack_request,
-)
+from serve_app.experts.wire import decode_request, encode_response
 from serve_app.platform.transfer import to_device, to_host
 
 
@@ -81,11 +76,6 @@ class ExpertShard:
         w = to_device(as_tensor(topk_weights), self.device)
         y = run_experts(weights, xt, ids, w)
         return to_numpy(y)
-
-    def forward_payload(self, layer: int, *payload) -> bytes | np.ndarray:
-        """forward() on the wire form (serve_app.experts.wire): pack_request's output in,
-        pack_response's out."""
-        return pack_response(self.forward(layer, *unpack_request(payload)))
 
     def forward_bytes(self, layer: int, body: bytes | memoryview) -> bytes:
         """forward() on the expert channel's frames (serve_app.experts.channel): an

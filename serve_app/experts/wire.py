@@ -1,19 +1,12 @@
-"""The router <-> expert-shard payloads: one flat bytes buffer each way when it is small.
-
-A shard's forward() takes `*pack_request(...)` and answers with `pack_response(...)`:
-
-- Small payloads (decode steps: a few dozen tokens) go as one `bytes` buffer each way. Ray
-  passes arguments under 100 KB inside the RPC, and one bytes object costs it less than three
-  numpy arrays: on the 2-CPU VM a round trip of 32 tokens to two shards took 1.8 ms instead of
-  3.1 ms (docs/transport.md).
-- Larger ones (prefill chunks) stay three numpy arrays, which Ray moves through its shared-memory
-  object store without copying; there the flat buffer's copies made it slower.
+"""The router <-> expert-shard messages: the body of an expert channel frame each way
+(serve_app.experts.channel), one flat buffer, versioned by its magic:
 
   request  = header "<4sIII" (b"MSX1", T, D, K) | x float32 [T, D] | ids int32 [T, K]
              | weights float32 [T, K]
   response = header "<4sII" (b"MSY1", T, D)     | y float32 [T, D]
 
-Little-endian, C order. An id of -1 marks a slot served by another shard.
+Little-endian, C order. An id of -1 marks a slot served by another shard. Decoding checks the
+magic and the size against the header: a body of another form is a ValueError, never a guess.
 """
 
 from __future__ import annotations
@@ -26,35 +19,6 @@ _REQUEST = struct.Struct("<4sIII")
 _RESPONSE = struct.Struct("<4sII")
 _REQUEST_MAGIC = b"MSX1"
 _RESPONSE_MAGIC = b"MSY1"
-# below Ray's 100 KB limit for passing arguments and results inside the RPC
-INLINE_MAX_BYTES = 96 * 1024
-
-
-def pack_request(x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> tuple:
-    """The arguments a shard's forward() gets after the layer index."""
-    if x.nbytes <= INLINE_MAX_BYTES:
-        return (encode_request(x, topk_ids, topk_weights),)
-    _check_shapes(x, topk_ids, topk_weights)
-    return (_le(x, "<f4"), _le(topk_ids, "<i8"), _le(topk_weights, "<f4"))
-
-
-def unpack_request(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """pack_request's output -> x [T, D] float32, topk_ids [T, K] int64, weights [T, K]."""
-    if len(args) == 1:
-        return decode_request(args[0])
-    if len(args) != 3 or not all(isinstance(a, np.ndarray) for a in args):
-        raise ValueError("malformed expert payload: expected bytes or three arrays")
-    x, ids, w = args
-    _check_shapes(x, ids, w)
-    return _le(x, "<f4"), _le(ids, "<i8"), _le(w, "<f4")
-
-
-def pack_response(y: np.ndarray) -> bytes | np.ndarray:
-    return encode_response(y) if y.nbytes <= INLINE_MAX_BYTES else _le(y, "<f4")
-
-
-def unpack_response(payload: bytes | np.ndarray) -> np.ndarray:
-    return payload if isinstance(payload, np.ndarray) else decode_response(payload)
 
 
 def encode_request(x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> bytes:

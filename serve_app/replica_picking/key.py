@@ -51,17 +51,16 @@ class RouteKeys:
 
     Each version's HashNamespace is asked of its routers once (info()), cached per handle (a
     version redeployed under the same name gets a new handle; when info() fails, the request
-    goes without a key and it is asked again next time). A string prompt is tokenized as
-    the engine does (add_special_tokens=True); ids the engine would refuse give no key (the
-    engine answers the 4xx).
+    goes without a key and it is asked again next time). The prompt comes as token ids (the
+    front end tokenized it, once); ids the engine would refuse give no key (the engine
+    answers the 4xx).
     """
 
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+    def __init__(self) -> None:
         self._namespaces: dict[str, tuple[Any, HashNamespace | None]] = {}
 
     async def kwargs(
-        self, version: str, handle: Any, prompt: str | list[int], session: str | None, rid: str
+        self, version: str, handle: Any, ids: list[int], session: str | None, rid: str
     ) -> dict[str, RouteRequest]:
         cached = self._namespaces.get(version)
         if cached is None or cached[0] is not handle:
@@ -75,9 +74,6 @@ class RouteKeys:
         ns = cached[1]
         if ns is None:
             return {}
-        ids = prompt
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         if not all(isinstance(t, int) and 0 <= t < 2**32 for t in ids):
             return {}
         return {"route": route_request(ids, ns, session, rid)}

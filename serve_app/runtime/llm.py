@@ -1,4 +1,7 @@
-"""LLM: offline batch generation on top of LLMEngine (all prompts submitted at once)."""
+"""LLM: offline batch generation on top of LLMEngine (all prompts submitted at once).
+
+The engine is token-in/token-out; the text is the front end's OutputProcessor, the same one the
+servers use (serve_app/frontend), run here on the caller's thread between steps."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass, field
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.outputs import RequestOutput, TokenLogprob
 from serve_app.engine.request import SamplingParams
+from serve_app.frontend.output_processor import OutputProcessor, RequestState
 from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.runtime.factory import build_engine
 
@@ -45,6 +49,10 @@ class LLM:
     def __init__(self, model: str, kv_store: KVStoreConfig | None = None, **engine_kwargs):
         """engine_kwargs: EngineConfig's; kv_store: the shared prefix cache (None: off)."""
         self.engine = build_engine(EngineConfig(model=model, **engine_kwargs), kv_store=kv_store)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.processor = OutputProcessor(self.tokenizer)
 
     def generate(
         self,
@@ -53,14 +61,24 @@ class LLM:
     ) -> list[Completion]:
         """Run every prompt to completion; results come back in input order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        results: dict[str, Completion] = {}
-        order = []
+        results: list[Completion] = []
+        states: dict[str, tuple[RequestState, Completion]] = {}  # by sequence id
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             rid = f"offline-{i}"
-            ids = self.engine.add_request(rid, prompt, p)
-            results[rid] = Completion(rid, ids, [Choice(k) for k in range(p.n)])
-            order.append(rid)
+            state = self.processor.new_request(rid, self.processor.encode(prompt), p)
+            results.append(Completion(rid, state.prompt_token_ids, [Choice(k) for k in range(p.n)]))
+            for req in state.requests:
+                self.engine.add_request(req)
+                states[req.request_id] = (state, results[-1])
         while self.engine.has_unfinished_requests():
-            for delta in self.engine.step():
-                results[delta.request_id].add(delta)
-        return [results[rid] for rid in order]
+            by_request: dict[str, list] = {}
+            for out in self.engine.step():
+                by_request.setdefault(states[out.request_id][0].request_id, []).append(out)
+            for outs in by_request.values():
+                state, completion = states[outs[0].request_id]
+                delta = state.process(outs)
+                for rid in state.take_aborts():  # a stop string ended it
+                    self.engine.abort_request(rid)
+                if delta is not None:
+                    completion.add(delta)
+        return results

@@ -116,10 +116,7 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "routing": getattr(args, "routing", "pow2"),
         },
         "experts": {"num_cpus": share, "num_threads": threads},
-        "streaming": {
-            "transport": getattr(args, "stream_transport", "channel"),
-            "stream_interval": getattr(args, "stream_interval", 1),
-        },
+        "streaming": {"stream_interval": getattr(args, "stream_interval", 1)},
         "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
     }
     if policy := getattr(args, "prefix_write_policy", None):

@@ -30,6 +30,17 @@ def engine(qwen3_tiny):
     engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def client(engine):
+    return LocalEngineClient(engine, "tiny")
+
+
+async def submit_long(client: LocalEngineClient, rid: str):
+    """A request that would run for 1500 tokens, through the in-process front end."""
+    params = SamplingParams(max_tokens=1500, ignore_eos=True)
+    return (await client.submit("hello there", params, rid)).stream
+
+
 def tokens_computed(engine: AsyncLLMEngine) -> int:
     return sum(engine.stats().expert_tokens)
 
@@ -74,19 +85,19 @@ async def test_prompt_refused_by_the_engine_aborts_those_submitted(engine, strea
     assert tokens_computed(engine) - before < 100 * per_token
 
 
-async def test_discard_aborts_a_stream_never_read(engine):
+async def test_discard_aborts_a_stream_never_read(engine, client):
     wait_idle(engine)
-    stream = engine.add_request("hello there", SamplingParams(max_tokens=1500, ignore_eos=True))
+    stream = await submit_long(client, "never-read")
     await asyncio.sleep(0.2)  # queued and running
     await discard([stream])
     await asyncio.to_thread(wait_idle, engine)
 
 
-async def test_a_client_gone_before_the_body_starts_leaves_nothing_running(engine):
+async def test_a_client_gone_before_the_body_starts_leaves_nothing_running(engine, client):
     from serve_app.api.routes import EndingStreamingResponse
 
     wait_idle(engine)
-    stream = engine.add_request("hello there", SamplingParams(max_tokens=1500, ignore_eos=True))
+    stream = await submit_long(client, "gone-early")
 
     async def body():
         async for out in stream:

@@ -370,7 +370,7 @@ def test_tool_result_round_trip_and_template(client, server):
 
 
 def test_logit_bias(client, server):
-    tok = server[1].engine.tokenizer
+    tok = AutoTokenizer.from_pretrained(server[1].engine.config.model)
     target = tok.encode(" the")[0]
     r = client.completions.create(
         model="tiny", prompt="Hi", max_tokens=4, seed=0, logit_bias={str(target): 100}

@@ -123,35 +123,6 @@ def test_slow_sse_reader_gets_every_token_once_in_order(serve_app):
     _wait_idle(serve_app)
 
 
-def test_serve_stream_transport_still_works(ray_serve):
-    """`streaming.transport: serve` (one Serve stream item per token) stays a working choice:
-    same greedy text, slow reader, abort on disconnect frees every block."""
-    from ray import serve
-
-    from serve_app.builder import build_app
-    from tests.conftest import tiny_model_dir, wait_healthy
-    from tests.streaming_checks import check_slow_reader
-
-    app = build_app(
-        {
-            "model": str(tiny_model_dir("qwen3_moe")),
-            "served_model_name": "tiny",
-            "engine": {"num_kv_blocks": 128, "max_model_len": 512},
-            "router": {"num_replicas": 1, "num_cpus": 0},
-            "streaming": {"transport": "serve"},
-        }
-    )
-    serve.run(app, name="moeserve-sst", route_prefix="/sst", blocking=False)
-    try:
-        url = f"{ray_serve.url}/sst"
-        wait_healthy(url, timeout_s=180)
-        target = type("App", (), {"url": url})
-        check_slow_reader(url, "tiny", "Once upon a time there was", max_tokens=16)
-        test_client_disconnect_mid_stream_frees_blocks(target)
-    finally:
-        serve.delete("moeserve-sst")
-
-
 @pytest.mark.parametrize(
     "body, status, param",
     [

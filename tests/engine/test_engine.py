@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.outputs import EngineRequest
 from serve_app.engine.request import SamplingParams
 from serve_app.runtime.factory import build_async_engine
 from serve_app.runtime.llm import LLM
+from serve_app.tools.local_client import LocalEngineClient
 
 PROMPTS = ["The river bends", "Once upon a time there was", "café 東京 🙂", "1, 2, 3,"]
 
@@ -18,6 +21,13 @@ PROMPTS = ["The river bends", "Once upon a time there was", "café 東京 🙂",
 @pytest.fixture(scope="module")
 def llm(qwen3_tiny) -> LLM:
     return LLM(str(qwen3_tiny), num_kv_blocks=128, block_size=16, max_model_len=512)
+
+
+async def generate(client: LocalEngineClient, prompt, params: SamplingParams):
+    """A request through the in-process front end (text in, text deltas out)."""
+    submitted = await client.submit(prompt, params, uuid.uuid4().hex)
+    async for out in submitted.stream:
+        yield out
 
 
 def assert_no_leaks(llm: LLM) -> None:
@@ -103,8 +113,10 @@ def test_logprobs_are_distributions(llm):
     ],
 )
 def test_bad_input_raises_typed_errors(llm, prompt, params, param):
+    """The front end refuses an empty prompt; the engine ids outside the vocabulary and what
+    does not fit the context."""
     with pytest.raises(InvalidRequestError) as e:
-        llm.engine.add_request("bad", prompt, params)
+        llm.engine.add_request(EngineRequest("bad", llm.processor.encode(prompt), params))
     assert e.value.param == param
     assert_no_leaks(llm)
 
@@ -132,16 +144,17 @@ async def test_async_stream_and_abort_free_blocks(qwen3_tiny):
     engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
     )
+    client = LocalEngineClient(engine, "tiny")
     try:
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-        outs = [o async for o in engine.generate(PROMPTS[0], params)]
+        outs = [o async for o in generate(client, PROMPTS[0], params)]
         assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 16
 
         # Abort mid-stream by leaving the loop early; run several concurrently.
         async def partial(i: int) -> int:
             got = 0
             long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-            async for _ in engine.generate(PROMPTS[i % 4], long):
+            async for _ in generate(client, PROMPTS[i % 4], long):
                 got += 1
                 if got == 3:
                     break
@@ -157,7 +170,7 @@ async def test_async_stream_and_abort_free_blocks(qwen3_tiny):
         assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
 
         with pytest.raises(InvalidRequestError):
-            engine.add_request("", params)
+            await client.submit("", params, "empty")
     finally:
         engine.shutdown()
 
@@ -169,6 +182,7 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
     engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512, max_num_seqs=2)
     )
+    client = LocalEngineClient(engine, "tiny")
     try:
         idle = load_signals(engine)
         assert idle == RouterSignals(waiting=0, running=0, kv_use=0.0, ttft_p90_ms=None)
@@ -177,7 +191,7 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
         params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
         async def one(i: int) -> None:
-            async for _ in engine.generate(PROMPTS[i % 4], params):
+            async for _ in generate(client, PROMPTS[i % 4], params):
                 pass
 
         tasks = [asyncio.create_task(one(i)) for i in range(4)]
@@ -199,16 +213,17 @@ async def test_async_engine_reports_autoscaling_signals(qwen3_tiny):
 
 async def test_a_lagging_stream_gets_its_backlog_as_one_item(qwen3_tiny):
     """Consumer-paced coalescing: what piled up while nobody read comes as one increment, in
-    order, nothing lost; a sink gets each step's output as it is made."""
+    order, nothing lost; a sink gets each step's token output as it is made."""
     engine = build_async_engine(
         EngineConfig(model=str(qwen3_tiny), num_kv_blocks=64, max_model_len=512)
     )
+    client = LocalEngineClient(engine, "tiny")
     try:
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-        want = [o async for o in engine.generate(PROMPTS[1], params)]
+        want = [o async for o in generate(client, PROMPTS[1], params)]
         assert len(want) == 16  # read as fast as made: one token per item
 
-        stream = engine.add_request(PROMPTS[1], params)
+        stream = (await client.submit(PROMPTS[1], params, "lagging")).stream
         for _ in range(200):  # the engine finishes it while nobody reads
             if engine.num_in_flight == 0:
                 break
@@ -228,11 +243,12 @@ async def test_a_lagging_stream_gets_its_backlog_as_one_item(qwen3_tiny):
                 self.items.append(item)
 
         sink = Sink()
-        engine.add_request_to(PROMPTS[1], params, sink)
+        prompt = client.encode_prompt(PROMPTS[1])
+        engine.add_request_to([EngineRequest("sunk", prompt, params)], sink)
         for _ in range(200):
-            if sink.items and sink.items[-1].finished:
+            if sink.items and sink.items[-1].finish_reason is not None:
                 break
             await asyncio.sleep(0.02)
-        assert [o.outputs[0].token_ids[0] for o in sink.items] == ids
+        assert [o.new_token_ids[0] for o in sink.items] == ids
     finally:
         engine.shutdown()

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.outputs import EngineRequest
 from serve_app.engine.request import GrammarSpec, SamplingParams
 from serve_app.runtime.llm import LLM
 
@@ -90,17 +91,17 @@ def test_compile_cache_is_keyed_by_schema(llm):
 )
 def test_invalid_constraints_are_invalid_request(llm, spec):
     with pytest.raises(InvalidRequestError) as e:
-        llm.engine.add_request("bad", "x", SamplingParams(structured=spec))
+        llm.engine.add_request(EngineRequest("bad", [1, 2], SamplingParams(structured=spec)))
     assert e.value.param == spec.param
     assert_no_leaks(llm)
 
 
 def test_logit_bias_forces_a_token_and_is_range_checked(llm):
-    tok = llm.engine.tokenizer.encode(" the")[0]
+    tok = llm.tokenizer.encode(" the")[0]
     p = SamplingParams(temperature=1.0, seed=3, max_tokens=5, logit_bias={tok: 100.0})
     assert llm.generate(["Hello"], p)[0].choices[0].token_ids == [tok] * 5
     with pytest.raises(InvalidRequestError) as e:
-        llm.engine.add_request("b", "x", SamplingParams(logit_bias={10**6: 1.0}))
+        llm.engine.add_request(EngineRequest("b", [1, 2], SamplingParams(logit_bias={10**6: 1.0})))
     assert e.value.param == "logit_bias"
     with pytest.raises(InvalidRequestError):
         SamplingParams(logit_bias={5: 101.0})
@@ -120,11 +121,11 @@ def test_preemption_keeps_matchers_consistent(qwen3_tiny):
 
 def test_abort_releases_blocks(llm):
     p = SamplingParams(temperature=1.0, max_tokens=100, structured=json_spec(SCHEMA))
-    llm.engine.add_request("ab", "Hello there", p)
+    llm.engine.add_request(EngineRequest("ab", llm.processor.encode("Hello there"), p))
     llm.engine.step()
     llm.engine.step()
-    out = llm.engine.abort_request("ab")
-    assert out.outputs[0].finish_reason == "abort"
+    assert llm.engine.abort_request("ab")
+    assert not llm.engine.abort_request("ab")  # gone: nothing left to abort
     assert_no_leaks(llm)
 
 
@@ -132,7 +133,8 @@ def test_prompt_logprobs_match_a_full_forward(llm):
     prompt = "The river bends and the water runs"
     p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
     eng = llm.engine
-    ids = eng.add_request("plp", prompt, p)
+    ids = llm.processor.encode(prompt)
+    eng.add_request(EngineRequest("plp", ids, p))
     first = None
     while eng.has_unfinished_requests():
         for out in eng.step():
@@ -161,7 +163,7 @@ def test_prompt_logprobs_are_the_same_with_chunked_prefill(llm, qwen3_tiny):
 
     def plp(engine_llm: LLM) -> list:
         eng = engine_llm.engine
-        eng.add_request("c", prompt, p)
+        eng.add_request(EngineRequest("c", engine_llm.processor.encode(prompt), p))
         outs = []
         while eng.has_unfinished_requests():
             outs += eng.step()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from serve_app.experts.channel import (
-    TOKEN_BYTES,
     ChannelAddress,
     ChannelError,
     ShardLink,
@@ -19,6 +18,7 @@ from serve_app.experts.channel import (
     ShardServer,
 )
 from serve_app.experts.wire import decode_request, decode_response, encode_request, encode_response
+from serve_app.platform.channel import TOKEN_BYTES
 
 
 def doubling(layer: int, body: memoryview) -> bytes:

@@ -15,7 +15,7 @@ from serve_app.experts.local import LocalExperts
 from serve_app.experts.placement import place_experts
 from serve_app.experts.shard import ExpertShard, as_tensor, to_numpy
 from serve_app.experts.weights import load_expert_weights
-from serve_app.experts.wire import pack_request, unpack_response
+from serve_app.experts.wire import decode_response, encode_request
 from serve_app.model.config import RoutingSpec, load_model_spec
 from serve_app.model.layers.routing import make_routing_rule
 
@@ -47,15 +47,15 @@ def test_sharded_experts_equal_in_process_experts(qwen3_tiny, num_shards, load):
     shards = [ExpertShard(str(qwen3_tiny), list(s), CPU, torch.float32) for s in placement.shards]
     dispatcher = Dispatcher(placement)
     layer = next(i for i, m in enumerate(spec.moe_layers) if m)
-    for t in (1, 5, 64, 512):  # 512 x 64 floats: over INLINE_MAX_BYTES, the array form
+    for t in (1, 5, 64, 512):
         x, ids, w = _routed(spec, t, seed=t)
         parts = []
         for sl in dispatcher.split(x, ids, w):
             # a shard gets only rows that need it, and only its own slots unmasked
             owned = set(placement.shards[sl.shard])
             assert all(e in owned for e in sl.topk_ids[sl.topk_ids >= 0].tolist())
-            request = pack_request(to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
-            y = unpack_response(shards[sl.shard].forward_payload(layer, *request))
+            body = encode_request(to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights))
+            y = decode_response(shards[sl.shard].forward_bytes(layer, body))
             parts.append((sl, as_tensor(y)))
         got = Dispatcher.combine(x, parts)
         torch.testing.assert_close(got, local.forward(layer, x, ids, w), rtol=1e-5, atol=1e-6)

@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 
 from serve_app.experts.wire import (
-    INLINE_MAX_BYTES,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
-    pack_request,
-    pack_response,
-    unpack_request,
-    unpack_response,
 )
 
 
@@ -77,25 +72,3 @@ def test_a_response_is_not_a_request():
         decode_request(encode_response(np.zeros((2, 8), np.float32)))
     with pytest.raises(ValueError, match="magic"):
         decode_response(encode_request(*_request(2)))
-
-
-@pytest.mark.parametrize("t, form", [(3, bytes), (INLINE_MAX_BYTES // 32 + 1, np.ndarray)])
-def test_pack_picks_bytes_when_small_and_arrays_when_large(t, form):
-    x, ids, w = _request(t, d=8)
-    packed = pack_request(x, ids, w)
-    assert all(isinstance(a, form) for a in packed) and len(packed) == (1 if form is bytes else 3)
-    x2, ids2, w2 = unpack_request(packed)
-    np.testing.assert_array_equal(x2, x)
-    np.testing.assert_array_equal(ids2, ids)
-    np.testing.assert_array_equal(w2, w)
-    response = pack_response(x * 2)
-    assert isinstance(response, form)
-    np.testing.assert_array_equal(unpack_response(response), x * 2)
-
-
-def test_unpack_refuses_other_argument_shapes():
-    x, ids, w = _request(2)
-    with pytest.raises(ValueError, match="bytes or three arrays"):
-        unpack_request((x, ids))
-    with pytest.raises(ValueError, match="shape mismatch"):
-        unpack_request((x, ids[:1], w))

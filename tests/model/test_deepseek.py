@@ -62,7 +62,7 @@ def _generate(model_dir, **engine):
 
 
 def _assert_matches_transformers(llm, results, model_dir) -> None:
-    assert_matches(results, hf_reference(model_dir, llm.engine.tokenizer, PROMPTS))
+    assert_matches(results, hf_reference(model_dir, llm.tokenizer, PROMPTS))
     assert llm.engine.stats().kv_blocks_used == 0
 
 

@@ -90,7 +90,7 @@ def test_greedy_parity(tiny_model, engine_kwargs):
     llm = LLM(str(tiny_model), block_size=16, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=TOP)
     results = llm.generate(PROMPTS, params)
-    assert_matches(results, hf_reference(tiny_model, llm.engine.tokenizer, PROMPTS))
+    assert_matches(results, hf_reference(tiny_model, llm.tokenizer, PROMPTS))
 
     stats = llm.engine.stats()
     assert stats.kv_blocks_used == 0, "blocks leaked"

@@ -272,13 +272,7 @@ class _Handle:
         self.info = _Info(info)
 
 
-class _Tokenizer:
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        assert add_special_tokens  # as the engine encodes a string prompt
-        return [ord(c) for c in text]
-
-
-def test_route_keys_per_version_text_tokenized_bad_ids_and_pow2_without_key():
+def test_route_keys_per_version_bad_ids_and_pow2_without_key():
     import asyncio
 
     from serve_app.replica_picking.key import RouteKeys
@@ -286,12 +280,12 @@ def test_route_keys_per_version_text_tokenized_bad_ids_and_pow2_without_key():
     affine = _Handle(router_info("prefix_affinity", BS, 64))
     pow2 = _Handle(router_info("pow2", BS, 64))
     broken = _Handle(RuntimeError("replica down"))
-    keys = RouteKeys(_Tokenizer())
+    keys = RouteKeys()
     ns = HashNamespace(root_hash(0, "d"), BS, 64)
 
     async def go():
-        text = await keys.kwargs("v1", affine, "abcdefghij", "s", "r1")
-        assert text == {"route": route_request([ord(c) for c in "abcdefghij"], ns, "s", "r1")}
+        with_session = await keys.kwargs("v1", affine, list(range(20)), "s", "r1")
+        assert with_session == {"route": route_request(list(range(20)), ns, "s", "r1")}
         ids = await keys.kwargs("v1", affine, list(range(9)), None, "r2")
         assert (
             ids["route"].block_hashes == route_request(list(range(9)), ns, None, "r2").block_hashes

@@ -91,3 +91,19 @@ def test_valid_settings_reach_the_engine_unchanged():
     assert (e.block_size, e.max_num_batched_tokens) == (32, 64)
     store = config.kv_store_config()
     assert store.url == "redis://h:1/0" and store.lookup_timeout_ms == 50
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"streaming": {"transport": "serve"}}, "streaming.transport was retired"),
+        ({"streaming": {"transport": "channel"}}, "streaming.transport was retired"),
+        ({"experts": {"transport": "ray"}}, "experts.transport was retired"),
+    ],
+)
+def test_retired_transport_keys_are_refused_with_one_line(section, message):
+    """One data path per hop: a config that still names a transport is told so, not ignored."""
+    with pytest.raises(ValidationError) as e:
+        AppConfig.model_validate({"model": "m", **section})
+    line = config_error_line(e.value)
+    assert message in line and "remove the key" in line and "\n" not in line

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.request import SamplingParams
+from serve_app.frontend.detokenizer import IncrementalDetokenizer
 
 CORPUS = [
     "hello world, the quick brown fox jumps over the lazy dog.",

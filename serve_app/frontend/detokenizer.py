@@ -113,11 +113,12 @@ def _rust_tokenizer(tokenizer: Any) -> Tokenizer | None:
 class IncrementalDetokenizer:
     """Turns one sequence's output tokens into text and checks its stop strings.
 
-    Per step the engine calls `update(new_ids)`, then `get_delta()` for the text to stream.
-    When the sequence ends for any reason other than a stop string (eos / stop token, length,
-    abort), the engine calls `finish()` so the held-back tail is released by `get_delta()`.
-    A matched stop string finishes the detokenizer by itself; the engine must then stop the
-    request (finish_reason "stop", stop_reason = the returned string).
+    Per engine output the front end calls `update(new_ids)`, then `get_delta()` for the text
+    to stream. When the sequence ends for any reason other than a stop string (eos / stop
+    token, length, abort), it calls `finish()` so the held-back tail is released by
+    `get_delta()`. A matched stop string finishes the detokenizer by itself; the front end
+    must then abort the sequence in the engine and end the choice (finish_reason "stop",
+    stop_reason = the returned string).
     Invariant: the concatenation of all deltas equals `output_text` once finished.
     """
 

@@ -1,0 +1,73 @@
+"""FrontEnd: the API's EngineClient over an engine core, in-process or the router replicas.
+
+The one place a request's text is made: its prompt tokenized once (`encode_prompt`), checked
+against the context, fanned out into its n sequences, sent to the core as token ids, and the
+core's token outputs turned back into text deltas, stop strings matched (an abort to the core
+when one ends a sequence the core still runs) and choices merged (serve_app/frontend's
+OutputProcessor). The in-process server and the Serve ingress run this same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve_app.api.client import CoreCall, EngineCore, RouteHint, Submitted
+from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.request import SamplingParams, resolve_max_tokens
+from serve_app.frontend.output_processor import OutputProcessor, RequestState
+
+
+class FrontEnd:
+    def __init__(
+        self,
+        core: EngineCore,
+        tokenizer: Any,
+        model_name: str,
+        version: str,
+        max_model_len: int,
+    ):
+        self.core = core
+        self.tokenizer = tokenizer
+        self.processor = OutputProcessor(tokenizer)
+        self.model_name = model_name
+        self.version = version
+        self.max_model_len = max_model_len
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self.processor.encode(prompt)
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a prompt that leaves no room for its completion, as the engine would."""
+        resolve_max_tokens(len(prompt_token_ids), params.max_tokens, self.max_model_len)
+
+    async def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        hint: RouteHint | None = None,
+    ) -> Submitted:
+        """Validate and queue; raise InvalidRequestError & co. before returning the stream."""
+        ids = self.encode_prompt(prompt)
+        self.check_prompt(ids, params)
+        state = self.processor.new_request(request_id, ids, params)
+        call = await self.core.add(request_id, state.requests, hint or RouteHint())
+        return Submitted(_outputs(state, call), call.version)
+
+    async def health(self) -> dict:
+        return await self.core.health()
+
+
+async def _outputs(state: RequestState, call: CoreCall) -> AsyncIterator[RequestOutput]:
+    """The request's text deltas; what arrived while the consumer was busy comes as one.
+    Closing it early aborts the request in the core, which frees its KV blocks."""
+    try:
+        while not state.finished:
+            out = state.process(await call.next())
+            if state.to_abort:
+                call.abort(state.take_aborts())
+            if out is not None:
+                yield out
+    finally:
+        call.close(state.finished)
