@@ -42,6 +42,14 @@ def tool_call_grammar(tools: list[tuple[str, dict]], parallel: bool) -> GrammarS
     return GrammarSpec("grammar", "\n".join(lines), "tool_choice")
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -111,6 +119,12 @@ class ToolCallParser:
             return self._content(text), []
         self.in_call = False
         if self.name_sent:
+            # Cut off (max_tokens) after the call's JSON but inside the closing tag: close the
+            # call as usual instead of sending the wrapper's '}' and the partial tag as arguments.
+            body = text[: len(text) - _longest_tag_prefix(text, END)].rstrip()
+            if _is_json(body):
+                self._close_call(body)
+                return "", self.deltas
             m = _HEAD.match(text)
             rest = text[m.end() :] if m else text
             if len(rest) > self.args_sent:

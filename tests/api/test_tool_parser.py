@@ -56,6 +56,18 @@ def test_unclosed_call_keeps_raw_arguments():
     assert calls[0]["function"]["arguments"].startswith('{"a": 1')
 
 
+@pytest.mark.parametrize("cut", ["}", "}\n", "}\n<", "}\n</tool_call"])
+@pytest.mark.parametrize("step", [1, 4, 100])
+def test_call_cut_inside_its_closing_tag_has_valid_arguments(cut, step):
+    # max_tokens can end the output after the call's JSON but before "</tool_call>" is whole
+    # (the grammar forces it token by token): the wrapper's '}' and the partial tag are no
+    # part of the arguments, streamed or not.
+    content, deltas = run('<tool_call>\n{"name": "W", "arguments": {"city":"Paris"}' + cut, step)
+    calls = merge_tool_deltas(deltas)
+    assert content == "" and [c["function"]["name"] for c in calls] == ["W"]
+    assert calls[0]["function"]["arguments"] == '{"city":"Paris"}'
+
+
 def test_grammar_text_names_every_tool():
     spec = tool_call_grammar([("a", {"type": "object"}), ("b_2", {"type": "object"})], True)
     assert spec.kind == "grammar" and spec.param == "tool_choice"
