@@ -36,7 +36,12 @@ def run_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        results = LLM(args.model).generate(prompts, params)
+        llm = LLM(
+            args.model,
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
+        )
+        results = llm.generate(prompts, params)
     except InvalidRequestError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

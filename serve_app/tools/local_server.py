@@ -56,6 +56,8 @@ def run_server(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
         )
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)

@@ -108,6 +108,8 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_memory_gb": args.kv_cache_memory_gb,
+            "quantization": getattr(args, "quantization", "none"),
+            "quantization_group_size": getattr(args, "quantization_group_size", None),
         },
         "router": {
             "num_replicas": args.routers,
