@@ -13,36 +13,89 @@
      column j + 16 (high nibble); scales and zeros [E, N/NB, K/G, 2, NB] (G the group size,
      a multiple of 16 dividing K); w = (q - 8) * scale + zero, as torch's int4pack ops.
    serve_app/kernels/quant.py packs the weights and loads this. */
-#include "simd.h"
+#include <stdint.h>
+#include <string.h>
 
 #define NB 32
 #define MAX_MR 12
 
-typedef int8_t v16s8 __attribute__((vector_size(16)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
-static inline v16 widen_s8(const int8_t *p) {
-    v16s8 b;
+/* The tiles' vector: the widest one the build's ISA holds in a register (-march=native, and the
+   library is built per CPU, so each machine gets its own): 16 floats with AVX-512, 8 with AVX2
+   (a generic 16-float vector is two AVX2 registers, and assembling one from two widened halves
+   went through the stack). Bytes are widened with the ISA's own instructions: GCC lowers a
+   generic char -> float vector conversion to scalar code. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+typedef float vec __attribute__((vector_size(64)));
+static inline vec widen_s8(const int8_t *p) {
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+}
+/* bytes [part * VW, part * VW + VW) of b */
+static inline vec widen_u8(v16u8 b, int part) {
+    (void)part;
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define VW 8
+typedef float vec __attribute__((vector_size(32)));
+static inline vec widen_s8(const int8_t *p) {
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
+}
+static inline vec widen_u8(v16u8 b, int part) {
+    const __m128i i = part ? _mm_srli_si128((__m128i)b, 8) : (__m128i)b;
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i));
+}
+#else
+#define VW 8
+typedef float vec __attribute__((vector_size(32)));
+typedef int8_t v8s8 __attribute__((vector_size(8)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+static inline vec widen_s8(const int8_t *p) {
+    v8s8 b;
     memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, v16);
+    return __builtin_convertvector(b, vec);
+}
+static inline vec widen_u8(v16u8 b, int part) {
+    v8u8 h;
+    memcpy(&h, (const uint8_t *)&b + part * 8, sizeof h);
+    return __builtin_convertvector(h, vec);
+}
+#endif
+#define NV (NB / VW) /* vectors per panel row */
+
+static inline vec loadv(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* One K row of an int8 panel: NB weights as NV vectors. */
+static inline void row_q8(const int8_t *p, vec *w) {
+    for (int j = 0; j < NV; j++) w[j] = widen_s8(p + j * VW);
 }
 
-static inline v16u8 load_u8(const uint8_t *p) {
+/* One K row of an int4 panel (NB/2 bytes: low nibbles columns 0..15, high 16..31), dequantized
+   with the group's scale and shifted zero (zero - 8 * scale). */
+static inline void row_q4(const uint8_t *p, const vec *s, const vec *z, vec *w) {
     v16u8 b;
     memcpy(&b, p, sizeof b);
-    return b;
+    const v16u8 lo = b & 15, hi = b >> 4;
+    for (int j = 0; j < NV; j++) {
+        const int col = j * VW; /* columns col .. col + VW */
+        const vec q = widen_u8(col < 16 ? lo : hi, (col % 16) / VW);
+        w[j] = q * s[j] + z[j];
+    }
 }
 
-/* out[m, 0:NB] (+)= the tile's rows; inlined into each tile, where `rows` is a constant. */
-static inline __attribute__((always_inline)) void store_tile(const v16 *lo, const v16 *hi,
-                                                             int rows, float *out, int64_t ldo,
-                                                             int add) {
-    for (int m = 0; m < rows; m++) {
-        const v16 a = add ? lo[m] + load16(out + m * ldo) : lo[m];
-        const v16 b = add ? hi[m] + load16(out + m * ldo + 16) : hi[m];
-        store16(out + m * ldo, a);
-        store16(out + m * ldo + 16, b);
-    }
+/* out[m, 0:NB] (+)= the tile's rows (inlined: `rows` is a constant in each tile). */
+static inline __attribute__((always_inline)) void store_tile(vec acc[][NV], int rows, float *out,
+                                                             int64_t ldo, int add) {
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < NV; j++) {
+            float *o = out + m * ldo + j * VW;
+            storev(o, add ? acc[m][j] + loadv(o) : acc[m][j]);
+        }
 }
 
 /* ROWS x NB tile over k in [0, kc) of an int8 panel; ROWS constant so the accumulators stay in
@@ -52,22 +105,17 @@ static inline __attribute__((always_inline)) void store_tile(const v16 *lo, cons
                           const float *scale, int64_t group, const float *sz, float *out,      \
                           int64_t ldo, int add) {                                              \
         (void)group; (void)sz;                                                                 \
-        v16 lo[ROWS], hi[ROWS];                                                                \
-        for (int m = 0; m < ROWS; m++) lo[m] = hi[m] = (v16){0};                               \
+        vec acc[ROWS][NV] = {0}, w[NV];                                                        \
         for (int64_t k = 0; k < kc; k++) {                                                     \
-            const v16 w0 = widen_s8(panel + k * NB), w1 = widen_s8(panel + k * NB + 16);      \
+            row_q8(panel + k * NB, w);                                                         \
             for (int m = 0; m < ROWS; m++) {                                                   \
                 const float xv = x[m * ldx + k];                                               \
-                lo[m] += xv * w0;                                                              \
-                hi[m] += xv * w1;                                                              \
+                for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                           \
             }                                                                                  \
         }                                                                                      \
-        const v16 s0 = load16(scale), s1 = load16(scale + 16);                                 \
-        for (int m = 0; m < ROWS; m++) {                                                       \
-            lo[m] *= s0;                                                                       \
-            hi[m] *= s1;                                                                       \
-        }                                                                                      \
-        store_tile(lo, hi, ROWS, out, ldo, add);                                               \
+        for (int m = 0; m < ROWS; m++)                                                         \
+            for (int j = 0; j < NV; j++) acc[m][j] *= loadv(scale + j * VW);                   \
+        store_tile(acc, ROWS, out, ldo, add);                                                  \
     }
 
 /* The same over an int4 panel: kc is a multiple of the group, and `sz` points at the scales and
@@ -78,24 +126,22 @@ static inline __attribute__((always_inline)) void store_tile(const v16 *lo, cons
                           int64_t ldo, int add) {                                              \
         (void)scale;                                                                           \
         const uint8_t *panel = (const uint8_t *)panel_s;                                       \
-        v16 lo[ROWS], hi[ROWS];                                                                \
-        for (int m = 0; m < ROWS; m++) lo[m] = hi[m] = (v16){0};                               \
+        vec acc[ROWS][NV] = {0}, w[NV], s[NV], z[NV];                                          \
         for (int64_t g0 = 0; g0 < kc; g0 += group) {                                           \
-            const float *s = sz + (g0 / group) * 2 * NB;                                       \
-            const v16 s0 = load16(s), s1 = load16(s + 16);                                     \
-            const v16 z0 = load16(s + NB) - 8.0f * s0, z1 = load16(s + NB + 16) - 8.0f * s1;   \
+            const float *gs = sz + (g0 / group) * 2 * NB;                                      \
+            for (int j = 0; j < NV; j++) {                                                     \
+                s[j] = loadv(gs + j * VW);                                                     \
+                z[j] = loadv(gs + NB + j * VW) - 8.0f * s[j];                                  \
+            }                                                                                  \
             for (int64_t k = g0; k < g0 + group; k++) {                                        \
-                const v16u8 b = load_u8(panel + k * (NB / 2));                                 \
-                const v16 w0 = __builtin_convertvector(b & 15, v16) * s0 + z0;                 \
-                const v16 w1 = __builtin_convertvector(b >> 4, v16) * s1 + z1;                 \
+                row_q4(panel + k * (NB / 2), s, z, w);                                         \
                 for (int m = 0; m < ROWS; m++) {                                               \
                     const float xv = x[m * ldx + k];                                           \
-                    lo[m] += xv * w0;                                                          \
-                    hi[m] += xv * w1;                                                          \
+                    for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                       \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        store_tile(lo, hi, ROWS, out, ldo, add);                                               \
+        store_tile(acc, ROWS, out, ldo, add);                                                  \
     }
 
 #define TILES_OF(T) T(1) T(2) T(3) T(4) T(5) T(6) T(7) T(8) T(9) T(10) T(11) T(12)
