@@ -129,25 +129,21 @@ def test_quantized_experts_match_dequantized_experts_packed_and_in_torch(
     assert packed.nbytes < float_bytes / (3.5 if quant.method == "int8" else 5)
 
 
+# outputs -> the path each scheme takes on the CPU in float32: the kernel for panel multiples,
+# else torch's op where it takes the shape (int4 wants N % 16 == 0), else dequantize + F.linear
+PATHS = {64: ("kernel", "kernel"), 48: ("torch_op", "torch_op"), 40: ("torch_op", "dequant")}
+
+
 @pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q.tag())
-@pytest.mark.parametrize("bias", [False, True])
-def test_quantized_linears_match_dequantized_linear(quant, bias):
-    """torch's CPU op, and the dequantizing fallback (other devices, N not a multiple of 16)."""
-    n, k = 48, 256
+@pytest.mark.parametrize("n", sorted(PATHS))
+def test_quantized_linears_match_dequantized_linear_on_every_path(kernel, quant, n):
+    k = 256
     w = _rand(n, k) * 0.1
-    b = _rand(n, seed=4) if bias else None
+    b = _rand(n, seed=4)
     q = quantize(w, quant, "w")
-    cls = Int8Linear if quant.method == "int8" else Int4Linear
-    layer = cls(q, b, torch.float32)
-    assert layer.cpu_op
+    layer = (Int8Linear if quant.method == "int8" else Int4Linear)(q, b, torch.float32)
+    assert layer.path == PATHS[n][quant.method == "int4"]
     x = _rand(2, 5, k, seed=5)
-    ref = F.linear(x, q.dequantize(), b)
-    torch.testing.assert_close(layer(x), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(layer(x), F.linear(x, q.dequantize(), b), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(layer.dequantized(), q.dequantize(), atol=1e-6, rtol=1e-5)
-    layer.cpu_op = False
-    if quant.method == "int8":
-        torch.testing.assert_close(layer(x), ref, atol=2e-5, rtol=1e-4)
-    odd = cls(quantize(w[:40], quant, "w"), None, torch.float32)  # 40 outputs
-    ref_odd = F.linear(x, quantize(w[:40], quant, "w").dequantize())
-    assert odd.cpu_op == (quant.method == "int8")
-    torch.testing.assert_close(odd(x), ref_odd, atol=2e-5, rtol=1e-4)
+    assert layer.weight_bytes < w.nbytes / 3

@@ -1,100 +1,119 @@
 """Quantized dense linears, one module per scheme, swapped in for nn.Linear once at load.
 
-Both run torch's weight-only CPU ops (what torchao's Int8WeightOnlyConfig and
-Int4WeightOnlyConfig with Int4CPULayout call): `aten._weight_int8pack_mm` (int8 [N, K] and
-per-channel scales) and `aten._weight_int4pack_mm_for_cpu` over the packing of
-`aten._convert_weight_to_int4pack_for_cpu` (scales and zeros per group). Elsewhere (CUDA) or
-where the op does not take the shape (int4 wants N % 16 == 0), forward dequantizes the weight
-and runs F.linear: slower, same numbers.
+Each picks its matmul once, when built:
+- on the CPU with float32 activations and the kernel built (N a panel multiple): the
+  quantized grouped kernel of serve_app/kernels/quant.py over one "expert", the weights
+  dequantized in registers. Measured on a 2-core AVX2 EPYC (docs/quantization.md), torch
+  2.13's own weight-only ops ran float32 activations 10-30x slower than F.linear, where this
+  kernel beats F.linear at decode;
+- elsewhere on the CPU (bf16 activations, other N): torch's weight-only ops, as torchao's
+  Int8WeightOnlyConfig / Int4WeightOnlyConfig with Int4CPULayout call them:
+  `aten._weight_int8pack_mm` (int8 [N, K], per-channel scales) and
+  `aten._weight_int4pack_mm_for_cpu` over `aten._convert_weight_to_int4pack_for_cpu`'s packing
+  (scales and zeros per group; N % 16 == 0);
+- anywhere else (CUDA): the weight dequantized per call, then F.linear.
 Shapes: T tokens, K input features, N output features.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from serve_app.model.quant.methods import quantizes
 from serve_app.model.quant.scheme import Int4Weight, Int8Weight, Quantization, quantize
+from serve_app.model.quant.stacked import stack
 
 
 class QuantLinear(nn.Module):
-    """A linear whose weight is stored quantized; forward(x [..., K]) -> [..., N] in x's dtype."""
+    """A linear whose weight is held quantized; forward(x [..., K]) -> [..., N] in x's dtype.
+    `stack`: the weight as a [1, N, K] stack (kernel panels, or as quantized for the dequantizing
+    path), or None where the scheme's torch op runs (subclasses implement _torch_op)."""
 
-    in_features: int
-    out_features: int
-    bias: torch.Tensor | None
+    def __init__(self, w: Int8Weight | Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = w.q.shape
+        self.register_buffer("bias", bias)
+        self.stack = stack(_one_matrix(w), dtype)
+        if not self.stack.packed and w.q.device.type == "cpu" and self._op_applies():
+            self._prepare_op(w, dtype)
+            self.stack = None
+
+    @property
+    def path(self) -> str:
+        """kernel | torch_op | dequant: how forward multiplies (chosen once, when built)."""
+        if self.stack is None:
+            return "torch_op"
+        return "kernel" if self.stack.packed else "dequant"
+
+    @property
+    def weight_bytes(self) -> int:
+        held = sum(b.nbytes for b in self.buffers(recurse=False))
+        return held + (self.stack.nbytes if self.stack is not None else 0)
 
     def dequantized(self) -> torch.Tensor:
-        """The float [N, K] weight this linear computes with (for tests and fallbacks)."""
+        """The float32 [N, K] weight this linear computes with."""
+        if self.stack is not None:
+            return self.stack.dequantized(0)
+        # the op on the identity gives the dequantized weight's columns
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        return self._torch_op(eye).t().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.stack is None:
+            y = self._torch_op(x2)
+        else:
+            y = self.stack.matmul(x2, [(0, 0, x2.shape[0])])
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _op_applies(self) -> bool:
+        return True
+
+    def _prepare_op(self, w, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+    def _torch_op(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class Int8Linear(QuantLinear):
-    def __init__(self, w: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.in_features = w.q.shape
+    def _prepare_op(self, w: Int8Weight, dtype: torch.dtype) -> None:
         self.register_buffer("q", w.q.contiguous())
         self.register_buffer("scale", w.scale.to(dtype))
-        self.register_buffer("bias", bias)
-        self.cpu_op = w.q.device.type == "cpu"
 
-    def dequantized(self) -> torch.Tensor:
-        return Int8Weight(self.q, self.scale.float()).dequantize()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cpu_op:
-            return self._fallback(x)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.q, self.scale)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+    def _torch_op(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale.to(x2.dtype))
 
 
 class Int4Linear(QuantLinear):
-    def __init__(self, w: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.in_features = w.q.shape
+    def _op_applies(self) -> bool:
+        return self.out_features % 16 == 0
+
+    def _prepare_op(self, w: Int4Weight, dtype: torch.dtype) -> None:
         self.group = w.group
-        self.register_buffer("bias", bias)
-        self.cpu_op = w.q.device.type == "cpu" and self.out_features % 16 == 0
-        if self.cpu_op:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
-            self.register_buffer("packed", packed)
-            # [K / group, N, 2]: scale and zero of each (group, output)
-            sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous()
-            self.register_buffer("scales_and_zeros", sz.to(dtype))
-        else:
-            self.register_buffer("q", w.q)
-            self.register_buffer("scale", w.scale)
-            self.register_buffer("zero", w.zero)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        # [K / group, N, 2]: scale and zero of each (group, output)
+        sz = torch.stack([w.scale, w.zero], -1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(dtype))
 
-    def dequantized(self) -> torch.Tensor:
-        if not self.cpu_op:
-            return Int4Weight(self.q, self.scale, self.zero, self.group).dequantize()
-        # the op itself on the identity gives back the dequantized columns
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return self._op(eye).t().float()
-
-    def _op(self, x2: torch.Tensor) -> torch.Tensor:
+    def _torch_op(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, self.group, self.scales_and_zeros
+            x2, self.packed, self.group, self.scales_and_zeros.to(x2.dtype)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cpu_op:
-            return self._fallback(x)
-        y = self._op(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+
+def _one_matrix(w: Int8Weight | Int4Weight) -> Int8Weight | Int4Weight:
+    """w [N, K] as a stack of one, [1, N, K]."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(w.q[None], w.scale[None])
+    return Int4Weight(w.q[None], w.scale[None], w.zero[None], w.group)
 
 
-_LINEARS: dict[str, type[Int8Linear] | type[Int4Linear]] = {"int8": Int8Linear, "int4": Int4Linear}
+_LINEARS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def quantize_linears(model: nn.Module, quant: Quantization) -> None:
@@ -118,5 +137,4 @@ def quantize_linears(model: nn.Module, quant: Quantization) -> None:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as held (quantized linears at their stored size)."""
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    held = sum(b.nbytes for m in quantized for b in m.buffers(recurse=False))
-    return sum(p.nbytes for p in model.parameters()) + held
+    return sum(p.nbytes for p in model.parameters()) + sum(m.weight_bytes for m in quantized)
