@@ -20,6 +20,7 @@ from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.rotary import rope_frequencies
 from serve_app.model.quant.linear import quantize_linears
+from serve_app.model.quant.methods import quantizes
 from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
@@ -87,6 +88,20 @@ def load_model(
     for block in model.moe_blocks():
         block.experts = experts
     return model.eval()
+
+
+def check_quantization(model_dir: str | Path, quant: Quantization) -> None:
+    """Refuse before anything is loaded a checkpoint that `quant` cannot hold: a
+    QuantizationError naming its first such matrix (int4: K no allowed group divides). Reads
+    the safetensors headers only."""
+    if quant.method != "int4":
+        return
+    spec = load_model_spec(model_dir)
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if quantizes(name) and not beyond_layers(spec, name):
+                    quant.group_for(f.get_slice(name).get_shape()[-1], name)
 
 
 def expert_key(spec: ModelSpec, name: str) -> tuple[int, int | None, str] | None:

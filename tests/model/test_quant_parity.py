@@ -12,6 +12,7 @@ from torch import nn
 
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.quantized import QuantExpertWeights
+from serve_app.model.loader import check_quantization
 from serve_app.model.quant.linear import Int4Linear, Int8Linear, QuantLinear
 from serve_app.model.quant.scheme import Quantization, QuantizationError
 from serve_app.runtime.llm import LLM
@@ -63,9 +64,14 @@ def test_quantized_greedy_parity_with_dequantized_transformers(
 
 
 def test_a_group_size_that_does_not_divide_a_matrix_is_refused_at_load(tmp_path):
-    """llama tiny: every K is a multiple of 64, none of 128."""
+    """llama tiny: every K is a multiple of 64, none of 128. The CLIs check the checkpoint's
+    headers before anything loads (check_quantization); loading refuses it too."""
     from tests.conftest import tiny_model_dir
 
+    model = tiny_model_dir("llama")
+    check_quantization(model, Quantization("int4", 64))
+    with pytest.raises(QuantizationError, match=r"has 64 inputs, not a multiple of .* 128$"):
+        check_quantization(model, Quantization("int4", 128))
     with pytest.raises(QuantizationError, match=r"model\.layers\.0\.\S+ has 64 inputs.*128"):
         LLM(str(tiny_model_dir("llama")), num_kv_blocks=16, quantization="int4",
             quantization_group_size=128)  # fmt: skip
