@@ -32,10 +32,6 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
-    return None if t is None else _P(t.data_ptr())
-
-
 class QuantKernels:
     def __init__(self, lib: ctypes.CDLL, blocking: Blocking):
         self.blocking = blocking
@@ -53,24 +49,24 @@ class QuantKernels:
         self._run(4, x, panels, None, group, sz, spans, out)
 
     def _run(self, bits, x, w, scale, group, sz, spans, out) -> None:
+        # NOTE: a dense linear calls this once per projection and step: plain ints and ctypes
+        # arrays here, no small torch tensors (that overhead was 10x the 1-row matmul's)
         for t in (x, w, scale, sz, out):
             if t is not None and not t.is_contiguous():
                 raise ValueError("grouped_mm_quant needs contiguous tensors")
         if x.dtype != torch.float32 or out.dtype != torch.float32:
             raise ValueError("grouped_mm_quant takes float32 activations")
         e = w.shape[0]
-        starts, ends = [0] * e, [0] * e
+        starts, ends = (_I64 * e)(), (_I64 * e)()
         for local, s, end in spans:
             starts[local], ends[local] = s, end
-        active = torch.tensor([local for local, _, _ in spans], dtype=torch.int64)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        ends_t = torch.tensor(ends, dtype=torch.int64)
+        active = (_I64 * len(spans))(*(local for local, _, _ in spans))
         b = self.blocking
         self._mm(
-            ctypes.c_int(bits), _ptr(x), _I64(x.shape[1]), _ptr(starts_t), _ptr(ends_t),
-            _ptr(active), _I64(len(spans)), _ptr(w), _ptr(scale), _I64(group), _ptr(sz),
-            _I64(out.shape[1]), _ptr(out), _I64(b.mr), _I64(b.kc),
-            ctypes.c_int(torch.get_num_threads()),
+            bits, x.data_ptr(), x.shape[1], starts, ends, active, len(spans), w.data_ptr(),
+            scale.data_ptr() if scale is not None else None, group,
+            sz.data_ptr() if sz is not None else None, out.shape[1], out.data_ptr(), b.mr, b.kc,
+            torch.get_num_threads(),
         )  # fmt: skip
 
 
