@@ -74,10 +74,6 @@ class Int8Weight:
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[..., None]
 
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
-
 
 @dataclass(frozen=True, slots=True)
 class Int4Weight:
@@ -91,11 +87,6 @@ class Int4Weight:
         q = self.q.float().view(*lead, n, k // self.group, self.group)
         w = (q - 8) * self.scale[..., None] + self.zero[..., None]
         return w.view(*lead, n, k)
-
-    @property
-    def nbytes(self) -> int:
-        """As stored by the kernels: two values a byte."""
-        return self.q.nbytes // 2 + self.scale.nbytes + self.zero.nbytes
 
 
 def quantize(w: torch.Tensor, quant: Quantization, name: str) -> Int8Weight | Int4Weight:

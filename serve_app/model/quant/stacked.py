@@ -81,7 +81,8 @@ class Int8Stack(_Stacked):
 
 @dataclass(frozen=True)
 class Int4Stack(_Stacked):
-    q: torch.Tensor  # packed panels [E, N/P, K, P/2] uint8, or [E, N, K] values 0..15
+    q: torch.Tensor  # packed panels [E, N/P, K, P/2] uint8, or [E, N, K] values 0..15 (a byte
+    # each: the dequantizing path holds twice the kernel's bytes)
     params: torch.Tensor  # packed [E, N/P, K/G, 2, P], or [E, N, K/G, 2]: scale and zero
     group: int
     out_features: int
@@ -104,11 +105,6 @@ class Int4Stack(_Stacked):
             q = torch.cat([q & 15, q >> 4], -1).transpose(1, 2).reshape(self.out_features, -1)
             p = p.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)
         return Int4Weight(q, p[..., 0], p[..., 1], self.group).dequantize()
-
-    @property
-    def nbytes(self) -> int:
-        # the fallback layout keeps a value per byte; count what a packed copy would hold
-        return (self.q.nbytes if self.packed else self.q.nbytes // 2) + self.params.nbytes
 
     def _kernel(self, kernel, xs, spans, out) -> None:
         kernel.grouped_mm_int4(xs, self.q, self.params, self.group, spans, out)
