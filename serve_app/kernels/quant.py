@@ -104,7 +104,7 @@ def load() -> QuantKernels | None:
     if compiler is None:
         return None
     try:
-        so = build(compiler, env.cache_dir, sources=SOURCES, name="moeserve-quant")
+        so = build(compiler, env.cache_dir, env.vector_lanes, SOURCES, "moeserve-quant")
         lib = ctypes.CDLL(str(so))
         lib.moeserve_quant_panel_width.restype = _I64
         if lib.moeserve_quant_panel_width() != PANEL:

@@ -5,7 +5,6 @@ against x @ dequant(W).T, under more than one blocking; and the torch fallbacks.
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -17,19 +16,18 @@ from serve_app.kernels import quant as quant_kernel
 from serve_app.kernels.tuning import Blocking
 from serve_app.model.quant.linear import Int4Linear, Int8Linear
 from serve_app.model.quant.scheme import Quantization, QuantizationError, quantize
+from tests.kernels.conftest import WIDTHS, built
 
 SCHEMES = [Quantization("int8"), Quantization("int4"), Quantization("int4", 32)]
 BLOCKINGS = [None, Blocking(mr=1, kc=16, qt=1, mkl_rows=0), Blocking(12, 64, 1, 0)]
 D, INTER = 128, 96  # 2 * INTER and D are panel multiples
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    k = quant_kernel.load()
-    assert k is not None, "the quantized kernel failed to build"
-    return k
+@pytest.fixture(scope="module", params=WIDTHS)
+def kernel(request):
+    """Built for this CPU, and for the other vector width."""
+    with built(request.param, quant_kernel.load) as k:
+        yield k
 
 
 def _rand(*shape, seed=0):

@@ -13,88 +13,76 @@
      column j + 16 (high nibble); scales and zeros [E, N/NB, K/G, 2, NB] (G the group size,
      a multiple of 16 dividing K); w = (q - 8) * scale + zero, as torch's int4pack ops.
    serve_app/kernels/quant.py packs the weights and loads this. */
-#include <stdint.h>
-#include <string.h>
+#include "simd.h"
 
 #define NB 32
 #define MAX_MR 12
 
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
-/* The tiles' vector: the widest one the build's ISA holds in a register (-march=native, and the
-   library is built per CPU, so each machine gets its own): 16 floats with AVX-512, 8 with AVX2
-   (a generic 16-float vector is two AVX2 registers, and assembling one from two widened halves
-   went through the stack). Bytes are widened with the ISA's own instructions: GCC lowers a
-   generic char -> float vector conversion to scalar code. */
-#if defined(__AVX512F__)
+/* Bytes -> VL floats (simd.h's native vector, or the width a test forces). GCC lowers a generic
+   char -> float vector conversion to scalar code, so the ISA's own widening is used where it
+   matches the width; the generic conversion remains for a forced width the ISA lacks. */
+#if VL == 16 && defined(__AVX512F__)
 #include <immintrin.h>
-#define VW 16
-typedef float vec __attribute__((vector_size(64)));
-static inline vec widen_s8(const int8_t *p) {
-    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+static inline vn widen_s8(const int8_t *p) {
+    return (vn)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
 }
-/* bytes [part * VW, part * VW + VW) of b */
-static inline vec widen_u8(v16u8 b, int part) {
+/* bytes [part * VL, part * VL + VL) of b */
+static inline vn widen_u8(v16u8 b, int part) {
     (void)part;
-    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b));
+    return (vn)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b));
 }
-#elif defined(__AVX2__)
+#elif VL == 8 && defined(__AVX2__)
 #include <immintrin.h>
-#define VW 8
-typedef float vec __attribute__((vector_size(32)));
-static inline vec widen_s8(const int8_t *p) {
-    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
+static inline vn widen_s8(const int8_t *p) {
+    return (vn)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
 }
-static inline vec widen_u8(v16u8 b, int part) {
+static inline vn widen_u8(v16u8 b, int part) {
     const __m128i i = part ? _mm_srli_si128((__m128i)b, 8) : (__m128i)b;
-    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i));
+    return (vn)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i));
 }
 #else
-#define VW 8
-typedef float vec __attribute__((vector_size(32)));
-typedef int8_t v8s8 __attribute__((vector_size(8)));
-typedef uint8_t v8u8 __attribute__((vector_size(8)));
-static inline vec widen_s8(const int8_t *p) {
-    v8s8 b;
+typedef int8_t vns8 __attribute__((vector_size(VL)));
+typedef uint8_t vnu8 __attribute__((vector_size(VL)));
+static inline vn widen_s8(const int8_t *p) {
+    vns8 b;
     memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, vec);
+    return __builtin_convertvector(b, vn);
 }
-static inline vec widen_u8(v16u8 b, int part) {
-    v8u8 h;
-    memcpy(&h, (const uint8_t *)&b + part * 8, sizeof h);
-    return __builtin_convertvector(h, vec);
+static inline vn widen_u8(v16u8 b, int part) {
+    vnu8 h;
+    memcpy(&h, (const uint8_t *)&b + part * VL, sizeof h);
+    return __builtin_convertvector(h, vn);
 }
 #endif
-#define NV (NB / VW) /* vectors per panel row */
-
-static inline vec loadv(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void storev(float *p, vec v) { memcpy(p, &v, sizeof v); }
+#define NV (NB / VL) /* vectors per panel row */
 
 /* One K row of an int8 panel: NB weights as NV vectors. */
-static inline void row_q8(const int8_t *p, vec *w) {
-    for (int j = 0; j < NV; j++) w[j] = widen_s8(p + j * VW);
+static inline void row_q8(const int8_t *p, vn *w) {
+    for (int j = 0; j < NV; j++) w[j] = widen_s8(p + j * VL);
 }
 
 /* One K row of an int4 panel (NB/2 bytes: low nibbles columns 0..15, high 16..31), dequantized
    with the group's scale and shifted zero (zero - 8 * scale). */
-static inline void row_q4(const uint8_t *p, const vec *s, const vec *z, vec *w) {
+static inline void row_q4(const uint8_t *p, const vn *s, const vn *z, vn *w) {
     v16u8 b;
     memcpy(&b, p, sizeof b);
     const v16u8 lo = b & 15, hi = b >> 4;
     for (int j = 0; j < NV; j++) {
-        const int col = j * VW; /* columns col .. col + VW */
-        const vec q = widen_u8(col < 16 ? lo : hi, (col % 16) / VW);
+        const int col = j * VL; /* columns col .. col + VL */
+        const vn q = widen_u8(col < 16 ? lo : hi, (col % 16) / VL);
         w[j] = q * s[j] + z[j];
     }
 }
 
 /* out[m, 0:NB] (+)= the tile's rows (inlined: `rows` is a constant in each tile). */
-static inline __attribute__((always_inline)) void store_tile(vec acc[][NV], int rows, float *out,
+static inline __attribute__((always_inline)) void store_tile(vn acc[][NV], int rows, float *out,
                                                              int64_t ldo, int add) {
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < NV; j++) {
-            float *o = out + m * ldo + j * VW;
-            storev(o, add ? acc[m][j] + loadv(o) : acc[m][j]);
+            float *o = out + m * ldo + j * VL;
+            storen(o, add ? acc[m][j] + loadn(o) : acc[m][j]);
         }
 }
 
@@ -105,7 +93,7 @@ static inline __attribute__((always_inline)) void store_tile(vec acc[][NV], int 
                           const float *scale, int64_t group, const float *sz, float *out,      \
                           int64_t ldo, int add) {                                              \
         (void)group; (void)sz;                                                                 \
-        vec acc[ROWS][NV] = {0}, w[NV];                                                        \
+        vn acc[ROWS][NV] = {0}, w[NV];                                                         \
         for (int64_t k = 0; k < kc; k++) {                                                     \
             row_q8(panel + k * NB, w);                                                         \
             for (int m = 0; m < ROWS; m++) {                                                   \
@@ -114,7 +102,7 @@ static inline __attribute__((always_inline)) void store_tile(vec acc[][NV], int 
             }                                                                                  \
         }                                                                                      \
         for (int m = 0; m < ROWS; m++)                                                         \
-            for (int j = 0; j < NV; j++) acc[m][j] *= loadv(scale + j * VW);                   \
+            for (int j = 0; j < NV; j++) acc[m][j] *= loadn(scale + j * VL);                   \
         store_tile(acc, ROWS, out, ldo, add);                                                  \
     }
 
@@ -126,12 +114,12 @@ static inline __attribute__((always_inline)) void store_tile(vec acc[][NV], int 
                           int64_t ldo, int add) {                                              \
         (void)scale;                                                                           \
         const uint8_t *panel = (const uint8_t *)panel_s;                                       \
-        vec acc[ROWS][NV] = {0}, w[NV], s[NV], z[NV];                                          \
+        vn acc[ROWS][NV] = {0}, w[NV], s[NV], z[NV];                                           \
         for (int64_t g0 = 0; g0 < kc; g0 += group) {                                           \
             const float *gs = sz + (g0 / group) * 2 * NB;                                      \
             for (int j = 0; j < NV; j++) {                                                     \
-                s[j] = loadv(gs + j * VW);                                                     \
-                z[j] = loadv(gs + NB + j * VW) - 8.0f * s[j];                                  \
+                s[j] = loadn(gs + j * VL);                                                     \
+                z[j] = loadn(gs + NB + j * VL) - 8.0f * s[j];                                  \
             }                                                                                  \
             for (int64_t k = g0; k < g0 + group; k++) {                                        \
                 row_q4(panel + k * (NB / 2), s, z, w);                                         \
