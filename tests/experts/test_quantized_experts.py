@@ -17,7 +17,7 @@ from serve_app.experts.shard import ExpertShard
 from serve_app.model.config import load_model_spec
 from serve_app.model.quant.scheme import Quantization
 from serve_app.runtime.factory import build_engine
-from serve_app.runtime.llm import Choice, Completion
+from serve_app.runtime.llm import LLM
 from tests.model.test_parity import (
     TOP,
     assert_matches,
@@ -80,18 +80,13 @@ def test_engine_over_quantized_shard_actors_matches_dequantized_transformers(
     config = EngineConfig(model=model, num_kv_blocks=256, block_size=16, quantization=method)
     engine = build_engine(config, RemoteExperts(placement, lambda s: actors[s]))
     params = SamplingParams(temperature=0, max_tokens=QUANT_NEW, ignore_eos=True, logprobs=TOP)
-    results = [
-        Completion(str(i), engine.add_request(str(i), p, params), [Choice(0)])
-        for i, p in enumerate(QUANT_PROMPTS)
-    ]
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            results[int(delta.request_id)].add(delta)
+    llm = LLM.over(engine)
+    results = llm.generate(QUANT_PROMPTS, params)
     ref_dir = dequantized_checkpoint(
         qwen3_tiny, Quantization(method), tmp_path_factory.getbasetemp()
     )
     assert_matches(
-        results, hf_reference(ref_dir, engine.tokenizer, QUANT_PROMPTS, QUANT_NEW), QUANT_PROMPTS
+        results, hf_reference(ref_dir, llm.tokenizer, QUANT_PROMPTS, QUANT_NEW), QUANT_PROMPTS
     )
     for a in actors:
         ray_cluster.kill(a)

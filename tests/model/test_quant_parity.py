@@ -44,7 +44,7 @@ def test_quantized_greedy_parity_with_dequantized_transformers(
     params = SamplingParams(temperature=0, max_tokens=QUANT_NEW, ignore_eos=True, logprobs=TOP)
     results = llm.generate(QUANT_PROMPTS, params)
     reference_dir = dequantized_checkpoint(tiny_model, quant, tmp_path_factory.getbasetemp())
-    refs = hf_reference(reference_dir, llm.engine.tokenizer, QUANT_PROMPTS, QUANT_NEW)
+    refs = hf_reference(reference_dir, llm.tokenizer, QUANT_PROMPTS, QUANT_NEW)
     assert_matches(results, refs, QUANT_PROMPTS)
     assert llm.engine.stats().prefix_hit_tokens > 0
 
