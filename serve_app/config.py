@@ -9,7 +9,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve_app.engine.config import DTYPES, ConfigError, EngineConfig, default_of
+from serve_app.engine.config import (
+    DTYPES,
+    QUANTIZATIONS,
+    ConfigError,
+    EngineConfig,
+    default_of,
+)
 from serve_app.kvstore.settings import WRITE_POLICIES, KVStoreConfig
 from serve_app.replica_settings import (  # noqa: F401 - re-exported: part of the app config
     AffinitySettings,
@@ -69,6 +75,16 @@ class EngineSettings(BaseModel):
     )
     dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
         _engine("dtype"), description="Weights and activations; auto = bf16 on CUDA, fp32 on CPU."
+    )
+    quantization: Literal[QUANTIZATIONS] = Field(  # type: ignore[valid-type]
+        _engine("quantization"),
+        description="Weight-only quantization at load, routers and expert shards: none, int8 "
+        "(per output channel) or int4 (groups along the input). Gates, norms, embeddings and "
+        "the LM head stay float.",
+    )
+    quantization_group_size: int | None = Field(
+        _engine("quantization_group_size"),
+        description="int4 group size, 32, 64 or 128; None = 128 or the largest dividing K.",
     )
 
     @model_validator(mode="after")

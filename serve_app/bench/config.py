@@ -21,6 +21,9 @@ class BenchConfig:
     warmup_input_len: int = 32
     warmup_output_len: int = 8
     warmup_seed: int = 12345
+    # moeserve's weight-only quantization (none | int8 | int4) and int4 group size
+    quantization: str = "none"
+    quantization_group_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in (

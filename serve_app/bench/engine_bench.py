@@ -59,7 +59,9 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
         return 2
-    config = BenchConfig()
+    config = BenchConfig(
+        quantization=args.quantization, quantization_group_size=args.quantization_group_size
+    )
     pool = _token_pool(model_dir)
     workloads = []
     for name in names:

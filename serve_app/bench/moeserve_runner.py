@@ -24,6 +24,8 @@ def run_moeserve(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len,
         dtype="float32",
+        quantization=config.quantization,
+        quantization_group_size=config.quantization_group_size,
     )
     try:
         _generate(llm, warmup)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
+from serve_app.model.quant.methods import GROUP_SIZES, METHODS  # stdlib only
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -53,6 +54,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt, input order")
+    _add_quantization(p)
 
     p.set_defaults(func=_lazy("serve_app.tools.generate:run_generate"))
 
@@ -69,6 +71,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--repeat", type=int, default=1, help="rounds of every system in turn (median shown)"
     )
+    _add_quantization(e, "moeserve's weights")
     e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
     pc = bsub.add_parser("prefix-cache", help="TTFT: cold vs Redis-shared vs local prefix hit")
     pc.add_argument("--model", default="models/qwen3_moe-small")
@@ -176,6 +179,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    _add_quantization(p)
     p.add_argument(
         "--stream-interval",
         type=int,
@@ -217,6 +221,23 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     _add_write_policy(ray, "for this app")
     ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     ray.add_argument("--dashboard-port", type=int, default=8265)
+
+
+def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> None:
+    p.add_argument(
+        "--quantization",
+        choices=METHODS,
+        default="none",
+        help=f"quantize {what} at load: int8 per output channel, int4 in groups along the "
+        "input (the MoE gates, norms, embeddings and LM head stay float; README)",
+    )
+    p.add_argument(
+        "--quantization-group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=None,
+        help="int4 group size (default: 128, or the largest of 64 / 32 dividing the input size)",
+    )
 
 
 def _add_write_policy(p: argparse.ArgumentParser | argparse._ArgumentGroup, scope: str) -> None:

@@ -16,13 +16,23 @@ from serve_app.experts.channel import ChannelAddress, ShardServer
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
+from serve_app.model.quant.scheme import Quantization
 from serve_app.platform import sched
 from serve_app.platform.device import resolve_device, resolve_dtype
 
 
 @ray.remote
 class ExpertShardActor:
-    def __init__(self, model_dir: str, owned: list[int], device: str, dtype: str, num_threads: int):
+    def __init__(
+        self,
+        model_dir: str,
+        owned: list[int],
+        device: str,
+        dtype: str,
+        num_threads: int,
+        quantization: str = "none",
+        group_size: int | None = None,
+    ):
         # NOTE: explicit, because Ray sets OMP_NUM_THREADS=1 for actors with num_cpus=0.
         threads = max(1, num_threads)
         torch.set_num_threads(threads)
@@ -30,9 +40,16 @@ class ExpertShardActor:
         # Ray runs at SCHED_BATCH (serve_app.platform.sched)
         sched.set_process("normal")
         dev = resolve_device(device)
-        self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev))
+        quant = Quantization(quantization, group_size)  # the routers' engine.quantization
+        self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev), quant)
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
-        self.metrics_reporter = PeriodicReporter(lambda: record_memory(metrics), 2.0, "memory")
+        name = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
+
+        def report() -> None:
+            record_memory(metrics)
+            metrics.set("moeserve_expert_shard_weight_bytes", self.shard.num_bytes(), shard=name)
+
+        self.metrics_reporter = PeriodicReporter(report, 2.0, "memory")
         # The routers' layer calls (serve_app.experts.channel): Ray only creates, pings and
         # recreates this actor. The compute thread runs torch, so it sets its threads.
         self.channel = ShardServer(

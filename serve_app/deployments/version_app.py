@@ -122,7 +122,15 @@ def expert_shard_actors(config: AppConfig, placement: Placement) -> list[Deploym
         DeploymentActorConfig(
             name=shard_actor_name(i),
             actor_class=ExpertShardActor,
-            init_args=(config.model, list(owned), device, config.engine.dtype, threads),
+            init_args=(
+                config.model,
+                list(owned),
+                device,
+                config.engine.dtype,
+                threads,
+                config.engine.quantization,
+                config.engine.quantization_group_size,
+            ),
             actor_options={
                 "num_cpus": e.num_cpus,
                 "num_gpus": e.num_gpus,

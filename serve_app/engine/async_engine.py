@@ -157,6 +157,7 @@ class AsyncLLMEngine:
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
             "kv_cache": {"format": s.kv_format, "block_bytes": s.kv_block_bytes},
+            "weights": {"bytes": s.weight_bytes, "quantization": s.quantization},
             "prefix_cache": prefix,
         }
 

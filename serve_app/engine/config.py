@@ -12,6 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.model.quant.methods import GROUP_SIZES as QUANT_GROUP_SIZES
+from serve_app.model.quant.methods import METHODS as QUANTIZATIONS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -63,6 +66,10 @@ class EngineConfig:
     num_threads: int | None = None
     # Split a step into this many micro-batches when experts are remote (ping-pong overlap).
     num_micro_batches: int = 2
+    # Weight-only quantization at load: none | int8 (per channel) | int4 (groups along K).
+    quantization: str = "none"
+    # int4 group size; None = 128, or the largest of 64 / 32 dividing each matrix's K.
+    quantization_group_size: int | None = None
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -105,6 +112,17 @@ class EngineConfig:
             self.num_micro_batches in (1, 2),
             "num_micro_batches",
             f"must be 1 or 2, got {self.num_micro_batches}",
+        )
+        require(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"must be one of {'|'.join(QUANTIZATIONS)}, got {self.quantization!r}",
+        )
+        require(
+            self.quantization_group_size is None
+            or self.quantization_group_size in QUANT_GROUP_SIZES,
+            "quantization_group_size",
+            f"must be one of {QUANT_GROUP_SIZES} (or null), got {self.quantization_group_size}",
         )
         require(
             self.max_waiting_requests >= 1,

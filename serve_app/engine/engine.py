@@ -37,6 +37,8 @@ class LLMEngine:
         self.num_kv_blocks = parts.num_kv_blocks
         self.kv_block_bytes = parts.kv_block_bytes
         self.kv_format = parts.spec.kv_format.tag()
+        self.weight_bytes = parts.weight_bytes
+        self.quantization = parts.quantization
         self.max_model_len = parts.max_model_len
         self.model_digest = parts.model_digest
         self.connector = parts.connector
@@ -201,6 +203,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             kv_format=self.kv_format,
             kv_block_bytes=self.kv_block_bytes,
+            weight_bytes=self.weight_bytes,
+            quantization=self.quantization,
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())
                 if self.expert_token_counts is not None

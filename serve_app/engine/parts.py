@@ -25,6 +25,8 @@ from serve_app.model.digest import model_digest
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
+from serve_app.model.quant.linear import weight_bytes
+from serve_app.model.quant.scheme import Quantization
 from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class EngineParts:
     model_digest: str
     connector: KVConnector | None
     expert_token_counts: torch.Tensor | None  # tokens routed per expert (in-process counts)
+    weight_bytes: int  # the replica's weights as held (quantized or not), in-process experts too
+    quantization: str  # Quantization.tag() of those weights ("none", "int8", "int4-g128")
 
 
 def build_parts(
@@ -62,7 +66,8 @@ def build_parts(
     tune_host_allocator()
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = load_model(config.model, device, dtype, experts, spec)
+    quant = quantization(config)
+    model = load_model(config.model, device, dtype, experts, spec, quant)
     block_bytes = kv_block_bytes(spec, config.block_size, dtype)
     blocks = num_kv_blocks(config, device, block_bytes)
     max_model_len = min(
@@ -84,12 +89,14 @@ def build_parts(
         block_size=config.block_size,
         kv_dtype=kv_dtype,
         kv_format=spec.kv_format.tag(),  # MHA K/V or MLA latent rows: never mixed
+        **({"quantization": quant.tag()} if quant.enabled else {}),  # float digests unchanged
     )
     log.info(
-        "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
+        "engine ready: %s on %s/%s (weights %s), %d KV blocks of %d, max_model_len %d",
         spec.architecture,
         device,
         dtype,
+        quant.tag(),
         blocks,
         config.block_size,
         max_model_len,
@@ -106,7 +113,14 @@ def build_parts(
         model_digest=digest,
         connector=None if connector is None else connector(runner, digest),
         expert_token_counts=count_expert_tokens(model, spec.num_experts),
+        weight_bytes=weight_bytes(model) + experts.weight_bytes(),
+        quantization=quant.tag(),
     )
+
+
+def quantization(config: EngineConfig) -> Quantization:
+    """The weight quantization EngineConfig asks for (its fields are checked there)."""
+    return Quantization(config.quantization, config.quantization_group_size)
 
 
 def _eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:

@@ -22,3 +22,5 @@ class EngineStats:
     expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
     kv_format: str = ""  # KVFormat.tag(): what a block holds (MHA K/V or MLA latent rows)
     kv_block_bytes: int = 0  # bytes of one block in the pool, all layers
+    weight_bytes: int = 0  # the replica's weights as held, in-process experts included
+    quantization: str = "none"  # Quantization.tag() of those weights

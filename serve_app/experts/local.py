@@ -54,6 +54,30 @@ class ExpertWeights:
     def intermediate_size(self) -> int:
         return self.w2.shape[2] if self.packed else self.w2.shape[1]
 
+    def gate_up(self, xs: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """[n, 2I]: rows xs[s:e] through expert `local`'s gate and up for each span."""
+        return _grouped_matmul(self.w13, self.packed, xs, spans)
+
+    def down(self, act: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """[n, D]: rows act[s:e] through expert `local`'s down for each span."""
+        return _grouped_matmul(self.w2, self.packed, act, spans)
+
+    def concat(self, other: ExpertWeights) -> ExpertWeights:
+        """These experts, then `other`'s (same layout)."""
+        return self.with_experts(
+            torch.cat([self.w13, other.w13]),
+            torch.cat([self.w2, other.w2]),
+            self.expert_ids + other.expert_ids,
+        )
+
+    def select(self, keep: list[int]) -> ExpertWeights:
+        """The experts at local positions `keep`."""
+        return self.with_experts(self.w13[keep], self.w2[keep], [self.expert_ids[i] for i in keep])
+
+    @property
+    def nbytes(self) -> int:
+        return self.w13.nbytes + self.w2.nbytes
+
 
 def run_experts(
     w: ExpertWeights, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -102,9 +126,9 @@ def run_experts(
         planes = slots.view(k, -1, x.shape[1])
         return planes[0] + planes[1] if k == 2 else planes.sum(0)
     inter = w.intermediate_size
-    gate_up = _grouped_matmul(w.w13, w.packed, xs, spans)
+    gate_up = w.gate_up(xs, spans)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = _grouped_matmul(w.w2, w.packed, act, spans)
+    y = w.down(act, spans)
     y *= row_weights[:, None]
     return out.index_add_(0, token_idx, y)
 
@@ -152,3 +176,6 @@ class LocalExperts(ExpertExecutor):
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         return run_experts(self.layers[layer], x, topk_ids, topk_weights)
+
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.layers.values())

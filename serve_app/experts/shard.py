@@ -14,16 +14,30 @@ import torch
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.experts.weights import load_expert_weights
 from serve_app.experts.wire import decode_request, encode_response
+from serve_app.model.quant.scheme import NO_QUANT, Quantization
 from serve_app.platform.transfer import to_device, to_host
 
 
 class ExpertShard:
-    def __init__(self, model_dir: str, owned: list[int], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model_dir: str,
+        owned: list[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        quant: Quantization = NO_QUANT,
+    ):
         self.model_dir = model_dir
         self.owned = sorted(owned)
         self.device = device
         self.dtype = dtype
-        self.layers = load_expert_weights(model_dir, device, dtype, self.owned)
+        self.quant = quant  # the experts are quantized at load, as the routers' config says
+        self.layers = self._load(self.owned)
+
+    def _load(self, experts: list[int]) -> dict[int, ExpertWeights]:
+        return load_expert_weights(
+            self.model_dir, self.device, self.dtype, experts, quant=self.quant
+        )
 
     # NOTE: add_experts / drop_experts run on the actor's thread while forward may run on the
     # expert channel's compute thread: each replaces `layers` in one assignment, which forward
@@ -37,15 +51,8 @@ class ExpertShard:
         """
         new = sorted(set(experts) - set(self.owned))
         if new:
-            extra = load_expert_weights(self.model_dir, self.device, self.dtype, new)
-            self.layers = {
-                layer: w.with_experts(
-                    torch.cat([w.w13, extra[layer].w13]),
-                    torch.cat([w.w2, extra[layer].w2]),
-                    w.expert_ids + extra[layer].expert_ids,
-                )
-                for layer, w in self.layers.items()
-            }
+            extra = self._load(new)
+            self.layers = {layer: w.concat(extra[layer]) for layer, w in self.layers.items()}
             self.owned = sorted(self.owned + new)
         return self.owned
 
@@ -83,12 +90,11 @@ class ExpertShard:
         return encode_response(self.forward(layer, *decode_request(body)))
 
     def num_bytes(self) -> int:
-        return sum(w.w13.nbytes + w.w2.nbytes for w in self.layers.values())
+        return sum(w.nbytes for w in self.layers.values())
 
 
 def _without(w: ExpertWeights, gone: set[int]) -> ExpertWeights:
-    keep = [i for i, e in enumerate(w.expert_ids) if e not in gone]
-    return w.with_experts(w.w13[keep], w.w2[keep], [w.expert_ids[i] for i in keep])
+    return w.select([i for i, e in enumerate(w.expert_ids) if e not in gone])
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from serve_app.experts.local import ExpertWeights
+from serve_app.experts.quantized import QuantExpertWeights
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.loader import expert_key, iter_weights, split_weights
+from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
 
 def load_expert_weights(
@@ -21,8 +23,10 @@ def load_expert_weights(
     dtype: torch.dtype,
     owned: list[int] | None = None,
     spec: ModelSpec | None = None,
+    quant: Quantization = NO_QUANT,
 ) -> dict[int, ExpertWeights]:
-    """The experts in `owned` (None: all), of every MoE layer, read from the checkpoint."""
+    """The experts in `owned` (None: all), of every MoE layer, read from the checkpoint,
+    quantized as `quant` says."""
     spec = spec or load_model_spec(model_dir)
     wanted = None if owned is None else set(owned)
 
@@ -31,7 +35,7 @@ def load_expert_weights(
         return key is not None and (wanted is None or key[1] is None or key[1] in wanted)
 
     _, experts = split_weights(spec, iter_weights(model_dir, keep))
-    return stack_experts(spec, experts, device, dtype, owned)
+    return stack_experts(spec, experts, device, dtype, owned, quant)
 
 
 def stack_experts(
@@ -40,10 +44,12 @@ def stack_experts(
     device: torch.device,
     dtype: torch.dtype,
     owned: list[int] | None = None,
+    quant: Quantization = NO_QUANT,
 ) -> dict[int, ExpertWeights]:
     """Per MoE layer: w13 [E, D, 2I] (gate columns, then up columns) and w2 [E, I, D]: the
     checkpoint's [out, in] matrices transposed once here, then packed for the CPU kernel where it
-    applies (see serve_app/experts/local.py)."""
+    applies (see serve_app/experts/local.py). Quantized, they stay [out, in]
+    (serve_app/experts/quantized.py)."""
     gate, up, down = spec.traits.expert_names
     ids = list(range(spec.num_experts)) if owned is None else sorted(owned)
     by_layer: dict[int, dict] = defaultdict(dict)
@@ -62,6 +68,11 @@ def stack_experts(
         else:
             w13 = torch.stack([torch.cat([w[(e, gate)], w[(e, up)]]) for e in ids])
             w2 = torch.stack([w[(e, down)] for e in ids])
+        if quant.enabled:
+            out[layer] = QuantExpertWeights.quantize(
+                w13.to(device), w2.to(device), ids, quant, dtype, layer
+            )
+            continue
         out[layer] = ExpertWeights.build(
             _input_major(w13, device, dtype), _input_major(w2, device, dtype), ids
         )

@@ -18,15 +18,22 @@ HEADERS = (CSRC / "simd.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
 
-def build(compiler: str, cache_dir: Path, vector_lanes: int | None = None) -> Path:
-    """The compiled library for this source, flags, compiler and CPU: from the cache, or
-    built into it. `vector_lanes` forces the kernels' vector width (simd.h), else native."""
+def build(
+    compiler: str,
+    cache_dir: Path,
+    vector_lanes: int | None = None,
+    sources: tuple[Path, ...] = SOURCES,
+    name: str = "moeserve-cpu",
+) -> Path:
+    """The compiled library of `sources` (default: the float kernels) for these flags, this
+    compiler and this CPU: from the cache, or built into it. `vector_lanes` forces the kernels'
+    vector width (simd.h), else native."""
     flags = FLAGS if vector_lanes is None else (*FLAGS, f"-DMOESERVE_VL={vector_lanes}")
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), " ".join(flags).encode()):
+    for part in (*(src.read_bytes() for src in (*sources, *HEADERS)), " ".join(flags).encode()):
         key.update(part)
     key.update(_compiler_id(compiler) + _cpu_id())
-    out = cache_dir / f"moeserve-cpu-{key.hexdigest()[:16]}.so"
+    out = cache_dir / f"{name}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +43,7 @@ def build(compiler: str, cache_dir: Path, vector_lanes: int | None = None) -> Pa
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *flags, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp, "-lm"],
+            [compiler, *flags, f"-I{CSRC}", *map(str, sources), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -73,6 +73,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     _g("moeserve_kv_cache_total_blocks", REPLICA, "KV-cache blocks in the pool."),
     _g("moeserve_kv_cache_usage_ratio", REPLICA, "Fraction of KV-cache blocks in use, 0..1."),
     _g(
+        "moeserve_weight_bytes",
+        REPLICA,
+        "Bytes of the replica's weights as held (quantized or float), in-process experts included.",
+    ),
+    _g(
         "moeserve_kv_cache_block_bytes",
         REPLICA,
         "Bytes of one KV-cache block, all layers (MLA latent rows or K/V).",
@@ -118,6 +123,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     ),
     _g("moeserve_accelerator_memory_total_bytes", ("node", "device"), "Accelerator memory."),
     _g("moeserve_host_memory_used_bytes", ("node",), "Host memory in use (total - available)."),
+    _g("moeserve_expert_shard_weight_bytes", ("shard",), "Bytes of an expert shard's weights."),
     _g("moeserve_host_memory_total_bytes", ("node",), "Host memory capacity."),
     # ---- rollouts (recorded by the rollout controller) ----
     _g(

@@ -60,6 +60,7 @@ class EngineReporter:
         m.set("moeserve_kv_cache_used_blocks", s.kv_blocks_used, **labels)
         m.set("moeserve_kv_cache_total_blocks", s.kv_blocks_total, **labels)
         m.set("moeserve_kv_cache_block_bytes", s.kv_block_bytes, **labels)
+        m.set("moeserve_weight_bytes", s.weight_bytes, **labels)
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         m.set("moeserve_kv_cache_usage_ratio", usage, **labels)
         self._count("moeserve_preemptions_total", s.num_preemptions)

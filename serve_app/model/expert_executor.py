@@ -52,6 +52,10 @@ class ExpertExecutor(ABC):
     ) -> ExpertFuture:
         return DoneFuture(self.forward(layer, x, topk_ids, topk_weights))
 
+    def weight_bytes(self) -> int:
+        """Bytes of the expert weights held in this process (0 where they live elsewhere)."""
+        return 0
+
     @property
     def is_remote(self) -> bool:
         """True when submit() returns before the experts have run (overlap pays off)."""

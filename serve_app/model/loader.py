@@ -19,6 +19,9 @@ from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.rotary import rope_frequencies
+from serve_app.model.quant.linear import quantize_linears
+from serve_app.model.quant.methods import quantizes
+from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
@@ -48,10 +51,13 @@ def load_model(
     dtype: torch.dtype,
     experts: ExpertExecutor,
     spec: ModelSpec | None = None,
+    quant: Quantization = NO_QUANT,
 ) -> CausalLM:
     """Build the model on `device` with its dense weights; the MoE blocks call `experts`
     (in-process or remote: serve_app/experts/weights.py loads their weights), so expert
-    tensors are not even read here."""
+    tensors are not even read here. With `quant`, the decoder layers' linears are quantized
+    once loaded (serve_app/model/quant/linear.py); the gates, norms, embeddings and LM head
+    stay float."""
     spec = spec or load_model_spec(model_dir)
     with torch.device("meta"):
         model = CausalLM(spec)
@@ -77,10 +83,25 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
             module.after_load()
+    quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
         block.experts = experts
     return model.eval()
+
+
+def check_quantization(model_dir: str | Path, quant: Quantization) -> None:
+    """Refuse before anything is loaded a checkpoint that `quant` cannot hold: a
+    QuantizationError naming its first such matrix (int4: K no allowed group divides). Reads
+    the safetensors headers only."""
+    if quant.method != "int4":
+        return
+    spec = load_model_spec(model_dir)
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if quantizes(name) and not beyond_layers(spec, name):
+                    quant.group_for(f.get_slice(name).get_shape()[-1], name)
 
 
 def expert_key(spec: ModelSpec, name: str) -> tuple[int, int | None, str] | None:

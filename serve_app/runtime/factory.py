@@ -12,7 +12,7 @@ from __future__ import annotations
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
-from serve_app.engine.parts import build_parts
+from serve_app.engine.parts import build_parts, quantization
 from serve_app.experts.local import LocalExperts
 from serve_app.experts.weights import load_expert_weights
 from serve_app.kvstore.connector import RedisConnectorFactory
@@ -35,7 +35,10 @@ def build_engine(
     if experts is None:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        experts = LocalExperts(load_expert_weights(config.model, device, dtype, spec=spec))
+        quant = quantization(config)
+        experts = LocalExperts(
+            load_expert_weights(config.model, device, dtype, spec=spec, quant=quant)
+        )
     connector = None if kv_store is None else RedisConnectorFactory(kv_store)
     return LLMEngine(build_parts(config, spec, experts, connector))
 

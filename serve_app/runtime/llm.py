@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.engine import LLMEngine
 from serve_app.engine.outputs import RequestOutput, TokenLogprob
 from serve_app.engine.request import SamplingParams
 from serve_app.frontend.output_processor import OutputProcessor, RequestState
@@ -48,10 +49,20 @@ class Completion:
 class LLM:
     def __init__(self, model: str, kv_store: KVStoreConfig | None = None, **engine_kwargs):
         """engine_kwargs: EngineConfig's; kv_store: the shared prefix cache (None: off)."""
-        self.engine = build_engine(EngineConfig(model=model, **engine_kwargs), kv_store=kv_store)
+        self._attach(build_engine(EngineConfig(model=model, **engine_kwargs), kv_store=kv_store))
+
+    @classmethod
+    def over(cls, engine: LLMEngine) -> LLM:
+        """Offline generation over an engine the caller built (remote experts, say)."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.engine = engine
+        self.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
         self.processor = OutputProcessor(self.tokenizer)
 
     def generate(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.request import SamplingParams
+from serve_app.model.quant.scheme import QuantizationError
 from serve_app.runtime.llm import LLM
 
 
@@ -36,9 +37,17 @@ def run_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        results = LLM(args.model).generate(prompts, params)
+        llm = LLM(
+            args.model,
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
+        )
+        results = llm.generate(prompts, params)
     except InvalidRequestError as e:
         print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except QuantizationError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt, res in zip(prompts, results, strict=True):
         choice = res.choices[0]

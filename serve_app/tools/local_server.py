@@ -45,8 +45,11 @@ def run_server(args: argparse.Namespace) -> int:
 
     from serve_app.api.routes import create_app
     from serve_app.engine.config import ConfigError, EngineConfig
+    from serve_app.engine.parts import quantization
     from serve_app.metrics import get_metrics
     from serve_app.metrics.reporter import start_engine_reporter
+    from serve_app.model.loader import check_quantization
+    from serve_app.model.quant.scheme import QuantizationError
     from serve_app.runtime.factory import build_async_engine
     from serve_app.tools.local_client import LocalEngineClient
 
@@ -56,9 +59,16 @@ def run_server(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
         )
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
+        return 2
+    try:
+        check_quantization(config.model, quantization(config))
+    except QuantizationError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     engine = build_async_engine(config)
     name = args.served_model_name or Path(args.model).resolve().name

@@ -108,6 +108,8 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_memory_gb": args.kv_cache_memory_gb,
+            "quantization": getattr(args, "quantization", "none"),
+            "quantization_group_size": getattr(args, "quantization_group_size", None),
         },
         "router": {
             "num_replicas": args.routers,
@@ -148,13 +150,20 @@ def run_ray_server(args: argparse.Namespace) -> int:
 
     from serve_app.builder import build_app
     from serve_app.config import REDIS_URL_ENV, config_error_line
+    from serve_app.engine.parts import quantization
+    from serve_app.model.loader import check_quantization
+    from serve_app.model.quant.scheme import QuantizationError
     from serve_app.tools.run_files import ADDRESS_FILE
 
     num_cpus = os.cpu_count() or 1
     try:
         config = app_config(args, num_cpus)
+        check_quantization(config.model, quantization(config.engine_config()))
     except ValidationError as e:
         print(f"error: {config_error_line(e)}", flush=True)
+        return 2
+    except QuantizationError as e:  # before Ray starts: the routers and shards would fail
+        print(f"error: {e}", flush=True)
         return 2
     os.environ.setdefault(METRICS_REPORT_INTERVAL_ENV, METRICS_REPORT_INTERVAL_MS)
     try:

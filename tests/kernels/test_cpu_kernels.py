@@ -5,15 +5,12 @@ than one blocking choice."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from serve_app.experts.local import ExpertWeights, run_experts
 from serve_app.kernels import cpu as cpu_kernel
-from serve_app.kernels import tuning
 from serve_app.kernels.tuning import Blocking
 from serve_app.model.layers.attention import (
     AttentionMetadata,
@@ -22,6 +19,7 @@ from serve_app.model.layers.attention import (
     PrefillSeq,
     paged_attention,
 )
+from tests.kernels.conftest import WIDTHS, built
 
 # blocking choices every kernel test runs under: this CPU's, and ones another CPU would pick
 BLOCKINGS = [
@@ -58,20 +56,11 @@ def _reference(w13, w2, expert_ids, x, ids, weights):
     return out
 
 
-@pytest.fixture(scope="module", params=["native", "other width"])
+@pytest.fixture(scope="module", params=WIDTHS)
 def kernel(request):
-    """The kernels as built for this CPU, and built for the other vector width (8 or 16 floats:
-    AVX2's registers or AVX-512's), so both code paths are checked on whichever CPU runs this."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine: the engine falls back to torch matmuls")
-    with pytest.MonkeyPatch.context() as mp:
-        if request.param == "other width":
-            mp.setenv("MOESERVE_KERNEL_VL", "8" if tuning.cpu_info().avx512 else "16")
-        cpu_kernel.load.cache_clear()
-        k = cpu_kernel.load()
-        assert k is not None, "a C compiler is here but the kernel did not build (see the log)"
+    """The kernels as built for this CPU, and for the other vector width."""
+    with built(request.param, cpu_kernel.load) as k:
         yield k
-    cpu_kernel.load.cache_clear()
 
 
 def test_builds_and_packs_here(kernel):

@@ -7,11 +7,18 @@ Tolerance: per-step log-probabilities within 2e-4 (fp32; logits differ only by s
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from serve_app.engine.request import SamplingParams
+from serve_app.model.loader import iter_weights
+from serve_app.model.quant.methods import quantizes
+from serve_app.model.quant.scheme import Quantization, fake_quantize
 from serve_app.runtime.llm import LLM
 
 MAX_NEW = 24
@@ -35,25 +42,43 @@ PROMPTS = [
 ]
 
 
-_REFS: dict[str, list] = {}
+_REFS: dict[tuple[str, tuple[str, ...], int], list] = {}
 
 
-def hf_reference(model_dir, tokenizer, prompts):
+def hf_reference(model_dir, tokenizer, prompts, max_new: int = MAX_NEW):
     """transformers generate, one prompt at a time (no padding), cached per checkpoint."""
-    key = str(model_dir)
+    key = (str(model_dir), tuple(prompts), max_new)
     if key not in _REFS:
-        _REFS[key] = _hf_generate(model_dir, tokenizer, prompts)
+        _REFS[key] = _hf_generate(model_dir, tokenizer, prompts, max_new)
     return _REFS[key]
 
 
-def _hf_generate(model_dir, tokenizer, prompts):
+def dequantized_checkpoint(model_dir: Path, quant: Quantization, out_root: Path) -> Path:
+    """A copy of the checkpoint whose quantized tensors (serve_app/model/quant/methods.py)
+    hold their dequantized float32 values: what transformers runs as the reference of a
+    quantized engine. Written once per (checkpoint, scheme) under out_root."""
+    out = out_root / f"{Path(model_dir).name}-{quant.tag()}"
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True)
+    weights = {}
+    for name, t in iter_weights(model_dir):
+        weights[name] = fake_quantize(t, quant, name) if quantizes(name) else t
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in ("config.json", "generation_config.json"):
+        if (Path(model_dir) / f).exists():
+            shutil.copy(Path(model_dir) / f, out / f)
+    return out
+
+
+def _hf_generate(model_dir, tokenizer, prompts, max_new):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     refs = []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt").input_ids
         out = hf.generate(
             ids,
-            max_new_tokens=MAX_NEW,
+            max_new_tokens=max_new,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -66,9 +91,9 @@ def _hf_generate(model_dir, tokenizer, prompts):
     return refs
 
 
-def assert_matches(results, refs) -> None:
+def assert_matches(results, refs, prompts=PROMPTS) -> None:
     """Greedy tokens identical to transformers', top-k log-probabilities within ATOL."""
-    for prompt, res, (ref_tokens, ref_lp) in zip(PROMPTS, results, refs, strict=True):
+    for prompt, res, (ref_tokens, ref_lp) in zip(prompts, results, refs, strict=True):
         choice = res.choices[0]
         assert choice.token_ids == ref_tokens, f"greedy tokens differ for {prompt!r}"
         for step, (lp, ref) in enumerate(zip(choice.logprobs, ref_lp, strict=True)):

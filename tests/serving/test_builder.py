@@ -28,6 +28,19 @@ def test_expert_shards_are_deployment_scoped_actors_of_the_router(qwen3_tiny):
     assert not in_process._deployment_config.deployment_actors
 
 
+def test_expert_shards_quantize_as_the_engine_config_says(qwen3_tiny):
+    engine = {"quantization": "int4", "quantization_group_size": 32}
+    app = build_app({"model": str(qwen3_tiny), "expert_parallel_size": 2, "engine": engine})
+    actors = _router(app)._deployment_config.deployment_actors
+    assert all(a.init_args[-2:] == ("int4", 32) for a in actors)
+    with pytest.raises(ValidationError, match="quantization"):
+        AppConfig.model_validate({"model": str(qwen3_tiny), "engine": {"quantization": "int3"}})
+    with pytest.raises(ValidationError, match="quantization_group_size must be one of"):
+        AppConfig.model_validate(
+            {"model": str(qwen3_tiny), "engine": {"quantization_group_size": 48}}
+        )
+
+
 def test_the_expert_balancer_is_one_more_deployment_actor_when_enabled(qwen3_tiny):
     rebalance = {"enabled": True, "window_s": 30, "min_tokens": 50}
     experts = {"rebalance": rebalance}

@@ -27,7 +27,10 @@ _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     """(F.linear(x, m.weight, m.bias) for m in linears), as one kernel call where it applies.
 
-    NOTE: the outputs may be column slices of one [T, N] tensor (not contiguous)."""
+    NOTE: the outputs may be column slices of one [T, N] tensor (not contiguous). Quantized
+    linears (serve_app/model/quant/linear.py) run their own op, one call each."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return tuple(m(x) for m in linears)
     kernel = cpu_kernel.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     rows = x.shape[0]
     if kernel is None or (kernel.blocking.mkl_rows and rows > kernel.blocking.mkl_rows):

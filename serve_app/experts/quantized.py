@@ -1,0 +1,62 @@
+"""Quantized experts: per MoE layer, gate|up and down stored int8 or int4, one class per scheme.
+
+`QuantExpertWeights` is an ExpertWeights whose w13 / w2 are `Int8Stack` / `Int4Stack`
+(weights stacked [E, N, K] as the checkpoint's [out, in] matrices): run_experts, the shards'
+adds and drops and the weight-bytes reports go through the same methods as float experts. On
+the CPU in float32 with the kernel built, the matrices are packed into the panels of
+serve_app/kernels/quant.py and each span's matmul dequantizes in registers; elsewhere (CUDA,
+no compiler, bf16) every call dequantizes the experts it runs and uses torch.
+Shapes: E experts held, N outputs, K inputs, G int4 group size, n routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.experts.local import ExpertWeights
+from serve_app.model.quant.scheme import Quantization, quantize
+from serve_app.model.quant.stacked import Spans, stack
+
+
+class QuantExpertWeights(ExpertWeights):
+    """ExpertWeights over quantized matrices: w13 [E, 2I, D] and w2 [E, D, I] as Int8Stack
+    or Int4Stack. `packed` (the float panels' flag) stays False: the float kernel's fused
+    path does not apply; gate_up and down run each matrix's own matmul."""
+
+    @classmethod
+    def quantize(
+        cls,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_ids: list[int],
+        quant: Quantization,
+        dtype: torch.dtype,
+        layer: int,
+    ) -> QuantExpertWeights:
+        """From the checkpoint's [E, 2I, D] gate|up and [E, D, I] down (any float dtype)."""
+        mats = [
+            stack(quantize(w, quant, f"model.layers.{layer}.experts.{what}"), dtype)
+            for w, what in ((w13, "gate_up_proj"), (w2, "down_proj"))
+        ]
+        return cls(mats[0], mats[1], expert_ids)
+
+    def with_experts(self, w13, w2, ids: list[int]) -> QuantExpertWeights:
+        return QuantExpertWeights(w13, w2, ids)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w2.in_features
+
+    def gate_up(self, xs: torch.Tensor, spans: Spans) -> torch.Tensor:
+        return self.w13.matmul(xs, spans)
+
+    def down(self, act: torch.Tensor, spans: Spans) -> torch.Tensor:
+        return self.w2.matmul(act, spans)
+
+    def concat(self, other: ExpertWeights) -> QuantExpertWeights:
+        ids = self.expert_ids + other.expert_ids
+        return QuantExpertWeights(self.w13.cat(other.w13), self.w2.cat(other.w2), ids)
+
+    def select(self, keep: list[int]) -> QuantExpertWeights:
+        ids = [self.expert_ids[i] for i in keep]
+        return QuantExpertWeights(self.w13.select(keep), self.w2.select(keep), ids)

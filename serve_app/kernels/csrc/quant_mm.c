@@ -1,0 +1,187 @@
+/* Grouped matmul over weight-only quantized experts (int8 per channel, int4 per group) on the
+   CPU, float32 activations and accumulation.
+
+   out[r, :] = x[r, :] @ dequant(W[e]) for the rows r in [row_start[e], row_end[e]) of each
+   expert e in `active`, blocked as grouped_mm.c's float kernel: a task is one (expert,
+   NB-column panel), it walks K in chunks of `kc` and the rows in register tiles of `mr` rows x
+   NB columns. The weights stay quantized in memory (1 or 1/2 byte a weight instead of 4: decode
+   streams them from DRAM) and are widened to floats in registers, once per K row of the panel
+   for all rows of the tile.
+   - int8: panels [E, N/NB, K, NB] int8, scales [E, N]; the tile accumulates x * q and scales
+     the NB columns once at the end of each K chunk.
+   - int4: panels [E, N/NB, K, NB/2] bytes, byte j of a K row holding column j (low nibble) and
+     column j + 16 (high nibble); scales and zeros [E, N/NB, K/G, 2, NB] (G the group size,
+     a multiple of 16 dividing K); w = (q - 8) * scale + zero, as torch's int4pack ops.
+   serve_app/kernels/quant.py packs the weights and loads this. */
+#include "simd.h"
+
+#define NB 32
+#define MAX_MR 12
+
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+/* Bytes -> VL floats (simd.h's native vector, or the width a test forces). GCC lowers a generic
+   char -> float vector conversion to scalar code, so the ISA's own widening is used where it
+   matches the width; the generic conversion remains for a forced width the ISA lacks. */
+#if VL == 16 && defined(__AVX512F__)
+#include <immintrin.h>
+static inline vn widen_s8(const int8_t *p) {
+    return (vn)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+}
+/* bytes [part * VL, part * VL + VL) of b */
+static inline vn widen_u8(v16u8 b, int part) {
+    (void)part;
+    return (vn)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)b));
+}
+#elif VL == 8 && defined(__AVX2__)
+#include <immintrin.h>
+static inline vn widen_s8(const int8_t *p) {
+    return (vn)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
+}
+static inline vn widen_u8(v16u8 b, int part) {
+    const __m128i i = part ? _mm_srli_si128((__m128i)b, 8) : (__m128i)b;
+    return (vn)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i));
+}
+#else
+typedef int8_t vns8 __attribute__((vector_size(VL)));
+typedef uint8_t vnu8 __attribute__((vector_size(VL)));
+static inline vn widen_s8(const int8_t *p) {
+    vns8 b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vn);
+}
+static inline vn widen_u8(v16u8 b, int part) {
+    vnu8 h;
+    memcpy(&h, (const uint8_t *)&b + part * VL, sizeof h);
+    return __builtin_convertvector(h, vn);
+}
+#endif
+#define NV (NB / VL) /* vectors per panel row */
+
+/* One K row of an int8 panel: NB weights as NV vectors. */
+static inline void row_q8(const int8_t *p, vn *w) {
+    for (int j = 0; j < NV; j++) w[j] = widen_s8(p + j * VL);
+}
+
+/* One K row of an int4 panel (NB/2 bytes: low nibbles columns 0..15, high 16..31), dequantized
+   with the group's scale and shifted zero (zero - 8 * scale). */
+static inline void row_q4(const uint8_t *p, const vn *s, const vn *z, vn *w) {
+    v16u8 b;
+    memcpy(&b, p, sizeof b);
+    const v16u8 lo = b & 15, hi = b >> 4;
+    for (int j = 0; j < NV; j++) {
+        const int col = j * VL; /* columns col .. col + VL */
+        const vn q = widen_u8(col < 16 ? lo : hi, (col % 16) / VL);
+        w[j] = q * s[j] + z[j];
+    }
+}
+
+/* out[m, 0:NB] (+)= the tile's rows (inlined: `rows` is a constant in each tile). */
+static inline __attribute__((always_inline)) void store_tile(vn acc[][NV], int rows, float *out,
+                                                             int64_t ldo, int add) {
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < NV; j++) {
+            float *o = out + m * ldo + j * VL;
+            storen(o, add ? acc[m][j] + loadn(o) : acc[m][j]);
+        }
+}
+
+/* ROWS x NB tile over k in [0, kc) of an int8 panel; ROWS constant so the accumulators stay in
+   registers. out (+)= (sum_k x * q) * scale. */
+#define TILE_Q8(ROWS)                                                                          \
+    static void q8_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel,        \
+                          const float *scale, int64_t group, const float *sz, float *out,      \
+                          int64_t ldo, int add) {                                              \
+        (void)group; (void)sz;                                                                 \
+        vn acc[ROWS][NV] = {0}, w[NV];                                                         \
+        for (int64_t k = 0; k < kc; k++) {                                                     \
+            row_q8(panel + k * NB, w);                                                         \
+            for (int m = 0; m < ROWS; m++) {                                                   \
+                const float xv = x[m * ldx + k];                                               \
+                for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                           \
+            }                                                                                  \
+        }                                                                                      \
+        for (int m = 0; m < ROWS; m++)                                                         \
+            for (int j = 0; j < NV; j++) acc[m][j] *= loadn(scale + j * VL);                   \
+        store_tile(acc, ROWS, out, ldo, add);                                                  \
+    }
+
+/* The same over an int4 panel: kc is a multiple of the group, and `sz` points at the scales and
+   zeros of the chunk's first group; each K row is dequantized once, in registers. */
+#define TILE_Q4(ROWS)                                                                          \
+    static void q4_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel_s,      \
+                          const float *scale, int64_t group, const float *sz, float *out,      \
+                          int64_t ldo, int add) {                                              \
+        (void)scale;                                                                           \
+        const uint8_t *panel = (const uint8_t *)panel_s;                                       \
+        vn acc[ROWS][NV] = {0}, w[NV], s[NV], z[NV];                                           \
+        for (int64_t g0 = 0; g0 < kc; g0 += group) {                                           \
+            const float *gs = sz + (g0 / group) * 2 * NB;                                      \
+            for (int j = 0; j < NV; j++) {                                                     \
+                s[j] = loadn(gs + j * VL);                                                     \
+                z[j] = loadn(gs + NB + j * VL) - 8.0f * s[j];                                  \
+            }                                                                                  \
+            for (int64_t k = g0; k < g0 + group; k++) {                                        \
+                row_q4(panel + k * (NB / 2), s, z, w);                                         \
+                for (int m = 0; m < ROWS; m++) {                                               \
+                    const float xv = x[m * ldx + k];                                           \
+                    for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                       \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        store_tile(acc, ROWS, out, ldo, add);                                                  \
+    }
+
+#define TILES_OF(T) T(1) T(2) T(3) T(4) T(5) T(6) T(7) T(8) T(9) T(10) T(11) T(12)
+TILES_OF(TILE_Q8)
+TILES_OF(TILE_Q4)
+
+typedef void (*qtile_fn)(const float *, int64_t, int64_t, const int8_t *, const float *, int64_t,
+                         const float *, float *, int64_t, int);
+static const qtile_fn Q8[MAX_MR + 1] = {0, q8_1, q8_2, q8_3, q8_4, q8_5, q8_6,
+                                        q8_7, q8_8, q8_9, q8_10, q8_11, q8_12};
+static const qtile_fn Q4[MAX_MR + 1] = {0, q4_1, q4_2, q4_3, q4_4, q4_5, q4_6,
+                                        q4_7, q4_8, q4_9, q4_10, q4_11, q4_12};
+
+/* bits 8 or 4. For int8 `scale` is the panel's NB column scales; for int4 `sz` the panel's
+   [K/G, 2, NB] scales and zeros. */
+static void qpanel_rows(int bits, const float *x, int64_t n, int64_t K, const int8_t *panel,
+                        const float *scale, int64_t group, const float *sz, float *out,
+                        int64_t ldo, int64_t mr, int64_t kc) {
+    const qtile_fn *tiles = bits == 8 ? Q8 : Q4;
+    const int64_t row_bytes = bits == 8 ? NB : NB / 2;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kn = K - k0 < kc ? K - k0 : kc;
+        const float *chunk_sz = bits == 8 ? sz : sz + (k0 / group) * 2 * NB;
+        for (int64_t r = 0; r < n; r += mr) {
+            const int64_t rows = n - r < mr ? n - r : mr;
+            tiles[rows](x + r * K + k0, K, kn, panel + k0 * row_bytes, scale, group, chunk_sz,
+                        out + r * ldo, ldo, k0 > 0);
+        }
+    }
+}
+
+int64_t moeserve_quant_panel_width(void) { return NB; }
+
+/* bits 8: w [E, N/NB, K, NB] int8, scale [E, N], group and sz unused.
+   bits 4: w [E, N/NB, K, NB/2] bytes, sz [E, N/NB, K/group, 2, NB], scale unused. */
+void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_t *row_start,
+                               const int64_t *row_end, const int64_t *active, int64_t n_active,
+                               const int8_t *w, const float *scale, int64_t group,
+                               const float *sz, int64_t N, float *out, int64_t mr, int64_t kc,
+                               int num_threads) {
+    const int64_t panels = N / NB;
+    const int64_t panel_bytes = K * (bits == 8 ? NB : NB / 2);
+    const int64_t groups = bits == 8 ? 1 : K / group;
+    if (mr < 1 || mr > MAX_MR) mr = 3;
+    if (kc < 1 || kc > K) kc = K;
+    if (bits == 4) kc = kc < group ? group : kc / group * group; /* whole groups per chunk */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t t = 0; t < n_active * panels; t++) {
+        const int64_t e = active[t / panels], p = t % panels, r0 = row_start[e];
+        const int64_t ep = e * panels + p;
+        qpanel_rows(bits, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
+                    bits == 8 ? scale + ep * NB : 0, group,
+                    bits == 8 ? 0 : sz + ep * groups * 2 * NB, out + r0 * N + p * NB, N, mr, kc);
+    }
+}

@@ -1,0 +1,119 @@
+"""Quantized matrices stacked [E, N, K] (E experts, or 1 for a dense linear), one class per
+scheme, each in one of two layouts chosen once when built: the panels of
+serve_app/kernels/quant.py (CPU, float32 activations, N a panel multiple), whose grouped matmul
+dequantizes in registers, or [E, N, K] as quantized, which a matmul dequantizes per call and
+hands to torch (CUDA, no compiler, bf16).
+Shapes: E matrices, N outputs, K inputs, P = PANEL columns, G int4 group size, n rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from serve_app.kernels import quant as quant_kernel
+from serve_app.model.quant.scheme import Int4Weight, Int8Weight
+
+Spans = list[tuple[int, int, int]]
+
+
+class _Stacked:
+    """Tensors with the matrix (expert) on dim 0 (`STACKED` fields): selection and
+    concatenation work the same on every layout."""
+
+    STACKED: tuple[str, ...] = ()
+
+    def cat(self, other):
+        return dataclasses.replace(
+            self, **{f: torch.cat([getattr(self, f), getattr(other, f)]) for f in self.STACKED}
+        )
+
+    def select(self, keep: list[int]):
+        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in self.STACKED})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in self.STACKED)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.STACKED[0]).device
+
+    def matmul(self, xs: torch.Tensor, spans: Spans) -> torch.Tensor:
+        """[n, N]: rows xs[s:e] times expert `local`'s dequantized [N, K] matrix, transposed."""
+        out = xs.new_empty(xs.shape[0], self.out_features)
+        kernel = quant_kernel.load() if self.packed else None
+        if kernel is not None:
+            self._kernel(kernel, xs.contiguous(), spans, out)
+            return out
+        for local, s, e in spans:
+            out[s:e] = F.linear(xs[s:e], self.dequantized(local).to(xs.dtype))
+        return out
+
+
+@dataclass(frozen=True)
+class Int8Stack(_Stacked):
+    q: torch.Tensor  # [E, N, K] int8, or packed panels [E, N/P, K, P]
+    scale: torch.Tensor  # [E, N] float32
+    out_features: int
+    in_features: int
+    packed: bool
+    STACKED = ("q", "scale")
+
+    @classmethod
+    def build(cls, w: Int8Weight, pack: bool) -> Int8Stack:
+        _, n, k = w.q.shape
+        q = quant_kernel.pack_int8(w.q) if pack else w.q.contiguous()
+        return cls(q, w.scale.contiguous(), n, k, pack)
+
+    def dequantized(self, local: int) -> torch.Tensor:
+        q = self.q[local]
+        if self.packed:  # [N/P, K, P] -> [N, K]
+            q = q.transpose(1, 2).reshape(self.out_features, self.in_features)
+        return Int8Weight(q, self.scale[local]).dequantize()
+
+    def _kernel(self, kernel, xs, spans, out) -> None:
+        kernel.grouped_mm_int8(xs, self.q, self.scale, spans, out)
+
+
+@dataclass(frozen=True)
+class Int4Stack(_Stacked):
+    q: torch.Tensor  # packed panels [E, N/P, K, P/2] uint8, or [E, N, K] values 0..15 (a byte
+    # each: the dequantizing path holds twice the kernel's bytes)
+    params: torch.Tensor  # packed [E, N/P, K/G, 2, P], or [E, N, K/G, 2]: scale and zero
+    group: int
+    out_features: int
+    in_features: int
+    packed: bool
+    STACKED = ("q", "params")
+
+    @classmethod
+    def build(cls, w: Int4Weight, pack: bool) -> Int4Stack:
+        _, n, k = w.q.shape
+        if pack:
+            q, params = quant_kernel.pack_int4(w.q, w.scale, w.zero)
+        else:
+            q, params = w.q.contiguous(), torch.stack([w.scale, w.zero], -1)
+        return cls(q, params, w.group, n, k, pack)
+
+    def dequantized(self, local: int) -> torch.Tensor:
+        q, p = self.q[local], self.params[local]
+        if self.packed:  # back to [N, K] and [N, K/G, 2]
+            q = torch.cat([q & 15, q >> 4], -1).transpose(1, 2).reshape(self.out_features, -1)
+            p = p.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)
+        return Int4Weight(q, p[..., 0], p[..., 1], self.group).dequantize()
+
+    def _kernel(self, kernel, xs, spans, out) -> None:
+        kernel.grouped_mm_int4(xs, self.q, self.params, self.group, spans, out)
+
+
+STACKS = {"int8": Int8Stack, "int4": Int4Stack}
+
+
+def stack(w: Int8Weight | Int4Weight, dtype: torch.dtype) -> Int8Stack | Int4Stack:
+    """w [E, N, K] in the kernel's panels where it applies to `dtype` activations, else as is."""
+    pack = dtype == torch.float32 and quant_kernel.applies(w.q.shape[1], w.q.device)
+    return STACKS["int8" if isinstance(w, Int8Weight) else "int4"].build(w, pack)
