@@ -4,11 +4,18 @@ never hands one of them another's instructions. cpu.py loads what this builds.""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from serve_app.kernels.settings import KernelSettings
+
+logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(
@@ -72,3 +79,28 @@ def _cpu_id() -> bytes:
         return platform.processor().encode()
     wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
     return "\n".join(dict.fromkeys(wanted)).encode()
+
+
+def open_library(
+    env: KernelSettings,
+    width_symbol: str,
+    panel: int,
+    sources: tuple[Path, ...] = SOURCES,
+    name: str = "moeserve-cpu",
+) -> tuple[ctypes.CDLL, Path] | None:
+    """A kernel library built (or found in the cache) and loaded, with its panel width checked
+    against `panel` through `width_symbol`; None when the kernels are off or there is no C
+    compiler. A failed build or load raises (OSError, RuntimeError, SubprocessError)."""
+    if not env.enabled:
+        return None
+    compiler = shutil.which(env.compiler) or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: no %s kernels, plain torch is used instead", name)
+        return None
+    so = build(compiler, env.cache_dir, env.vector_lanes, sources, name)
+    lib = ctypes.CDLL(str(so))
+    width = getattr(lib, width_symbol)
+    width.restype = ctypes.c_int64
+    if width() != panel:
+        raise RuntimeError(f"panel width of the built {name} library differs from {panel}")
+    return lib, so

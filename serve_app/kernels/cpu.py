@@ -25,14 +25,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import shutil
 import subprocess
 import time
 
 import torch
 
 from serve_app.kernels import settings, tuning
-from serve_app.kernels.build import build
+from serve_app.kernels.build import open_library
 from serve_app.kernels.tuning import Blocking
 
 logger = logging.getLogger(__name__)
@@ -385,18 +384,11 @@ def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 def load() -> CpuKernels | None:
     """The kernels, built if needed; None where they cannot be (callers fall back to torch)."""
     env = settings.read()
-    if not env.enabled:
-        return None
-    compiler = shutil.which(env.compiler) or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler: no CPU kernels, plain torch is used instead")
-        return None
     try:
-        so = build(compiler, env.cache_dir, env.vector_lanes)
-        lib = ctypes.CDLL(str(so))
-        lib.moeserve_panel_width.restype = _I64
-        if lib.moeserve_panel_width() != PANEL:
-            raise RuntimeError("panel width of the built kernel differs from PANEL")
+        opened = open_library(env, "moeserve_panel_width", PANEL)
+        if opened is None:
+            return None
+        lib, so = opened
         kernels = CpuKernels(lib, tuning.from_cpu(tuning.cpu_info()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU kernels unavailable (%s): plain torch is used instead", e)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import shutil
 import subprocess
 
 import torch
 
 from serve_app.kernels import settings, tuning
-from serve_app.kernels.build import CSRC, build
+from serve_app.kernels.build import CSRC, open_library
 from serve_app.kernels.tuning import Blocking
 
 logger = logging.getLogger(__name__)
@@ -98,17 +97,11 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
 def load() -> QuantKernels | None:
     """The kernel, built if needed; None where it cannot be (callers fall back to torch)."""
     env = settings.read()
-    if not env.enabled:
-        return None
-    compiler = shutil.which(env.compiler) or shutil.which("gcc")
-    if compiler is None:
-        return None
     try:
-        so = build(compiler, env.cache_dir, env.vector_lanes, SOURCES, "moeserve-quant")
-        lib = ctypes.CDLL(str(so))
-        lib.moeserve_quant_panel_width.restype = _I64
-        if lib.moeserve_quant_panel_width() != PANEL:
-            raise RuntimeError("panel width of the built quantized kernel differs from PANEL")
+        opened = open_library(env, "moeserve_quant_panel_width", PANEL, SOURCES, "moeserve-quant")
+        if opened is None:
+            return None
+        lib = opened[0]
         blocking = tuning.apply_forced(tuning.from_cpu(tuning.cpu_info()), env.forced_blocking)
         return QuantKernels(lib, blocking)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
