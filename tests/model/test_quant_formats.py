@@ -1,0 +1,354 @@
+"""Pre-quantized checkpoints (GPTQ, AWQ GEMM, compressed-tensors, DeepSeek FP8-block).
+
+The packers below follow each format's own packing rules (AutoGPTQ's `pack`, AutoAWQ's
+WQLinear_GEMM, compressed-tensors' `pack_to_int32`, DeepSeek's block scales), written from
+those rules, not from the loader: each format's unpacking must round-trip bit-exactly. End to
+end, a tiny checkpoint written in the format is served and its greedy tokens must equal
+transformers' on the weights as we hold them (zero = (8 - z) * s in fp32, computed here from
+the packed integers). Refusals: one line naming what is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from serve_app.engine.request import SamplingParams
+from serve_app.experts.quantized import QuantExpertWeights
+from serve_app.model.loader import check_quantization, iter_weights
+from serve_app.model.quant.formats import checkpoint_format
+from serve_app.model.quant.formats.awq import AWQ_ORDER
+from serve_app.model.quant.linear import Int4Linear, Int8Linear
+from serve_app.model.quant.methods import quantizes
+from serve_app.model.quant.scheme import Int4Weight, Int8Weight, Quantization, QuantizationError
+from serve_app.runtime.llm import LLM
+from tests.conftest import tiny_model_dir
+from tests.model.test_parity import TOP, assert_matches, dequantized_checkpoint, hf_reference
+from tests.model.test_quant_parity import QUANT_NEW, QUANT_PROMPTS
+
+G = 32  # the tiny presets' K are 32, 64 and 128
+
+
+# ---- packers: the formats' own rules ----------------------------------------------------
+
+
+def pack_int32(vals: torch.Tensor, bits: int, order=None) -> torch.Tensor:
+    """[..., M] unsigned values -> [..., M * bits / 32] int32, value j of each run of 32 / bits
+    at bits * j (or at the position order.index(j))."""
+    per = 32 // bits
+    v = vals.long().reshape(*vals.shape[:-1], -1, per)
+    if order is not None:
+        v = v[..., list(order)]  # word position i holds element order[i]
+    word = (v << (torch.arange(per) * bits)).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def rtn_int4(w: torch.Tensor, group: int = G):
+    """GPTQ / AWQ's round-to-nearest asymmetric int4 of a float [N, K]: q, z [N, K / G], s fp16."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    s = ((hi - lo) / 15).clamp(min=1e-4).half()
+    z = torch.round(-lo / s.float()).clamp(0, 15)
+    q = torch.round(wg / s.float()[..., None] + z[..., None]).clamp(0, 15)
+    return q.reshape(n, k).to(torch.uint8), z.to(torch.uint8), s
+
+
+def ours_int4(q, z, s, group: int = G) -> torch.Tensor:
+    """The weight as we hold it: (q - 8) * s + (8 - z) * s, in fp32 (the reference)."""
+    n, k = q.shape
+    s = s.float()
+    zero = (8 - z.float()) * s
+    w = (q.float().reshape(n, k // group, group) - 8) * s[..., None] + zero[..., None]
+    return w.reshape(n, k)
+
+
+def gptq_tensors(q, z, s, v1: bool = True) -> dict[str, torch.Tensor]:
+    k = q.shape[1]
+    return {
+        "qweight": pack_int32(q, 4).t().contiguous(),  # [K / 8, N]: 8 values of K a word
+        "qzeros": pack_int32(z.t().long() - (1 if v1 else 0), 4),
+        "scales": s.t().contiguous(),
+        "g_idx": (torch.arange(k) // G).int(),
+    }
+
+
+def awq_tensors(q, z, s) -> dict[str, torch.Tensor]:
+    return {
+        "qweight": pack_int32(q.t().contiguous(), 4, AWQ_ORDER),  # [K, N / 8]
+        "qzeros": pack_int32(z.t().contiguous(), 4, AWQ_ORDER),  # [K / G, N / 8]
+        "scales": s.t().contiguous(),
+    }
+
+
+def ct_int4_tensors(q_signed: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "weight_packed": pack_int32(q_signed.long() + 8, 4),  # [N, K / 8]
+        "weight_scale": s,
+        "weight_shape": torch.tensor(list(q_signed.shape)),
+    }
+
+
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": G, "sym": False, "desc_act": False}
+AWQ_CONFIG = {
+    "quant_method": "awq",
+    "bits": 4,
+    "group_size": G,
+    "zero_point": True,
+    "version": "gemm",
+}
+
+
+def ct_config(fmt: str, bits: int, strategy: str, group: int | None = None) -> dict:
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy,
+               "group_size": group}  # fmt: skip
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32],
+              "activation_scheme": "dynamic"}  # fmt: skip
+
+
+def fmt_of(config: dict):
+    return checkpoint_format(type("C", (), {"quantization_config": config})())
+
+
+# ---- unpacking round-trips bit-exactly ----------------------------------------------------
+
+
+def _random_int4(n=64, k=128):
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    z = torch.randint(1, 16, (n, k // G), dtype=torch.uint8)  # v1 stores z - 1 >= 0
+    s = (torch.rand(n, k // G) * 0.1 + 1e-3).half()
+    return q, z, s
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["gptq", "gptq_v2"])
+def test_gptq_unpacks_exactly(v1):
+    q, z, s = _random_int4()
+    packed = gptq_tensors(q, z, s, v1)
+    config = GPTQ_CONFIG | ({} if v1 else {"checkpoint_format": "gptq_v2"})
+    w = fmt_of(config).load(packed, "x.weight")
+    assert isinstance(w, Int4Weight) and w.group == G
+    assert torch.equal(w.q, q) and torch.equal(w.scale, s.float())
+    z_back = torch.round(8 - w.zero / w.scale).to(torch.uint8)  # exact: zero = (8 - z) * s
+    assert torch.equal(z_back, z)
+    assert torch.equal(gptq_tensors(w.q, z_back, w.scale.half(), v1)["qweight"], packed["qweight"])
+    assert torch.equal(w.dequantize(), ours_int4(q, z, s))
+    # within one fp32 rounding of the format's own (q - z) * s
+    theirs = (q.float().view(64, -1, G) - z.float()[..., None]) * s.float()[..., None]
+    theirs = theirs.view(64, -1)
+    assert torch.allclose(w.dequantize(), theirs, rtol=0, atol=1e-6)
+
+
+def test_gptq_int8_per_channel_unpacks_exactly():
+    torch.manual_seed(0)
+    q = torch.randint(0, 256, (32, 64))
+    s = (torch.rand(1, 32) * 0.1).half()
+    packed = {"qweight": pack_int32(q, 8).t().contiguous(),
+              "qzeros": pack_int32(torch.full((1, 32), 127), 8), "scales": s}  # fmt: skip
+    w = fmt_of(GPTQ_CONFIG | {"bits": 8, "group_size": -1}).load(packed, "x.weight")
+    assert isinstance(w, Int8Weight)
+    assert torch.equal(w.q.long() + 128, q) and torch.equal(w.scale, s[0].float())
+
+
+def test_awq_unpacks_exactly():
+    q, z, s = _random_int4()
+    packed = awq_tensors(q, z, s)
+    w = fmt_of(AWQ_CONFIG).load(packed, "x.weight")
+    assert torch.equal(w.q, q) and torch.equal(w.scale, s.float())
+    z_back = torch.round(8 - w.zero / w.scale).to(torch.uint8)
+    assert torch.equal(z_back, z)
+    assert torch.equal(awq_tensors(w.q, z_back, w.scale.half())["qweight"], packed["qweight"])
+    # AWQ's interleave, one word by hand: columns 0..7 = 0..7 pack as nibbles 0,2,4,6,1,3,5,7
+    word = pack_int32(torch.arange(8)[None], 4, AWQ_ORDER)
+    assert int(word) == 0x75316420
+
+
+def test_compressed_tensors_unpack_exactly():
+    torch.manual_seed(0)
+    qs = torch.randint(-8, 8, (64, 128), dtype=torch.int8)
+    s = torch.rand(64, 128 // G).to(torch.bfloat16)
+    packed = ct_int4_tensors(qs, s)
+    w = fmt_of(ct_config("pack-quantized", 4, "group", G)).load(packed, "x.weight")
+    assert torch.equal(w.q.long() - 8, qs.long()) and torch.equal(w.scale, s.float())
+    assert torch.equal(w.zero, torch.zeros_like(w.scale))
+    assert torch.equal(ct_int4_tensors((w.q.long() - 8), w.scale.bfloat16())["weight_packed"],
+                       packed["weight_packed"])  # fmt: skip
+    q8 = torch.randint(-128, 128, (64, 128), dtype=torch.int8)
+    s8 = torch.rand(64, 1).half()
+    w8 = fmt_of(ct_config("int-quantized", 8, "channel")).load(
+        {"weight": q8, "weight_scale": s8}, "x.weight"
+    )
+    assert torch.equal(w8.q, q8) and torch.equal(w8.scale, s8[:, 0].float())
+
+
+def test_fp8_block_dequantizes_each_block_with_its_scale():
+    torch.manual_seed(0)
+    w8 = torch.randn(80, 72).to(torch.float8_e4m3fn)  # partial blocks on both dims
+    s = torch.rand(3, 3) + 0.5
+    out = fmt_of(FP8_CONFIG).load({"weight": w8, "weight_scale_inv": s}, "x.weight")
+    assert out.dtype == torch.float32
+    assert torch.equal(out[33, 70], w8[33, 70].float() * s[1, 2])
+    assert torch.equal(out[79, 0], w8[79, 0].float() * s[2, 0])
+
+
+# ---- end to end: a tiny checkpoint in each format, served ---------------------------------
+
+
+def _write(out: Path, src: Path, weights: dict, qconfig: dict | None) -> Path:
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    config = json.loads((src / "config.json").read_text())
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def prequantized(arch: str, kind: str, root: Path) -> tuple[Path, Path]:
+    """(a checkpoint of `arch` written as `kind`, the float checkpoint of its weights as we
+    hold them: what transformers runs as the reference)."""
+    src = tiny_model_dir(arch)
+    packed, ref = {}, {}
+    for name, t in iter_weights(src):
+        ref[name] = t
+        if not (quantizes(name) or (kind.startswith("fp8") and name.endswith("kv_b_proj.weight"))):
+            packed[name] = t
+            continue
+        prefix = name.removesuffix(".weight")
+        if kind in ("gptq", "awq"):
+            q, z, s = rtn_int4(t)
+            tensors = gptq_tensors(q, z, s) if kind == "gptq" else awq_tensors(q, z, s)
+            ref[name] = ours_int4(q, z, s)
+        elif kind == "ct-int4":
+            s = (t.abs().reshape(t.shape[0], -1, G).amax(-1) / 7).to(torch.bfloat16)
+            sf = s.float().repeat_interleave(G, 1)
+            qs = torch.round(t / sf).clamp(-8, 7).to(torch.int8)
+            tensors = ct_int4_tensors(qs, s)
+            ref[name] = qs.float() * sf  # (u - 8) * s + 0: exact
+        elif kind == "ct-int8":
+            s = (t.abs().amax(-1, keepdim=True) / 127).half()
+            q8 = torch.round(t / s.float()).clamp(-127, 127).to(torch.int8)
+            tensors = {"weight": q8, "weight_scale": s}
+            ref[name] = q8.float() * s.float()
+        else:  # fp8
+            n, k = t.shape
+            s = torch.rand((n + 31) // 32, (k + 31) // 32) * 0.02 + 0.01
+            full = s.repeat_interleave(32, 0)[:n].repeat_interleave(32, 1)[:, :k]
+            w8 = (t / full).to(torch.float8_e4m3fn)
+            tensors = {"weight": w8, "weight_scale_inv": s}
+            ref[name] = w8.float() * full
+        packed |= {f"{prefix}.{suffix}": v for suffix, v in tensors.items()}
+    config = {"gptq": GPTQ_CONFIG, "awq": AWQ_CONFIG, "fp8": FP8_CONFIG,
+              "ct-int4": ct_config("pack-quantized", 4, "group", G),
+              "ct-int8": ct_config("int-quantized", 8, "channel")}[kind]  # fmt: skip
+    out = root / f"{arch}-{kind}"
+    if not (out / "config.json").exists():
+        _write(out, src, packed, config)
+        _write(root / f"{arch}-{kind}-ref", src, ref, None)
+    return out, root / f"{arch}-{kind}-ref"
+
+
+CASES = [
+    ("qwen3_moe", "gptq", "none", Int4Linear),
+    ("qwen3_moe", "awq", "int4", Int4Linear),  # the checkpoint's own scheme, asked: accepted
+    ("qwen3_moe", "ct-int4", "none", Int4Linear),
+    ("deepseek_v3", "gptq", "none", Int4Linear),
+    ("deepseek_v3", "ct-int8", "none", Int8Linear),
+    ("deepseek_v3", "fp8", "none", None),
+    ("deepseek_v3", "fp8", "int8", Int8Linear),  # dequantized, then our int8
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kind,quantization,linear", CASES)
+def test_prequantized_greedy_parity(arch, kind, quantization, linear, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()
+    model, ref = prequantized(arch, kind, root)
+    llm = LLM(str(model), block_size=16, num_kv_blocks=64, max_num_batched_tokens=64,
+              quantization=quantization)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=QUANT_NEW, ignore_eos=True, logprobs=TOP)
+    results = llm.generate(QUANT_PROMPTS, params)
+    if kind == "fp8" and quantization == "int8":
+        ref = dequantized_checkpoint(ref, Quantization("int8"), root)
+    refs = hf_reference(ref, llm.tokenizer, QUANT_PROMPTS, QUANT_NEW)
+    assert_matches(results, refs, QUANT_PROMPTS)
+
+    model_ = llm.engine.runner.model
+    held = [type(m) for m in model_.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert (set(held) == {linear}) if linear else not held
+    experts = model_.moe_blocks()[0].experts
+    assert all(isinstance(w, QuantExpertWeights) for w in experts.layers.values()) == bool(linear)
+    stats = llm.engine.stats()
+    assert stats.quantization == {"gptq": "int4-g32", "awq": "int4-g32", "ct-int4": "int4-g32",
+                                  "ct-int8": "int8"}.get(kind, quantization)  # fmt: skip
+
+
+# ---- refusals: one line naming what is not supported -------------------------------------
+
+
+def _config_dir(tmp_path: Path, qconfig: dict) -> Path:
+    src = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+        else:
+            (out / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text()) | {"quantization_config": qconfig}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+ASYMMETRIC_INT8 = ct_config("int-quantized", 8, "channel")
+ASYMMETRIC_INT8["config_groups"]["group_0"]["weights"]["symmetric"] = False
+REFUSED = [
+    ({"quant_method": "bitsandbytes"}, "none", r"quant_method 'bitsandbytes' is not supported"),
+    (GPTQ_CONFIG | {"bits": 3}, "none", r"gptq checkpoint: bits 3 with group_size 32 is not"),
+    (GPTQ_CONFIG | {"group_size": 16}, "none", r"gptq checkpoint: group_size 16 is not supported"),
+    (AWQ_CONFIG | {"version": "gemv"}, "none", r"awq checkpoint: version 'gemv' is not supported"),
+    (
+        GPTQ_CONFIG,
+        "int8",
+        r"quantization int8 asked, but the checkpoint is pre-quantized gptq-int4",
+    ),
+    (GPTQ_CONFIG, "int4-g64", r"quantization int4-g64 asked, .* gptq-int4-g32"),
+    (ASYMMETRIC_INT8, "none", r"compressed-tensors checkpoint: int weights with symmetric False"),
+    (
+        {"quant_method": "fp8", "activation_scheme": "static"},
+        "none",
+        r"fp8 checkpoint: weight_block_size None",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("qconfig,asked,message", REFUSED)
+def test_unsupported_prequantized_checkpoints_are_refused_in_one_line(
+    tmp_path, qconfig, asked, message
+):
+    model = _config_dir(tmp_path, qconfig)
+    method, _, group = asked.partition("-g")
+    quant = Quantization(method, int(group) if group else None)
+    with pytest.raises(QuantizationError, match=message) as err:
+        check_quantization(model, quant)
+    assert "\n" not in str(err.value)
+
+
+def test_act_order_out_of_order_is_refused_naming_the_weight():
+    q, z, s = _random_int4()
+    packed = gptq_tensors(q, z, s)
+    packed["g_idx"] = packed["g_idx"].flip(0)
+    with pytest.raises(QuantizationError, match=r"^gptq checkpoint: x\.weight has an act-order"):
+        fmt_of(GPTQ_CONFIG | {"desc_act": True}).load(packed, "x.weight")
