@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from serve_app.engine.request import SamplingParams
 from serve_app.experts.quantized import QuantExpertWeights
+from serve_app.experts.shard import ExpertShard
 from serve_app.model.loader import check_quantization, iter_weights
 from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.formats.awq import AWQ_ORDER
@@ -293,6 +294,24 @@ def test_prequantized_greedy_parity(arch, kind, quantization, linear, tmp_path_f
     stats = llm.engine.stats()
     assert stats.quantization == {"gptq": "int4-g32", "awq": "int4-g32", "ct-int4": "int4-g32",
                                   "ct-int8": "int8"}.get(kind, quantization)  # fmt: skip
+
+
+def test_an_expert_shard_holds_prequantized_experts_as_the_checkpoint_has_them(
+    tmp_path_factory,
+):
+    """A shard (remote experts) loads and adds pre-quantized experts without a float round
+    trip: each matrix it holds dequantizes to the reference's, bit for bit."""
+    model, ref = prequantized("qwen3_moe", "gptq", tmp_path_factory.getbasetemp())
+    shard = ExpertShard(str(model), [1, 5], torch.device("cpu"), torch.float32)
+    shard.add_experts([2])
+    w = shard.layers[0]
+    assert isinstance(w, QuantExpertWeights) and w.expert_ids == [1, 5, 2]
+    t = dict(iter_weights(ref))
+    for local, e in enumerate(w.expert_ids):
+        name = f"model.layers.0.mlp.experts.{e}"
+        gate_up = torch.cat([t[f"{name}.gate_proj.weight"], t[f"{name}.up_proj.weight"]])
+        assert torch.equal(w.w13.dequantized(local), gate_up)
+        assert torch.equal(w.w2.dequantized(local), t[f"{name}.down_proj.weight"])
 
 
 # ---- refusals: one line naming what is not supported -------------------------------------
