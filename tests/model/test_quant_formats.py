@@ -365,9 +365,21 @@ def test_unsupported_prequantized_checkpoints_are_refused_in_one_line(
     assert "\n" not in str(err.value)
 
 
-def test_act_order_out_of_order_is_refused_naming_the_weight():
+def test_act_order_in_contiguous_runs_maps_by_reordering_scales_and_zeros():
+    """desc_act with each run of G inputs in one group, the groups numbered out of order."""
+    q, z, s = _random_int4()
+    order = torch.tensor([2, 0, 3, 1])  # run r of K uses checkpoint group order[r]
+    packed = gptq_tensors(q, z, s)
+    packed["g_idx"] = order.repeat_interleave(G).int()
+    packed["qzeros"] = pack_int32(z[:, order.argsort()].t().long() - 1, 4)
+    packed["scales"] = s[:, order.argsort()].t().contiguous()
+    w = fmt_of(GPTQ_CONFIG | {"desc_act": True}).load(packed, "x.weight")
+    assert torch.equal(w.dequantize(), ours_int4(q, z, s))
+
+
+def test_act_order_scattering_a_group_is_refused_naming_the_weight():
     q, z, s = _random_int4()
     packed = gptq_tensors(q, z, s)
-    packed["g_idx"] = packed["g_idx"].flip(0)
+    packed["g_idx"] = torch.arange(128).int() % 4
     with pytest.raises(QuantizationError, match=r"^gptq checkpoint: x\.weight has an act-order"):
         fmt_of(GPTQ_CONFIG | {"desc_act": True}).load(packed, "x.weight")

@@ -100,13 +100,16 @@ def check_group(method: str, group: int) -> int:
     return group
 
 
-def check_groups_in_order(g_idx: torch.Tensor, group: int, name: str) -> None:
-    """A g_idx that is not k // group (desc_act / act-order) puts inputs of one group apart
-    along K: our groups are contiguous runs of K, and permuting K would need the activations
-    permuted too, so it is refused."""
-    expected = torch.arange(g_idx.numel()) // group
-    if not torch.equal(g_idx.long().cpu(), expected):
+def group_of_runs(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor:
+    """The checkpoint group of each run of `group` inputs along K ([K / G]), where every run
+    shares one group: k // G, or act-order (desc_act) groups that happen to be contiguous runs
+    in another order, which map exactly by reordering the scales and zeros. A g_idx that puts
+    inputs of one group apart along K is refused: our groups are contiguous runs of K, and
+    permuting K would need the activations permuted too."""
+    runs = g_idx.long().cpu().view(-1, group)
+    if not bool((runs == runs[:, :1]).all()):
         raise QuantizationError(
             f"gptq checkpoint: {name} has an act-order g_idx (desc_act) whose groups are not "
             f"contiguous runs of {group} inputs: not supported"
         )
+    return runs[:, 0]

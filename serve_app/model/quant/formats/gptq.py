@@ -9,7 +9,9 @@ and the stored zero in GPTQModel's `checkpoint_format: gptq_v2`.
 - bits 4 with groups of 32 / 64 / 128 in order map onto Int4Weight (zero = (8 - z) * s);
 - bits 8 map onto Int8Weight only with one group per row (group_size -1) and z = 128
   (symmetric): w = (q - 128) * s per output channel;
-- refused: other bits, other group sizes, act-order (desc_act) whose g_idx is not k // G.
+- act-order (desc_act): a g_idx whose groups are contiguous runs of G inputs (in any order)
+  maps exactly (the scales and zeros are reordered); one that scatters a group along K is
+  refused, as are other bits and group sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from serve_app.model.quant.formats.base import (
     CheckpointFormat,
     check_group,
-    check_groups_in_order,
+    group_of_runs,
     int4_from_zero_points,
     unpack_int32,
 )
@@ -60,8 +62,9 @@ class GPTQFormat(CheckpointFormat):
                     f"gptq checkpoint: {name} is asymmetric int8: not supported"
                 )
             return Int8Weight((q.int() - 128).to(torch.int8).contiguous(), scales[:, 0].float())
-        if "g_idx" in t:
-            check_groups_in_order(t["g_idx"], self.group, name)
+        if "g_idx" in t:  # act-order: the runs' groups, possibly out of order
+            runs = group_of_runs(t["g_idx"], self.group, name)
+            zeros, scales = zeros[:, runs], scales[:, runs]
         return int4_from_zero_points(
             q.contiguous(), zeros.contiguous(), scales.contiguous(), self.group
         )
