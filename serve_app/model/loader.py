@@ -143,15 +143,19 @@ def _is_dense(spec: ModelSpec, name: str) -> bool:
 
 
 def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):
-    """Separate dense tensors from expert tensors: ({name: t}, {(layer, expert|None, proj): t})."""
+    """Separate dense tensors from expert tensors: ({name: t}, {(layer, expert|None, proj): t}).
+    Expert tensors are the projection's `weight` (or the fused tensor itself): a pre-quantized
+    format's tensors are gathered into one `weight` first (quant/checkpoint.py read_linears)."""
     dense: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int | None, str], torch.Tensor] = {}
     for name, t in weights:
         key = expert_key(spec, name)
         if key is None:
             dense[name] = t
-        else:
+        elif name.endswith((f".{key[2]}", f".{key[2]}.weight")):
             experts[key] = t
+        else:  # NOTE: it would overwrite the projection's weight under the same key
+            raise ValueError(f"unexpected expert tensor {name}")
     return dense, experts
 
 
