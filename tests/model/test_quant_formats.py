@@ -314,6 +314,21 @@ def test_an_expert_shard_holds_prequantized_experts_as_the_checkpoint_has_them(
         assert torch.equal(w.w2.dequantized(local), t[f"{name}.down_proj.weight"])
 
 
+def test_the_digest_names_the_weights_as_held(tmp_path_factory):
+    """The prefix cache's namespace: the checkpoint's own scheme asked or not is one version;
+    an fp8 checkpoint served float and re-quantized to int8 are two."""
+    root = tmp_path_factory.getbasetemp()
+    gptq, _ = prequantized("qwen3_moe", "gptq", root)
+    fp8, _ = prequantized("qwen3_moe", "fp8", root)
+
+    def digest(model, quantization):
+        llm = LLM(str(model), num_kv_blocks=16, quantization=quantization)
+        return llm.engine.model_digest
+
+    assert digest(gptq, "none") == digest(gptq, "int4")
+    assert digest(fp8, "none") != digest(fp8, "int8")
+
+
 # ---- refusals: one line naming what is not supported -------------------------------------
 
 
