@@ -105,8 +105,10 @@ AWQ_CONFIG = {
 }
 
 
-def ct_config(fmt: str, bits: int, strategy: str, group: int | None = None) -> dict:
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy,
+def ct_config(
+    fmt: str, bits: int, strategy: str, group: int | None = None, symmetric: bool = True
+) -> dict:
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
                "group_size": group}  # fmt: skip
     return {"quant_method": "compressed-tensors", "format": fmt,
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
@@ -189,6 +191,28 @@ def test_compressed_tensors_unpack_exactly():
         {"weight": q8, "weight_scale": s8}, "x.weight"
     )
     assert torch.equal(w8.q, q8) and torch.equal(w8.scale, s8[:, 0].float())
+
+
+def test_compressed_tensors_asymmetric_int4_and_packed_int8_unpack_exactly():
+    """Asymmetric W4A16: zero points z + 8 packed along N (dim 0), or int8 z unpacked, and
+    w = (q - z) * s; W8A16 pack-quantized: 4 values of K a word, stored q + 128."""
+    torch.manual_seed(0)
+    qs = torch.randint(-8, 8, (64, 128), dtype=torch.int8)
+    zp = torch.randint(-8, 8, (64, 128 // G), dtype=torch.int8)
+    s = torch.rand(64, 128 // G).half()
+    fmt = fmt_of(ct_config("pack-quantized", 4, "group", G, symmetric=False))
+    want = (qs.float() - zp.float().repeat_interleave(G, 1)) * s.float().repeat_interleave(G, 1)
+    for stored in (pack_int32(zp.long().t() + 8, 4).t().contiguous(), zp):  # [N / 8, K / G]
+        w = fmt.load(ct_int4_tensors(qs, s) | {"weight_zero_point": stored}, "x.weight")
+        assert torch.equal(w.q.long() - 8, qs.long()) and torch.equal(w.scale, s.float())
+        assert torch.equal(torch.round(8 - w.zero / w.scale), zp.float() + 8)  # stored z + 8
+        assert torch.allclose(w.dequantize(), want, rtol=0, atol=1e-6)
+    q8 = torch.randint(-128, 128, (64, 128), dtype=torch.int8)
+    s8 = torch.rand(64, 1)
+    packed = {"weight_packed": pack_int32(q8.long() + 128, 8), "weight_scale": s8,
+              "weight_shape": torch.tensor([64, 128])}  # fmt: skip
+    w8 = fmt_of(ct_config("pack-quantized", 8, "channel")).load(packed, "x.weight")
+    assert torch.equal(w8.q, q8) and torch.equal(w8.scale, s8[:, 0])
 
 
 def test_fp8_block_dequantizes_each_block_with_its_scale():
@@ -359,7 +383,11 @@ REFUSED = [
         r"quantization int8 asked, but the checkpoint is pre-quantized gptq-int4",
     ),
     (GPTQ_CONFIG, "int4-g64", r"quantization int4-g64 asked, .* gptq-int4-g32"),
-    (ASYMMETRIC_INT8, "none", r"compressed-tensors checkpoint: int weights with symmetric False"),
+    (
+        ASYMMETRIC_INT8,
+        "none",
+        r"compressed-tensors checkpoint: int-quantized asymmetric 8 bits per channel is not",
+    ),
     (
         {"quant_method": "fp8", "activation_scheme": "static"},
         "none",
