@@ -37,7 +37,8 @@ def load_expert_weights(
     """The experts in `owned` (None: all), of every MoE layer, read from the checkpoint,
     quantized as `quant` says (a pre-quantized checkpoint's experts: as it has them)."""
     spec = spec or load_model_spec(model_dir)
-    held_quantization(spec, quant)  # refuses a scheme that conflicts with the checkpoint's
+    held = held_quantization(spec, quant)  # refuses a scheme that conflicts with the checkpoint's
+    quant = held if quant.enabled else quant  # float experts of a pre-quantized one: as held
     wanted = None if owned is None else set(owned)
 
     def keep(name: str) -> bool:

@@ -68,13 +68,16 @@ def load_model(
     stay float. A pre-quantized checkpoint's linears are held as it has them
     (serve_app/model/quant/checkpoint.py), and `quant` applies to its float ones."""
     spec = spec or load_model_spec(model_dir)
-    held_quantization(spec, quant)  # refuses a scheme that conflicts with the checkpoint's
+    # a scheme that conflicts with a pre-quantized checkpoint's is refused; asked, its float
+    # linears take the checkpoint's (group included), under none they stay float
+    held = held_quantization(spec, quant)
+    quant = held if quant.enabled else quant
     with torch.device("meta"):
         model = CausalLM(spec)
     model.to_empty(device=device)
     fmt = checkpoint_format(spec.hf_config)
     raw = dict(iter_weights(model_dir, lambda name: _is_dense(spec, name)))
-    dense, held = split_held(read_linears(fmt, raw))
+    dense, prequantized = split_held(read_linears(fmt, raw))
     if spec.tie_word_embeddings or "lm_head.weight" not in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     params = dict(model.named_parameters())
@@ -95,7 +98,7 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
             module.after_load()
-    hold_linears(model, held, dtype)  # after after_load: it shows the row order
+    hold_linears(model, prequantized, dtype)  # after after_load: it shows the row order
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
