@@ -80,7 +80,8 @@ class EngineSettings(BaseModel):
         _engine("quantization"),
         description="Weight-only quantization at load, routers and expert shards: none, int8 "
         "(per output channel) or int4 (groups along the input). Gates, norms, embeddings and "
-        "the LM head stay float.",
+        "the LM head stay float. A pre-quantized checkpoint (GPTQ, AWQ, compressed-tensors) is "
+        "served as it is under none; another scheme than its own is refused.",
     )
     quantization_group_size: int | None = Field(
         _engine("quantization_group_size"),

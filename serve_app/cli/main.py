@@ -229,7 +229,8 @@ def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> 
         choices=METHODS,
         default="none",
         help=f"quantize {what} at load: int8 per output channel, int4 in groups along the "
-        "input (the MoE gates, norms, embeddings and LM head stay float; README)",
+        "input (the MoE gates, norms, embeddings and LM head stay float; README). A "
+        "pre-quantized checkpoint (GPTQ, AWQ, compressed-tensors) is served as it is with none",
     )
     p.add_argument(
         "--quantization-group-size",

@@ -67,6 +67,7 @@ class EngineConfig:
     # Split a step into this many micro-batches when experts are remote (ping-pong overlap).
     num_micro_batches: int = 2
     # Weight-only quantization at load: none | int8 (per channel) | int4 (groups along K).
+    # A pre-quantized checkpoint's own scheme is held under none (serve_app/model/quant/formats).
     quantization: str = "none"
     # int4 group size; None = 128, or the largest of 64 / 32 dividing each matrix's K.
     quantization_group_size: int | None = None

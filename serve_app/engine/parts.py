@@ -25,6 +25,8 @@ from serve_app.model.digest import model_digest
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
+from serve_app.model.quant.checkpoint import held_quantization
+from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.linear import weight_bytes
 from serve_app.model.quant.scheme import Quantization
 from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
@@ -68,6 +70,8 @@ def build_parts(
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     quant = quantization(config)
     model = load_model(config.model, device, dtype, experts, spec, quant)
+    held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
+    fmt = checkpoint_format(spec.hf_config)
     block_bytes = kv_block_bytes(spec, config.block_size, dtype)
     blocks = num_kv_blocks(config, device, block_bytes)
     max_model_len = min(
@@ -89,14 +93,15 @@ def build_parts(
         block_size=config.block_size,
         kv_dtype=kv_dtype,
         kv_format=spec.kv_format.tag(),  # MHA K/V or MLA latent rows: never mixed
-        **({"quantization": quant.tag()} if quant.enabled else {}),  # float digests unchanged
+        **({"quantization": held.tag()} if held.enabled else {}),  # float digests unchanged
+        **({"checkpoint": fmt.tag()} if fmt is not None else {}),  # pre-quantized: its format
     )
     log.info(
         "engine ready: %s on %s/%s (weights %s), %d KV blocks of %d, max_model_len %d",
         spec.architecture,
         device,
         dtype,
-        quant.tag(),
+        held.tag(),
         blocks,
         config.block_size,
         max_model_len,
@@ -114,7 +119,7 @@ def build_parts(
         connector=None if connector is None else connector(runner, digest),
         expert_token_counts=count_expert_tokens(model, spec.num_experts),
         weight_bytes=weight_bytes(model) + experts.weight_bytes(),
-        quantization=quant.tag(),
+        quantization=held.tag(),
     )
 
 

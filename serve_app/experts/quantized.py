@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from serve_app.experts.local import ExpertWeights
-from serve_app.model.quant.scheme import Quantization, quantize
+from serve_app.model.quant.scheme import Quantization, QuantWeight, combine, quantize
 from serve_app.model.quant.stacked import Spans, stack
 
 
@@ -38,6 +38,15 @@ class QuantExpertWeights(ExpertWeights):
             stack(quantize(w, quant, f"model.layers.{layer}.experts.{what}"), dtype)
             for w, what in ((w13, "gate_up_proj"), (w2, "down_proj"))
         ]
+        return cls(mats[0], mats[1], expert_ids)
+
+    @classmethod
+    def held(
+        cls, w13: QuantWeight, w2: QuantWeight, expert_ids: list[int], dtype: torch.dtype,
+        device: torch.device,
+    ) -> QuantExpertWeights:  # fmt: skip
+        """From a pre-quantized checkpoint's [E, 2I, D] gate|up and [E, D, I] down, as held."""
+        mats = [stack(combine([w], lambda ts: ts[0].to(device)), dtype) for w in (w13, w2)]
         return cls(mats[0], mats[1], expert_ids)
 
     def with_experts(self, w13, w2, ids: list[int]) -> QuantExpertWeights:

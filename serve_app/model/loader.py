@@ -19,11 +19,19 @@ from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.rotary import rope_frequencies
+from serve_app.model.quant.checkpoint import (
+    held_quantization,
+    hold_linears,
+    read_linears,
+    split_held,
+)
+from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.linear import quantize_linears
 from serve_app.model.quant.methods import quantizes
 from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
-_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
+# the projection, then `.weight` or a pre-quantized format's tensor (`.qweight`, `.scales`, ...)
+_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.\w+)?$")
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -57,12 +65,19 @@ def load_model(
     (in-process or remote: serve_app/experts/weights.py loads their weights), so expert
     tensors are not even read here. With `quant`, the decoder layers' linears are quantized
     once loaded (serve_app/model/quant/linear.py); the gates, norms, embeddings and LM head
-    stay float."""
+    stay float. A pre-quantized checkpoint's linears are held as it has them
+    (serve_app/model/quant/checkpoint.py), and `quant` applies to its float ones."""
     spec = spec or load_model_spec(model_dir)
+    # a scheme that conflicts with a pre-quantized checkpoint's is refused; asked, its float
+    # linears take the checkpoint's (group included), under none they stay float
+    held = held_quantization(spec, quant)
+    quant = held if quant.enabled else quant
     with torch.device("meta"):
         model = CausalLM(spec)
     model.to_empty(device=device)
-    dense = dict(iter_weights(model_dir, lambda name: _is_dense(spec, name)))
+    fmt = checkpoint_format(spec.hf_config)
+    raw = dict(iter_weights(model_dir, lambda name: _is_dense(spec, name)))
+    dense, prequantized = split_held(read_linears(fmt, raw))
     if spec.tie_word_embeddings or "lm_head.weight" not in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     params = dict(model.named_parameters())
@@ -83,6 +98,7 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
             module.after_load()
+    hold_linears(model, prequantized, dtype)  # after after_load: it shows the row order
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
@@ -93,10 +109,12 @@ def load_model(
 def check_quantization(model_dir: str | Path, quant: Quantization) -> None:
     """Refuse before anything is loaded a checkpoint that `quant` cannot hold: a
     QuantizationError naming its first such matrix (int4: K no allowed group divides). Reads
-    the safetensors headers only."""
+    the safetensors headers only. A pre-quantized checkpoint: its format's settings, and a
+    configured scheme that conflicts with its own, are refused here too."""
+    spec = load_model_spec(model_dir)
+    held_quantization(spec, quant)
     if quant.method != "int4":
         return
-    spec = load_model_spec(model_dir)
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -128,15 +146,19 @@ def _is_dense(spec: ModelSpec, name: str) -> bool:
 
 
 def split_weights(spec: ModelSpec, weights: Iterator[tuple[str, torch.Tensor]]):
-    """Separate dense tensors from expert tensors: ({name: t}, {(layer, expert|None, proj): t})."""
+    """Separate dense tensors from expert tensors: ({name: t}, {(layer, expert|None, proj): t}).
+    Expert tensors are the projection's `weight` (or the fused tensor itself): a pre-quantized
+    format's tensors are gathered into one `weight` first (quant/checkpoint.py read_linears)."""
     dense: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int | None, str], torch.Tensor] = {}
     for name, t in weights:
         key = expert_key(spec, name)
         if key is None:
             dense[name] = t
-        else:
+        elif name.endswith((f".{key[2]}", f".{key[2]}.weight")):
             experts[key] = t
+        else:  # NOTE: it would overwrite the projection's weight under the same key
+            raise ValueError(f"unexpected expert tensor {name}")
     return dense, experts
 
 

@@ -11,6 +11,8 @@ The functions work on [..., N, K] (a linear's [out, in] weight, or experts stack
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,20 @@ class Int4Weight:
         q = self.q.float().view(*lead, n, k // self.group, self.group)
         w = (q - 8) * self.scale[..., None] + self.zero[..., None]
         return w.view(*lead, n, k)
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def combine(ws: list[QuantWeight], fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> QuantWeight:
+    """One weight from several of one scheme and group, each tensor field fn(their fields):
+    torch.stack (experts), torch.cat (gate | up rows), a row selection (one weight)."""
+    first = ws[0]
+    group = getattr(first, "group", None)
+    if any(type(w) is not type(first) or getattr(w, "group", None) != group for w in ws):
+        raise QuantizationError("weights of one matrix mix quantization schemes or groups")
+    tensors = [f.name for f in dataclasses.fields(first) if f.name != "group"]
+    return dataclasses.replace(first, **{f: fn([getattr(w, f) for w in ws]) for f in tensors})
 
 
 def quantize(w: torch.Tensor, quant: Quantization, name: str) -> Int8Weight | Int4Weight:
