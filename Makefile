@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 MOESERVE := $(VENV)/bin/moeserve
 
 ARCH ?= qwen3_moe
+# tiny | small | medium (medium: benchmarks only, ~1.1B parameters, 4.4 GB; docs/benchmarks.md)
 PRESET ?= small
 MODEL ?= models/$(ARCH)-$(PRESET)
 PORT ?= 8000
