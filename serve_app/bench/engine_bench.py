@@ -155,7 +155,7 @@ def _report_modes(
     data = modes_json(workloads, rounds, modes, vllm_json, missing, machine, asdict(config))
     write_json(out_dir / "engine_bench_modes.json", data)
     title = f"{Path(model_dir).name}: modes and {label}\n{machine_line(machine)}"
-    write_modes_plot(out_dir / "engine_bench_modes.png", workloads, rounds, modes, title)
+    write_modes_plot(out_dir / "engine_bench_modes.png", workloads, rounds, modes, title, label)
     print(f"wrote {out_dir / 'engine_bench_modes.json'} and {out_dir / 'engine_bench_modes.png'}")
     return 0
 

@@ -125,7 +125,12 @@ def modes_json(
 
 
 def write_modes_plot(
-    path: Path, workloads: list[Workload], rounds: list[Runs], modes: list[Mode], title: str
+    path: Path,
+    workloads: list[Workload],
+    rounds: list[Runs],
+    modes: list[Mode],
+    title: str,
+    vllm_label: str = VLLM,
 ) -> None:
     """Grouped bars: one group per workload, one bar per mode and one for vLLM (median round)."""
     import matplotlib
@@ -136,7 +141,8 @@ def write_modes_plot(
     systems = systems_of(modes)
     median = median_round(rounds, systems)
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(1.6 + 0.5 * len(systems) * len(workloads), 5.0))
+    # NOTE: at least 9 inches: the title carries the machine line
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.6 + 0.5 * len(systems) * len(workloads)), 5.0))
     width = 0.8 / len(systems)
     for j, system in enumerate(systems):
         xs, ys = [], []
@@ -145,7 +151,7 @@ def write_modes_plot(
             if r is not None:
                 xs.append(i + (j - (len(systems) - 1) / 2) * width)
                 ys.append(r.output_tokens_per_s)
-        label = system.removeprefix("moeserve-")
+        label = vllm_label if system == VLLM else system.removeprefix("moeserve-")
         bars = ax.bar(xs, ys, width, color=cmap(j % 10), label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(range(len(workloads)), [w.name for w in workloads])

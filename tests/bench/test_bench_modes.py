@@ -72,3 +72,13 @@ def test_cpuinfo_keeps_the_model_and_the_flags_that_matter():
     cpu = parse_cpuinfo(text)
     assert cpu.model == "AMD EPYC 9R14"
     assert cpu.flags == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"]
+
+
+def test_modes_plot_is_written(tmp_path):
+    from serve_app.bench.mode_report import write_modes_plot
+
+    modes = parse_modes("fp32,bf16")
+    runs = {"moeserve-fp32": _r("moeserve-fp32", 10), "vllm": _r("vllm", 12)}
+    path = tmp_path / "modes.png"
+    write_modes_plot(path, [Workload("fixed", [], {})], [{"fixed": runs}], modes, "t", "vllm (x)")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
