@@ -57,6 +57,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
             names, args.num_prompts, _int_list(args.decode_batches), args.decode_output_len
         )
         modes = parse_modes(args.modes, args.dtype) if args.modes else None
+        if modes is not None and args.quantization != "none":
+            raise ValueError(
+                "--modes names each mode's quantization (int8, bf16+int4...): drop --quantization"
+            )
         config = BenchConfig(
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
