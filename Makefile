@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 MOESERVE := $(VENV)/bin/moeserve
 
 ARCH ?= qwen3_moe
+# tiny | small | medium (medium: benchmarks only, ~1.1B parameters, 4.4 GB; docs/benchmarks.md)
 PRESET ?= small
 MODEL ?= models/$(ARCH)-$(PRESET)
 PORT ?= 8000
@@ -78,8 +79,11 @@ lint: install
 	$(VENV)/bin/ruff format --check serve_app autoscaling tests
 	$(VENV)/bin/lint-imports
 
+# BENCH_ARGS: more `bench engine` flags, e.g. PRESET=medium BENCH_ARGS="--modes fp32,bf16,int8,int4
+# --workloads random,fixed,prefix,decode --repeat 2" (docs/benchmarks.md, issue 31)
+BENCH_ARGS ?=
 bench: install model
-	$(MOESERVE) bench engine --model $(MODEL) --out bench_results
+	$(MOESERVE) bench engine --model $(MODEL) --out bench_results $(BENCH_ARGS)
 
 # Starts moeserve (ep0, ep2) and vLLM one after another; CONCURRENCY=1,8 for a shorter run.
 CONCURRENCY ?= 1,8,32

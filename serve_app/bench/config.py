@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BENCH_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
@@ -24,6 +26,15 @@ class BenchConfig:
     # moeserve's weight-only quantization (none | int8 | int4) and int4 group size
     quantization: str = "none"
     quantization_group_size: int | None = None
+    # Float dtype of moeserve's and transformers' weights and activations, and vLLM's --dtype
+    # unless vllm_dtype names another (vLLM on CPU cannot quantize at load: it runs the
+    # checkpoint at a float dtype, or a pre-quantized checkpoint as is).
+    dtype: str = "float32"
+    vllm_dtype: str | None = None  # None: dtype
+
+    @property
+    def vllm_float_dtype(self) -> str:
+        return self.vllm_dtype or self.dtype
 
     def __post_init__(self) -> None:
         for name in (
@@ -37,3 +48,7 @@ class BenchConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dtype", "vllm_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in BENCH_DTYPES:
+                raise ValueError(f"{name} must be one of {'|'.join(BENCH_DTYPES)}, got {value!r}")

@@ -5,18 +5,23 @@ system after another (model load and a short warm-up are excluded from timing). 
 is shared, so compare the ratios of one run, not absolute numbers across runs. `--repeat N`
 runs the whole sequence N times: the table shows each figure's median round and every
 round's ratio, so a claim rests on more than one.
+
+`--modes fp32,bf16,int8,int4` runs moeserve once per weight mode instead (then vLLM at its float
+dtype) and reports each mode's ratio over the first and over vLLM (mode_report.py); the
+`decode` workload times decode alone (decode_clock.py); machine.py records the CPU's flags and
+a measured read bandwidth beside every figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from serve_app.bench.config import BenchConfig
+from serve_app.bench.machine import machine_info, machine_line
+from serve_app.bench.modes import Mode, parse_modes
 from serve_app.bench.report import (
     SYSTEMS,
     format_table,
@@ -26,13 +31,13 @@ from serve_app.bench.report import (
     write_plot,
 )
 from serve_app.bench.result import RunResult
+from serve_app.bench.vllm_baseline import VllmRun
 from serve_app.bench.workloads import (
-    DEFAULT_SPECS,
     FixedSpec,
     build_workload,
     fit_to_model_len,
+    resolve_specs,
     token_pool,
-    with_num_prompts,
 )
 
 
@@ -47,28 +52,37 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         return 2
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = [n for n in names if n not in DEFAULT_SPECS] + sorted(skip - set(SYSTEMS))
-    if unknown or not names:
-        print(
-            f"unknown workload/system {unknown}; workloads: {list(DEFAULT_SPECS)}, "
-            f"systems: {list(SYSTEMS)}",
-            file=sys.stderr,
+    try:
+        specs = resolve_specs(
+            names, args.num_prompts, _int_list(args.decode_batches), args.decode_output_len
         )
+        modes = parse_modes(args.modes, args.dtype) if args.modes else None
+        if modes is not None and args.quantization != "none":
+            raise ValueError(
+                "--modes names each mode's quantization (int8, bf16+int4...): drop --quantization"
+            )
+        config = BenchConfig(
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
+            dtype=args.dtype,
+            vllm_dtype=args.vllm_dtype,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-
+    unknown = sorted(skip - set(SYSTEMS))
+    if unknown or not names:
+        print(f"unknown systems {unknown}; systems: {list(SYSTEMS)}", file=sys.stderr)
+        return 2
     if args.repeat < 1:
         print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
         return 2
-    config = BenchConfig(
-        quantization=args.quantization, quantization_group_size=args.quantization_group_size
-    )
+    vllm_model = args.vllm_model or model_dir
     pool = _token_pool(model_dir)
-    workloads = []
-    for name in names:
-        spec = DEFAULT_SPECS[name]
-        if args.num_prompts is not None:
-            spec = with_num_prompts(spec, args.num_prompts)
-        workloads.append(build_workload(name, fit_to_model_len(spec, config.max_model_len), pool))
+    workloads = [
+        build_workload(name, fit_to_model_len(spec, config.max_model_len), pool)
+        for name, spec in specs
+    ]
     warmup = build_workload(
         "warmup",
         FixedSpec(
@@ -90,43 +104,75 @@ def run_engine_bench(args: argparse.Namespace) -> int:
 
     missing = {s: "skipped (--skip)" for s in skip}
     rounds: list[dict[str, dict[str, RunResult]]] = []
-    vllm_version = None
+    vllm = None
     for n in range(args.repeat):
         if args.repeat > 1:
             print(f"round {n + 1} of {args.repeat}", flush=True)
         by_workload: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
-        vllm_version = _run_round(
-            by_workload, model_dir, workloads, warmup, config, skip, missing, out_dir
-        )
+        if modes is None:
+            _run_systems(by_workload, model_dir, workloads, warmup, config, skip)
+        else:
+            _run_modes(by_workload, model_dir, workloads, warmup, config, modes)
+        if "vllm" not in skip:
+            vllm = _run_vllm(by_workload, vllm_model, workloads, warmup, config, missing, out_dir)
         rounds.append(by_workload)
-    by_workload = median_round(rounds)
 
-    machine = machine_info(vllm_version)
-    table = format_table(workloads, by_workload, missing, rounds)
+    machine = machine_info(vllm.version if vllm else None)
     print()
-    print(table)
+    print(_vllm_line(vllm, vllm_model, model_dir))
+    if modes is not None:
+        vllm_json = _vllm_json(vllm, vllm_model)
+        return _report_modes(
+            model_dir, workloads, rounds, modes, vllm, vllm_json, config, missing, machine, out_dir
+        )
+    by_workload = median_round(rounds)
+    print(f"machine: {machine_line(machine)}")
+    print(format_table(workloads, by_workload, missing, rounds))
     data = report_json(workloads, by_workload, missing, machine, asdict(config), rounds)
+    data["vllm"] = _vllm_json(vllm, vllm_model)
     write_json(out_dir / "engine_bench.json", data)
     title = (
-        f"{Path(model_dir).name} on {machine['cpu_count']} CPU ({machine['cpu_model']}), "
-        f"output tok/s, higher is better\nkernels: {machine['kernel_blocking']}"
+        f"{Path(model_dir).name} {config.dtype}, quantization {config.quantization}, output "
+        f"tok/s, higher is better\n{machine_line(machine)}\nkernels: {machine['kernel_blocking']}"
     )
     write_plot(out_dir / "engine_bench.png", workloads, by_workload, title)
     print(f"wrote {out_dir / 'engine_bench.json'} and {out_dir / 'engine_bench.png'}")
     return 0
 
 
-def _run_round(
+def _report_modes(
+    model_dir: str,
+    workloads: list,
+    rounds: list,
+    modes: list[Mode],
+    vllm: VllmRun | None,
+    vllm_json: dict | None,
+    config: BenchConfig,
+    missing: dict[str, str],
+    machine: dict,
+    out_dir: Path,
+) -> int:
+    from serve_app.bench.mode_report import mode_table, modes_json, write_modes_plot
+
+    label = f"vllm ({(vllm and vllm.dtype) or config.vllm_float_dtype})"
+    print(mode_table(workloads, rounds, modes, label, missing, f"machine: {machine_line(machine)}"))
+    data = modes_json(workloads, rounds, modes, vllm_json, missing, machine, asdict(config))
+    write_json(out_dir / "engine_bench_modes.json", data)
+    title = f"{Path(model_dir).name}: modes and {label}\n{machine_line(machine)}"
+    write_modes_plot(out_dir / "engine_bench_modes.png", workloads, rounds, modes, title, label)
+    print(f"wrote {out_dir / 'engine_bench_modes.json'} and {out_dir / 'engine_bench_modes.png'}")
+    return 0
+
+
+def _run_systems(
     by_workload: dict[str, dict[str, RunResult]],
     model_dir: str,
     workloads: list,
     warmup,
     config: BenchConfig,
     skip: set[str],
-    missing: dict[str, str],
-    out_dir: Path,
-) -> str | None:
-    """Every system not skipped, one after another, on every workload; vLLM's version."""
+) -> None:
+    """moeserve and transformers (unless skipped), one after the other, on every workload."""
     if "moeserve" not in skip:
         from serve_app.bench.moeserve_runner import run_moeserve
 
@@ -135,40 +181,69 @@ def _run_round(
         from serve_app.bench.hf_baseline import run_transformers
 
         _collect(by_workload, run_transformers(model_dir, workloads, warmup, config))
-    if "vllm" in skip:
-        return None
+
+
+def _run_modes(
+    by_workload: dict[str, dict[str, RunResult]],
+    model_dir: str,
+    workloads: list,
+    warmup,
+    config: BenchConfig,
+    modes: list[Mode],
+) -> None:
+    """moeserve once per mode, in order (a fresh engine each: load untimed, warm-up)."""
+    from serve_app.bench.moeserve_runner import run_moeserve
+
+    for m in modes:
+        print(f"moeserve mode {m.name}: {m.dtype}, quantization {m.quantization}", flush=True)
+        cfg = replace(config, dtype=m.dtype, quantization=m.quantization)
+        results = run_moeserve(model_dir, workloads, warmup, cfg)
+        _collect(by_workload, [replace(r, system=m.system) for r in results])
+
+
+def _run_vllm(
+    by_workload: dict[str, dict[str, RunResult]],
+    vllm_model: str,
+    workloads: list,
+    warmup,
+    config: BenchConfig,
+    missing: dict[str, str],
+    out_dir: Path,
+) -> VllmRun:
     from serve_app.bench.vllm_baseline import run_vllm
 
     log_path = out_dir / "vllm_worker.log"
     print(f"running vLLM in .venv-vllm (log: {log_path})", flush=True)
-    vr = run_vllm(model_dir, workloads, warmup, config, log_path)
+    vr = run_vllm(vllm_model, workloads, warmup, config, log_path)
     _collect(by_workload, vr.results)
     if vr.unavailable:
         missing["vllm"] = vr.unavailable
-    return vr.version
+    return vr
 
 
-def machine_info(vllm_version: str | None) -> dict:
-    import torch
-    import transformers
+def _vllm_json(vllm: VllmRun | None, vllm_model: str) -> dict | None:
+    if vllm is None:
+        return None
+    return {"version": vllm.version, "dtype": vllm.dtype, "model": str(vllm_model)}
 
-    from serve_app.bench.vllm_baseline import usable_cpus
-    from serve_app.kernels import cpu as cpu_kernels
 
-    kernels = cpu_kernels.load()
-    return {
-        "kernel_blocking": str(kernels.blocking) if kernels is not None else None,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable_cpus(),
-        "cpu_model": _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "vllm_version": vllm_version,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
+def _vllm_line(vllm: VllmRun | None, vllm_model: str, model_dir: str) -> str:
+    """How vLLM ran: it cannot quantize at load on CPU, so against int8 / int4 it runs the
+    float checkpoint at its dtype, unless --vllm-model names a pre-quantized one."""
+    if vllm is None or vllm.unavailable:
+        return f"vllm: not run{f' ({vllm.unavailable})' if vllm else ''}"
+    own = "the same checkpoint" if str(vllm_model) == str(model_dir) else str(vllm_model)
+    return (
+        f"vllm {vllm.version or '?'} on {own} at {vllm.dtype or '?'} (vLLM on CPU does not "
+        "quantize at load: a pre-quantized checkpoint only through --vllm-model)"
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected a comma list of integers, got {text!r}") from None
 
 
 def _token_pool(model_dir: str) -> list[int]:
@@ -186,14 +261,3 @@ def _collect(by_workload: dict[str, dict[str, RunResult]], results: list[RunResu
             f"({r.output_tokens} tokens in {r.elapsed_s:.1f}s)",
             flush=True,
         )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -25,7 +25,8 @@ SYSTEM = "transformers"
 def run_transformers(
     model_dir: str, workloads: list[Workload], warmup: Workload, config: BenchConfig
 ) -> list[RunResult]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dtype = getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     pad_id = model.generation_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     impl = (
@@ -37,6 +38,8 @@ def run_transformers(
         _run(model, warmup, config.hf_batch_size, pad_id)
         results = []
         for w in workloads:
+            if w.decode_only:  # generate() gives no first-token time: not measured
+                continue
             load0 = loadavg_1m()
             t0 = time.perf_counter()
             counted, computed = _run(model, w, config.hf_batch_size, pad_id)

@@ -6,8 +6,11 @@ import gc
 import time
 
 from serve_app.bench.config import BenchConfig
+from serve_app.bench.decode_clock import DecodeClock
 from serve_app.bench.result import RunResult, loadavg_1m
 from serve_app.bench.workloads import Workload
+from serve_app.engine.engine import LLMEngine
+from serve_app.engine.outputs import EngineRequest
 from serve_app.engine.request import SamplingParams
 from serve_app.runtime.llm import LLM
 
@@ -23,7 +26,7 @@ def run_moeserve(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len,
-        dtype="float32",
+        dtype=config.dtype,
         quantization=config.quantization,
         quantization_group_size=config.quantization_group_size,
     )
@@ -31,6 +34,9 @@ def run_moeserve(
         _generate(llm, warmup)
         results = []
         for w in workloads:
+            if w.decode_only:
+                results.append(_run_decode(llm.engine, w))
+                continue
             before = llm.engine.stats()
             load0 = loadavg_1m()
             t0 = time.perf_counter()
@@ -58,6 +64,27 @@ def run_moeserve(
     finally:
         del llm
         gc.collect()
+
+
+def _run_decode(engine: LLMEngine, w: Workload) -> RunResult:
+    """The batch submitted at once to the engine core (token ids in and out, as vLLM's side
+    does), timed by DecodeClock from the step that gave every request its first token."""
+    load0 = loadavg_1m()
+    clock = DecodeClock(len(w.requests), time.perf_counter())
+    for i, r in enumerate(w.requests):
+        params = SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+        engine.add_request(EngineRequest(f"{w.name}-{i}", list(r.prompt_token_ids), params))
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        clock.step(time.perf_counter(), [(o.request_id, len(o.new_token_ids)) for o in outs])
+    t = clock.result()
+    notes = [
+        f"decode only: {t.decode_tokens} tokens after the first of each of {len(w.requests)}, "
+        f"prefill {t.prefill_s:.2f}s excluded"
+    ]
+    if t.total_tokens != w.num_output_tokens:
+        notes.append(f"produced {t.total_tokens} tokens, asked {w.num_output_tokens}")
+    return RunResult(SYSTEM, w.name, t.decode_tokens, t.decode_s, (load0, loadavg_1m()), notes)
 
 
 def _generate(llm: LLM, w: Workload) -> list[int]:

@@ -24,12 +24,12 @@ def ratio(results: dict[str, RunResult], system: str, baseline: str) -> float | 
 Runs = dict[str, dict[str, RunResult]]  # workload -> system -> result (one round)
 
 
-def median_round(rounds: list[Runs]) -> Runs:
+def median_round(rounds: list[Runs], systems: tuple[str, ...] | list[str] = SYSTEMS) -> Runs:
     """Per (workload, system), the round whose tok/s is the median (the lower one of an even
     count): the figure a repeated run reports."""
     out: Runs = {}
     for w in dict.fromkeys(name for runs in rounds for name in runs):
-        for system in SYSTEMS:
+        for system in systems:
             got = sorted(
                 (runs[w][system] for runs in rounds if system in runs.get(w, {})),
                 key=lambda r: r.output_tokens_per_s,
@@ -57,7 +57,7 @@ def format_table(
     several rounds, by_workload is their median_round and each workload gets a line with the
     ratio of every round."""
     head = (
-        f"{'workload':<8} {'system':<13} {'out tok/s':>10} {'vs transformers':>16} "
+        f"{'workload':<10} {'system':<13} {'out tok/s':>10} {'vs transformers':>16} "
         f"{'vs vllm':>8} {'wall s':>8} {'out tokens':>10} {'load1m':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -67,11 +67,11 @@ def format_table(
             r = runs.get(system)
             if r is None:
                 why = missing.get(system, "not run")
-                lines.append(f"{w.name:<8} {system:<13} {'n/a':>10}   ({why})")
+                lines.append(f"{w.name:<10} {system:<13} {'n/a':>10}   ({why})")
                 continue
             cells = [_fmt_ratio(ratio(runs, system, b)) for b in BASELINES]
             lines.append(
-                f"{w.name:<8} {system:<13} {r.output_tokens_per_s:>10.1f} {cells[0]:>16} "
+                f"{w.name:<10} {system:<13} {r.output_tokens_per_s:>10.1f} {cells[0]:>16} "
                 f"{cells[1]:>8} {r.elapsed_s:>8.1f} {r.output_tokens:>10} {max(r.loadavg):>6.1f}"
             )
         if rounds is not None and len(rounds) > 1:
@@ -79,7 +79,7 @@ def format_table(
                 xs = round_ratios(rounds, w.name, b)
                 if xs:
                     lines.append(
-                        f"{w.name:<8} moeserve / {b} by round: "
+                        f"{w.name:<10} moeserve / {b} by round: "
                         + " ".join(_fmt_ratio(x) for x in xs)
                     )
         lines.append("")

@@ -368,7 +368,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _machine(runs: list[TargetRun]) -> dict:
-    from serve_app.bench.engine_bench import machine_info
+    from serve_app.bench.machine import machine_info
 
     ran_vllm = any(r.passes for r in runs if r.source == "launch vllm")
     machine = machine_info(vllm_version() if ran_vllm else None)

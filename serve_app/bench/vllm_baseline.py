@@ -30,6 +30,7 @@ class VllmRun:
     results: list[RunResult] = field(default_factory=list)
     unavailable: str | None = None
     version: str | None = None
+    dtype: str | None = None  # what vLLM ran the weights at
 
 
 def vllm_python(venv: Path | None = None) -> Path | None:
@@ -66,14 +67,20 @@ def run_vllm(
     config: BenchConfig,
     log_path: Path,
 ) -> VllmRun:
+    """model_dir as is: a float checkpoint runs at config.vllm_float_dtype (vLLM on CPU does
+    not quantize at load), a pre-quantized one (AWQ / GPTQ / W8A8) as its config says."""
     py = vllm_python()
     if py is None:
         return VllmRun(unavailable=".venv-vllm missing (make bench-vllm-venv)")
     job = {
         "model": str(Path(model_dir).resolve()),
+        "dtype": config.vllm_float_dtype,
         "config": asdict(config),
         "warmup": _requests(warmup),
-        "workloads": [{"name": w.name, "requests": _requests(w)} for w in workloads],
+        "workloads": [
+            {"name": w.name, "requests": _requests(w), "decode_only": w.decode_only}
+            for w in workloads
+        ],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
@@ -103,11 +110,11 @@ def run_vllm(
             r["output_tokens"],
             r["elapsed_s"],
             tuple(r["loadavg"]),
-            [f"vllm {data['vllm_version']}", *r["notes"]],
+            [f"vllm {data['vllm_version']} {data.get('dtype', '')}".strip(), *r["notes"]],
         )
         for r in data["results"]
     ]
-    return VllmRun(results, version=data["vllm_version"])
+    return VllmRun(results, version=data["vllm_version"], dtype=data.get("dtype"))
 
 
 def _requests(w: Workload) -> list[dict]:

@@ -45,7 +45,7 @@ def main() -> int:
     cfg = job["config"]
     llm = LLM(
         model=job["model"],
-        dtype="float32",
+        dtype=job["dtype"],
         enforce_eager=True,
         max_model_len=cfg["max_model_len"],
         max_num_seqs=cfg["max_num_seqs"],
@@ -62,10 +62,72 @@ def main() -> int:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
+    def decode(requests: list) -> tuple[int, float, float, int]:
+        """serve_app/bench/decode_clock.py's DecodeClock, inlined (we import nothing of
+        serve_app here): (decode tokens, decode s, prefill s, total tokens)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = llm.llm_engine
+        t_submit = time.perf_counter()
+        for i, r in enumerate(requests):
+            engine.add_request(
+                f"decode-{i}",
+                TokensPrompt(prompt_token_ids=r["prompt_token_ids"]),
+                SamplingParams(
+                    max_tokens=r["max_tokens"],
+                    ignore_eos=True,
+                    temperature=0.0,
+                    detokenize=False,  # token ids out, as moeserve's engine core gives
+                    output_kind=RequestOutputKind.DELTA,
+                ),
+            )
+        started: set = set()
+        t_first = t_last = None
+        decode_tokens = total = 0
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            now = time.perf_counter()
+            produced = 0
+            for o in outs:
+                n = len(o.outputs[0].token_ids) if o.outputs else 0
+                produced += n
+                if n:
+                    started.add(o.request_id)
+            total += produced
+            if t_first is None:
+                if len(started) >= len(requests):
+                    t_first = now
+            elif produced:
+                decode_tokens += produced
+                t_last = now
+        if t_first is None:
+            raise RuntimeError("not every request produced a token")
+        last = t_last if t_last is not None else t_first
+        return decode_tokens, last - t_first, t_first - t_submit, total
+
     generate(job["warmup"])
     results = []
     for w in job["workloads"]:
         load0 = _loadavg()
+        if w.get("decode_only"):
+            tokens, seconds, prefill_s, total = decode(w["requests"])
+            asked = sum(r["max_tokens"] for r in w["requests"])
+            notes = [
+                f"decode only: {tokens} tokens after the first of each of {len(w['requests'])}, "
+                f"prefill {prefill_s:.2f}s excluded"
+            ]
+            if total != asked:
+                notes.append(f"produced {total} tokens, asked {asked}")
+            results.append(
+                {
+                    "workload": w["name"],
+                    "output_tokens": tokens,
+                    "elapsed_s": seconds,
+                    "loadavg": [load0, _loadavg()],
+                    "notes": notes,
+                }
+            )
+            continue
         t0 = time.perf_counter()
         produced = generate(w["requests"])
         elapsed = time.perf_counter() - t0
@@ -83,6 +145,7 @@ def main() -> int:
     json.dump(
         {
             "vllm_version": importlib.metadata.version("vllm"),
+            "dtype": str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
             "torch_version": torch.__version__,
             "results": results,
         },

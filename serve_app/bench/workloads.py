@@ -34,6 +34,9 @@ class Workload:
     name: str
     requests: list[BenchRequest]
     definition: dict  # the spec that produced it, for the JSON report
+    # True: the systems time it from the moment every request has its first token and count
+    # only the tokens after it (decode tok/s, prefill excluded); False: end to end
+    decode_only: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -109,7 +112,36 @@ class PrefixSpec:
         return self.prefix_len + self.suffix_len + self.output_len
 
 
-WorkloadSpec = RandomSpec | FixedSpec | PrefixSpec
+@dataclass(frozen=True, slots=True)
+class DecodeSpec:
+    """Exactly batch_size short prompts submitted at once, long outputs: decode speed at one
+    batch size, where every step streams the active weights (timed from the first tokens)."""
+
+    batch_size: int = 1
+    min_input: int = 16
+    max_input: int = 32
+    output_len: int = 256
+    seed: int = 4
+
+    def __post_init__(self) -> None:
+        _check_positive(self.batch_size, "batch_size")
+        _check_range(self.min_input, self.max_input, "input")
+        # NOTE: at least 2: the first token is prefill's, the decode rate counts the rest
+        if not isinstance(self.output_len, int) or self.output_len < 2:
+            raise ValueError(f"output_len must be an integer >= 2, got {self.output_len!r}")
+
+    @property
+    def num_prompts(self) -> int:
+        return self.batch_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_input + self.output_len
+
+
+WorkloadSpec = RandomSpec | FixedSpec | PrefixSpec | DecodeSpec
+
+DECODE_BATCHES = (1, 8, 64)
 
 # Distinct seeds: workloads that shared a seed would share leading token ids, and the engines'
 # prefix caches would then carry hits from one workload into the next.
@@ -118,6 +150,39 @@ DEFAULT_SPECS: dict[str, WorkloadSpec] = {
     "fixed": FixedSpec(seed=2),
     "prefix": PrefixSpec(seed=3),
 }
+
+
+def decode_specs(
+    batches: Sequence[int] = DECODE_BATCHES, output_len: int = 256, seed: int = 4
+) -> dict[str, DecodeSpec]:
+    """The `decode` workload: one row per batch size (`decode-b1`, `decode-b8`, ...). Each
+    batch gets its own seed, so no batch's prompts are a prefix cache hit for another's."""
+    if not batches:
+        raise ValueError("decode needs at least one batch size")
+    return {
+        f"decode-b{b}": DecodeSpec(batch_size=b, output_len=output_len, seed=seed * 1000 + b)
+        for b in batches
+    }
+
+
+def resolve_specs(
+    names: Sequence[str],
+    num_prompts: int | None = None,
+    decode_batches: Sequence[int] = DECODE_BATCHES,
+    decode_output_len: int = 256,
+) -> list[tuple[str, WorkloadSpec]]:
+    """--workloads names to (row name, spec): `decode` expands to one row per batch size;
+    num_prompts resizes the others (a decode row's prompt count is its batch size)."""
+    out: list[tuple[str, WorkloadSpec]] = []
+    for name in names:
+        if name == "decode":
+            out.extend(decode_specs(decode_batches, decode_output_len).items())
+        elif name in DEFAULT_SPECS:
+            spec = DEFAULT_SPECS[name]
+            out.append((name, spec if num_prompts is None else with_num_prompts(spec, num_prompts)))
+        else:
+            raise ValueError(f"unknown workload {name!r}; workloads: {[*DEFAULT_SPECS, 'decode']}")
+    return out
 
 
 def with_num_prompts(spec: WorkloadSpec, num_prompts: int) -> WorkloadSpec:
@@ -139,6 +204,8 @@ def fit_to_model_len(spec: WorkloadSpec, max_model_len: int) -> WorkloadSpec:
         return replace(spec, max_input=spec.max_input - excess)
     if isinstance(spec, FixedSpec) and spec.input_len > excess:
         return replace(spec, input_len=spec.input_len - excess)
+    if isinstance(spec, DecodeSpec) and spec.output_len - excess >= 2:
+        return replace(spec, output_len=spec.output_len - excess)
     raise ValueError(f"{spec} does not fit max_model_len {max_model_len}")
 
 
@@ -178,10 +245,17 @@ def build_workload(name: str, spec: WorkloadSpec, pool: Sequence[int]) -> Worklo
                 reqs.append(
                     BenchRequest(prefix + _ids(rng, pool, spec.suffix_len), spec.output_len)
                 )
+    elif isinstance(spec, DecodeSpec):
+        reqs = [
+            BenchRequest(
+                _ids(rng, pool, rng.randint(spec.min_input, spec.max_input)), spec.output_len
+            )
+            for _ in range(spec.batch_size)
+        ]
     else:
         raise TypeError(f"unknown workload spec {type(spec).__name__}")
     definition = {"kind": type(spec).__name__, **asdict(spec), "num_prompts": len(reqs)}
-    return Workload(name, reqs, definition)
+    return Workload(name, reqs, definition, decode_only=isinstance(spec, DecodeSpec))
 
 
 def _ids(rng: random.Random, pool: Sequence[int], n: int) -> list[int]:

@@ -29,7 +29,8 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a small random-weight HF checkpoint + tokenizer")
     archs = ["qwen3_moe", "qwen2_moe", "mixtral", "llama", "deepseek_v3", "deepseek_v2"]
     p.add_argument("--arch", required=True, choices=archs)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    # medium: benchmarks only (~1.3B parameters, 5 GB in fp32; docs/benchmarks.md)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
@@ -64,7 +65,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     e = bsub.add_parser("engine", help="offline throughput vs transformers and vLLM")
     e.add_argument("--model", default="models/qwen3_moe-small")
-    e.add_argument("--workloads", default="random,fixed,prefix")
+    e.add_argument(
+        "--workloads",
+        default="random,fixed,prefix",
+        help="comma list of random, fixed, prefix, decode (decode: one row per --decode-batches)",
+    )
     e.add_argument("--out", default="bench_results")
     e.add_argument("--num-prompts", type=int, default=None, help="override prompt counts")
     e.add_argument("--skip", default="", help="comma list of systems to skip")
@@ -72,6 +77,34 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--repeat", type=int, default=1, help="rounds of every system in turn (median shown)"
     )
     _add_quantization(e, "moeserve's weights")
+    e.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),  # serve_app.bench.config.BENCH_DTYPES
+        default="float32",
+        help="float dtype of moeserve's (and transformers') weights and activations, and "
+        "vLLM's --dtype unless --vllm-dtype says otherwise",
+    )
+    e.add_argument(
+        "--modes",
+        default=None,
+        help="comma list of moeserve weight modes run in turn, e.g. fp32,bf16,int8,int4 (or "
+        "bf16+int8): one table with each mode's ratio over the first and over vLLM "
+        "(transformers not run); replaces --quantization",
+    )
+    e.add_argument(
+        "--vllm-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="vLLM's --dtype (default: --dtype); vLLM on CPU does not quantize at load",
+    )
+    e.add_argument(
+        "--vllm-model",
+        default=None,
+        help="checkpoint for vLLM, passed as is (e.g. a pre-quantized AWQ / GPTQ / W8A8 one); "
+        "default: --model",
+    )
+    e.add_argument("--decode-batches", default="1,8,64", help="decode workload: batch sizes")
+    e.add_argument("--decode-output-len", type=int, default=256, help="decode workload: tokens out")
     e.set_defaults(func=_lazy("serve_app.bench.engine_bench:run_engine_bench"))
     pc = bsub.add_parser("prefix-cache", help="TTFT: cold vs Redis-shared vs local prefix hit")
     pc.add_argument("--model", default="models/qwen3_moe-small")

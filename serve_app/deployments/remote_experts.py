@@ -138,18 +138,27 @@ class RemoteExperts(ExpertExecutor):
     async def unavailable_shards(self, timeout_s: float = 2.0) -> list[int]:
         """Shards that do not answer a ping within timeout_s: dead, being recreated, or
         waiting for a node with the resources they need. For health reports, not the step."""
+        answers = await self._ask_each(lambda handle: handle.ping.remote(), timeout_s)
+        return [s for s, answer in enumerate(answers) if answer is None]
 
-        async def down(shard: int) -> bool:
+    async def shard_infos(self, timeout_s: float = 2.0) -> list[dict | None]:
+        """Each shard's `info()` (owned experts, weight_bytes as held, pid, device, node), or
+        None where it does not answer within timeout_s: liveness and sizes in one round trip.
+        For health reports, not the step."""
+        return await self._ask_each(lambda handle: handle.info.remote(), timeout_s)
+
+    async def _ask_each(self, call: Callable[[Any], Any], timeout_s: float) -> list[Any]:
+        """call(handle) on every shard at once; None for a shard that fails or is silent."""
+
+        async def ask(shard: int) -> Any:
             try:
                 handle = self._handles[shard] or self._resolve(shard)
-                await asyncio.wait_for(handle.ping.remote(), timeout_s)
-                return False
+                return await asyncio.wait_for(call(handle), timeout_s)
             except (ValueError, RayError, asyncio.TimeoutError):
                 self._handles[shard] = None  # the step re-resolves it by name
-                return True
+                return None
 
-        flags = await asyncio.gather(*(down(s) for s in range(len(self._handles))))
-        return [s for s, is_down in enumerate(flags) if is_down]
+        return list(await asyncio.gather(*(ask(s) for s in range(len(self._handles)))))
 
     def _wait(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float) -> torch.Tensor:
         while True:

@@ -140,12 +140,20 @@ class Router:
 
     async def health(self) -> dict:
         """The engine's health; `degraded` (HTTP 503 on /health) while an expert shard does
-        not answer, e.g. no node has the resources to recreate it."""
+        not answer, e.g. no node has the resources to recreate it. With expert shards,
+        `weights.shard_bytes` lists each shard's weight bytes as held (None: no answer);
+        `weights.bytes` is this replica's own (everything but the routed experts)."""
         h = self.engine.health()
         if self.experts is not None:
             h["expert_shard_retries"] = self.experts.num_retries
-            down = await self.experts.unavailable_shards()
+            # one info() per shard: liveness and the bytes each holds (which rebalancing moves)
+            infos = await self.experts.shard_infos()
+            down = [s for s, info in enumerate(infos) if info is None]
             h["experts_unavailable"] = down
+            if "weights" in h:
+                h["weights"]["shard_bytes"] = [
+                    None if info is None else info["weight_bytes"] for info in infos
+                ]
             if down and h["status"] == "ok":
                 h["status"] = "degraded"
         return h

@@ -110,6 +110,26 @@ PRESETS: dict[str, Preset] = {
         mixtral_sliding_window=None,
         initializer_range=0.1,
     ),
+    # Benchmarks only, never tests: ~1.1B parameters (4.4 GB in fp32), far beyond a 32 MB L3, so
+    # a decode step streams its active weights from memory as a real MoE does. The MoE archs
+    # take Qwen3-30B-A3B's proportions (top-8 of 64 small experts, 4 KV heads); llama is dense
+    # at the MoE models' active size (dense_intermediate = top_k * moe_intermediate).
+    "medium": Preset(
+        hidden_size=1024,
+        num_layers=14,
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=64,
+        num_experts=64,
+        top_k=8,
+        moe_intermediate=384,
+        shared_intermediate=1536,
+        dense_intermediate=3072,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        mixtral_sliding_window=None,
+        initializer_range=0.07,
+    ),
 }
 
 
@@ -173,6 +193,38 @@ DEEPSEEK_PRESETS: dict[str, Preset] = {
             n_shared_experts=1,
             n_group=4,
             topk_group=2,
+            routed_scaling_factor=2.5,
+            yarn_factor=4.0,
+            yarn_original_max_position=1024,
+        ),
+    ),
+    # Benchmarks only: small's MLA shapes, 11 layers (the first dense) of 64 routed experts,
+    # top-6 in 8 groups (4 kept) and 1 shared: ~1.1B parameters, ~0.2B active.
+    "medium": Preset(
+        hidden_size=1024,
+        num_layers=11,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=64,
+        num_experts=64,
+        top_k=6,
+        moe_intermediate=512,
+        shared_intermediate=512,
+        dense_intermediate=2048,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        mixtral_sliding_window=None,
+        initializer_range=0.06,
+        mla=MLAPreset(
+            q_lora_rank=384,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            n_group=8,
+            topk_group=4,
             routed_scaling_factor=2.5,
             yarn_factor=4.0,
             yarn_original_max_position=1024,
@@ -428,7 +480,11 @@ def make_model(
     # NOTE: len(tokenizer), not p.vocab_size: the BPE trainer may stop short of the target,
     # and the embedding must cover exactly the ids the tokenizer can produce.
     model = build_model(arch, preset, len(tokenizer), ids, seed, variant)
-    model.save_pretrained(out, safe_serialization=True)
+    # 1 GB shards: files vLLM and our loader read as one checkpoint; tiny and small still fit
+    # one model.safetensors, byte-identical as before. NOTE: the save first copies the fused
+    # expert weights into per-expert tensors (transformers' revert_weight_conversion, whole
+    # model): the peak is ~1.7x the fp32 weights (qwen3_moe medium: 7.4 GB).
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="1GB")
     tokenizer.save_pretrained(out)
     n = count_parameters(model, arch, p)
     print(f"{arch}/{preset}: {n.total / 1e6:.2f}M parameters ({n.active / 1e6:.2f}M active)")

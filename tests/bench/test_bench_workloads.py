@@ -6,11 +6,13 @@ import pytest
 
 from serve_app.bench.workloads import (
     DEFAULT_SPECS,
+    DecodeSpec,
     FixedSpec,
     PrefixSpec,
     RandomSpec,
     build_workload,
     fit_to_model_len,
+    resolve_specs,
     token_pool,
     with_num_prompts,
 )
@@ -119,3 +121,29 @@ def test_invalid_specs_raise() -> None:
         PrefixSpec(prefix_len=0)
     with pytest.raises(ValueError):
         build_workload("x", FixedSpec(), [])
+
+
+def test_decode_is_one_row_per_batch_of_exactly_batch_short_prompts() -> None:
+    specs = resolve_specs(["fixed", "decode"], 8, decode_batches=[1, 8, 64], decode_output_len=128)
+    assert [name for name, _ in specs] == ["fixed", "decode-b1", "decode-b8", "decode-b64"]
+    assert specs[0][1].num_prompts == 8  # --num-prompts resizes the others only
+    rows = [build_workload(name, spec, POOL) for name, spec in specs[1:]]
+    assert [len(w.requests) for w in rows] == [1, 8, 64]
+    for w in rows:
+        assert w.decode_only and w.definition["kind"] == "DecodeSpec"
+        assert all(16 <= len(r.prompt_token_ids) <= 32 for r in w.requests)
+        assert all(r.max_tokens == 128 for r in w.requests)
+    # distinct seeds per batch: no batch's prompts start like another's
+    firsts = [{tuple(r.prompt_token_ids[:8]) for r in w.requests} for w in rows]
+    assert firsts[0].isdisjoint(firsts[1]) and firsts[1].isdisjoint(firsts[2])
+    assert not build_workload("fixed", specs[0][1], POOL).decode_only
+
+
+def test_decode_specs_fit_and_validate() -> None:
+    assert fit_to_model_len(DecodeSpec(output_len=256), 200).output_len == 200 - 32
+    with pytest.raises(ValueError):
+        DecodeSpec(output_len=1)  # no token after the first: no decode rate
+    with pytest.raises(ValueError):
+        resolve_specs(["decode"], decode_batches=[])
+    with pytest.raises(ValueError, match="unknown workload"):
+        resolve_specs(["nope"])

@@ -37,6 +37,13 @@ def _wait_idle(app, timeout: float = 60) -> dict:
         time.sleep(0.2)
 
 
+def test_health_reports_each_expert_shards_weight_bytes(serve_app):
+    weights = _wait_idle(serve_app)["weights"]
+    shards = weights["shard_bytes"]
+    assert len(shards) == 2 and all(isinstance(b, int) and b > 0 for b in shards), weights
+    assert weights["bytes"] > 0  # the router's own: attention, norms, embeddings, routers
+
+
 def test_greedy_outputs_match_in_process_engine(serve_app):
     client = _client(serve_app)
     local = LLM(str(serve_app.model), num_kv_blocks=128, max_model_len=512)

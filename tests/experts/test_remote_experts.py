@@ -147,6 +147,10 @@ def test_unavailable_shards_names_dead_and_unresolvable_shards(ray_cluster, qwen
 
     remote = RemoteExperts(placement, resolve)
     assert asyncio.run(remote.unavailable_shards(timeout_s=10)) == [1]
+    # /health's weights.shard_bytes: each live shard's bytes as held, None for a silent one
+    infos = asyncio.run(remote.shard_infos(timeout_s=10))
+    assert infos[1] is None and infos[0]["owned"] == list(placement.shards[0])
+    assert infos[0]["weight_bytes"] > 0
     ray_cluster.kill(actors[0], no_restart=True)
     gone.clear()
     # ray.kill returns before the actor is gone: a ping may still be answered just after it.

@@ -192,3 +192,28 @@ def test_unknown_arch_or_preset_raises(tmp_path: Path, arch: str, preset: str) -
     with pytest.raises(ValueError, match="supported: .*qwen3_moe|supported: .*tiny"):
         make_model(arch, preset, tmp_path / "x", seed=0)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_every_preset_is_offered_by_the_cli(arch: str) -> None:
+    from serve_app.cli.main import build_parser
+
+    for preset in ARCHS[arch].preset_table:
+        args = ["make-model", "--arch", arch, "--preset", preset, "--out", "x"]
+        assert build_parser().parse_args(args).preset == preset
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_medium_is_1_to_2b_parameters_far_beyond_the_l3(arch: str) -> None:
+    """Counted on the meta device: the shapes only, no 4 GB of weights (benchmarks build it)."""
+    import transformers
+
+    from serve_app.tools.make_model import TokenIds, _common, count_parameters, resolve
+
+    spec, p = resolve(arch, "medium")
+    config = spec.build_config(p, _common(p, p.vocab_size, TokenIds(0, 1)))
+    with torch.device("meta"):
+        model = getattr(transformers, spec.model_class)(config)
+    n = count_parameters(model, arch, p)
+    assert 1.0e9 <= n.total <= 2.0e9
+    assert n.active * 2 > 8 * 32 * 2**20  # even in bf16, a token's weights are 8x a 32 MB L3
