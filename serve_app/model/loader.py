@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from serve_app.lora.peft_format import BaseShapes
+from serve_app.model import lora_targets
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
@@ -85,6 +86,7 @@ def load_model(
         if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
             module.after_load()
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
+    lora_targets.tag(model)  # after every module replacement
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
         block.experts = experts
