@@ -85,7 +85,7 @@ def build_parts(
         config.num_micro_batches if experts.is_remote else 1,
     )
     lora = LoraRegistry(
-        base_shapes(config.model), lora_targets.targets(model), config.max_lora_rank,
+        base_shapes(config.model, spec), lora_targets.targets(model), config.max_lora_rank,
         experts_in_process=not experts.is_remote,
     )  # fmt: skip
     for name, path in config.lora_adapters:

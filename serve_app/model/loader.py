@@ -150,10 +150,10 @@ def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> No
     model.model.rotary.scaling = scaling
 
 
-def base_shapes(model_dir: str | Path) -> BaseShapes:
+def base_shapes(model_dir: str | Path, spec: ModelSpec | None = None) -> BaseShapes:
     """The checkpoint's linear and expert shapes, from its safetensors headers: what a LoRA
     adapter is checked against (serve_app/lora/peft_format.py)."""
-    spec = load_model_spec(model_dir)
+    spec = spec or load_model_spec(model_dir)
     linears: dict[str, tuple[int, int]] = {}
     experts: dict[int, tuple[int, int, int]] = {}
     for file in weight_files(model_dir):
