@@ -20,6 +20,13 @@ def root_hash(seed: int, namespace: str) -> bytes:
     return hashlib.sha256(_DOMAIN + struct.pack("<q", seed) + namespace.encode()).digest()
 
 
+def adapter_root(root: bytes, adapter_digest: str) -> bytes:
+    """The chain root of a request that runs a LoRA adapter: its KV differs from the base
+    model's, so its blocks never meet the base model's or another adapter's. Keyed by the
+    adapter's content digest, not its name, so a reload with new weights shares nothing."""
+    return hashlib.sha256(root + b"lora:" + adapter_digest.encode()).digest()
+
+
 def hash_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """sha256(parent || token ids as little-endian uint32). Platform-independent by construction."""
     return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}I", *token_ids)).digest()

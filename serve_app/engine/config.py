@@ -71,6 +71,9 @@ class EngineConfig:
     quantization: str = "none"
     # int4 group size; None = 128, or the largest of 64 / 32 dividing each matrix's K.
     quantization_group_size: int | None = None
+    # LoRA adapters loaded at start, (name, PEFT directory) pairs; requests pick one by name.
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+    max_lora_rank: int = 64  # an adapter of a higher rank is refused at load
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -124,6 +127,13 @@ class EngineConfig:
             or self.quantization_group_size in QUANT_GROUP_SIZES,
             "quantization_group_size",
             f"must be one of {QUANT_GROUP_SIZES} (or null), got {self.quantization_group_size}",
+        )
+        require(self.max_lora_rank >= 1, "max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
+        names = [name for name, _ in self.lora_adapters]
+        require(
+            len(set(names)) == len(names) and all(names),
+            "lora_adapters",
+            f"names must be unique and non-empty, got {names}",
         )
         require(
             self.max_waiting_requests >= 1,

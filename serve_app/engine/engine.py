@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from serve_app.engine.block_hash import root_hash
+from serve_app.engine.block_hash import adapter_root, root_hash
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache_manager import KVCacheManager
 from serve_app.engine.outputs import EngineOutput, EngineRequest
@@ -42,6 +42,7 @@ class LLMEngine:
         self.max_model_len = parts.max_model_len
         self.model_digest = parts.model_digest
         self.connector = parts.connector
+        self.lora = parts.lora
         self.expert_token_counts = parts.expert_token_counts
         self.kv = KVCacheManager(
             parts.num_kv_blocks,
@@ -90,6 +91,11 @@ class LLMEngine:
                 f"logit_bias has token ids outside [0, {vocab}): {bad[:5]}", "logit_bias"
             )
         req = Request(request.request_id, ids, params, self.eos_token_ids, max_tokens)
+        if request.lora is not None:
+            adapter = self.lora.get(request.lora)
+            if adapter is None:
+                raise InvalidRequestError(f"LoRA adapter {request.lora!r} is not loaded", "model")
+            req.lora, req.hash_root = adapter, adapter_root(self.kv.root_hash, adapter.digest)
         if params.structured is not None:  # one matcher per sequence
             req.grammar = self.grammars.matcher(params.structured)
         return req

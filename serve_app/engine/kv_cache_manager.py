@@ -58,7 +58,10 @@ class KVCacheManager:
         """Hash the request's newly completed full blocks (prompt and generated tokens)."""
         if self.enable_caching:
             extend_block_hashes(
-                request.block_hashes, request.all_token_ids, self.block_size, self.root_hash
+                request.block_hashes,
+                request.all_token_ids,
+                self.block_size,
+                request.hash_root or self.root_hash,
             )
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:

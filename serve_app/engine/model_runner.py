@@ -15,6 +15,7 @@ from serve_app.engine.outputs import SamplerOutput
 from serve_app.engine.request import Request
 from serve_app.engine.sampler import Sampler, token_logprobs
 from serve_app.engine.scheduler import SchedulerOutput
+from serve_app.lora.batch import LoraBatch
 from serve_app.model.config import ModelSpec
 from serve_app.model.decoder import CausalLM, MicroBatch
 from serve_app.model.layers.attention import (
@@ -160,8 +161,10 @@ class ModelRunner:
         sample_reqs: list[Request] = []
         prompt_lp: list[tuple[Request, int, int]] = []
         slot_parts: list[torch.Tensor] = []
+        row_adapters: list = []  # each row's LoRA adapter (None: the base model)
         for i in order:
             req, n = sched.requests[i], sched.num_new_tokens[i]
+            row_adapters.extend([req.lora] * n)
             start = req.num_computed_tokens - n  # scheduler already advanced it
             end = start + n
             table = block_ids[req.request_id]
@@ -205,7 +208,9 @@ class ModelRunner:
         )
         input_ids = tensor_to_device(ids, self.device)
         pos = tensor_to_device(positions, self.device)
-        return _Built(MicroBatch(input_ids, pos, meta), sample_rows, sample_reqs, prompt_lp)
+        lora = LoraBatch.build(row_adapters, self.device)
+        batch = MicroBatch(input_ids, pos, meta, lora)
+        return _Built(batch, sample_rows, sample_reqs, prompt_lp)
 
     # ---- whole-block copies for the shared prefix cache (L layers, n blocks) ----------------
 

@@ -38,6 +38,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # the name of a loaded LoRA adapter; None: the base model
 
 
 @dataclass(slots=True)

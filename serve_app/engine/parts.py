@@ -20,11 +20,13 @@ from serve_app.engine.config import ConfigError, EngineConfig
 from serve_app.engine.kv_budget import num_kv_blocks
 from serve_app.engine.kv_connector import KVConnector, KVConnectorFactory
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
+from serve_app.lora.registry import LoraRegistry
+from serve_app.model import lora_targets
 from serve_app.model.config import ModelSpec
 from serve_app.model.digest import model_digest
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.moe import count_expert_tokens
-from serve_app.model.loader import load_model
+from serve_app.model.loader import base_shapes, load_model
 from serve_app.model.quant.checkpoint import held_quantization
 from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.linear import weight_bytes
@@ -51,6 +53,7 @@ class EngineParts:
     expert_token_counts: torch.Tensor | None  # tokens routed per expert (in-process counts)
     weight_bytes: int  # the replica's weights as held (quantized or not), in-process experts too
     quantization: str  # Quantization.tag() of those weights ("none", "int8", "int4-g128")
+    lora: LoraRegistry  # the LoRA adapters requests may name (config.lora_adapters at start)
 
 
 def build_parts(
@@ -85,6 +88,12 @@ def build_parts(
         dtype,
         config.num_micro_batches if experts.is_remote else 1,
     )
+    lora = LoraRegistry(
+        base_shapes(config.model, spec), lora_targets.targets(model), config.max_lora_rank,
+        experts_in_process=not experts.is_remote,
+    )  # fmt: skip
+    for name, path in config.lora_adapters:
+        lora.load(name, path)
     # KV dtype: what a block holds where it is shared (the connector may compress it).
     kv_dtype = str(dtype) if connector is None else connector.kv_dtype(str(dtype))
     digest = model_digest(
@@ -120,6 +129,7 @@ def build_parts(
         expert_token_counts=count_expert_tokens(model, spec.num_experts),
         weight_bytes=weight_bytes(model) + experts.weight_bytes(),
         quantization=held.tag(),
+        lora=lora,
     )
 
 

@@ -213,6 +213,10 @@ class Request:
     grammar: Any = None
     # Logprobs of prompt tokens 1.. (TokenLogprob), filled while the prompt is computed.
     prompt_logprobs: list = field(default_factory=list)
+    # The LoRA adapter it runs (serve_app/lora/peft_format.LoraAdapter), None: the base model;
+    # with one, its block hashes chain from hash_root (engine/block_hash.adapter_root).
+    lora: Any = None
+    hash_root: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

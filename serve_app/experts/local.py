@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.kernels import cpu as cpu_kernel
+from serve_app.lora import batch as lora_batch
+from serve_app.lora.batch import ExpertLora
 from serve_app.model.expert_executor import ExpertExecutor
 
 
@@ -80,9 +82,14 @@ class ExpertWeights:
 
 
 def run_experts(
-    w: ExpertWeights, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    w: ExpertWeights,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    lora: ExpertLora | None = None,
 ) -> torch.Tensor:
     """sum over k of weight * expert(x) for the experts in `w`; other experts contribute 0.
+    With `lora`, each routed row adds its adapter's gate_up and down deltas (unfused path).
 
     An id of -1 marks a slot that another shard serves: it is skipped like any foreign expert.
     The (token, k) slots are sorted by expert and gathered once; each expert then runs its two
@@ -114,7 +121,7 @@ def run_experts(
         if starts[expert] < starts[expert + 1]
     ]
     row_weights = topk_weights.reshape(-1)[order].to(x.dtype)
-    if w.packed and _fused_applies(w, spans, x):
+    if w.packed and lora is None and _fused_applies(w, spans, x):
         # rows land in their (k, token) slot: summing the k planes replaces a scatter-add,
         # which torch runs row by row (~10% of a prefill step); planes, not [token, k] rows,
         # so the sum is elementwise (a sum over the middle dim cost 4% of a decode run)
@@ -127,8 +134,13 @@ def run_experts(
         return planes[0] + planes[1] if k == 2 else planes.sum(0)
     inter = w.intermediate_size
     gate_up = w.gate_up(xs, spans)
+    if lora is not None:
+        experts = flat_ids[order]
+        lora.add_("gate_up", xs, token_idx, experts, gate_up)
     act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
     y = w.down(act, spans)
+    if lora is not None:
+        lora.add_("down", act, token_idx, experts, y)
     y *= row_weights[:, None]
     return out.index_add_(0, token_idx, y)
 
@@ -175,7 +187,9 @@ class LocalExperts(ExpertExecutor):
     def forward(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        return run_experts(self.layers[layer], x, topk_ids, topk_weights)
+        batch = lora_batch.current()
+        adapters = None if batch is None else batch.experts(layer)
+        return run_experts(self.layers[layer], x, topk_ids, topk_weights, adapters)
 
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.layers.values())

@@ -43,9 +43,13 @@ class OutputProcessor:
         return list(prompt)
 
     def new_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> RequestState:
-        return RequestState(request_id, prompt_token_ids, params, self.tokenizer)
+        return RequestState(request_id, prompt_token_ids, params, self.tokenizer, lora)
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,7 +63,12 @@ class RequestState:
     """One request in the front end: its engine sequences and their detokenizers."""
 
     def __init__(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer,
+        lora: str | None = None,
     ):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -70,7 +79,7 @@ class RequestState:
             if params.n > 1:  # fan out: sequence i is `<id>#i`, its seed offset by i
                 seed = None if params.seed is None else params.seed + i
                 p, rid = dataclasses.replace(params, n=1, seed=seed), f"{request_id}#{i}"
-            self.requests.append(EngineRequest(rid, prompt_token_ids, p))
+            self.requests.append(EngineRequest(rid, prompt_token_ids, p, lora))
             self._seqs[rid] = _Sequence(i, IncrementalDetokenizer(tokenizer, p, prompt_token_ids))
         self._live = params.n
         self._prompt_logprobs_sent = False

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from serve_app.lora.batch import LoraBatch, active_batch
 from serve_app.model.config import ModelSpec
 from serve_app.model.expert_executor import DoneFuture, ExpertFuture
 from serve_app.model.layers.attention import AttentionMetadata, paged_attention
@@ -36,6 +37,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
+    lora: LoraBatch | None = None  # each row's adapter, when any row has one
 
 
 class Attention(nn.Module):
@@ -149,11 +151,12 @@ class CausalLM(nn.Module):
         pending: list[tuple[torch.Tensor, ExpertFuture] | None] = [None] * len(batches)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             for i, b in enumerate(batches):
-                if pending[i] is None:
-                    pending[i] = layer.start(xs[i], rope[i], kv, b.meta)
-                else:
-                    h, ffn = pending[i]
-                    pending[i] = layer.start(h, rope[i], kv, b.meta, residual=ffn.result())
+                with active_batch(b.lora):
+                    if pending[i] is None:
+                        pending[i] = layer.start(xs[i], rope[i], kv, b.meta)
+                    else:
+                        h, ffn = pending[i]
+                        pending[i] = layer.start(h, rope[i], kv, b.meta, residual=ffn.result())
         out = []
         for p in pending:
             h, ffn = p

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from serve_app.lora.peft_format import BaseShapes
+from serve_app.model import lora_targets
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
@@ -100,6 +102,7 @@ def load_model(
             module.after_load()
     hold_linears(model, prequantized, dtype)  # after after_load: it shows the row order
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
+    lora_targets.tag(model)  # after every module replacement
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
         block.experts = experts
@@ -167,3 +170,25 @@ def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> No
     inv_freq, scaling = rope_frequencies(spec.hf_config, spec.rotary_dim)
     model.model.rotary.inv_freq = inv_freq.to(device)
     model.model.rotary.scaling = scaling
+
+
+def base_shapes(model_dir: str | Path, spec: ModelSpec | None = None) -> BaseShapes:
+    """The checkpoint's linear and expert shapes, from its safetensors headers: what a LoRA
+    adapter is checked against (serve_app/lora/peft_format.py)."""
+    spec = spec or load_model_spec(model_dir)
+    linears: dict[str, tuple[int, int]] = {}
+    experts: dict[int, tuple[int, int, int]] = {}
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                key = expert_key(spec, name)
+                if key is not None:
+                    layer, expert, proj = key
+                    if proj == "gate_up_proj" and expert is None:
+                        experts[layer] = (shape[0], shape[1] // 2, shape[2])
+                    elif proj in ("gate_proj", "w1") and expert is not None:
+                        experts[layer] = (spec.num_experts, shape[0], shape[1])
+                elif name.endswith(".weight") and len(shape) == 2:
+                    linears[name.removesuffix(".weight")] = (shape[0], shape[1])
+    return BaseShapes(linears, experts)

@@ -69,14 +69,17 @@ class LLM:
         self,
         prompts: list[str | list[int]],
         params: SamplingParams | list[SamplingParams],
+        lora: str | list[str | None] | None = None,
     ) -> list[Completion]:
-        """Run every prompt to completion; results come back in input order."""
+        """Run every prompt to completion; results come back in input order. lora: the
+        adapter (by name) of every prompt, or one per prompt (None: the base model)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        llist = lora if isinstance(lora, list) else [lora] * len(prompts)
         results: list[Completion] = []
         states: dict[str, tuple[RequestState, Completion]] = {}  # by sequence id
-        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+        for i, (prompt, p, adapter) in enumerate(zip(prompts, plist, llist, strict=True)):
             rid = f"offline-{i}"
-            state = self.processor.new_request(rid, self.processor.encode(prompt), p)
+            state = self.processor.new_request(rid, self.processor.encode(prompt), p, adapter)
             results.append(Completion(rid, state.prompt_token_ids, [Choice(k) for k in range(p.n)]))
             for req in state.requests:
                 self.engine.add_request(req)

@@ -19,16 +19,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.kernels import cpu as cpu_kernel
+from serve_app.lora import batch as lora
 
 # first module of a group -> (weight versions it was packed from, panels, bias or None)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """(F.linear(x, m.weight, m.bias) for m in linears), as one kernel call where it applies.
+    """(F.linear(x, m.weight, m.bias) for m in linears), as one kernel call where it applies,
+    plus the LoRA delta of each row's adapter where a LoRA batch is active.
 
     NOTE: the outputs may be column slices of one [T, N] tensor (not contiguous). Quantized
     linears (serve_app/model/quant/linear.py) run their own op, one call each."""
+    outs = _base(x, linears)
+    batch = lora.current()
+    if batch is not None:
+        for m, y in zip(linears, outs, strict=True):
+            batch.add_linear_(getattr(m, "lora_name", None), x, y)
+    return outs
+
+
+def _base(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
     if not all(type(m) is nn.Linear for m in linears):
         return tuple(m(x) for m in linears)
     kernel = cpu_kernel.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None

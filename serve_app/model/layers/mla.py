@@ -88,6 +88,20 @@ class MLAttention(nn.Module):
         self.w_uk = w[:, : m.qk_nope_head_dim].contiguous()  # q_nope @ w_uk: latent query
         self.w_uv = w[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous()
 
+    def lora_row_orders(self) -> dict[str, torch.Tensor]:
+        """The row order after_load() gave the permuted weights (new row i = checkpoint row
+        order[i]), so that a LoRA B matrix can be permuted alike."""
+        m, h = self.mla, self.num_heads
+        if not m.rope_interleave:
+            return {}
+        p, nope = m.qk_rope_head_dim, m.qk_nope_head_dim
+        perm = torch.cat([torch.arange(0, p, 2), torch.arange(1, p, 2)])
+        head = torch.cat([torch.arange(nope), nope + perm])
+        q_rows = (torch.arange(h)[:, None] * (nope + p) + head).reshape(-1)
+        kv_rows = torch.cat([torch.arange(m.kv_lora_rank), m.kv_lora_rank + perm])
+        q_name = "q_proj" if m.q_lora_rank is None else "q_b_proj"
+        return {q_name: q_rows, "kv_a_proj_with_mqa": kv_rows}
+
     def forward(
         self, x: torch.Tensor, cos_sin: tuple, kv_cache: tuple, meta: AttentionMetadata
     ) -> torch.Tensor:

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app.lora import batch as lora
 from serve_app.model.config import ModelSpec
 from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
+from serve_app.model.layers.linear import project
 from serve_app.model.layers.mlp import GatedMLP
 from serve_app.model.layers.routing import make_routing_rule
 
@@ -34,8 +36,12 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.keep_fp32:
-            return F.linear(x.float(), self.weight)
-        return F.linear(x, self.weight)
+            x = x.float()
+        logits = F.linear(x, self.weight)
+        batch = lora.current()
+        if batch is not None:  # an adapter may adapt the router too (PEFT's all-linear does)
+            batch.add_linear_(getattr(self, "lora_name", None), x, logits)
+        return logits
 
 
 class SparseMoeBlock(nn.Module):
@@ -77,7 +83,7 @@ class SparseMoeBlock(nn.Module):
             return routed
         shared = getattr(self, self.shared_name)(x)
         if self.shared_name == "shared_expert":
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            shared = torch.sigmoid(project(x, self.shared_expert_gate)[0]) * shared
         return _PlusShared(routed, shared)
 
 

@@ -1,0 +1,1 @@
+"""LoRA adapters on the base model: the PEFT format (peft_format.py)."""
