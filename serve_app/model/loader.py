@@ -173,22 +173,22 @@ def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> No
 
 
 def base_shapes(model_dir: str | Path, spec: ModelSpec | None = None) -> BaseShapes:
-    """The checkpoint's linear and expert shapes, from its safetensors headers: what a LoRA
-    adapter is checked against (serve_app/lora/peft_format.py)."""
+    """What a LoRA adapter is checked against (serve_app/lora/peft_format.py): the float
+    linears of the checkpoint by module name (from its safetensors headers; a pre-quantized
+    linear has no float `weight` and is not listed) and each MoE layer's routed experts."""
     spec = spec or load_model_spec(model_dir)
     linears: dict[str, tuple[int, int]] = {}
-    experts: dict[int, tuple[int, int, int]] = {}
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
+                if not name.endswith(".weight") or expert_key(spec, name) is not None:
+                    continue
                 shape = tuple(f.get_slice(name).get_shape())
-                key = expert_key(spec, name)
-                if key is not None:
-                    layer, expert, proj = key
-                    if proj == "gate_up_proj" and expert is None:
-                        experts[layer] = (shape[0], shape[1] // 2, shape[2])
-                    elif proj in ("gate_proj", "w1") and expert is not None:
-                        experts[layer] = (spec.num_experts, shape[0], shape[1])
-                elif name.endswith(".weight") and len(shape) == 2:
+                if len(shape) == 2:
                     linears[name.removesuffix(".weight")] = (shape[0], shape[1])
+    experts = {
+        layer: (spec.num_experts, spec.moe_intermediate_size, spec.hidden_size)
+        for layer, moe in enumerate(spec.moe_layers)
+        if moe
+    }
     return BaseShapes(linears, experts)
