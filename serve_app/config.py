@@ -250,6 +250,31 @@ class FaultInjection(BaseModel):
     delay_ms: float = Field(0.0, ge=0, description="Added before each request's first token.")
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters served on the base model (docs/lora.md): requests pick one by `model`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapters loaded at start: name -> PEFT LoRA directory on every node. More "
+        "are loaded at run time through POST /v1/load_lora_adapter (needs the API key).",
+    )
+    max_loras: int = Field(
+        _engine("max_loras"), ge=1, description="Adapters held per router (LRU evicted)."
+    )
+    max_lora_rank: int = Field(
+        _engine("max_lora_rank"), ge=1, description="Adapters of a higher rank are refused."
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> LoraSettings:
+        for name in self.adapters:
+            if not name or ":" in name:
+                raise ValueError(f"lora.adapters: invalid adapter name {name!r}")
+        return self
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -275,6 +300,7 @@ class AppConfig(BaseModel):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     streaming: StreamingSettings = Field(default_factory=StreamingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     fault_injection: FaultInjection | None = Field(
         None, description="Test-only faults for this version (see docs/rollouts.md)."
     )
@@ -293,6 +319,9 @@ class AppConfig(BaseModel):
             model=self.model,
             num_micro_batches=self.experts.micro_batches or (2 if self.experts.num_gpus else 1),
             num_threads=self.router.num_threads or max(1, round(self.router.num_cpus)),
+            lora_adapters=tuple(self.lora.adapters.items()),
+            max_loras=self.lora.max_loras,
+            max_lora_rank=self.lora.max_lora_rank,
             **self.engine.model_dump(),
         )
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from serve_app.engine.outputs import EngineOutput, EngineRequest, RequestOutput
+from serve_app.engine.outputs import EngineOutput, EngineRequest, LoraRef, RequestOutput
 from serve_app.engine.request import SamplingParams
+
+if TYPE_CHECKING:  # adapters.py imports api.errors; no cycle at run time
+    from serve_app.api.adapters import AdapterCatalog
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class RouteHint:
     session_key: str | None = None
     pinned: str | None = None
     session: str | None = None  # the session key only when the client gave one (replica affinity)
+    lora: LoraRef | None = None  # the LoRA adapter the request's `model` named (None: base)
 
 
 class Submitted(NamedTuple):
@@ -68,12 +72,26 @@ class EngineCore(Protocol):
 
     async def health(self) -> dict: ...
 
+    async def load_adapter(self, ref: LoraRef) -> str | None:
+        """Load (and so check) a LoRA adapter now; the reason it cannot be served, or None."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
 
 class EngineClient(Protocol):
     model_name: str
     version: str  # the model version requests are labelled with unless routing picks another
     tokenizer: Any
     max_model_len: int
+    adapters: AdapterCatalog  # the LoRA adapters served, by name (api/adapters.py)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load (or reload) a LoRA adapter and serve it as `name` (InvalidRequestError if it
+        cannot be served)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids (a string tokenized: the one time for its request)."""

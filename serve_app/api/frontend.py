@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app.api.adapters import AdapterCatalog
 from serve_app.api.client import CoreCall, EngineCore, RouteHint, Submitted
+from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams, resolve_max_tokens
 from serve_app.frontend.output_processor import OutputProcessor, RequestState
@@ -26,8 +28,11 @@ class FrontEnd:
         model_name: str,
         version: str,
         max_model_len: int,
+        adapters: dict[str, str] | None = None,
     ):
+        """adapters: the LoRA adapters served from the start, name -> PEFT directory."""
         self.core = core
+        self.adapters = AdapterCatalog(model_name, adapters)
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
         self.model_name = model_name
@@ -51,12 +56,26 @@ class FrontEnd:
         """Validate and queue; raise InvalidRequestError & co. before returning the stream."""
         ids = self.encode_prompt(prompt)
         self.check_prompt(ids, params)
-        state = self.processor.new_request(request_id, ids, params)
-        call = await self.core.add(request_id, state.requests, hint or RouteHint())
+        hint = hint or RouteHint()
+        state = self.processor.new_request(request_id, ids, params, hint.lora)
+        call = await self.core.add(request_id, state.requests, hint)
         return Submitted(_outputs(state, call), call.version)
 
     async def health(self) -> dict:
         return await self.core.health()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load (or reload) adapter `name` from `path` in the engine, then serve it under that
+        name; InvalidRequestError (a 400) with the reason when it cannot be served."""
+        ref = self.adapters.next_ref(name, path)
+        error = await self.core.load_adapter(ref)
+        if error is not None:
+            raise InvalidRequestError(error, "lora_path")
+        self.adapters.put(ref)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.remove(name)  # new requests naming it get a 404 from here on
+        await self.core.unload_adapter(name)
 
 
 async def _outputs(state: RequestState, call: CoreCall) -> AsyncIterator[RequestOutput]:

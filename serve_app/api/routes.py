@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 
 from serve_app.api import render
+from serve_app.api.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from serve_app.api.checked import checked_model_names
 from serve_app.api.client import EngineClient, RouteHint, Submitted
 from serve_app.api.errors import APIError, error_body, error_response, install_error_handlers
@@ -30,7 +31,7 @@ from serve_app.api.streaming import every_n_tokens, merge_streams, sse
 from serve_app.api.submit import discard, submit_all
 from serve_app.api.tokenize import DetokenizeRequest, TokenizeRequest
 from serve_app.engine.errors import InvalidRequestError
-from serve_app.engine.outputs import RequestOutput
+from serve_app.engine.outputs import LoraRef, RequestOutput
 from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
 from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 
@@ -97,17 +98,28 @@ def build_api_routes(
         if not any(secrets.compare_digest(token, k) for k in api_keys):
             raise APIError(401, "invalid or missing API key", "authentication_error")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != client.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
+    def check_model(name: str | None) -> LoraRef | None:
+        """The adapter `name` picks (None: the base model); a 404 for an unknown one."""
+        return client.adapters.resolve(name)
 
-    def check_body(body: RequestBody) -> None:
-        check_model(body.model)
+    def check_body(body: RequestBody) -> LoraRef | None:
+        lora = check_model(body.model)
         if unknown_fields == "reject" and (names := body.unknown_keys()):
             s = "s" if len(names) > 1 else ""  # OpenAI's wording
             raise InvalidRequestError(
                 f"Unrecognized request argument{s} supplied: {', '.join(names)}", names[0]
             )
+        return lora
+
+    async def authorize_admin(request: Request) -> None:
+        """Loading and unloading adapters change what the server runs: only with a key."""
+        if not api_keys:
+            raise APIError(
+                403,
+                "loading LoRA adapters at run time needs an API key (set MOESERVE_API_KEY)",
+                "permission_error",
+            )
+        await authorize(request)
 
     routes = APIRouter()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -130,23 +142,38 @@ def build_api_routes(
 
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {
+            "object": "list",
+            "data": [model_card(), *client.adapters.cards(client.max_model_len)],
+        }
 
     @v1.get("/models/{model:path}")
     async def model(model: str) -> dict:
         """OpenAI's retrieve: the served model's card, a 404 in OpenAI's shape for another id."""
-        check_model(model)
-        return model_card()
+        lora = check_model(model)
+        if lora is None:
+            return model_card()
+        return next(c for c in client.adapters.cards(client.max_model_len) if c["id"] == lora.name)
+
+    @v1.post("/load_lora_adapter", dependencies=[Depends(authorize_admin)])
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> dict:
+        await client.load_adapter(body.lora_name, body.lora_path)
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": True}
+
+    @v1.post("/unload_lora_adapter", dependencies=[Depends(authorize_admin)])
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> dict:
+        await client.unload_adapter(body.lora_name)
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_body(body)
+        lora = check_body(body)
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
-        hint = _route_hint(request, body.user, rid)
+        hint = _route_hint(request, body.user, rid, lora)
         submitted = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(
-            rid, client.model_name, client.tokenizer, params.n, body.echo, body.prompt_only
+            rid, _served(client, lora, body.model), client.tokenizer, params.n, body.echo, body.prompt_only
         )
         return await _respond(
             request, body.stream, body.stream_opts, submitted, kind, stream_interval
@@ -154,14 +181,14 @@ def build_api_routes(
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_body(body)
+        lora = check_body(body)
         params = body.to_sampling_params()
         ids = _apply_chat_template(client, body)
         rid = _request_id(request, "chatcmpl")
-        hint = _route_hint(request, body.user, rid)
+        hint = _route_hint(request, body.user, rid, lora)
         submitted = await client.submit(ids, params, rid, hint)
         kind = render.Chat(
-            rid, client.model_name, client.tokenizer, params.n, body.parses_tool_calls
+            rid, _served(client, lora, body.model), client.tokenizer, params.n, body.parses_tool_calls
         )
         return await _respond(
             request, body.stream, body.stream_opts, [submitted], kind, stream_interval
@@ -200,12 +227,19 @@ def _request_id(request: Request, prefix: str) -> str:
     return f"{prefix}-{given or uuid.uuid4().hex}"
 
 
-def _route_hint(request: Request, user: str | None, request_id: str) -> RouteHint:
+def _route_hint(
+    request: Request, user: str | None, request_id: str, lora: LoraRef | None = None
+) -> RouteHint:
     """Sticky per session (the `user` field, else x-session-id), else per request: all prompts
     of one request go to one version."""
     session = session_key(user, request.headers.get(SESSION_HEADER))
     pinned = request.headers.get(PIN_HEADER) or None
-    return RouteHint(session_key=session or request_id, pinned=pinned, session=session)
+    return RouteHint(session_key=session or request_id, pinned=pinned, session=session, lora=lora)
+
+
+def _served(client: EngineClient, lora: LoraRef | None, asked: str | None) -> str:
+    """The `model` a response names: the adapter as the request named it, else the base."""
+    return client.model_name if lora is None or asked is None else asked
 
 
 def _apply_chat_template(

@@ -214,6 +214,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     _add_quantization(p)
     p.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_arg,
+        metavar="NAME=DIR",
+        help="serve the PEFT LoRA adapter in DIR as model NAME (repeatable; docs/lora.md)",
+    )
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -254,6 +261,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     _add_write_policy(ray, "for this app")
     ray.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     ray.add_argument("--dashboard-port", type=int, default=8265)
+
+
+def _lora_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path or ":" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, path
 
 
 def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> None:

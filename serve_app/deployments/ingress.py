@@ -30,7 +30,7 @@ from serve_app.deployments.output_wire import ErrorRecord, Record
 from serve_app.deployments.rollout_actor import get_or_create_controller
 from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import EngineOutput, EngineRequest
+from serve_app.engine.outputs import EngineOutput, EngineRequest, LoraRef
 from serve_app.messages import Refused
 from serve_app.metrics import use_ray_metrics
 from serve_app.replica_picking.key import RouteKeys
@@ -92,6 +92,16 @@ class RouterCore:
 
     async def health(self) -> dict:
         return await self.versions.handle(self.versions.base).health.remote()
+
+    async def load_adapter(self, ref: LoraRef) -> str | None:
+        """Loaded (so checked) by one router replica of the stable version; the others load it
+        from ref.path on their first request that names it."""
+        return await self.versions.handle(self.versions.stable).load_adapter.remote(ref)
+
+    async def unload_adapter(self, name: str) -> None:
+        """The ingress stops routing it at once; the replica this reaches drops it now, the
+        others when their LRU evicts it (docs/lora.md)."""
+        await self.versions.handle(self.versions.stable).unload_adapter.remote(name)
 
 
 CHANNEL_GRACE_S = 30.0  # after the call returned, how long its last records may take
@@ -220,8 +230,9 @@ class Ingress:
         tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         core = RouterCore(versions, inbox)
         client = FrontEnd(
-            core, tokenizer, self.config.model_name, versions.base, info.max_model_len
-        )
+            core, tokenizer, self.config.model_name, versions.base, info.max_model_len,
+            self.config.lora.adapters,
+        )  # fmt: skip
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
         return create_app(

@@ -25,9 +25,10 @@ from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.deployments.replica_picker import KV_USE_STAT
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import EngineRequest
+from serve_app.engine.outputs import EngineRequest, LoraRef
 from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
+from serve_app.lora.peft_format import LoraError
 from serve_app.messages import PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
@@ -91,6 +92,18 @@ class Router:
             prefix_hash_seed=engine.config.prefix_hash_seed,
             route_key_blocks=self.config.router.affinity.max_key_blocks,
         )
+
+    async def load_adapter(self, ref: LoraRef) -> str | None:
+        """Load (or reload) a LoRA adapter now; the reason it cannot be served, or None."""
+        lora = self.engine.engine.lora
+        try:  # off the replica's event loop: it reads the adapter's files
+            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision)
+        except LoraError as e:
+            return str(e)
+        return None
+
+    async def unload_adapter(self, name: str) -> bool:
+        return self.engine.engine.lora.unload(name)
 
     async def generate_to(
         self,

@@ -74,6 +74,7 @@ class EngineConfig:
     # LoRA adapters loaded at start, (name, PEFT directory) pairs; requests pick one by name.
     lora_adapters: tuple[tuple[str, str], ...] = ()
     max_lora_rank: int = 64  # an adapter of a higher rank is refused at load
+    max_loras: int = 8  # adapters held at once (least recently used evicted first)
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -128,6 +129,7 @@ class EngineConfig:
             "quantization_group_size",
             f"must be one of {QUANT_GROUP_SIZES} (or null), got {self.quantization_group_size}",
         )
+        require(self.max_loras >= 1, "max_loras", f"must be >= 1, got {self.max_loras}")
         require(self.max_lora_rank >= 1, "max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
         names = [name for name, _ in self.lora_adapters]
         require(

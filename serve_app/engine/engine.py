@@ -19,6 +19,7 @@ from serve_app.engine.request import Request, RequestStatus, SamplingParams, res
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
+from serve_app.lora.peft_format import LoraError
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,11 @@ class LLMEngine:
             )
         req = Request(request.request_id, ids, params, self.eos_token_ids, max_tokens)
         if request.lora is not None:
-            adapter = self.lora.get(request.lora)
-            if adapter is None:
-                raise InvalidRequestError(f"LoRA adapter {request.lora!r} is not loaded", "model")
+            ref = request.lora
+            try:
+                adapter = self.lora.resolve(ref.name, ref.path, ref.revision)
+            except LoraError as e:
+                raise InvalidRequestError(str(e), "model") from e
             req.lora, req.hash_root = adapter, adapter_root(self.kv.root_hash, adapter.digest)
         if params.structured is not None:  # one matcher per sequence
             req.grammar = self.grammars.matcher(params.structured)

@@ -31,6 +31,17 @@ class SamplerOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraRef:
+    """The LoRA adapter a request runs: its name, the PEFT directory it loads from ("": one
+    the engine already holds, e.g. from its config) and the name's revision (each load
+    through the API bumps it, so an engine holding an older revision reloads it)."""
+
+    name: str
+    path: str = ""
+    revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineRequest:
     """One sequence for the engine core: its prompt as token ids, its sampling (params.n == 1;
     the front end fans n > 1 out into n of these), its grammar in params.structured."""
@@ -38,7 +49,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    lora: str | None = None  # the name of a loaded LoRA adapter; None: the base model
+    lora: LoraRef | None = None  # None: the base model
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from serve_app.engine.outputs import (
     CompletionOutput,
     EngineOutput,
     EngineRequest,
+    LoraRef,
     RequestOutput,
 )
 from serve_app.engine.request import SamplingParams
@@ -47,7 +48,7 @@ class OutputProcessor:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        lora: str | None = None,
+        lora: LoraRef | None = None,
     ) -> RequestState:
         return RequestState(request_id, prompt_token_ids, params, self.tokenizer, lora)
 
@@ -68,7 +69,7 @@ class RequestState:
         prompt_token_ids: list[int],
         params: SamplingParams,
         tokenizer,
-        lora: str | None = None,
+        lora: LoraRef | None = None,
     ):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LLMEngine
-from serve_app.engine.outputs import RequestOutput, TokenLogprob
+from serve_app.engine.outputs import LoraRef, RequestOutput, TokenLogprob
 from serve_app.engine.request import SamplingParams
 from serve_app.frontend.output_processor import OutputProcessor, RequestState
 from serve_app.kvstore.settings import KVStoreConfig
@@ -74,7 +74,8 @@ class LLM:
         """Run every prompt to completion; results come back in input order. lora: the
         adapter (by name) of every prompt, or one per prompt (None: the base model)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        llist = lora if isinstance(lora, list) else [lora] * len(prompts)
+        names = lora if isinstance(lora, list) else [lora] * len(prompts)
+        llist = [None if n is None else LoraRef(n) for n in names]  # held by the engine
         results: list[Completion] = []
         states: dict[str, tuple[RequestState, Completion]] = {}  # by sequence id
         for i, (prompt, p, adapter) in enumerate(zip(prompts, plist, llist, strict=True)):

@@ -11,7 +11,8 @@ from serve_app.api.client import RouteHint
 from serve_app.api.frontend import FrontEnd
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.errors import EngineError
-from serve_app.engine.outputs import EngineOutput, EngineRequest
+from serve_app.engine.outputs import EngineOutput, EngineRequest, LoraRef
+from serve_app.lora.peft_format import LoraError
 
 
 class LocalCore:
@@ -30,6 +31,17 @@ class LocalCore:
 
     async def health(self) -> dict:
         return self.engine.health()
+
+    async def load_adapter(self, ref: LoraRef) -> str | None:
+        lora = self.engine.engine.lora
+        try:  # off the event loop: it reads the adapter's files
+            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision)
+        except LoraError as e:
+            return str(e)
+        return None
+
+    async def unload_adapter(self, name: str) -> None:
+        self.engine.engine.lora.unload(name)
 
 
 class _LocalCall:
@@ -65,7 +77,12 @@ class _LocalCall:
 
 
 class LocalEngineClient(FrontEnd):
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, tokenizer: Any = None):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        model_name: str,
+        tokenizer: Any = None,
+    ):
         """tokenizer: the front end's own (None: loaded from the checkpoint, as the ingress
         loads it; the engine's stays with its grammars)."""
         self.engine = engine
@@ -75,4 +92,7 @@ class LocalEngineClient(FrontEnd):
 
             tokenizer = AutoTokenizer.from_pretrained(config.model)
         max_model_len = engine.engine.max_model_len
-        super().__init__(LocalCore(engine), tokenizer, model_name, model_name, max_model_len)
+        adapters = dict(config.lora_adapters)  # the engine loaded them at start
+        super().__init__(
+            LocalCore(engine), tokenizer, model_name, model_name, max_model_len, adapters
+        )

@@ -46,6 +46,7 @@ def run_server(args: argparse.Namespace) -> int:
     from serve_app.api.routes import create_app
     from serve_app.engine.config import ConfigError, EngineConfig
     from serve_app.engine.parts import quantization
+    from serve_app.lora.peft_format import LoraError
     from serve_app.metrics import get_metrics
     from serve_app.metrics.reporter import start_engine_reporter
     from serve_app.model.loader import check_quantization
@@ -61,6 +62,7 @@ def run_server(args: argparse.Namespace) -> int:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
+            lora_adapters=tuple(args.lora or ()),
         )
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
@@ -70,7 +72,11 @@ def run_server(args: argparse.Namespace) -> int:
     except QuantizationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = build_async_engine(config)
+    try:
+        engine = build_async_engine(config)
+    except LoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(
         LocalEngineClient(engine, name),

@@ -120,6 +120,7 @@ def app_config(args: argparse.Namespace, num_cpus: int):
         "experts": {"num_cpus": share, "num_threads": threads},
         "streaming": {"stream_interval": getattr(args, "stream_interval", 1)},
         "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
+        "lora": {"adapters": dict(getattr(args, "lora", None) or [])},
     }
     if policy := getattr(args, "prefix_write_policy", None):
         config["prefix_cache"] = {"write_policy": policy}

@@ -1,0 +1,96 @@
+"""The LoRA adapters the API serves, by name, and what a request's `model` field means.
+
+A request picks an adapter by naming it in `model` (or `<base>:<adapter>`, as SGLang
+accepts); the base model's name (or no `model`) is the base model. The catalog maps a name to
+its PEFT directory and a revision that each load bumps, carried to the engines as a
+`LoraRef`: an engine that does not hold that revision loads it from the path on the request
+(so router replicas that start later, or evicted it, need no broadcast). Loading and
+unloading at run time are admin routes (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`,
+vLLM's names and bodies), allowed only with an API key (MOESERVE_API_KEY): a server without
+keys refuses them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from serve_app.api.errors import APIError
+from serve_app.engine.outputs import LoraRef
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=200, description="the name requests use")
+    lora_path: str = Field(min_length=1, description="a PEFT LoRA directory on the server")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=200)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    ref: LoraRef
+    created: int
+
+
+class AdapterCatalog:
+    def __init__(self, base: str, adapters: dict[str, str] | None = None):
+        self.base = base
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        for name, path in (adapters or {}).items():
+            self._entries[name] = _Entry(LoraRef(name, str(path), 0), int(time.time()))
+
+    def resolve(self, model: str | None) -> LoraRef | None:
+        """The adapter a request's `model` names (None: the base model); a 404 in OpenAI's
+        shape for a name that is neither."""
+        if model is None or model == self.base:
+            return None
+        name = model.removeprefix(f"{self.base}:")
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model")
+        return entry.ref
+
+    def next_ref(self, name: str, path: str) -> LoraRef:
+        """The ref a load of `name` from `path` will hold once the engine has taken it."""
+        if name == self.base or ":" in name:
+            raise APIError(
+                400, f"invalid adapter name {name!r}", "invalid_request_error", "lora_name"
+            )
+        with self._lock:
+            old = self._entries.get(name)
+        return LoraRef(name, path, 0 if old is None else old.ref.revision + 1)
+
+    def put(self, ref: LoraRef) -> None:
+        with self._lock:
+            self._entries[ref.name] = _Entry(ref, int(time.time()))
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if self._entries.pop(name, None) is None:
+                raise APIError(
+                    404, f"The LoRA adapter `{name}` is not loaded.", "not_found_error", "lora_name"
+                )
+
+    def cards(self, max_model_len: int) -> list[dict]:
+        """/v1/models entries of the adapters, `parent` the base model (as vLLM lists them)."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.ref.name)
+        return [
+            {
+                "id": e.ref.name,
+                "object": "model",
+                "created": e.created,
+                "owned_by": "moeserve",
+                "root": e.ref.path,
+                "parent": self.base,
+                "max_model_len": max_model_len,
+            }
+            for e in entries
+        ]
