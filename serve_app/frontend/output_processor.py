@@ -41,7 +41,17 @@ class OutputProcessor:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return list(prompt)
+        ids = list(prompt)
+        # as vLLM's input processor: ids the tokenizer does not know cannot be detokenized
+        vocab = len(self.tokenizer)
+        bad = [
+            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt contains token ids outside [0, {vocab}): {bad[:5]}", "prompt"
+            )
+        return ids
 
     def new_request(
         self,
