@@ -68,7 +68,19 @@ def ray_serve() -> RayServe:
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_serve: RayServe) -> ServeApp:
+def qv_adapter(tmp_path_factory) -> Path:
+    """A q/v LoRA adapter of the tiny Qwen3-MoE, served by `serve_app` as model `qv`."""
+    from tests.conftest import tiny_model_dir
+    from tests.lora.test_peft_format import make_peft_adapter
+
+    out = tmp_path_factory.mktemp("lora") / "qv"
+    return make_peft_adapter(
+        tiny_model_dir("qwen3_moe"), out, seed=1, target_modules=["q_proj", "v_proj"]
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_serve: RayServe, qv_adapter: Path) -> ServeApp:
     from ray import serve
 
     from serve_app.builder import build_app
@@ -83,6 +95,7 @@ def serve_app(ray_serve: RayServe) -> ServeApp:
             "engine": {"num_kv_blocks": 256, "max_model_len": 1024},
             "router": {"num_replicas": 1, "num_cpus": 0},
             "experts": {"num_cpus": 0, "call_timeout_s": 60},
+            "lora": {"adapters": {"qv": str(qv_adapter)}},
         }
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)

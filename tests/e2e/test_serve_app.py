@@ -236,3 +236,29 @@ def test_refused_multi_prompt_completion_leaves_nothing_running(serve_app, promp
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "prompt"
     _wait_idle(serve_app, timeout=3)
+
+
+def test_a_lora_adapter_over_http_with_two_expert_actors(serve_app, qv_adapter):
+    """The adapter the app config names, served by the router over remote experts: greedy
+    output identical to the in-process engine with the adapter; the base model unchanged."""
+    client = _client(serve_app)
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["qv"].parent == "tiny"
+    local = LLM(
+        str(serve_app.model), num_kv_blocks=128, max_model_len=512,
+        lora_adapters=(("qv", str(qv_adapter)),),
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    with_qv = local.generate(prompts, params, lora="qv")
+    base = local.generate(prompts, params)
+    for prompt, ref, plain in zip(prompts, with_qv, base, strict=True):
+        kwargs = dict(prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        got = client.completions.create(model="qv", **kwargs)
+        assert got.model == "qv" and got.choices[0].text == ref.choices[0].text
+        assert (
+            client.completions.create(model="tiny", **kwargs).choices[0].text
+            == plain.choices[0].text
+        )
+    assert with_qv[0].choices[0].text != base[0].choices[0].text
+    _wait_idle(serve_app)
