@@ -32,7 +32,12 @@ from serve_app.api.submit import discard, submit_all
 from serve_app.api.tokenize import DetokenizeRequest, TokenizeRequest
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import LoraRef, RequestOutput
-from serve_app.metrics.http import install_metrics, observe_stream, set_request_version
+from serve_app.metrics.http import (
+    install_metrics,
+    observe_stream,
+    set_request_adapter,
+    set_request_version,
+)
 from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 
 # every body the routes take
@@ -168,12 +173,19 @@ def build_api_routes(
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         lora = check_body(body)
+        if lora is not None:
+            set_request_adapter(request, lora.name)
         params = body.to_sampling_params()
         rid = _request_id(request, "cmpl")
         hint = _route_hint(request, body.user, rid, lora)
         submitted = await submit_all(client, body.prompts(), params, rid, hint)
         kind = render.Completion(
-            rid, _served(client, lora, body.model), client.tokenizer, params.n, body.echo, body.prompt_only
+            rid,
+            _served(client, lora, body.model),
+            client.tokenizer,
+            params.n,
+            body.echo,
+            body.prompt_only,
         )
         return await _respond(
             request, body.stream, body.stream_opts, submitted, kind, stream_interval
@@ -182,13 +194,19 @@ def build_api_routes(
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         lora = check_body(body)
+        if lora is not None:
+            set_request_adapter(request, lora.name)
         params = body.to_sampling_params()
         ids = _apply_chat_template(client, body)
         rid = _request_id(request, "chatcmpl")
         hint = _route_hint(request, body.user, rid, lora)
         submitted = await client.submit(ids, params, rid, hint)
         kind = render.Chat(
-            rid, _served(client, lora, body.model), client.tokenizer, params.n, body.parses_tool_calls
+            rid,
+            _served(client, lora, body.model),
+            client.tokenizer,
+            params.n,
+            body.parses_tool_calls,
         )
         return await _respond(
             request, body.stream, body.stream_opts, [submitted], kind, stream_interval

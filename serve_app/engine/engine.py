@@ -214,6 +214,12 @@ class LLMEngine:
             kv_block_bytes=self.kv_block_bytes,
             weight_bytes=self.weight_bytes,
             quantization=self.quantization,
+            lora_resident=len(self.lora.names()),
+            lora_loads=self.lora.num_loads,
+            lora_evictions=self.lora.num_evictions,
+            lora_max=self.lora.max_loras,
+            lora_running=_adapter_names(self.scheduler.running),
+            lora_waiting=_adapter_names(self.scheduler.waiting),
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())
                 if self.expert_token_counts is not None
@@ -237,3 +243,7 @@ class LLMEngine:
         self.grammars.close()
         if self.connector is not None:
             self.connector.close()
+
+
+def _adapter_names(requests) -> tuple[str, ...]:
+    return tuple(sorted({r.lora.name for r in requests if r.lora is not None}))

@@ -24,3 +24,9 @@ class EngineStats:
     kv_block_bytes: int = 0  # bytes of one block in the pool, all layers
     weight_bytes: int = 0  # the replica's weights as held, in-process experts included
     quantization: str = "none"  # Quantization.tag() of those weights
+    lora_resident: int = 0  # LoRA adapters held
+    lora_loads: int = 0  # cumulative
+    lora_evictions: int = 0
+    lora_max: int = 0  # the most held at once (max_loras)
+    lora_running: tuple[str, ...] = ()  # adapters of running requests
+    lora_waiting: tuple[str, ...] = ()  # adapters of waiting requests

@@ -33,6 +33,7 @@ class RequestMetrics:
     version: str
     start: float  # time.perf_counter() at arrival
     metrics: Metrics
+    adapter: str | None = None  # the LoRA adapter the request ran (set by the routes)
 
 
 def matched_route(scope) -> str | None:
@@ -52,6 +53,12 @@ def install_metrics(
 
     app.add_api_route("/metrics", metrics_page, methods=["GET"], include_in_schema=False)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, version=version)
+
+
+def set_request_adapter(request: Request, adapter: str) -> None:
+    ctx = request.scope.get(SCOPE_KEY)
+    if ctx is not None:
+        ctx.adapter = adapter
 
 
 def set_request_version(request: Request, version: str) -> None:
@@ -133,6 +140,21 @@ def _record_generation(ctx: RequestMetrics, route: str, prompt, generated, first
             if longest > 1:
                 tpot = (last - first) / (longest - 1)
                 m.observe("moeserve_time_per_output_token_seconds", tpot, **labels)
+        if ctx.adapter is not None:
+            _record_adapter(ctx, generated, first, last)
+
+
+def _record_adapter(ctx: RequestMetrics, generated, first, last) -> None:
+    labels = {"version": ctx.version, "adapter": ctx.adapter}
+    m = ctx.metrics
+    m.inc("moeserve_lora_requests_total", 1, **labels)
+    m.inc("moeserve_lora_generation_tokens_total", sum(generated.values()), **labels)
+    if first is not None:
+        m.observe("moeserve_lora_time_to_first_token_seconds", first - ctx.start, **labels)
+        longest = max(generated.values())
+        if longest > 1:
+            tpot = (last - first) / (longest - 1)
+            m.observe("moeserve_lora_time_per_output_token_seconds", tpot, **labels)
 
 
 @contextmanager

@@ -34,6 +34,9 @@ def imbalance_ratio(now: Sequence[int], then: Sequence[int]) -> float | None:
     return max(delta) / (total / len(delta))
 
 
+_LORA_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+
+
 class EngineReporter:
     """stats: the engine's latest EngineStats; shard_tokens: cumulative tokens per expert shard
     (empty when the experts are in-process)."""
@@ -64,6 +67,11 @@ class EngineReporter:
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         m.set("moeserve_kv_cache_usage_ratio", usage, **labels)
         self._count("moeserve_preemptions_total", s.num_preemptions)
+        if s.lora_max:
+            m.set("moeserve_lora_resident_adapters", s.lora_resident, **labels)
+            self._count("moeserve_lora_loads_total", s.lora_loads)
+            self._count("moeserve_lora_evictions_total", s.lora_evictions)
+            self._lora_info(s)
         for tier, queried, hit in (
             ("local", s.prefix_queried_tokens, s.prefix_hit_tokens),
             ("redis", s.prefix_remote_queried_tokens, s.prefix_remote_hit_tokens),
@@ -77,6 +85,19 @@ class EngineReporter:
         ratio = self._imbalance(tuple(s.expert_tokens))
         if ratio is not None:
             m.set("moeserve_expert_imbalance_ratio", ratio, **labels)
+
+    def _lora_info(self, s: EngineStats) -> None:
+        """vLLM's `vllm:lora_requests_info` under our prefix: one series, labels the adapters
+        now running and waiting, value the time (as vLLM sets it); the previous one drops to 0."""
+        key = (",".join(s.lora_running), ",".join(s.lora_waiting), str(s.lora_max))
+        prev = getattr(self, "_lora_key", None)
+        if prev is not None and prev != key:
+            self.metrics.set(
+                "moeserve_lora_requests_info", 0, **dict(zip(_LORA_LABELS, prev, strict=True))
+            )
+        self._lora_key = key
+        labels = dict(zip(_LORA_LABELS, key, strict=True))
+        self.metrics.set("moeserve_lora_requests_info", time.time(), **labels)
 
     def _count(self, name: str, cumulative: float, **extra: str) -> None:
         key = (name, *extra.items())

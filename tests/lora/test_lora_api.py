@@ -144,3 +144,20 @@ def test_a_server_without_keys_refuses_admin_routes(qwen3_tiny, adapters):
             assert "MOESERVE_API_KEY" in json.loads(r.text)["error"]["message"]
     finally:
         engine.shutdown()
+
+
+def test_requests_and_tokens_are_counted_per_adapter(served):
+    import httpx
+
+    _, client, url = served
+    complete(client, "qv")
+    page = httpx.get(f"{url}/metrics").text
+    lines = [ln for ln in page.splitlines() if ln.startswith("moeserve_lora_")]
+    assert any(
+        ln.startswith("moeserve_lora_requests_total{") and 'adapter="qv"' in ln for ln in lines
+    ), lines
+    assert any(
+        ln.startswith("moeserve_lora_generation_tokens_total{") and 'adapter="qv"' in ln
+        for ln in lines
+    )
+    assert not any('adapter="tiny"' in ln for ln in lines)  # the base model is not an adapter

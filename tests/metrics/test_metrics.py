@@ -188,3 +188,26 @@ def test_imbalance_ratio():
     assert imbalance_ratio((5, 5), (0, 0)) == 1.0
     assert imbalance_ratio((9, 1, 1, 1), (1, 1, 1, 1)) == 4.0
     assert imbalance_ratio((1, 1), (1, 1)) is None
+
+
+def test_lora_adapters_per_replica_and_vllm_style_info():
+    m = metrics()
+    base = dict(num_running=1, num_waiting=0, kv_blocks_total=8, kv_blocks_used=1,
+                prefix_queried_tokens=0, prefix_hit_tokens=0, num_preemptions=0)  # fmt: skip
+    feed = iter([
+        EngineStats(**base, lora_resident=2, lora_loads=2, lora_max=4, lora_running=("a", "b")),
+        EngineStats(**base, lora_resident=3, lora_loads=4, lora_evictions=1, lora_max=4,
+                    lora_running=("c",), lora_waiting=("a",)),
+    ])  # fmt: skip
+    rep = EngineReporter(m, "v1", "r1", lambda: next(feed))
+    rep.report()
+    rep.report()
+    got = page(m)
+    labels = (("replica", "r1"), ("version", "v1"))
+    assert got[("moeserve_lora_resident_adapters", labels)] == 3
+    assert got[("moeserve_lora_loads_total", labels)] == 4
+    assert got[("moeserve_lora_evictions_total", labels)] == 1
+    info = {k[1]: v for k, v in got.items() if k[0] == "moeserve_lora_requests_info"}
+    old = (("max_lora", "4"), ("running_lora_adapters", "a,b"), ("waiting_lora_adapters", ""))
+    new = (("max_lora", "4"), ("running_lora_adapters", "c"), ("waiting_lora_adapters", "a"))
+    assert info[old] == 0 and info[new] > 1.7e9  # the time, as vLLM sets it
