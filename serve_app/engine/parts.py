@@ -27,6 +27,7 @@ from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
 from serve_app.model.quant.linear import weight_bytes
 from serve_app.model.quant.scheme import Quantization
+from serve_app.model.quant.precision import precision
 from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,10 @@ def build_parts(
         torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
     device = resolve_device(config.device)
     tune_host_allocator()
-    dtype = resolve_dtype(config.dtype, device)
+    # bfloat16 on the CPU: bf16 weights, float32 compute (serve_app/model/quant/precision.py)
+    prec = precision(resolve_dtype(config.dtype, device), device, quantization(config))
+    dtype, quant = prec.compute, prec.weights
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    quant = quantization(config)
     model = load_model(config.model, device, dtype, experts, spec, quant)
     block_bytes = kv_block_bytes(spec, config.block_size, dtype)
     blocks = num_kv_blocks(config, device, block_bytes)

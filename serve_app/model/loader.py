@@ -20,7 +20,7 @@ from serve_app.model.decoder import CausalLM
 from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.rotary import rope_frequencies
 from serve_app.model.quant.linear import quantize_linears
-from serve_app.model.quant.methods import quantizes
+from serve_app.model.quant.methods import BF16, quantizes
 from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(\w+)\.experts\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
@@ -84,6 +84,9 @@ def load_model(
         if hasattr(module, "after_load"):  # MLA: rope row order, absorbed W_UK / W_UV
             module.after_load()
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
+    if quant.method == BF16:  # the table's values as bf16 holds them (a float32 gather still)
+        emb = model.model.embed_tokens.weight
+        emb.data = emb.data.to(torch.bfloat16).float()
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():
         block.experts = experts
