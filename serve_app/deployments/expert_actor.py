@@ -16,9 +16,9 @@ from serve_app.experts.channel import ChannelAddress, ShardServer
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
+from serve_app.model.quant.precision import precision
 from serve_app.model.quant.scheme import Quantization
 from serve_app.platform import sched
-from serve_app.model.quant.precision import precision
 from serve_app.platform.device import resolve_device, resolve_dtype
 
 

@@ -26,8 +26,8 @@ from serve_app.model.expert_executor import ExpertExecutor
 from serve_app.model.layers.moe import count_expert_tokens
 from serve_app.model.loader import load_model
 from serve_app.model.quant.linear import weight_bytes
-from serve_app.model.quant.scheme import Quantization
 from serve_app.model.quant.precision import precision
+from serve_app.model.quant.scheme import Quantization
 from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
 log = logging.getLogger(__name__)

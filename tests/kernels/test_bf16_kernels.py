@@ -1,6 +1,6 @@
 """bf16 weights (engine.dtype bfloat16 on the CPU): the quantized kernel's bf16 panels against
-x @ w.float().T at both vector widths and under several blockings (K not a multiple of the chunk), the
-bf16 dense linear and experts on the kernel and on torch, and what bfloat16 resolves to.
+x @ w.float().T at both vector widths and under several blockings (K not a multiple of the
+chunk), the bf16 dense linear and experts on the kernel and on torch, and what bfloat16 resolves to.
 Where the CPU has avx512_bf16 the native build multiplies with vdpbf16ps, the activations
 rounded to bf16 (fp32 accumulation): the reference rounds them too there."""
 

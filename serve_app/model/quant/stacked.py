@@ -1,5 +1,5 @@
-"""Quantized (or bf16) matrices stacked [E, N, K] (E experts, or 1 for a dense linear), one class per
-scheme, each in one of two layouts chosen once when built: the panels of
+"""Quantized (or bf16) matrices stacked [E, N, K] (E experts, or 1 for a dense linear), one
+class per scheme, each in one of two layouts chosen once when built: the panels of
 serve_app/kernels/quant.py (CPU, float32 activations, N a panel multiple), whose grouped matmul
 dequantizes in registers, or [E, N, K] as quantized, which a matmul dequantizes per call and
 hands to torch (CUDA, no compiler, bf16).
