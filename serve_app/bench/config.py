@@ -24,6 +24,8 @@ class BenchConfig:
     # moeserve's weight-only quantization (none | int8 | int4) and int4 group size
     quantization: str = "none"
     quantization_group_size: int | None = None
+    # moeserve's engine dtype (bfloat16 on the CPU: bf16 weights, float32 compute)
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in (

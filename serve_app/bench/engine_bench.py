@@ -60,7 +60,9 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         print(f"--repeat must be at least 1, got {args.repeat}", file=sys.stderr)
         return 2
     config = BenchConfig(
-        quantization=args.quantization, quantization_group_size=args.quantization_group_size
+        quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
+        dtype="float32" if args.dtype == "auto" else args.dtype,
     )
     pool = _token_pool(model_dir)
     workloads = []

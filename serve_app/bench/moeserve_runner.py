@@ -23,7 +23,7 @@ def run_moeserve(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len,
-        dtype="float32",
+        dtype=config.dtype,
         quantization=config.quantization,
         quantization_group_size=config.quantization_group_size,
     )

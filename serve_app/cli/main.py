@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
+from serve_app.engine.config import DTYPES  # stdlib only
 from serve_app.model.quant.methods import GROUP_SIZES, METHODS  # stdlib only
 
 
@@ -224,6 +225,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> None:
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="engine dtype (auto: bfloat16 on CUDA, float32 on CPU). bfloat16 on the CPU holds "
+        "the weights in bf16 and computes in float32 (docs/quantization.md)",
+    )
     p.add_argument(
         "--quantization",
         choices=METHODS,

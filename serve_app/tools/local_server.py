@@ -61,6 +61,7 @@ def run_server(args: argparse.Namespace) -> int:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
+            dtype=args.dtype,
         )
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)
