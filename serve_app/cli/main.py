@@ -11,8 +11,8 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
 from serve_app.engine.config import DTYPES  # stdlib only
+from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
 from serve_app.model.quant.methods import GROUP_SIZES, METHODS  # stdlib only
 
 
