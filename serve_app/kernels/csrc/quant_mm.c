@@ -141,17 +141,15 @@ static inline __attribute__((always_inline)) void store_tile(vn acc[][NV], int r
     }
 
 
-/* One K-row pair of a bf16 panel (NB columns x 2 rows, 4 bytes a column): the rows k and k + 1
-   as NV float vectors each (bf16 is the top half of a float's bits). */
+/* VL columns of one K-row pair of a bf16 panel (4 bytes a column): the rows k and k + 1 as
+   float vectors (bf16 is the top half of a float's bits). */
 typedef uint32_t vnu __attribute__((vector_size(VL * 4)));
-static inline void row_bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
-    for (int j = 0; j < NV; j++) {
-        vnu v;
-        memcpy(&v, p + 2 * j * VL, sizeof v);
-        const vnu lo = v << 16, hi = v & 0xffff0000u;
-        memcpy(&w0[j], &lo, sizeof lo);
-        memcpy(&w1[j], &hi, sizeof hi);
-    }
+static inline void bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
+    vnu v;
+    memcpy(&v, p, sizeof v);
+    const vnu lo = v << 16, hi = v & 0xffff0000u;
+    memcpy(w0, &lo, sizeof lo);
+    memcpy(w1, &hi, sizeof hi);
 }
 
 /* ROWS x NB tile over k in [0, kc) (kc even) of a bf16 panel; out (+)= x @ w. */
@@ -161,12 +159,13 @@ static inline void row_bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
                            int64_t ldo, int add) {                                             \
         (void)scale; (void)group; (void)sz;                                                    \
         const uint16_t *panel = (const uint16_t *)panel_s;                                     \
-        vn acc[ROWS][NV] = {0}, w0[NV], w1[NV];                                                \
+        vn acc[ROWS][NV] = {0};                                                                \
         for (int64_t k = 0; k < kc; k += 2) {                                                  \
-            row_bf16_pair(panel + k * NB, w0, w1);                                             \
-            for (int m = 0; m < ROWS; m++) {                                                   \
-                const float x0 = x[m * ldx + k], x1 = x[m * ldx + k + 1];                      \
-                for (int j = 0; j < NV; j++) acc[m][j] += x0 * w0[j] + x1 * w1[j];             \
+            for (int j = 0; j < NV; j++) { /* column vector outer: 2 weight registers live */  \
+                vn w0, w1;                                                                     \
+                bf16_pair(panel + k * NB + 2 * j * VL, &w0, &w1);                              \
+                for (int m = 0; m < ROWS; m++)                                                 \
+                    acc[m][j] += x[m * ldx + k] * w0 + x[m * ldx + k + 1] * w1;                \
             }                                                                                  \
         }                                                                                      \
         store_tile(acc, ROWS, out, ldo, add);                                                  \
