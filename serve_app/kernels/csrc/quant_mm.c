@@ -182,7 +182,7 @@ static const qtile_fn Q8[MAX_MR + 1] = {0, q8_1, q8_2, q8_3, q8_4, q8_5, q8_6,
                                         q8_7, q8_8, q8_9, q8_10, q8_11, q8_12};
 static const qtile_fn Q4[MAX_MR + 1] = {0, q4_1, q4_2, q4_3, q4_4, q4_5, q4_6,
                                         q4_7, q4_8, q4_9, q4_10, q4_11, q4_12};
-static const qtile_fn B16[MAX_MR + 1] __attribute__((unused)) = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6,
+static const qtile_fn B16[MAX_MR + 1] = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6,
                                          b16_7, b16_8, b16_9, b16_10, b16_11, b16_12};
 
 
@@ -234,16 +234,11 @@ static void to_bf16_pairs(const float *x, int64_t n, int64_t K, uint32_t *xp, in
 }
 #endif
 
-/* bits 8, 4 or 16 (bf16). For int8 `scale` is the panel's NB column scales; for int4 `sz` the
-   panel's [K/G, 2, NB] scales and zeros. */
-static void qpanel_rows(int bits, const float *x, int64_t n, int64_t K, const int8_t *panel,
-                        const float *scale, int64_t group, const float *sz, float *out,
-                        int64_t ldo, int64_t mr, int64_t kc) {
-#ifdef DPBF16
-    const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : DP;
-#else
-    const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : B16;
-#endif
+/* bits 8, 4 or 16 (bf16; `tiles` B16, or DP over bf16 pairs in x). For int8 `scale` is the
+   panel's NB column scales; for int4 `sz` the panel's [K/G, 2, NB] scales and zeros. */
+static void qpanel_rows(int bits, const qtile_fn *tiles, const float *x, int64_t n, int64_t K,
+                        const int8_t *panel, const float *scale, int64_t group, const float *sz,
+                        float *out, int64_t ldo, int64_t mr, int64_t kc) {
     const int64_t row_bytes = bits == 16 ? 2 * NB : bits == 8 ? NB : NB / 2;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = K - k0 < kc ? K - k0 : kc;
@@ -273,6 +268,7 @@ void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_
     if (kc < 1 || kc > K) kc = K;
     if (bits == 4) kc = kc < group ? group : kc / group * group; /* whole groups per chunk */
     if (bits == 16) kc = kc < 2 ? 2 : kc / 2 * 2;                 /* whole K-row pairs */
+    const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : B16;
 #ifdef DPBF16
     uint32_t *xp = 0;
     if (bits == 16) {
@@ -280,15 +276,18 @@ void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_
         for (int64_t a = 0; a < n_active; a++)
             rows = row_end[active[a]] > rows ? row_end[active[a]] : rows;
         xp = malloc((size_t)(rows > 0 ? rows : 1) * K * 4);
-        to_bf16_pairs(x, rows, K, xp, num_threads);
-        x = (const float *)xp;
+        if (xp) { /* else the widening tiles, on the float32 activations */
+            to_bf16_pairs(x, rows, K, xp, num_threads);
+            x = (const float *)xp;
+            tiles = DP;
+        }
     }
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t t = 0; t < n_active * panels; t++) {
         const int64_t e = active[t / panels], p = t % panels, r0 = row_start[e];
         const int64_t ep = e * panels + p;
-        qpanel_rows(bits, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
+        qpanel_rows(bits, tiles, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
                     bits == 8 ? scale + ep * NB : 0, group,
                     bits == 4 ? sz + ep * groups * 2 * NB : 0, out + r0 * N + p * NB, N, mr, kc);
     }
