@@ -152,6 +152,12 @@ static inline void bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
     memcpy(w1, &hi, sizeof hi);
 }
 
+/* Rows of a bf16 tile: its accumulators (NV a row), two activation broadcasts a row (hoisted out
+   of the column loop by GCC), two weight vectors and the mask within the ISA's 16 (AVX2) or 32
+   (AVX-512) vector registers: 2 rows on AVX2, 7 on AVX-512. At AVX2's default 3 rows the tile
+   spilled five accumulators to the stack inside its K loop (objdump). */
+#define B16_MR (((VL == 16 ? 32 : 16) - 3) / (NV + 2))
+
 /* ROWS x NB tile over k in [0, kc) (kc even) of a bf16 panel; out (+)= x @ w. */
 #define TILE_BF16(ROWS)                                                                        \
     static void b16_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel_s,     \
@@ -164,8 +170,10 @@ static inline void bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
             for (int j = 0; j < NV; j++) { /* column vector outer: 2 weight registers live */  \
                 vn w0, w1;                                                                     \
                 bf16_pair(panel + k * NB + 2 * j * VL, &w0, &w1);                              \
-                for (int m = 0; m < ROWS; m++)                                                 \
-                    acc[m][j] += x[m * ldx + k] * w0 + x[m * ldx + k + 1] * w1;                \
+                for (int m = 0; m < ROWS; m++) { /* two FMAs (not mul, FMA and add) */       \
+                    acc[m][j] += x[m * ldx + k] * w0;                                          \
+                    acc[m][j] += x[m * ldx + k + 1] * w1;                                      \
+                }                                                                              \
             }                                                                                  \
         }                                                                                      \
         store_tile(acc, ROWS, out, ldo, add);                                                  \
@@ -268,6 +276,7 @@ void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_
     if (kc < 1 || kc > K) kc = K;
     if (bits == 4) kc = kc < group ? group : kc / group * group; /* whole groups per chunk */
     if (bits == 16) kc = kc < 2 ? 2 : kc / 2 * 2;                 /* whole K-row pairs */
+    if (bits == 16 && mr > B16_MR) mr = B16_MR;
     const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : B16;
 #ifdef DPBF16
     uint32_t *xp = 0;
