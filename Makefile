@@ -15,6 +15,7 @@ ROUTERS ?= 1
 ROUTING ?= pow2
 PREFIX_WRITE_POLICY ?=
 QUANTIZATION ?=
+DTYPE ?=
 REDIS_URL ?=
 DASHBOARD ?=
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama deepseek_v3 deepseek_v2,models/test/$(a)-tiny-s0/config.json)
@@ -105,7 +106,7 @@ bench-vllm-venv: .venv-vllm/.installed
 # the fix, when there is neither a redis-server nor a REDIS_URL for the shared prefix cache.
 run: install model
 	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) --routing $(ROUTING) \
-		$(if $(PREFIX_WRITE_POLICY),--prefix-write-policy $(PREFIX_WRITE_POLICY)) $(if $(QUANTIZATION),--quantization $(QUANTIZATION)) $(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) --background
+		$(if $(PREFIX_WRITE_POLICY),--prefix-write-policy $(PREFIX_WRITE_POLICY)) $(if $(QUANTIZATION),--quantization $(QUANTIZATION)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) --background
 
 stop:
 	$(MOESERVE) stop

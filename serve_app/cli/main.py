@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from serve_app.engine.config import DTYPES  # stdlib only
 from serve_app.kvstore.settings import WRITE_POLICIES  # stdlib only: keeps `--help` fast
 from serve_app.model.quant.methods import GROUP_SIZES, METHODS  # stdlib only
 
@@ -76,7 +77,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--repeat", type=int, default=1, help="rounds of every system in turn (median shown)"
     )
-    _add_quantization(e, "moeserve's weights")
+    _add_quantization(e, "moeserve's weights", dtype=False)
     e.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),  # serve_app.bench.config.BENCH_DTYPES
@@ -270,7 +271,12 @@ def _lora_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
-def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> None:
+def _add_quantization(
+    p: argparse.ArgumentParser, what: str = "the weights", dtype: bool = True
+) -> None:
+    """--quantization and its group size, and (dtype) the engine's --dtype."""
+    if dtype:
+        _add_dtype(p)
     p.add_argument(
         "--quantization",
         choices=METHODS,
@@ -285,6 +291,16 @@ def _add_quantization(p: argparse.ArgumentParser, what: str = "the weights") -> 
         choices=GROUP_SIZES,
         default=None,
         help="int4 group size (default: 128, or the largest of 64 / 32 dividing the input size)",
+    )
+
+
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="engine dtype (auto: bfloat16 on CUDA, float32 on CPU). bfloat16 on the CPU holds "
+        "the weights in bf16 and computes in float32 (docs/quantization.md)",
     )
 
 

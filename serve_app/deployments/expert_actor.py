@@ -16,6 +16,7 @@ from serve_app.experts.channel import ChannelAddress, ShardServer
 from serve_app.experts.shard import ExpertShard
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import PeriodicReporter, record_memory
+from serve_app.model.quant.precision import precision
 from serve_app.model.quant.scheme import Quantization
 from serve_app.platform import sched
 from serve_app.platform.device import resolve_device, resolve_dtype
@@ -40,8 +41,10 @@ class ExpertShardActor:
         # Ray runs at SCHED_BATCH (serve_app.platform.sched)
         sched.set_process("normal")
         dev = resolve_device(device)
-        quant = Quantization(quantization, group_size)  # the routers' engine.quantization
-        self.shard = ExpertShard(model_dir, owned, dev, resolve_dtype(dtype, dev), quant)
+        # the routers' engine.quantization and dtype, read as they read them (bf16 on the CPU:
+        # bf16 experts, float32 activations)
+        prec = precision(resolve_dtype(dtype, dev), dev, Quantization(quantization, group_size))
+        self.shard = ExpertShard(model_dir, owned, dev, prec.compute, prec.weights)
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
         name = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
 

@@ -30,6 +30,7 @@ from serve_app.model.loader import base_shapes, load_model
 from serve_app.model.quant.checkpoint import held_quantization
 from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.linear import weight_bytes
+from serve_app.model.quant.precision import precision
 from serve_app.model.quant.scheme import Quantization
 from serve_app.platform.device import resolve_device, resolve_dtype, tune_host_allocator
 
@@ -69,9 +70,10 @@ def build_parts(
         torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
     device = resolve_device(config.device)
     tune_host_allocator()
-    dtype = resolve_dtype(config.dtype, device)
+    # bfloat16 on the CPU: bf16 weights, float32 compute (serve_app/model/quant/precision.py)
+    prec = precision(resolve_dtype(config.dtype, device), device, quantization(config))
+    dtype, quant = prec.compute, prec.weights
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    quant = quantization(config)
     model = load_model(config.model, device, dtype, experts, spec, quant)
     held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
     fmt = checkpoint_format(spec.hf_config)

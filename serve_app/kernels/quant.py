@@ -1,9 +1,10 @@
 """The quantized expert matmul (csrc/quant_mm.c): built on first use like the float kernels
 (same flags, cache and CPU key; its own library), loaded with ctypes.
 
-`grouped_mm_int8` / `grouped_mm_int4`: out[s:e] = x[s:e] @ dequant(W[local]).T for each
-(local, s, e) span, the weights dequantized in registers. `pack_int8` / `pack_int4` turn
-[E, N, K] quantized experts (serve_app/model/quant/scheme.py) into the kernel's panels.
+`grouped_mm_int8` / `grouped_mm_int4` / `grouped_mm_bf16`: out[s:e] = x[s:e] @ dequant(W[local]).T
+for each (local, s, e) span, the weights dequantized (bf16: widened) in registers. `pack_int8` /
+`pack_int4` / `pack_bf16` turn [E, N, K] experts (serve_app/model/quant/scheme.py) into the
+kernel's panels.
 `load()` returns None where the kernels cannot be built (or MOESERVE_CPU_KERNEL=0): the callers
 then dequantize and run torch.
 Shapes: E experts, N outputs, K inputs, P = PANEL columns, G group size.
@@ -47,6 +48,10 @@ class QuantKernels:
         """x [R, K] float32, panels [E, N/P, K, P/2] uint8, sz [E, N/P, K/G, 2, P] -> out [R, N]."""
         self._run(4, x, panels, None, group, sz, spans, out)
 
+    def grouped_mm_bf16(self, x, panels, spans, out) -> None:
+        """x [R, K] float32, panels [E, N/P, K/2, P, 2] bfloat16 -> out [R, N]."""
+        self._run(16, x, panels, None, 0, None, spans, out)
+
     def _run(self, bits, x, w, scale, group, sz, spans, out) -> None:
         # NOTE: a dense linear calls this once per projection and step: plain ints and ctypes
         # arrays here, no small torch tensors (that overhead was 10x the 1-row matmul's)
@@ -72,6 +77,19 @@ class QuantKernels:
 def applies(n: int, device: torch.device) -> bool:
     """Whether [E, N, K] experts with N outputs can be packed for the kernel here."""
     return device.type == "cpu" and n % PANEL == 0 and load() is not None
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] (K even) -> bf16 panels [E, N/P, K/2, P, 2]: the K rows of a pair interleaved
+    per column (the layout avx512_bf16's vdpbf16ps multiplies; csrc/quant_mm.c)."""
+    e, n, k = w.shape
+    return w.to(torch.bfloat16).view(e, n // PANEL, PANEL, k // 2, 2).transpose(2, 3).contiguous()
+
+
+def unpack_bf16(panels: torch.Tensor) -> torch.Tensor:
+    """pack_bf16's inverse for one matrix: [N/P, K/2, P, 2] -> [N, K]."""
+    np_, kh, p, _ = panels.shape
+    return panels.transpose(1, 2).reshape(np_ * p, kh * 2)
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

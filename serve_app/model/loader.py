@@ -29,7 +29,7 @@ from serve_app.model.quant.checkpoint import (
 )
 from serve_app.model.quant.formats import checkpoint_format
 from serve_app.model.quant.linear import quantize_linears
-from serve_app.model.quant.methods import quantizes
+from serve_app.model.quant.methods import BF16, quantizes
 from serve_app.model.quant.scheme import NO_QUANT, Quantization
 
 # the projection, then `.weight` or a pre-quantized format's tensor (`.qweight`, `.scales`, ...)
@@ -102,6 +102,9 @@ def load_model(
             module.after_load()
     hold_linears(model, prequantized, dtype)  # after after_load: it shows the row order
     quantize_linears(model, quant)  # after MLA's row permutation: per-row schemes commute
+    if quant.method == BF16:  # the table's values as bf16 holds them (a float32 gather still)
+        emb = model.model.embed_tokens.weight
+        emb.data = emb.data.to(torch.bfloat16).float()
     lora_targets.tag(model)  # after every module replacement
     _reset_buffers(model, spec, device)
     for block in model.moe_blocks():

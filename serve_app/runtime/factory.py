@@ -19,6 +19,7 @@ from serve_app.kvstore.connector import RedisConnectorFactory
 from serve_app.kvstore.settings import KVStoreConfig
 from serve_app.model.config import ModelSpec, load_model_spec
 from serve_app.model.expert_executor import ExpertExecutor
+from serve_app.model.quant.precision import precision
 from serve_app.platform.device import resolve_device, resolve_dtype
 
 
@@ -34,8 +35,8 @@ def build_engine(
     spec = spec or load_model_spec(config.model)
     if experts is None:
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        quant = quantization(config)
+        prec = precision(resolve_dtype(config.dtype, device), device, quantization(config))
+        dtype, quant = prec.compute, prec.weights
         experts = LocalExperts(
             load_expert_weights(config.model, device, dtype, spec=spec, quant=quant)
         )

@@ -41,6 +41,7 @@ def run_generate(args: argparse.Namespace) -> int:
             args.model,
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
+            dtype=args.dtype,
         )
         results = llm.generate(prompts, params)
     except InvalidRequestError as e:

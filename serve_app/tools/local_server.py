@@ -63,6 +63,7 @@ def run_server(args: argparse.Namespace) -> int:
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
             lora_adapters=tuple(args.lora or ()),
+            dtype=args.dtype,
         )
     except ConfigError as e:
         print(f"error: --{e.field.replace('_', '-')} {e.message}", file=sys.stderr)

@@ -110,6 +110,7 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "kv_cache_memory_gb": args.kv_cache_memory_gb,
             "quantization": getattr(args, "quantization", "none"),
             "quantization_group_size": getattr(args, "quantization_group_size", None),
+            "dtype": getattr(args, "dtype", "auto"),
         },
         "router": {
             "num_replicas": args.routers,

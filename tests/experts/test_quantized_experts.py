@@ -29,14 +29,17 @@ from tests.model.test_quant_parity import QUANT_NEW, QUANT_PROMPTS
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "bf16"])  # bf16: engine.dtype bfloat16
 def test_quantized_shards_split_add_and_drop_like_float_ones(qwen3_tiny, method):
     quant = Quantization(method)
     spec = load_model_spec(qwen3_tiny)
     full = ExpertShard(str(qwen3_tiny), list(range(spec.num_experts)), CPU, torch.float32, quant)
     plain = ExpertShard(str(qwen3_tiny), list(range(spec.num_experts)), CPU, torch.float32)
     assert all(isinstance(w, QuantExpertWeights) for w in full.layers.values())
-    assert full.num_bytes() < plain.num_bytes() / 3
+    if method == "bf16":
+        assert full.num_bytes() == plain.num_bytes() // 2
+    else:
+        assert full.num_bytes() < plain.num_bytes() / 3
     g = np.random.default_rng(0)
     x = g.standard_normal((6, spec.hidden_size)).astype(np.float32)
     ids = np.array([[0, 5], [1, 2], [7, 3], [4, 6], [2, 5], [6, 1]])
@@ -58,9 +61,14 @@ def test_quantized_shards_split_add_and_drop_like_float_ones(qwen3_tiny, method)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["int4"])  # int8 shards: the split test above, local parity
+@pytest.mark.parametrize(
+    "method, dtype",
+    # int8 shards: the split test above, local parity. bfloat16: the shard actors read the
+    # routers' dtype as the engine does (serve_app/model/quant/precision.py): bf16 experts
+    [("int4", "float32"), ("none", "bfloat16")],
+)
 def test_engine_over_quantized_shard_actors_matches_dequantized_transformers(
-    ray_cluster, qwen3_tiny, method, tmp_path_factory
+    ray_cluster, qwen3_tiny, method, dtype, tmp_path_factory
 ):
     from serve_app.deployments.expert_actor import ExpertShardActor
 
@@ -68,23 +76,24 @@ def test_engine_over_quantized_shard_actors_matches_dequantized_transformers(
     spec = load_model_spec(model)
     placement = place_experts(spec.num_experts, 2)
     actors = [
-        ExpertShardActor.options(num_cpus=0).remote(
-            model, list(s), "cpu", "float32", 1, method, None
-        )
+        ExpertShardActor.options(num_cpus=0).remote(model, list(s), "cpu", dtype, 1, method, None)
         for s in placement.shards
     ]
     float_bytes = ExpertShard(model, list(placement.shards[0]), CPU, torch.float32).num_bytes()
     info = [ray_cluster.get(a.info.remote()) for a in actors]
-    assert all(i["weight_bytes"] < float_bytes / 3 for i in info)
+    assert all(i["weight_bytes"] <= float_bytes / (2 if dtype == "bfloat16" else 3) for i in info)
 
-    config = EngineConfig(model=model, num_kv_blocks=256, block_size=16, quantization=method)
+    config = EngineConfig(
+        model=model, num_kv_blocks=256, block_size=16, quantization=method, dtype=dtype
+    )
     engine = build_engine(config, RemoteExperts(placement, lambda s: actors[s]))
     params = SamplingParams(temperature=0, max_tokens=QUANT_NEW, ignore_eos=True, logprobs=TOP)
     llm = LLM.over(engine)
     results = llm.generate(QUANT_PROMPTS, params)
     ref_dir = dequantized_checkpoint(
-        qwen3_tiny, Quantization(method), tmp_path_factory.getbasetemp()
-    )
+        qwen3_tiny, Quantization("bf16" if dtype == "bfloat16" else method),
+        tmp_path_factory.getbasetemp(),
+    )  # fmt: skip
     assert_matches(
         results, hf_reference(ref_dir, llm.tokenizer, QUANT_PROMPTS, QUANT_NEW), QUANT_PROMPTS
     )

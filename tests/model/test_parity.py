@@ -42,14 +42,15 @@ PROMPTS = [
 ]
 
 
-_REFS: dict[tuple[str, tuple[str, ...], int], list] = {}
+_REFS: dict[tuple[str, tuple[str, ...], int, torch.dtype], list] = {}
 
 
-def hf_reference(model_dir, tokenizer, prompts, max_new: int = MAX_NEW):
-    """transformers generate, one prompt at a time (no padding), cached per checkpoint."""
-    key = (str(model_dir), tuple(prompts), max_new)
+def hf_reference(model_dir, tokenizer, prompts, max_new: int = MAX_NEW, dtype=torch.float32):
+    """transformers generate, one prompt at a time (no padding), cached per checkpoint; the
+    model run in `dtype` (log-probabilities in float32)."""
+    key = (str(model_dir), tuple(prompts), max_new, dtype)
     if key not in _REFS:
-        _REFS[key] = _hf_generate(model_dir, tokenizer, prompts, max_new)
+        _REFS[key] = _hf_generate(model_dir, tokenizer, prompts, max_new, dtype)
     return _REFS[key]
 
 
@@ -63,7 +64,7 @@ def dequantized_checkpoint(model_dir: Path, quant: Quantization, out_root: Path)
     out.mkdir(parents=True)
     weights = {}
     for name, t in iter_weights(model_dir):
-        weights[name] = fake_quantize(t, quant, name) if quantizes(name) else t
+        weights[name] = fake_quantize(t, quant, name) if quantizes(name, quant.method) else t
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in ("config.json", "generation_config.json"):
         if (Path(model_dir) / f).exists():
@@ -71,8 +72,8 @@ def dequantized_checkpoint(model_dir: Path, quant: Quantization, out_root: Path)
     return out
 
 
-def _hf_generate(model_dir, tokenizer, prompts, max_new):
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def _hf_generate(model_dir, tokenizer, prompts, max_new, dtype=torch.float32):
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     refs = []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt").input_ids

@@ -83,3 +83,15 @@ def test_prefix_write_policy_flag_reaches_the_engines_store_config(flag, expecte
 
     args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
     assert app_config(args, num_cpus=2).kv_store_config().write_policy == expected
+
+
+@pytest.mark.parametrize("flag, expected", [([], "auto"), (["--dtype", "bfloat16"], "bfloat16")])
+def test_dtype_flag_reaches_the_engine_config(flag, expected) -> None:
+    """`moeserve serve --ray` and `generate` (and `make run DTYPE=...`, which passes --dtype)."""
+    from serve_app.cli.main import build_parser
+    from serve_app.tools.ray_server import app_config
+
+    args = build_parser().parse_args(["serve", "--ray", "--model", "m", *flag])
+    assert app_config(args, num_cpus=2).engine_config().dtype == expected
+    gen = build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", *flag])
+    assert gen.dtype == expected

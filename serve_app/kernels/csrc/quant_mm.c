@@ -12,8 +12,16 @@
    - int4: panels [E, N/NB, K, NB/2] bytes, byte j of a K row holding column j (low nibble) and
      column j + 16 (high nibble); scales and zeros [E, N/NB, K/G, 2, NB] (G the group size,
      a multiple of 16 dividing K); w = (q - 8) * scale + zero, as torch's int4pack ops.
+   - bf16: panels [E, N/NB, K/2, NB, 2] bf16 bits (K even): the two K rows of a pair
+     interleaved per column (the VNNI layout of SGLang's CPU bf16 GEMM, `convert_weight_packed`,
+     which avx512_bf16's `vdpbf16ps` multiplies as it is). A 32-bit lane holds (w[k], w[k+1]) of
+     one column: w[k] = lane << 16 and w[k+1] = lane & 0xffff0000 as float bits, two integer ops
+     per weight vector pair, no conversion instruction. Where the CPU has avx512_bf16 (and the
+     native 16-float width) the tile rounds the activations to bf16 once per call and
+     accumulates with vdpbf16ps instead (fp32 accumulation either way).
    serve_app/kernels/quant.py packs the weights and loads this. */
 #include "simd.h"
+#include <stdlib.h>
 
 #define NB 32
 #define MAX_MR 12
@@ -132,9 +140,49 @@ static inline __attribute__((always_inline)) void store_tile(vn acc[][NV], int r
         store_tile(acc, ROWS, out, ldo, add);                                                  \
     }
 
+
+/* VL columns of one K-row pair of a bf16 panel (4 bytes a column): the rows k and k + 1 as
+   float vectors (bf16 is the top half of a float's bits). */
+typedef uint32_t vnu __attribute__((vector_size(VL * 4)));
+static inline void bf16_pair(const uint16_t *p, vn *w0, vn *w1) {
+    vnu v;
+    memcpy(&v, p, sizeof v);
+    const vnu lo = v << 16, hi = v & 0xffff0000u;
+    memcpy(w0, &lo, sizeof lo);
+    memcpy(w1, &hi, sizeof hi);
+}
+
+/* Rows of a bf16 tile: its accumulators (NV a row), two activation broadcasts a row (hoisted out
+   of the column loop by GCC), two weight vectors and the mask within the ISA's 16 (AVX2) or 32
+   (AVX-512) vector registers: 2 rows on AVX2, 7 on AVX-512. At AVX2's default 3 rows the tile
+   spilled five accumulators to the stack inside its K loop (objdump). */
+#define B16_MR (((VL == 16 ? 32 : 16) - 3) / (NV + 2))
+
+/* ROWS x NB tile over k in [0, kc) (kc even) of a bf16 panel; out (+)= x @ w. */
+#define TILE_BF16(ROWS)                                                                        \
+    static void b16_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel_s,     \
+                           const float *scale, int64_t group, const float *sz, float *out,     \
+                           int64_t ldo, int add) {                                             \
+        (void)scale; (void)group; (void)sz;                                                    \
+        const uint16_t *panel = (const uint16_t *)panel_s;                                     \
+        vn acc[ROWS][NV] = {0};                                                                \
+        for (int64_t k = 0; k < kc; k += 2) {                                                  \
+            for (int j = 0; j < NV; j++) { /* column vector outer: 2 weight registers live */  \
+                vn w0, w1;                                                                     \
+                bf16_pair(panel + k * NB + 2 * j * VL, &w0, &w1);                              \
+                for (int m = 0; m < ROWS; m++) { /* two FMAs (not mul, FMA and add) */       \
+                    acc[m][j] += x[m * ldx + k] * w0;                                          \
+                    acc[m][j] += x[m * ldx + k + 1] * w1;                                      \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        store_tile(acc, ROWS, out, ldo, add);                                                  \
+    }
+
 #define TILES_OF(T) T(1) T(2) T(3) T(4) T(5) T(6) T(7) T(8) T(9) T(10) T(11) T(12)
 TILES_OF(TILE_Q8)
 TILES_OF(TILE_Q4)
+TILES_OF(TILE_BF16)
 
 typedef void (*qtile_fn)(const float *, int64_t, int64_t, const int8_t *, const float *, int64_t,
                          const float *, float *, int64_t, int);
@@ -142,17 +190,67 @@ static const qtile_fn Q8[MAX_MR + 1] = {0, q8_1, q8_2, q8_3, q8_4, q8_5, q8_6,
                                         q8_7, q8_8, q8_9, q8_10, q8_11, q8_12};
 static const qtile_fn Q4[MAX_MR + 1] = {0, q4_1, q4_2, q4_3, q4_4, q4_5, q4_6,
                                         q4_7, q4_8, q4_9, q4_10, q4_11, q4_12};
+static const qtile_fn B16[MAX_MR + 1] = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6,
+                                         b16_7, b16_8, b16_9, b16_10, b16_11, b16_12};
 
-/* bits 8 or 4. For int8 `scale` is the panel's NB column scales; for int4 `sz` the panel's
-   [K/G, 2, NB] scales and zeros. */
-static void qpanel_rows(int bits, const float *x, int64_t n, int64_t K, const int8_t *panel,
-                        const float *scale, int64_t group, const float *sz, float *out,
-                        int64_t ldo, int64_t mr, int64_t kc) {
-    const qtile_fn *tiles = bits == 8 ? Q8 : Q4;
-    const int64_t row_bytes = bits == 8 ? NB : NB / 2;
+
+#if VL == 16 && defined(__AVX512BF16__)
+/* avx512_bf16: x here is the call's activations as bf16 pairs (see to_bf16_pairs), a uint32 at
+   each even k holding (x[k], x[k + 1]); vdpbf16ps adds x[k] * w[k] + x[k + 1] * w[k + 1] into
+   each fp32 lane, the panel's pair layout read as it is. */
+#define DPBF16 1
+#define TILE_DP(ROWS)                                                                          \
+    static void dp_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel_s,      \
+                          const float *scale, int64_t group, const float *sz, float *out,      \
+                          int64_t ldo, int add) {                                              \
+        (void)scale; (void)group; (void)sz;                                                    \
+        const uint16_t *panel = (const uint16_t *)panel_s;                                     \
+        const uint32_t *xp = (const uint32_t *)x;                                              \
+        __m512 acc[ROWS][NV];                                                                  \
+        for (int m = 0; m < ROWS; m++)                                                         \
+            for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();                      \
+        for (int64_t k = 0; k < kc; k += 2) {                                                  \
+            __m512i w[NV];                                                                     \
+            for (int j = 0; j < NV; j++) w[j] = _mm512_loadu_si512(panel + k * NB + 2 * j * VL); \
+            for (int m = 0; m < ROWS; m++) {                                                   \
+                const __m512i xv = _mm512_set1_epi32((int)xp[m * ldx + k]);                    \
+                for (int j = 0; j < NV; j++)                                                   \
+                    acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv, (__m512bh)w[j]);     \
+            }                                                                                  \
+        }                                                                                      \
+        vn r[ROWS][NV];                                                                        \
+        memcpy(r, acc, sizeof r);                                                              \
+        store_tile(r, ROWS, out, ldo, add);                                                    \
+    }
+TILES_OF(TILE_DP)
+static const qtile_fn DP[MAX_MR + 1] = {0, dp_1, dp_2, dp_3, dp_4, dp_5, dp_6,
+                                        dp_7, dp_8, dp_9, dp_10, dp_11, dp_12};
+
+/* rows [0, n) of x [n, K] (K even) -> xp [n, K] uint32, xp[r, k] for even k the bf16 pair
+   (x[r, k], x[r, k + 1]) rounded to nearest even (odd k unused: the float path's indexing). */
+static void to_bf16_pairs(const float *x, int64_t n, int64_t K, uint32_t *xp, int threads) {
+#pragma omp parallel for num_threads(threads)
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t k = 0; k < K; k += 2) {
+            uint32_t a, b;
+            memcpy(&a, x + r * K + k, 4);
+            memcpy(&b, x + r * K + k + 1, 4);
+            a = (a + 0x7fff + ((a >> 16) & 1)) >> 16;
+            b = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+            xp[r * K + k] = a | (b << 16);
+        }
+}
+#endif
+
+/* bits 8, 4 or 16 (bf16; `tiles` B16, or DP over bf16 pairs in x). For int8 `scale` is the
+   panel's NB column scales; for int4 `sz` the panel's [K/G, 2, NB] scales and zeros. */
+static void qpanel_rows(int bits, const qtile_fn *tiles, const float *x, int64_t n, int64_t K,
+                        const int8_t *panel, const float *scale, int64_t group, const float *sz,
+                        float *out, int64_t ldo, int64_t mr, int64_t kc) {
+    const int64_t row_bytes = bits == 16 ? 2 * NB : bits == 8 ? NB : NB / 2;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = K - k0 < kc ? K - k0 : kc;
-        const float *chunk_sz = bits == 8 ? sz : sz + (k0 / group) * 2 * NB;
+        const float *chunk_sz = bits == 4 ? sz + (k0 / group) * 2 * NB : sz;
         for (int64_t r = 0; r < n; r += mr) {
             const int64_t rows = n - r < mr ? n - r : mr;
             tiles[rows](x + r * K + k0, K, kn, panel + k0 * row_bytes, scale, group, chunk_sz,
@@ -164,24 +262,45 @@ static void qpanel_rows(int bits, const float *x, int64_t n, int64_t K, const in
 int64_t moeserve_quant_panel_width(void) { return NB; }
 
 /* bits 8: w [E, N/NB, K, NB] int8, scale [E, N], group and sz unused.
-   bits 4: w [E, N/NB, K, NB/2] bytes, sz [E, N/NB, K/group, 2, NB], scale unused. */
+   bits 4: w [E, N/NB, K, NB/2] bytes, sz [E, N/NB, K/group, 2, NB], scale unused.
+   bits 16: w [E, N/NB, K/2, NB, 2] bf16 (K even), scale, group and sz unused. */
 void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_t *row_start,
                                const int64_t *row_end, const int64_t *active, int64_t n_active,
                                const int8_t *w, const float *scale, int64_t group,
                                const float *sz, int64_t N, float *out, int64_t mr, int64_t kc,
                                int num_threads) {
     const int64_t panels = N / NB;
-    const int64_t panel_bytes = K * (bits == 8 ? NB : NB / 2);
-    const int64_t groups = bits == 8 ? 1 : K / group;
+    const int64_t panel_bytes = K * (bits == 16 ? 2 * NB : bits == 8 ? NB : NB / 2);
+    const int64_t groups = bits == 4 ? K / group : 1;
     if (mr < 1 || mr > MAX_MR) mr = 3;
     if (kc < 1 || kc > K) kc = K;
     if (bits == 4) kc = kc < group ? group : kc / group * group; /* whole groups per chunk */
+    if (bits == 16) kc = kc < 2 ? 2 : kc / 2 * 2;                 /* whole K-row pairs */
+    if (bits == 16 && mr > B16_MR) mr = B16_MR;
+    const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : B16;
+#ifdef DPBF16
+    uint32_t *xp = 0;
+    if (bits == 16) {
+        int64_t rows = 0;
+        for (int64_t a = 0; a < n_active; a++)
+            rows = row_end[active[a]] > rows ? row_end[active[a]] : rows;
+        xp = malloc((size_t)(rows > 0 ? rows : 1) * K * 4);
+        if (xp) { /* else the widening tiles, on the float32 activations */
+            to_bf16_pairs(x, rows, K, xp, num_threads);
+            x = (const float *)xp;
+            tiles = DP;
+        }
+    }
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t t = 0; t < n_active * panels; t++) {
         const int64_t e = active[t / panels], p = t % panels, r0 = row_start[e];
         const int64_t ep = e * panels + p;
-        qpanel_rows(bits, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
+        qpanel_rows(bits, tiles, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
                     bits == 8 ? scale + ep * NB : 0, group,
-                    bits == 8 ? 0 : sz + ep * groups * 2 * NB, out + r0 * N + p * NB, N, mr, kc);
+                    bits == 4 ? sz + ep * groups * 2 * NB : 0, out + r0 * N + p * NB, N, mr, kc);
     }
+#ifdef DPBF16
+    free(xp);
+#endif
 }

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from serve_app.model.quant.methods import quantizes
-from serve_app.model.quant.scheme import Int4Weight, Int8Weight, Quantization, quantize
+from serve_app.model.quant.scheme import (
+    Bf16Weight,
+    Int4Weight,
+    Int8Weight,
+    Quantization,
+    QuantWeight,
+    quantize,
+)
 from serve_app.model.quant.stacked import stack
 
 
@@ -30,12 +37,13 @@ class QuantLinear(nn.Module):
     `stack`: the weight as a [1, N, K] stack (kernel panels, or as quantized for the dequantizing
     path), or None where the scheme's torch op runs (subclasses implement _torch_op)."""
 
-    def __init__(self, w: Int8Weight | Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, w: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.out_features, self.in_features = w.q.shape
+        lead = w.w if isinstance(w, Bf16Weight) else w.q
+        self.out_features, self.in_features = lead.shape
         self.register_buffer("bias", bias)
         self.stack = stack(_one_matrix(w), dtype)
-        if not self.stack.packed and w.q.device.type == "cpu" and self._op_applies():
+        if not self.stack.packed and lead.device.type == "cpu" and self._op_applies():
             self._prepare_op(w, dtype)
             self.stack = None
 
@@ -106,14 +114,28 @@ class Int4Linear(QuantLinear):
         )
 
 
-def _one_matrix(w: Int8Weight | Int4Weight) -> Int8Weight | Int4Weight:
+class Bf16Linear(QuantLinear):
+    """The weight held in bfloat16 (engine.dtype bfloat16 on the CPU: precision.py); float32
+    activations through the kernel's bf16 panels, or F.linear on the widened weight."""
+
+    def _op_applies(self) -> bool:
+        return False
+
+
+def _one_matrix(w: QuantWeight) -> QuantWeight:
     """w [N, K] as a stack of one, [1, N, K]."""
+    if isinstance(w, Bf16Weight):
+        return Bf16Weight(w.w[None])
     if isinstance(w, Int8Weight):
         return Int8Weight(w.q[None], w.scale[None])
     return Int4Weight(w.q[None], w.scale[None], w.zero[None], w.group)
 
 
-_LINEARS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+_LINEARS: dict[str, type[QuantLinear]] = {
+    "int8": Int8Linear,
+    "int4": Int4Linear,
+    "bf16": Bf16Linear,
+}
 
 
 def quantize_linears(model: nn.Module, quant: Quantization) -> None:
@@ -125,7 +147,7 @@ def quantize_linears(model: nn.Module, quant: Quantization) -> None:
     targets = [
         (name, m)
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and quantizes(f"{name}.weight")
+        if type(m) is nn.Linear and quantizes(f"{name}.weight", quant.method)
     ]
     for name, m in targets:
         parent_name, _, attr = name.rpartition(".")

@@ -8,14 +8,22 @@ into the absorbed W_UK / W_UV, serve_app/model/layers/mla.py), norms, embeddings
 
 from __future__ import annotations
 
-METHODS = ("none", "int8", "int4")
+METHODS = ("none", "int8", "int4")  # engine.quantization's values
+# bf16 weight storage: not a user-facing quantization but what `engine.dtype: bfloat16` on the
+# CPU means for the weights (serve_app/model/quant/precision.py); it also holds the LM head and
+# the embeddings (their values: the embedding table stays a float32 gather)
+BF16 = "bf16"
+BF16_EXTRA = frozenset({"lm_head.weight", "model.embed_tokens.weight"})
 GROUP_SIZES = (128, 64, 32)  # int4 groups along K; the default is the largest dividing K
 FLOAT_MODULES = frozenset({"gate", "shared_expert_gate", "kv_b_proj"})
 
 
-def quantizes(name: str) -> bool:
+def quantizes(name: str, method: str = "int8") -> bool:
     """Whether the checkpoint tensor `name` is quantized (when quantization is on): a linear's
-    `weight`, or the fused experts' `gate_up_proj` / `down_proj`, under model.layers."""
+    `weight`, or the fused experts' `gate_up_proj` / `down_proj`, under model.layers; with bf16
+    the LM head and the embeddings too."""
+    if method == BF16 and name in BF16_EXTRA:
+        return True
     parts = name.split(".")
     if not name.startswith("model.layers.") or len(parts) < 4:
         return False

@@ -5,6 +5,8 @@
 - int4: asymmetric in groups of `group` inputs along K (as GPTQ / AWQ), q in [0, 15];
   scale = (max - min) / 15 and zero = min + 8 * scale per (row, group), so the dequantized
   w = (q - 8) * scale + zero (the convention of torch's int4pack ops and torchao).
+- bf16 (what `engine.dtype: bfloat16` means for the weights on the CPU, precision.py): w
+  rounded to bfloat16 (nearest even, as torch's .to), widened back exactly.
 The functions work on [..., N, K] (a linear's [out, in] weight, or experts stacked as
 [E, N, K]). Which checkpoint tensors are quantized is `methods.quantizes(name)`.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serve_app.model.quant.methods import GROUP_SIZES, METHODS
+from serve_app.model.quant.methods import BF16, GROUP_SIZES, METHODS
 
 
 class QuantizationError(ValueError):
@@ -33,7 +35,7 @@ class Quantization:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in METHODS and self.method != BF16:
             raise ValueError(
                 f"quantization must be one of {'|'.join(METHODS)}, got {self.method!r}"
             )
@@ -91,7 +93,15 @@ class Int4Weight:
         return w.view(*lead, n, k)
 
 
-QuantWeight = Int8Weight | Int4Weight
+@dataclass(frozen=True, slots=True)
+class Bf16Weight:
+    w: torch.Tensor  # [..., N, K] bfloat16
+
+    def dequantize(self) -> torch.Tensor:
+        return self.w.float()
+
+
+QuantWeight = Int8Weight | Int4Weight | Bf16Weight
 
 
 def combine(ws: list[QuantWeight], fn: Callable[[list[torch.Tensor]], torch.Tensor]) -> QuantWeight:
@@ -105,8 +115,10 @@ def combine(ws: list[QuantWeight], fn: Callable[[list[torch.Tensor]], torch.Tens
     return dataclasses.replace(first, **{f: fn([getattr(w, f) for w in ws]) for f in tensors})
 
 
-def quantize(w: torch.Tensor, quant: Quantization, name: str) -> Int8Weight | Int4Weight:
-    """w [..., N, K] (any float dtype) -> its quantized form under `quant` (int8 or int4)."""
+def quantize(w: torch.Tensor, quant: Quantization, name: str) -> QuantWeight:
+    """w [..., N, K] (any float dtype) -> its quantized form under `quant` (int8, int4, bf16)."""
+    if quant.method == BF16:
+        return Bf16Weight(w.detach().to(torch.bfloat16))
     w = w.detach().float()
     if quant.method == "int8":
         scale = w.abs().amax(-1) / 127

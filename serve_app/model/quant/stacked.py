@@ -1,5 +1,5 @@
-"""Quantized matrices stacked [E, N, K] (E experts, or 1 for a dense linear), one class per
-scheme, each in one of two layouts chosen once when built: the panels of
+"""Quantized (or bf16) matrices stacked [E, N, K] (E experts, or 1 for a dense linear), one
+class per scheme, each in one of two layouts chosen once when built: the panels of
 serve_app/kernels/quant.py (CPU, float32 activations, N a panel multiple), whose grouped matmul
 dequantizes in registers, or [E, N, K] as quantized, which a matmul dequantizes per call and
 hands to torch (CUDA, no compiler, bf16).
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.kernels import quant as quant_kernel
-from serve_app.model.quant.scheme import Int4Weight, Int8Weight
+from serve_app.model.quant.scheme import Bf16Weight, Int4Weight, Int8Weight, QuantWeight
 
 Spans = list[tuple[int, int, int]]
 
@@ -110,10 +110,34 @@ class Int4Stack(_Stacked):
         kernel.grouped_mm_int4(xs, self.q, self.params, self.group, spans, out)
 
 
-STACKS = {"int8": Int8Stack, "int4": Int4Stack}
+@dataclass(frozen=True)
+class Bf16Stack(_Stacked):
+    w: torch.Tensor  # bfloat16 panels [E, N/P, K/2, P, 2] (quant_kernel.pack_bf16), or [E, N, K]
+    out_features: int
+    in_features: int
+    packed: bool
+    STACKED = ("w",)
+
+    @classmethod
+    def build(cls, w: Bf16Weight, pack: bool) -> Bf16Stack:
+        _, n, k = w.w.shape
+        pack = pack and k % 2 == 0
+        return cls(quant_kernel.pack_bf16(w.w) if pack else w.w.contiguous(), n, k, pack)
+
+    def dequantized(self, local: int) -> torch.Tensor:
+        w = self.w[local]
+        return (quant_kernel.unpack_bf16(w) if self.packed else w).float()
+
+    def _kernel(self, kernel, xs, spans, out) -> None:
+        kernel.grouped_mm_bf16(xs, self.w, spans, out)
 
 
-def stack(w: Int8Weight | Int4Weight, dtype: torch.dtype) -> Int8Stack | Int4Stack:
+Stack = Int8Stack | Int4Stack | Bf16Stack
+STACKS = {Int8Weight: Int8Stack, Int4Weight: Int4Stack, Bf16Weight: Bf16Stack}
+
+
+def stack(w: QuantWeight, dtype: torch.dtype) -> Stack:
     """w [E, N, K] in the kernel's panels where it applies to `dtype` activations, else as is."""
-    pack = dtype == torch.float32 and quant_kernel.applies(w.q.shape[1], w.q.device)
-    return STACKS["int8" if isinstance(w, Int8Weight) else "int4"].build(w, pack)
+    lead = w.w if isinstance(w, Bf16Weight) else w.q
+    pack = dtype == torch.float32 and quant_kernel.applies(lead.shape[1], lead.device)
+    return STACKS[type(w)].build(w, pack)
