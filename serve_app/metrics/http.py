@@ -129,32 +129,27 @@ async def observe_stream(request: Request, merged: AsyncIterator) -> AsyncIterat
 
 
 def _record_generation(ctx: RequestMetrics, route: str, prompt, generated, first, last) -> None:
-    labels = {"version": ctx.version, "route": route}
     m = ctx.metrics
     with _never_fail():
+        labels = {"version": ctx.version, "route": route}
         m.inc("moeserve_prompt_tokens_total", sum(prompt.values()), **labels)
-        m.inc("moeserve_generation_tokens_total", sum(generated.values()), **labels)
-        if first is not None:
-            m.observe("moeserve_time_to_first_token_seconds", first - ctx.start, **labels)
-            longest = max(generated.values())
-            if longest > 1:
-                tpot = (last - first) / (longest - 1)
-                m.observe("moeserve_time_per_output_token_seconds", tpot, **labels)
+        _record_tokens(ctx, "moeserve_", labels, generated, first, last)
         if ctx.adapter is not None:
-            _record_adapter(ctx, generated, first, last)
+            labels = {"version": ctx.version, "adapter": ctx.adapter}
+            m.inc("moeserve_lora_requests_total", 1, **labels)
+            _record_tokens(ctx, "moeserve_lora_", labels, generated, first, last)
 
 
-def _record_adapter(ctx: RequestMetrics, generated, first, last) -> None:
-    labels = {"version": ctx.version, "adapter": ctx.adapter}
+def _record_tokens(ctx: RequestMetrics, prefix: str, labels: dict, generated, first, last) -> None:
+    """Tokens generated, TTFT and TPOT under `prefix` (all requests, or per LoRA adapter)."""
     m = ctx.metrics
-    m.inc("moeserve_lora_requests_total", 1, **labels)
-    m.inc("moeserve_lora_generation_tokens_total", sum(generated.values()), **labels)
+    m.inc(f"{prefix}generation_tokens_total", sum(generated.values()), **labels)
     if first is not None:
-        m.observe("moeserve_lora_time_to_first_token_seconds", first - ctx.start, **labels)
+        m.observe(f"{prefix}time_to_first_token_seconds", first - ctx.start, **labels)
         longest = max(generated.values())
         if longest > 1:
             tpot = (last - first) / (longest - 1)
-            m.observe("moeserve_lora_time_per_output_token_seconds", tpot, **labels)
+            m.observe(f"{prefix}time_per_output_token_seconds", tpot, **labels)
 
 
 @contextmanager
