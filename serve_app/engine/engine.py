@@ -214,12 +214,7 @@ class LLMEngine:
             kv_block_bytes=self.kv_block_bytes,
             weight_bytes=self.weight_bytes,
             quantization=self.quantization,
-            lora_resident=len(self.lora.names()),
-            lora_loads=self.lora.num_loads,
-            lora_evictions=self.lora.num_evictions,
-            lora_max=self.lora.max_loras,
-            lora_running=_adapter_names(self.scheduler.running),
-            lora_waiting=_adapter_names(self.scheduler.waiting),
+            **self._lora_stats(),
             expert_tokens=(
                 tuple(self.expert_token_counts.tolist())
                 if self.expert_token_counts is not None
@@ -227,6 +222,20 @@ class LLMEngine:
             ),
             **self._connector_stats(),
         )
+
+    def _lora_stats(self) -> dict:
+        """Per step: nothing to walk in an engine that never loaded an adapter."""
+        lora = self.lora
+        if not lora.num_loads:
+            return {"lora_max": lora.max_loras}
+        return {
+            "lora_resident": len(lora.names()),
+            "lora_loads": lora.num_loads,
+            "lora_evictions": lora.num_evictions,
+            "lora_max": lora.max_loras,
+            "lora_running": _adapter_names(self.scheduler.running),
+            "lora_waiting": _adapter_names(self.scheduler.waiting),
+        }
 
     def _connector_stats(self) -> dict:
         if self.connector is None:

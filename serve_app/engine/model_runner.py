@@ -161,10 +161,14 @@ class ModelRunner:
         sample_reqs: list[Request] = []
         prompt_lp: list[tuple[Request, int, int]] = []
         slot_parts: list[torch.Tensor] = []
-        row_adapters: list = []  # each row's LoRA adapter (None: the base model)
+        # each row's LoRA adapter (None: the base model); no per-row list in a step without one
+        row_adapters: list | None = (
+            [] if any(sched.requests[i].lora is not None for i in order) else None
+        )
         for i in order:
             req, n = sched.requests[i], sched.num_new_tokens[i]
-            row_adapters.extend([req.lora] * n)
+            if row_adapters is not None:
+                row_adapters.extend([req.lora] * n)
             start = req.num_computed_tokens - n  # scheduler already advanced it
             end = start + n
             table = block_ids[req.request_id]
@@ -208,7 +212,7 @@ class ModelRunner:
         )
         input_ids = tensor_to_device(ids, self.device)
         pos = tensor_to_device(positions, self.device)
-        lora = LoraBatch.build(row_adapters, self.device)
+        lora = None if row_adapters is None else LoraBatch.build(row_adapters, self.device)
         batch = MicroBatch(input_ids, pos, meta, lora)
         return _Built(batch, sample_rows, sample_reqs, prompt_lp)
 
