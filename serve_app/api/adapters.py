@@ -42,8 +42,12 @@ class AdapterCatalog:
         self.base = base
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        # the last revision of every name ever loaded: an unload and a new load under the same
+        # name still counts up, so no engine keeps serving the weights it held before
+        self._revisions: dict[str, int] = {}
         for name, path in (adapters or {}).items():
             self._entries[name] = _Entry(LoraRef(name, str(path), 0), int(time.time()))
+            self._revisions[name] = 0
 
     def resolve(self, model: str | None) -> LoraRef | None:
         """The adapter a request's `model` names (None: the base model); a 404 in OpenAI's
@@ -64,12 +68,13 @@ class AdapterCatalog:
                 400, f"invalid adapter name {name!r}", "invalid_request_error", "lora_name"
             )
         with self._lock:
-            old = self._entries.get(name)
-        return LoraRef(name, path, 0 if old is None else old.ref.revision + 1)
+            last = self._revisions.get(name, -1)
+        return LoraRef(name, path, last + 1)
 
     def put(self, ref: LoraRef) -> None:
         with self._lock:
             self._entries[ref.name] = _Entry(ref, int(time.time()))
+            self._revisions[ref.name] = max(ref.revision, self._revisions.get(ref.name, -1))
 
     def remove(self, name: str) -> None:
         with self._lock:

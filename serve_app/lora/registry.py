@@ -50,7 +50,9 @@ class LoraRegistry:
         when it cannot be served; an empty path means it must be held already)."""
         with self._lock:
             held = self._held.get(name)
-            if held is not None and (not path or held[:2] == (revision, path)):
+            # a held revision at least as new serves (a request routed before a reload must not
+            # load the older weights back)
+            if held is not None and (not path or held[0] >= revision):
                 self._held.move_to_end(name)
                 return held[2]
         if not path:

@@ -161,3 +161,14 @@ def test_requests_and_tokens_are_counted_per_adapter(served):
         for ln in lines
     )
     assert not any('adapter="tiny"' in ln for ln in lines)  # the base model is not an adapter
+
+
+def test_a_name_loaded_again_after_an_unload_gets_a_newer_revision():
+    from serve_app.api.adapters import AdapterCatalog
+
+    catalog = AdapterCatalog("tiny", {"a": "/v0"})
+    first = catalog.next_ref("a", "/v1")
+    catalog.put(first)
+    catalog.remove("a")
+    again = catalog.next_ref("a", "/v2")
+    assert (first.revision, again.revision) == (1, 2)  # engines holding /v1 reload it
