@@ -64,6 +64,16 @@ class ExpertWeights:
         """[n, D]: rows act[s:e] through expert `local`'s down for each span."""
         return _grouped_matmul(self.w2, self.packed, act, spans)
 
+    def mlp_into(self, xs, spans, row_weights, dest, slots) -> bool:
+        """The whole MLP of every span's rows in one kernel call, row r times row_weights[r]
+        written to slots[dest[r]]; False (nothing done) where that kernel does not apply."""
+        if not self.packed or not _fused_applies(self, spans, xs):
+            return False
+        kernel = cpu_kernel.load()
+        assert kernel is not None
+        kernel.moe_mlp(xs, self.w13, self.w2, spans, row_weights, dest, slots)
+        return True
+
     def concat(self, other: ExpertWeights) -> ExpertWeights:
         """These experts, then `other`'s (same layout)."""
         return self.with_experts(
@@ -95,8 +105,8 @@ def run_experts(
     The (token, k) slots are sorted by expert and gathered once; each expert then runs its two
     matmuls on its contiguous rows, and the activation, the routing weights and the scatter
     back run once over all rows (per-expert small ops cost as much as the matmuls at decode).
-    With packed weights the matmuls, the activation and the routing weights are one kernel
-    call (one parallel region per layer), which writes each row to its (token, k) slot.
+    Where `w.mlp_into` applies (packed weights, no LoRA) the matmuls, the activation and the
+    routing weights are one kernel call (one parallel region per layer).
     """
     k = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
@@ -106,9 +116,8 @@ def run_experts(
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=sentinel + 1).tolist()
     n = len(order) - counts[sentinel]  # slots this layer's experts serve
-    out = torch.zeros_like(x)
     if n == 0:
-        return out
+        return torch.zeros_like(x)
     order = order[:n]
     token_idx = order // k
     xs = x[token_idx]
@@ -120,29 +129,27 @@ def run_experts(
         for local, expert in enumerate(w.expert_ids)
         if starts[expert] < starts[expert + 1]
     ]
-    row_weights = topk_weights.reshape(-1)[order].to(x.dtype)
-    if w.packed and lora is None and _fused_applies(w, spans, x):
-        # rows land in their (k, token) slot: summing the k planes replaces a scatter-add,
-        # which torch runs row by row (~10% of a prefill step); planes, not [token, k] rows,
-        # so the sum is elementwise (a sum over the middle dim cost 4% of a decode run)
-        slots = (x.new_zeros if n < len(flat_ids) else x.new_empty)(len(flat_ids), x.shape[1])
-        kernel = cpu_kernel.load()
-        assert kernel is not None
-        dest = (order % k) * x.shape[0] + token_idx
-        kernel.moe_mlp(xs, w.w13, w.w2, spans, row_weights.contiguous(), dest, slots)
-        planes = slots.view(k, -1, x.shape[1])
-        return planes[0] + planes[1] if k == 2 else planes.sum(0)
-    inter = w.intermediate_size
-    gate_up = w.gate_up(xs, spans)
-    if lora is not None:
-        experts = flat_ids[order]
-        lora.add_("gate_up", xs, token_idx, experts, gate_up)
-    act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = w.down(act, spans)
-    if lora is not None:
-        lora.add_("down", act, token_idx, experts, y)
-    y *= row_weights[:, None]
-    return out.index_add_(0, token_idx, y)
+    row_weights = topk_weights.reshape(-1)[order].to(x.dtype).contiguous()
+    # rows land in their (k, token) slot: summing the k planes replaces a scatter-add, which
+    # torch runs row by row (~10% of a prefill step) or through a sort (a third of a quantized
+    # decode step); planes, not [token, k] rows, so the sum is elementwise (a sum over the
+    # middle dim cost 4% of a decode run)
+    slots = (x.new_zeros if n < len(flat_ids) else x.new_empty)(len(flat_ids), x.shape[1])
+    dest = (order % k) * x.shape[0] + token_idx
+    if lora is not None or not w.mlp_into(xs, spans, row_weights, dest, slots):
+        inter = w.intermediate_size
+        gate_up = w.gate_up(xs, spans)
+        if lora is not None:
+            experts = flat_ids[order]
+            lora.add_("gate_up", xs, token_idx, experts, gate_up)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = w.down(act, spans)
+        if lora is not None:
+            lora.add_("down", act, token_idx, experts, y)
+        y *= row_weights[:, None]
+        slots.index_copy_(0, dest, y)
+    planes = slots.view(k, -1, x.shape[1])
+    return planes[0] + planes[1] if k == 2 else planes.sum(0)
 
 
 def _fused_applies(w: ExpertWeights, spans: list[tuple[int, int, int]], x: torch.Tensor) -> bool:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import torch
 
 from serve_app.experts.local import ExpertWeights
+from serve_app.kernels import quant as quant_kernel
 from serve_app.model.quant.scheme import Quantization, QuantWeight, combine, quantize
 from serve_app.model.quant.stacked import Spans, stack
 
 
 class QuantExpertWeights(ExpertWeights):
     """ExpertWeights over quantized matrices: w13 [E, 2I, D] and w2 [E, D, I] as Int8Stack
-    or Int4Stack. `packed` (the float panels' flag) stays False: the float kernel's fused
-    path does not apply; gate_up and down run each matrix's own matmul."""
+    or Int4Stack (or Bf16Stack). `packed` (the float panels' flag) stays False: the float
+    kernel does not apply; `mlp_into` runs the quantized kernel's fused MLP where it applies,
+    else gate_up and down run each matrix's own matmul."""
 
     @classmethod
     def quantize(
@@ -55,6 +57,26 @@ class QuantExpertWeights(ExpertWeights):
     @property
     def intermediate_size(self) -> int:
         return self.w2.in_features
+
+    def mlp_into(self, xs, spans, row_weights, dest, slots) -> bool:
+        """The quantized kernel's one-region MLP (ExpertWeights.mlp_into) where both matrices
+        are in its panels, of a width it fuses, with I a panel multiple."""
+        kernel = quant_kernel.load()
+        w13, w2 = self.w13, self.w2
+        if (
+            kernel is None
+            or not (w13.packed and w2.packed)
+            or xs.dtype != torch.float32
+            or w13.BITS not in kernel.fused_bits
+            or self.intermediate_size % quant_kernel.PANEL
+        ):
+            return False
+        (p13, s13, g13), (p2, s2, g2) = w13.kernel_args, w2.kernel_args
+        inter = self.intermediate_size
+        kernel.moe_mlp(
+            w13.BITS, xs, p13, s13, p2, s2, (g13, g2), inter, spans, row_weights, dest, slots
+        )
+        return True
 
     def gate_up(self, xs: torch.Tensor, spans: Spans) -> torch.Tensor:
         return self.w13.matmul(xs, spans)

@@ -1,8 +1,9 @@
 """The quantized expert matmul (csrc/quant_mm.c): built on first use like the float kernels
 (same flags, cache and CPU key; its own library), loaded with ctypes.
 
-`grouped_mm_int8` / `grouped_mm_int4` / `grouped_mm_bf16`: out[s:e] = x[s:e] @ dequant(W[local]).T
-for each (local, s, e) span, the weights dequantized (bf16: widened) in registers. `pack_int8` /
+`grouped_mm_int8` / `grouped_mm_int4` / `grouped_mm_bf16` (or `grouped_mm` by width): out[s:e] =
+x[s:e] @ dequant(W[local]).T for each (local, s, e) span, the weights dequantized (bf16: widened)
+in registers. `moe_mlp`: a MoE layer's whole expert MLP over such weights in one call. `pack_int8` /
 `pack_int4` / `pack_bf16` turn [E, N, K] experts (serve_app/model/quant/scheme.py) into the
 kernel's panels.
 `load()` returns None where the kernels cannot be built (or MOESERVE_CPU_KERNEL=0): the callers
@@ -37,40 +38,79 @@ class QuantKernels:
         self.blocking = blocking
         self._mm = lib.moeserve_grouped_mm_quant
         self._mm.restype = None
-        self._mm.argtypes = [ctypes.c_int, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _I64]
-        self._mm.argtypes += [_P, _I64, _I64, ctypes.c_int]
+        self._mm.argtypes = [ctypes.c_int, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _P]
+        self._mm.argtypes += [_I64, _I64, ctypes.c_int]
+        self._mlp = lib.moeserve_moe_mlp_quant
+        self._mlp.restype = None
+        self._mlp.argtypes = [ctypes.c_int, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _I64]
+        self._mlp.argtypes += [_I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]
+        lib.moeserve_quant_has_dpbf16.restype = _I64
+        # the bf16 tiles are avx512_bf16's: the fused MLP (widening only) is not used for bf16
+        self.fused_bits = (8, 4) if lib.moeserve_quant_has_dpbf16() else (8, 4, 16)
+        # a dense linear's spans, [(0, 0, rows)]: its arrays built once (NOTE: a dense linear
+        # calls this once per projection and step, so no per-call torch tensors here)
+        self._zero = (_I64 * 1)(0)
 
     def grouped_mm_int8(self, x, panels, scale, spans, out) -> None:
         """x [R, K] float32, panels [E, N/P, K, P] int8, scale [E, N] float32 -> out [R, N]."""
-        self._run(8, x, panels, scale, 0, None, spans, out)
+        self.grouped_mm(8, x, panels, scale, 0, spans, out)
 
     def grouped_mm_int4(self, x, panels, sz, group, spans, out) -> None:
         """x [R, K] float32, panels [E, N/P, K, P/2] uint8, sz [E, N/P, K/G, 2, P] -> out [R, N]."""
-        self._run(4, x, panels, None, group, sz, spans, out)
+        self.grouped_mm(4, x, panels, sz, group, spans, out)
 
     def grouped_mm_bf16(self, x, panels, spans, out) -> None:
         """x [R, K] float32, panels [E, N/P, K/2, P, 2] bfloat16 -> out [R, N]."""
-        self._run(16, x, panels, None, 0, None, spans, out)
+        self.grouped_mm(16, x, panels, None, 0, spans, out)
 
-    def _run(self, bits, x, w, scale, group, sz, spans, out) -> None:
-        # NOTE: a dense linear calls this once per projection and step: plain ints and ctypes
-        # arrays here, no small torch tensors (that overhead was 10x the 1-row matmul's)
-        for t in (x, w, scale, sz, out):
+    def moe_mlp(self, bits, xs, w13, p13, w2, p2, groups, inter, spans, weights, dest, y):
+        """Every span's expert MLP, weight * down(silu(gate) * up), in one parallel region: row
+        r of the result goes to y[dest[r]]. w13 / p13 and w2 / p2: [E, 2I, D] gate|up and
+        [E, D, I] down as grouped_mm_int8 / int4 / bf16 take them (p: the scales, or the int4
+        scales and zeros, or None; groups: each one's int4 group size); xs [n, D] rows sorted
+        by expert; weights [n] float32; dest [n] int64, distinct rows of y [S, D]."""
+        n, d = xs.shape
+        for t in (xs, w13, p13, w2, p2, weights, dest, y):
             if t is not None and not t.is_contiguous():
-                raise ValueError("grouped_mm_quant needs contiguous tensors")
-        if x.dtype != torch.float32 or out.dtype != torch.float32:
-            raise ValueError("grouped_mm_quant takes float32 activations")
-        e = w.shape[0]
+                raise ValueError("moe_mlp_quant needs contiguous tensors")
+        if xs.dtype != torch.float32 or y.dtype != torch.float32 or dest.dtype != torch.int64:
+            raise ValueError("moe_mlp_quant takes float32 rows and int64 destinations")
+        starts, ends, active, n_active = self._spans(w13.shape[0], spans)
+        gate_up, act = xs.new_empty(n, 2 * inter), xs.new_empty(n, inter)
+        down = torch.empty_like(xs)
+        b = self.blocking
+        self._mlp(
+            bits, xs.data_ptr(), d, starts, ends, active, n_active, w13.data_ptr(),
+            p13.data_ptr() if p13 is not None else None, w2.data_ptr(),
+            p2.data_ptr() if p2 is not None else None, *groups, inter, weights.data_ptr(),
+            dest.data_ptr(), gate_up.data_ptr(), act.data_ptr(), down.data_ptr(), y.data_ptr(),
+            b.mr, b.kc, torch.get_num_threads(),
+        )  # fmt: skip
+
+    def _spans(self, e: int, spans):
+        """starts, ends (per local matrix), the active ones and their count, as ctypes arrays."""
+        if e == 1 and len(spans) == 1 and spans[0][:2] == (0, 0):  # a dense linear
+            return self._zero, (_I64 * 1)(spans[0][2]), self._zero, 1
         starts, ends = (_I64 * e)(), (_I64 * e)()
         for local, s, end in spans:
             starts[local], ends[local] = s, end
         active = (_I64 * len(spans))(*(local for local, _, _ in spans))
+        return starts, ends, active, len(spans)
+
+    def grouped_mm(self, bits, x, w, params, group, spans, out) -> None:
+        """grouped_mm_int8 / int4 / bf16 by width (bits 8, 4, 16); params: the scales, or the
+        int4 scales and zeros, or None."""
+        for t in (x, w, params, out):
+            if t is not None and not t.is_contiguous():
+                raise ValueError("grouped_mm_quant needs contiguous tensors")
+        if x.dtype != torch.float32 or out.dtype != torch.float32:
+            raise ValueError("grouped_mm_quant takes float32 activations")
+        starts, ends, active, n_active = self._spans(w.shape[0], spans)
         b = self.blocking
         self._mm(
-            bits, x.data_ptr(), x.shape[1], starts, ends, active, len(spans), w.data_ptr(),
-            scale.data_ptr() if scale is not None else None, group,
-            sz.data_ptr() if sz is not None else None, out.shape[1], out.data_ptr(), b.mr, b.kc,
-            torch.get_num_threads(),
+            bits, x.data_ptr(), x.shape[1], starts, ends, active, n_active, w.data_ptr(),
+            params.data_ptr() if params is not None else None, group, out.shape[1],
+            out.data_ptr(), b.mr, b.kc, torch.get_num_threads(),
         )  # fmt: skip
 
 

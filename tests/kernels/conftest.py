@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from serve_app.experts.quantized import QuantExpertWeights
 from serve_app.kernels import tuning
 
 WIDTHS = ["native", "other width"]
@@ -27,3 +28,17 @@ def built(width: str, load):
         assert k is not None, "a C compiler is here but the kernel did not build (see the log)"
         yield k
     load.cache_clear()
+
+
+def count_fused(monkeypatch, fused: bool) -> list[bool]:
+    """Record what QuantExpertWeights.mlp_into answers; with fused False it declines, so
+    run_experts takes the grouped calls (the LoRA path's)."""
+    calls: list[bool] = []
+    real = QuantExpertWeights.mlp_into
+
+    def mlp_into(self, *args):
+        calls.append(fused and real(self, *args))
+        return calls[-1]
+
+    monkeypatch.setattr(QuantExpertWeights, "mlp_into", mlp_into)
+    return calls

@@ -20,7 +20,7 @@ from serve_app.kernels.tuning import Blocking
 from serve_app.model.quant.linear import Bf16Linear
 from serve_app.model.quant.precision import precision
 from serve_app.model.quant.scheme import Quantization, quantize
-from tests.kernels.conftest import WIDTHS, built
+from tests.kernels.conftest import WIDTHS, built, count_fused
 from tests.kernels.test_quant_kernels import _expert_reference, _rand
 
 BF16 = Quantization("bf16")
@@ -78,9 +78,10 @@ def test_bf16_linear_on_the_kernel_and_on_torch(kernel):
         assert layer.weight_bytes <= w.nbytes / 2 + b.nbytes
 
 
-def test_bf16_experts_packed_and_in_torch(kernel, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["one-region MLP", "grouped calls"])
+def test_bf16_experts_packed_and_in_torch(kernel, fused, monkeypatch):
     _, dp = kernel
-    e, inter, d = 4, 48, 128
+    e, inter, d = 4, 64, 128
     w13, w2 = _rand(e, 2 * inter, d) * 0.1, _rand(e, d, inter, seed=1) * 0.1
     x = _rand(9, d, seed=2)
     ids = torch.tensor([[0, 3], [1, 3], [3, 0], [2, 1]] * 2 + [[1, 2]])
@@ -89,7 +90,9 @@ def test_bf16_experts_packed_and_in_torch(kernel, monkeypatch):
     assert packed.w13.packed and packed.w2.packed
     assert packed.nbytes == (w13.nbytes + w2.nbytes) // 2
     ref = _expert_reference(w13.bfloat16().float(), w2.bfloat16().float(), x, ids, weights)
+    calls = count_fused(monkeypatch, fused)
     y = run_experts(packed, x, ids, weights)
+    assert calls == [fused and not dp]  # avx512_bf16's tiles: the grouped calls only
     tol = dict(atol=2e-2, rtol=2e-2) if dp else dict(atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(y.double(), ref, **tol)
     regrouped = packed.select([2, 3]).concat(packed.select([0, 1]))

@@ -16,7 +16,7 @@ from serve_app.kernels import quant as quant_kernel
 from serve_app.kernels.tuning import Blocking
 from serve_app.model.quant.linear import Int4Linear, Int8Linear
 from serve_app.model.quant.scheme import Quantization, QuantizationError, quantize
-from tests.kernels.conftest import WIDTHS, built
+from tests.kernels.conftest import WIDTHS, built, count_fused
 
 SCHEMES = [Quantization("int8"), Quantization("int4"), Quantization("int4", 32)]
 BLOCKINGS = [None, Blocking(mr=1, kc=16, qt=1, mkl_rows=0), Blocking(12, 64, 1, 0)]
@@ -91,9 +91,10 @@ def _expert_reference(w13, w2, x, ids, weights):
     return out
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["one-region MLP", "grouped calls"])
 @pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q.tag())
 def test_quantized_experts_match_dequantized_experts_packed_and_in_torch(
-    kernel, quant, monkeypatch
+    kernel, quant, fused, monkeypatch
 ):
     e = 4
     w13, w2 = _rand(e, 2 * INTER, D) * 0.1, _rand(e, D, INTER, seed=1) * 0.1
@@ -102,11 +103,13 @@ def test_quantized_experts_match_dequantized_experts_packed_and_in_torch(
     weights = torch.rand(9, 2, generator=torch.Generator().manual_seed(3))
     packed = QuantExpertWeights.quantize(w13, w2, list(range(e)), quant, torch.float32, 0)
     assert packed.w13.packed and packed.w2.packed
+    calls = count_fused(monkeypatch, fused)
     reference = _expert_reference(
         quantize(w13, quant, "w13").dequantize(), quantize(w2, quant, "w2").dequantize(),
         x, ids, weights,
     )  # fmt: skip
     y = run_experts(packed, x, ids, weights)
+    assert calls == [fused]  # the path asked for ran
     torch.testing.assert_close(y.double(), reference, atol=2e-5, rtol=1e-4)
     # selection and concatenation (a shard's drops and adds) keep the answers
     regrouped = packed.select([2, 3]).concat(packed.select([0, 1]))

@@ -79,18 +79,6 @@ void moeserve_grouped_mm(const float *x, int64_t K, const int64_t *row_start,
     }
 }
 
-/* silu(g) * u over n floats, with the vector exp of simd.h (silu(g) = g * sigmoid(g), and
-   sigmoid from exp(-|g|) <= 1 so it never overflows). */
-static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i += VL) {
-        const vn gv = loadn(g + i), uv = loadn(u + i);
-        const vni neg = gv < (vn){0};
-        const vn e = expn_nonpos(selectn(neg, gv, -gv)); /* exp(-|g|) */
-        const vn sig = selectn(neg, e, splat(1.0f)) / (1.0f + e);
-        storen(out + i, gv * sig * uv);
-    }
-}
-
 /* A whole MoE expert MLP for the rows of every active expert, in one parallel region:
    phase 1, per (expert, gate panel p): the gate panel p and the up panel p + I/NB of w13 into
    gate_up [R, 2I], then act[:, p-th 32 columns] = silu(gate) * up (both halves were just

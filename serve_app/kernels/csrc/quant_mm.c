@@ -261,23 +261,55 @@ static void qpanel_rows(int bits, const qtile_fn *tiles, const float *x, int64_t
 
 int64_t moeserve_quant_panel_width(void) { return NB; }
 
-/* bits 8: w [E, N/NB, K, NB] int8, scale [E, N], group and sz unused.
-   bits 4: w [E, N/NB, K, NB/2] bytes, sz [E, N/NB, K/group, 2, NB], scale unused.
-   bits 16: w [E, N/NB, K/2, NB, 2] bf16 (K even), scale, group and sz unused. */
+/* Whether the bf16 tiles are avx512_bf16's (vdpbf16ps over bf16 pairs of the activations): the
+   fused MLP below widens instead, so its callers keep the grouped calls there. */
+int64_t moeserve_quant_has_dpbf16(void) {
+#ifdef DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One matrix's layout: N outputs over K inputs, its panel bytes and the blocking it takes. */
+typedef struct {
+    int bits;
+    int64_t K, panels, panel_bytes, groups, group, mr, kc;
+} qmat;
+
+static qmat qmat_of(int bits, int64_t N, int64_t K, int64_t group, int64_t mr, int64_t kc) {
+    qmat m = {bits, K, N / NB, K * (bits == 16 ? 2 * NB : bits == 8 ? NB : NB / 2),
+              bits == 4 ? K / group : 1, group, mr, kc};
+    if (m.mr < 1 || m.mr > MAX_MR) m.mr = 3;
+    if (m.kc < 1 || m.kc > K) m.kc = K;
+    if (bits == 4) m.kc = m.kc < group ? group : m.kc / group * group; /* whole groups */
+    if (bits == 16) m.kc = m.kc < 2 ? 2 : m.kc / 2 * 2;                 /* whole K-row pairs */
+    if (bits == 16 && m.mr > B16_MR) m.mr = B16_MR;
+    return m;
+}
+
+/* Rows x [n, K] times panel p of expert e (its scales: `scale` [E, N] for int8, `sz`
+   [E, N/NB, K/G, 2, NB] for int4) into out [n, NB] (row stride ldo). */
+static void qmat_panel(const qmat *m, const qtile_fn *tiles, const float *x, int64_t n,
+                       const int8_t *w, const float *params, int64_t e, int64_t p, float *out,
+                       int64_t ldo) {
+    const int64_t ep = e * m->panels + p;
+    qpanel_rows(m->bits, tiles, x, n, m->K, w + ep * m->panel_bytes,
+                m->bits == 8 ? params + ep * NB : 0, m->group,
+                m->bits == 4 ? params + ep * m->groups * 2 * NB : 0, out, ldo, m->mr, m->kc);
+}
+
+static const qtile_fn *widening_tiles(int bits) { return bits == 8 ? Q8 : bits == 4 ? Q4 : B16; }
+
+/* bits 8: w [E, N/NB, K, NB] int8, params the scales [E, N].
+   bits 4: w [E, N/NB, K, NB/2] bytes, params the scales and zeros [E, N/NB, K/group, 2, NB].
+   bits 16: w [E, N/NB, K/2, NB, 2] bf16 (K even), params and group unused. */
 void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_t *row_start,
                                const int64_t *row_end, const int64_t *active, int64_t n_active,
-                               const int8_t *w, const float *scale, int64_t group,
-                               const float *sz, int64_t N, float *out, int64_t mr, int64_t kc,
-                               int num_threads) {
-    const int64_t panels = N / NB;
-    const int64_t panel_bytes = K * (bits == 16 ? 2 * NB : bits == 8 ? NB : NB / 2);
-    const int64_t groups = bits == 4 ? K / group : 1;
-    if (mr < 1 || mr > MAX_MR) mr = 3;
-    if (kc < 1 || kc > K) kc = K;
-    if (bits == 4) kc = kc < group ? group : kc / group * group; /* whole groups per chunk */
-    if (bits == 16) kc = kc < 2 ? 2 : kc / 2 * 2;                 /* whole K-row pairs */
-    if (bits == 16 && mr > B16_MR) mr = B16_MR;
-    const qtile_fn *tiles = bits == 8 ? Q8 : bits == 4 ? Q4 : B16;
+                               const int8_t *w, const float *params, int64_t group, int64_t N,
+                               float *out, int64_t mr, int64_t kc, int num_threads) {
+    const qmat m = qmat_of(bits, N, K, group, mr, kc);
+    const qtile_fn *tiles = widening_tiles(bits);
 #ifdef DPBF16
     uint32_t *xp = 0;
     if (bits == 16) {
@@ -293,14 +325,58 @@ void moeserve_grouped_mm_quant(int bits, const float *x, int64_t K, const int64_
     }
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t t = 0; t < n_active * panels; t++) {
-        const int64_t e = active[t / panels], p = t % panels, r0 = row_start[e];
-        const int64_t ep = e * panels + p;
-        qpanel_rows(bits, tiles, x + r0 * K, row_end[e] - r0, K, w + ep * panel_bytes,
-                    bits == 8 ? scale + ep * NB : 0, group,
-                    bits == 4 ? sz + ep * groups * 2 * NB : 0, out + r0 * N + p * NB, N, mr, kc);
+    for (int64_t t = 0; t < n_active * m.panels; t++) {
+        const int64_t e = active[t / m.panels], p = t % m.panels, r0 = row_start[e];
+        qmat_panel(&m, tiles, x + r0 * K, row_end[e] - r0, w, params, e, p, out + r0 * N + p * NB,
+                   N);
     }
 #ifdef DPBF16
     free(xp);
 #endif
+}
+
+/* grouped_mm.c's moeserve_moe_mlp over quantized experts (widening tiles only): one parallel
+   region per MoE layer instead of two grouped calls, an activation and a scatter-add.
+   Phase 1, per (expert, gate panel p): gate panel p and up panel p + I/NB of w13 [E, 2I, D]
+   into gate_up [n, 2I], then act[:, the panel's NB columns] = silu(gate) * up; phase 2, per
+   (expert, panel of w2 [E, D, I]): down = act @ w2, each row times its routing weight stored at
+   row dest[r] of y (distinct (token, k) slots: no two rows collide). p13 / p2: each matrix's
+   params and int4 group as in moeserve_grouped_mm_quant; I and D multiples of NB. */
+void moeserve_moe_mlp_quant(int bits, const float *x, int64_t D, const int64_t *row_start,
+                            const int64_t *row_end, const int64_t *active, int64_t n_active,
+                            const int8_t *w13, const float *p13, const int8_t *w2,
+                            const float *p2, int64_t group13, int64_t group2, int64_t I,
+                            const float *row_weight,
+                            const int64_t *dest, float *gate_up, float *act, float *down, float *y,
+                            int64_t mr, int64_t kc, int num_threads) {
+    const qmat m13 = qmat_of(bits, 2 * I, D, group13, mr, kc);
+    const qmat m2 = qmat_of(bits, D, I, group2, mr, kc);
+    const qtile_fn *tiles = widening_tiles(bits);
+    const int64_t p1 = I / NB, N1 = 2 * I;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * p1; t++) {
+            const int64_t e = active[t / p1], p = t % p1, r0 = row_start[e], n = row_end[e] - r0;
+            float *gu = gate_up + r0 * N1;
+            qmat_panel(&m13, tiles, x + r0 * D, n, w13, p13, e, p, gu + p * NB, N1);
+            qmat_panel(&m13, tiles, x + r0 * D, n, w13, p13, e, p + p1, gu + I + p * NB, N1);
+            for (int64_t r = 0; r < n; r++)
+                silu_mul(gu + r * N1 + p * NB, gu + r * N1 + I + p * NB,
+                         act + (r0 + r) * I + p * NB, NB);
+        }
+        /* the implicit barrier of `omp for`: every act row is complete */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_active * m2.panels; t++) {
+            const int64_t e = active[t / m2.panels], p = t % m2.panels, r0 = row_start[e];
+            const int64_t n = row_end[e] - r0;
+            float *dn = down + r0 * D + p * NB;
+            qmat_panel(&m2, tiles, act + r0 * I, n, w2, p2, e, p, dn, D);
+            for (int64_t r = 0; r < n; r++) {
+                const float s = row_weight[r0 + r];
+                float *yo = y + dest[r0 + r] * D + p * NB;
+                for (int j = 0; j < NB; j += VL) storen(yo + j, loadn(dn + r * D + j) * s);
+            }
+        }
+    }
 }

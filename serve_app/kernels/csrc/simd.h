@@ -109,4 +109,16 @@ static inline vn expn_nonpos(vn x) {
     memcpy(&scale, &bits, sizeof scale);
     return selectn(x < splat(-86.9f), (vn){0}, p * scale);
 }
+/* silu(g) * u over n floats, with expn_nonpos (silu(g) = g * sigmoid(g), and
+   sigmoid from exp(-|g|) <= 1 so it never overflows). */
+static inline void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) {
+        const vn gv = loadn(g + i), uv = loadn(u + i);
+        const vni neg = gv < (vn){0};
+        const vn e = expn_nonpos(selectn(neg, gv, -gv)); /* exp(-|g|) */
+        const vn sig = selectn(neg, e, splat(1.0f)) / (1.0f + e);
+        storen(out + i, gv * sig * uv);
+    }
+}
+
 #endif

@@ -42,6 +42,17 @@ class _Stacked:
     def device(self) -> torch.device:
         return getattr(self, self.STACKED[0]).device
 
+    BITS = 0  # the quantized kernel's width for this scheme (8, 4, or 16 for bf16)
+
+    @property
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(panels, params, group) as serve_app/kernels/quant.py takes them (packed only)."""
+        raise NotImplementedError
+
+    def _kernel(self, kernel, xs: torch.Tensor, spans: Spans, out: torch.Tensor) -> None:
+        panels, params, group = self.kernel_args
+        kernel.grouped_mm(self.BITS, xs, panels, params, group, spans, out)
+
     def matmul(self, xs: torch.Tensor, spans: Spans) -> torch.Tensor:
         """[n, N]: rows xs[s:e] times expert `local`'s dequantized [N, K] matrix, transposed."""
         out = xs.new_empty(xs.shape[0], self.out_features)
@@ -62,6 +73,7 @@ class Int8Stack(_Stacked):
     in_features: int
     packed: bool
     STACKED = ("q", "scale")
+    BITS = 8
 
     @classmethod
     def build(cls, w: Int8Weight, pack: bool) -> Int8Stack:
@@ -75,8 +87,9 @@ class Int8Stack(_Stacked):
             q = q.transpose(1, 2).reshape(self.out_features, self.in_features)
         return Int8Weight(q, self.scale[local]).dequantize()
 
-    def _kernel(self, kernel, xs, spans, out) -> None:
-        kernel.grouped_mm_int8(xs, self.q, self.scale, spans, out)
+    @property
+    def kernel_args(self):
+        return self.q, self.scale, 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class Int4Stack(_Stacked):
     in_features: int
     packed: bool
     STACKED = ("q", "params")
+    BITS = 4
 
     @classmethod
     def build(cls, w: Int4Weight, pack: bool) -> Int4Stack:
@@ -106,8 +120,9 @@ class Int4Stack(_Stacked):
             p = p.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)
         return Int4Weight(q, p[..., 0], p[..., 1], self.group).dequantize()
 
-    def _kernel(self, kernel, xs, spans, out) -> None:
-        kernel.grouped_mm_int4(xs, self.q, self.params, self.group, spans, out)
+    @property
+    def kernel_args(self):
+        return self.q, self.params, self.group
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class Bf16Stack(_Stacked):
     in_features: int
     packed: bool
     STACKED = ("w",)
+    BITS = 16
 
     @classmethod
     def build(cls, w: Bf16Weight, pack: bool) -> Bf16Stack:
@@ -128,8 +144,9 @@ class Bf16Stack(_Stacked):
         w = self.w[local]
         return (quant_kernel.unpack_bf16(w) if self.packed else w).float()
 
-    def _kernel(self, kernel, xs, spans, out) -> None:
-        kernel.grouped_mm_bf16(xs, self.w, spans, out)
+    @property
+    def kernel_args(self):
+        return self.w, None, 0
 
 
 Stack = Int8Stack | Int4Stack | Bf16Stack
