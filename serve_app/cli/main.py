@@ -222,6 +222,16 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="serve the PEFT LoRA adapter in DIR as model NAME (repeatable; docs/lora.md)",
     )
     p.add_argument(
+        "--max-loras", type=int, default=8, help="LoRA adapters held per engine (LRU evicted)"
+    )
+    p.add_argument(
+        "--max-loras-per-batch",
+        type=int,
+        default=None,
+        help="distinct LoRA adapters in one engine step, at most --max-loras (default: no cap); "
+        "a request over it waits its turn (docs/lora.md)",
+    )
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,
