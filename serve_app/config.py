@@ -266,12 +266,22 @@ class LoraSettings(BaseModel):
     max_lora_rank: int = Field(
         _engine("max_lora_rank"), ge=1, description="Adapters of a higher rank are refused."
     )
+    max_loras_per_batch: int | None = Field(
+        _engine("max_loras_per_batch"),
+        ge=1,
+        description="Distinct adapters in one engine step (the base model does not count); a "
+        "request that would exceed it waits, and no adapter waits for ever (docs/lora.md). At "
+        "most max_loras; null: no cap.",
+    )
 
     @model_validator(mode="after")
     def _names(self) -> LoraSettings:
         for name in self.adapters:
             if not name or ":" in name:
                 raise ValueError(f"lora.adapters: invalid adapter name {name!r}")
+        n = self.max_loras_per_batch
+        if n is not None and n > self.max_loras:
+            raise ValueError(f"lora.max_loras_per_batch ({n}) must not exceed max_loras")
         return self
 
 
@@ -322,6 +332,7 @@ class AppConfig(BaseModel):
             lora_adapters=tuple(self.lora.adapters.items()),
             max_loras=self.lora.max_loras,
             max_lora_rank=self.lora.max_lora_rank,
+            max_loras_per_batch=self.lora.max_loras_per_batch,
             **self.engine.model_dump(),
         )
 

@@ -178,6 +178,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default="bench_results")
     r.set_defaults(func=_lazy("serve_app.bench.routing_bench:run_routing_bench"))
 
+    _add_bench_lora(bsub)
     t = bsub.add_parser(
         "transport",
         help="router -> expert-shard round trip over Ray transports and the expert channel",
@@ -193,6 +194,37 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", default="bench_results")
 
     t.set_defaults(func=_lazy("serve_app.bench.transport:run_transport_bench"))
+
+
+def _add_bench_lora(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser(
+        "lora", help="many LoRA adapters in-process: mixed vs base tok/s, Zipf P99 TTFT"
+    )
+    b.add_argument("--model", default="models/qwen3_moe-small")
+    b.add_argument("--workloads", default="mixed,zipf", help="comma list of mixed, zipf")
+    b.add_argument("--num-prompts", type=int, default=64, help="mixed: prompts per run")
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    b.add_argument("--output-len", type=int, default=32, help="tokens out per request")
+    b.add_argument("--mixed-adapters", type=int, default=8, help="mixed: adapters, uniform")
+    b.add_argument("--zipf-adapters", type=int, default=200, help="zipf: adapters registered")
+    b.add_argument("--zipf-requests", type=int, default=400, help="zipf: requests per run")
+    b.add_argument("--zipf-s", type=float, default=1.0, help="zipf: the popularity exponent")
+    b.add_argument("--concurrency", type=int, default=16, help="zipf: requests in flight")
+    b.add_argument("--max-loras", type=int, default=16, help="zipf: adapters held (LRU)")
+    b.add_argument(
+        "--max-loras-per-batch", type=int, default=None, help="the engine's per-step cap"
+    )
+    b.add_argument("--rank", type=int, default=16, help="adapter rank (q_proj, v_proj)")
+    b.add_argument(
+        "--repeat", type=int, default=1, help="rounds of both workloads; each round's ratio"
+    )
+    b.add_argument(
+        "--adapter-dir", default="bench_results/lora_adapters", help="adapters (made once)"
+    )
+    b.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth probe")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="bench_results")
+    b.set_defaults(func=_lazy("serve_app.bench.lora_bench:run_lora_bench"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +252,16 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         type=_lora_arg,
         metavar="NAME=DIR",
         help="serve the PEFT LoRA adapter in DIR as model NAME (repeatable; docs/lora.md)",
+    )
+    p.add_argument(
+        "--max-loras", type=int, default=8, help="LoRA adapters held per engine (LRU evicted)"
+    )
+    p.add_argument(
+        "--max-loras-per-batch",
+        type=int,
+        default=None,
+        help="distinct LoRA adapters in one engine step, at most --max-loras (default: no cap); "
+        "a request over it waits its turn (docs/lora.md)",
     )
     p.add_argument(
         "--stream-interval",

@@ -75,6 +75,9 @@ class EngineConfig:
     lora_adapters: tuple[tuple[str, str], ...] = ()
     max_lora_rank: int = 64  # an adapter of a higher rank is refused at load
     max_loras: int = 8  # adapters held at once (least recently used evicted first)
+    # distinct adapters in one step (the base model does not count), fair: engine/lora_cap.py;
+    # None: no cap. At most max_loras, so a step's adapters can all be held.
+    max_loras_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -130,6 +133,12 @@ class EngineConfig:
             f"must be one of {QUANT_GROUP_SIZES} (or null), got {self.quantization_group_size}",
         )
         require(self.max_loras >= 1, "max_loras", f"must be >= 1, got {self.max_loras}")
+        n = self.max_loras_per_batch
+        require(
+            n is None or 1 <= n <= self.max_loras,
+            "max_loras_per_batch",
+            f"must be in [1, max_loras ({self.max_loras})] (or null), got {n}",
+        )
         require(self.max_lora_rank >= 1, "max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
         names = [name for name, _ in self.lora_adapters]
         require(

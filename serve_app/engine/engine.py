@@ -58,6 +58,7 @@ class LLMEngine:
                 config.max_num_batched_tokens,
                 self.max_model_len,
                 config.enable_chunked_prefill,
+                config.max_loras_per_batch,
             ),
             self.kv,
             self.connector,

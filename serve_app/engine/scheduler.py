@@ -7,7 +7,9 @@ prompts are chunked. When blocks run out, the most recently admitted running req
 preempted: its blocks are freed and it will be recomputed (prefix caching usually makes that
 cheap). An optional external prefix source (a shared-prefix connector) extends a new request's
 local prefix-cache hit; its blocks are allocated here and filled by the engine before the
-step runs. No torch here.
+step runs. With `max_loras_per_batch` set, admission also keeps the distinct LoRA adapters of
+the running requests within that cap, skipping a waiting request that would exceed it, with a
+bound on how long it waits (engine/lora_cap.py). No torch here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve_app.engine.kv_cache_manager import NO_HIT, KVCacheManager
+from serve_app.engine.lora_cap import LoraCap
 from serve_app.engine.request import Request, RequestStatus
 
 
@@ -27,6 +30,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # distinct LoRA adapters among the running requests (so in any step); None: no cap
+    max_loras_per_batch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        n = config.max_loras_per_batch
+        self.lora_cap = None if n is None else LoraCap(n, patience=config.max_num_seqs)
         # Told of every request that finishes (the sampler drops its per-request state).
         self.on_finish: Callable[[list[Request]], None] | None = None
 
@@ -106,6 +113,8 @@ class Scheduler:
                 self.waiting.remove(req)
             req.status = status
             self.kv.free(req)
+            if self.lora_cap is not None:
+                self.lora_cap.forget(rid)
             done.append(req)
         if self.on_finish is not None and done:
             self.on_finish(done)
@@ -151,6 +160,10 @@ class Scheduler:
             i += 1
 
         out.num_running_scheduled = len(out.requests)
+        cap = self.lora_cap
+        if cap is not None:
+            cap.begin(self.running)
+        skipped: list[Request] = []  # held back by the LoRA cap: they keep their place
         # NOTE: no admissions in a step that had to preempt; the pool is full already.
         while (
             not out.preempted
@@ -159,6 +172,9 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if cap is not None and not cap.admits(req):
+                skipped.append(self.waiting.popleft())
+                continue
             # Prompt logprobs need every prompt position computed: no prefix-cache hit (vLLM).
             fresh = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
             hit = self.kv.get_computed_blocks(req) if fresh else NO_HIT
@@ -183,8 +199,11 @@ class Scheduler:
                 req.num_cached_tokens = hit.num_tokens + num_ext
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if cap is not None:
+                cap.admitted(req)
             self._schedule(out, req, num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
         return out
 
     def _schedule(self, out: SchedulerOutput, req: Request, num_new: int) -> None:

@@ -63,6 +63,8 @@ def run_server(args: argparse.Namespace) -> int:
             quantization=args.quantization,
             quantization_group_size=args.quantization_group_size,
             lora_adapters=tuple(args.lora or ()),
+            max_loras=args.max_loras,
+            max_loras_per_batch=args.max_loras_per_batch,
             dtype=args.dtype,
         )
     except ConfigError as e:

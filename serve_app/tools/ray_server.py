@@ -121,7 +121,11 @@ def app_config(args: argparse.Namespace, num_cpus: int):
         "experts": {"num_cpus": share, "num_threads": threads},
         "streaming": {"stream_interval": getattr(args, "stream_interval", 1)},
         "api": {"unknown_fields": getattr(args, "unknown_fields", "reject")},
-        "lora": {"adapters": dict(getattr(args, "lora", None) or [])},
+        "lora": {
+            "adapters": dict(getattr(args, "lora", None) or []),
+            "max_loras": getattr(args, "max_loras", 8),
+            "max_loras_per_batch": getattr(args, "max_loras_per_batch", None),
+        },
     }
     if policy := getattr(args, "prefix_write_policy", None):
         config["prefix_cache"] = {"write_policy": policy}
