@@ -46,9 +46,7 @@ class AdapterResidency:
     def holders(self, adapter: AdapterKey) -> set[str]:
         """Replicas that would serve `adapter` without loading it."""
         return {
-            r
-            for r, held in self._held.items()
-            if held.get(adapter.name, -1) >= adapter.revision
+            r for r, held in self._held.items() if held.get(adapter.name, -1) >= adapter.revision
         }
 
     def count(self, replica: str) -> int:

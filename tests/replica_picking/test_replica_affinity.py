@@ -6,8 +6,8 @@ import pytest
 
 from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
-from serve_app.engine.request import Request, SamplingParams
 from serve_app.engine.outputs import LoraRef
+from serve_app.engine.request import Request, SamplingParams
 from serve_app.messages import RouterInfo
 from serve_app.replica_picking.adapters import AdapterKey
 from serve_app.replica_picking.affinity import (
