@@ -129,6 +129,10 @@ def run_mode(cfg: RoutingBenchConfig, mode: str, base_url: str, run_id: str) -> 
         after = _settled(url, version, expected, cfg.counters_timeout_s)
         summary = summarize(result.records, result.duration_s, cfg.concurrency)
         n_lora = sum(1 for m, r in zip(models, result.records, strict=True) if m and r.ok)
+        if n_lora and not after.lora_loads:
+            # every replica loads its configured adapters at start: no series means the count
+            # was not read, and 0 loads would read as a perfect residency
+            raise RuntimeError(f"no moeserve_lora_loads_total of {version} on /metrics")
         return mode_result(mode, summary, after.minus(before), n_lora)
     finally:
         serve.delete(name)
