@@ -18,6 +18,9 @@ QUANTIZATION ?=
 DTYPE ?=
 REDIS_URL ?=
 DASHBOARD ?=
+# LoRA adapters to serve: NAME=DIR[,NAME=DIR...] (each becomes `--lora NAME=DIR`; docs/lora.md)
+LORA ?=
+comma := ,
 TEST_MODELS := $(foreach a,qwen3_moe qwen2_moe mixtral llama deepseek_v3 deepseek_v2,models/test/$(a)-tiny-s0/config.json)
 
 PROM_DIR := $(VENV)/prometheus
@@ -106,7 +109,8 @@ bench-vllm-venv: .venv-vllm/.installed
 # the fix, when there is neither a redis-server nor a REDIS_URL for the shared prefix cache.
 run: install model
 	$(MOESERVE) serve --model $(MODEL) --port $(PORT) --ray --ep $(EP) --routers $(ROUTERS) --routing $(ROUTING) \
-		$(if $(PREFIX_WRITE_POLICY),--prefix-write-policy $(PREFIX_WRITE_POLICY)) $(if $(QUANTIZATION),--quantization $(QUANTIZATION)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) --background
+		$(if $(PREFIX_WRITE_POLICY),--prefix-write-policy $(PREFIX_WRITE_POLICY)) $(if $(QUANTIZATION),--quantization $(QUANTIZATION)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(REDIS_URL),--redis-url '$(REDIS_URL)') $(if $(DASHBOARD),--dashboard) \
+		$(foreach l,$(subst $(comma), ,$(LORA)),--lora '$(l)') --background
 
 stop:
 	$(MOESERVE) stop

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import aiohttp  # a dependency of ray[serve], so always installed with moeserve
@@ -193,24 +193,34 @@ class PassResult(NamedTuple):
 
 
 async def run_pass(
-    endpoint: Endpoint, prompts: Sequence[str | list[int]], max_tokens: int, concurrency: int
+    endpoint: Endpoint,
+    prompts: Sequence[str | list[int]],
+    max_tokens: int,
+    concurrency: int,
+    models: Sequence[str | None] | None = None,
 ) -> PassResult:
     """Send every prompt, never more than `concurrency` in flight (all queued at once, as
     `vllm bench serve --max-concurrency C` does with an infinite request rate). A prompt is
-    text or token ids."""
+    text or token ids; models[i] (a LoRA adapter's name), when given and not None, is prompt
+    i's `model` instead of the endpoint's."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if models is not None and len(models) != len(prompts):
+        raise ValueError(f"{len(models)} models for {len(prompts)} prompts")
+    targets = [
+        replace(endpoint, model=m) if m else endpoint for m in (models or [None] * len(prompts))
+    ]
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         t0 = time.perf_counter()
 
-        async def one(prompt: str | list[int]) -> RequestRecord:
+        async def one(target: Endpoint, prompt: str | list[int]) -> RequestRecord:
             async with gate:
-                return await send_request(session, endpoint, prompt, max_tokens, t0)
+                return await send_request(session, target, prompt, max_tokens, t0)
 
-        records = await asyncio.gather(*(one(p) for p in prompts))
+        records = await asyncio.gather(*(one(e, p) for e, p in zip(targets, prompts, strict=True)))
         return PassResult(list(records), time.perf_counter() - t0)
 
 

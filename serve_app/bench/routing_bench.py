@@ -5,6 +5,13 @@ Redis key prefix, so a cold shared tier) on one local Ray + Serve started here; 
 shuffled shared-prefix requests go to each at a fixed concurrency. The prefix-cache counters
 come from the app's own /metrics (per replica and tier), the replica-choice reasons from the
 ingress's moeserve_router_routed_requests_total, TTFT from the streaming client.
+
+With --adapters N (issue 32), N random LoRA adapters are written for the model and served by
+every mode's app (lora.max_loras per replica); each request runs one of them, drawn apart from
+its prefix. Each adapter is sent once before the measured pass (one at a time: the adapters
+are placed), and the measured adapter requests are compared with the adapter loads the
+replicas made meanwhile (moeserve_lora_loads_total): each load is a request whose replica did
+not hold its adapter.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from serve_app.bench.routing_report import (
     CacheCounters,
     ModeResult,
     RoutingWorkload,
+    adapter_names,
     cache_counters,
     format_table,
     make_prompts,
     mode_result,
+    request_adapters,
     targets,
     write_plot,
 )
@@ -52,6 +61,8 @@ class RoutingBenchConfig:
     write_policy: str | None = None  # the shared tier's; None: the app config's default
     ready_timeout_s: float = 600.0
     counters_timeout_s: float = 120.0
+    adapter_dirs: tuple[tuple[str, str], ...] = ()  # name -> PEFT directory (workload's adapters)
+    max_loras: int = 8  # adapters each router replica holds
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -59,10 +70,16 @@ class RoutingBenchConfig:
             raise ValueError(f"modes must be among {MODES}, got {self.modes}")
         if self.num_replicas < 1 or self.concurrency < 1 or self.output_len < 1:
             raise ValueError("num_replicas, concurrency and output_len must be >= 1")
+        if [n for n, _ in self.adapter_dirs] != adapter_names(self.workload):
+            raise ValueError("adapter_dirs must name the workload's adapters, in order")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
 
 
 def app_args(cfg: RoutingBenchConfig, mode: str, run_id: str) -> dict:
+    lora = {"lora": {"adapters": dict(cfg.adapter_dirs), "max_loras": cfg.max_loras}}
     return {
+        **(lora if cfg.adapter_dirs else {}),
         "model": cfg.model,
         "version": f"bench-{mode.replace('_', '-')}",
         "served_model_name": "bench",
@@ -99,13 +116,24 @@ def run_mode(cfg: RoutingBenchConfig, mode: str, base_url: str, run_id: str) -> 
         # Warm-up: one prompt shorter than a block per replica slot (no prefix to share).
         warm = [[1 + i, 2, 3] for i in range(2 * cfg.num_replicas)]
         asyncio.run(run_pass(endpoint, warm, 2, cfg.num_replicas))
-        before = _settled(url, version, 3 * len(warm), cfg.counters_timeout_s)
+        # Each adapter once, one at a time: placed (the replicas loaded it at start, or now).
+        names = adapter_names(cfg.workload)
+        warm_lora = [[7 + i, 2, 3] for i in range(len(names))]
+        asyncio.run(run_pass(endpoint, warm_lora, 2, 1, names))
+        before = _settled(url, version, 3 * (len(warm) + len(names)), cfg.counters_timeout_s)
         prompts = [ids for _, ids in make_prompts(cfg.workload, len(tok))]
-        result = asyncio.run(run_pass(endpoint, prompts, cfg.output_len, cfg.concurrency))
+        models = request_adapters(cfg.workload, len(prompts))
+        passed = run_pass(endpoint, prompts, cfg.output_len, cfg.concurrency, models)
+        result = asyncio.run(passed)
         expected = before.total_queried + sum(len(p) for p in prompts)
         after = _settled(url, version, expected, cfg.counters_timeout_s)
         summary = summarize(result.records, result.duration_s, cfg.concurrency)
-        return mode_result(mode, summary, after.minus(before))
+        n_lora = sum(1 for m, r in zip(models, result.records, strict=True) if m and r.ok)
+        if n_lora and not after.lora_loads:
+            # every replica loads its configured adapters at start: no series means the count
+            # was not read, and 0 loads would read as a perfect residency
+            raise RuntimeError(f"no moeserve_lora_loads_total of {version} on /metrics")
+        return mode_result(mode, summary, after.minus(before), n_lora)
     finally:
         serve.delete(name)
 
@@ -159,19 +187,34 @@ def _cpu_model() -> str:
 
 
 def run_routing_bench(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    model = str(Path(args.model).resolve())
+    workload = RoutingWorkload(
+        args.prefixes,
+        args.prefix_len,
+        args.suffix_len,
+        args.requests_per_prefix,
+        args.seed,
+        args.adapters,
+    )
+    adapter_dirs = {}
+    if workload.num_adapters:
+        from serve_app.bench.lora_adapters import write_random_adapters
+
+        names = adapter_names(workload)
+        adapter_dirs = write_random_adapters(model, out / "adapters", names, seed=args.seed)
     cfg = RoutingBenchConfig(
-        model=str(Path(args.model).resolve()),
-        workload=RoutingWorkload(
-            args.prefixes, args.prefix_len, args.suffix_len, args.requests_per_prefix, args.seed
-        ),
+        model=model,
+        workload=workload,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         num_replicas=args.replicas,
         concurrency=args.concurrency,
         output_len=args.output_len,
         router_cpus=args.router_cpus,
         write_policy=args.prefix_write_policy,
+        adapter_dirs=tuple(adapter_dirs.items()),
+        max_loras=args.max_loras,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Metrics reach /metrics a second after they are recorded (default 10 s). Before ray.init.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
@@ -202,7 +245,9 @@ def run_routing_bench(args: argparse.Namespace) -> int:
     title = (
         f"bench routing: {cfg.num_replicas} routers, {w.num_prefixes} prefixes x "
         f"{w.requests_per_prefix} req, {w.prefix_len}+{w.suffix_len} tokens, c={cfg.concurrency}, "
-        f"{Path(cfg.model).name}\n{machine}"
+        f"{Path(cfg.model).name}"
+        + (f", {w.num_adapters} adapters (max_loras {cfg.max_loras})" if w.num_adapters else "")
+        + f"\n{machine}"
     )
     print(title)
     print(format_table(results))
@@ -221,7 +266,9 @@ def run_routing_bench(args: argparse.Namespace) -> int:
                 "suffix_len": w.suffix_len,
                 "requests_per_prefix": w.requests_per_prefix,
                 "seed": w.seed,
+                "num_adapters": w.num_adapters,
             },
+            "max_loras": cfg.max_loras,
         },
         "machine": machine,
         "results": {m: r.to_json() for m, r in results.items()},

@@ -175,6 +175,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--router-cpus", type=float, default=1.0, help="CPUs per router replica")
     _add_write_policy(r, "for every router replica")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--adapters", type=int, default=0, help="random LoRA adapters; each request runs one"
+    )
+    r.add_argument("--max-loras", type=int, default=8, help="adapters held per router replica")
     r.add_argument("--out", default="bench_results")
     r.set_defaults(func=_lazy("serve_app.bench.routing_bench:run_routing_bench"))
 

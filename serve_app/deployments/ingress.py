@@ -77,8 +77,10 @@ class RouterCore:
         to the client, so a failure can still be retried elsewhere."""
         t0 = time.monotonic()
         handle = self.versions.handle(version)
-        prompt = requests[0].prompt_token_ids
-        route = await self.route_keys.kwargs(version, handle, prompt, hint.session, request_id)
+        prompt, lora = requests[0].prompt_token_ids, requests[0].lora
+        route = await self.route_keys.kwargs(
+            version, handle, prompt, hint.session, request_id, lora
+        )
         stream, queue = self.inbox.open()
         response = handle.generate_to.remote(requests, self.inbox.reply_to, stream, **route)
         call = _ChannelCall(self.inbox, stream, queue, response, version)

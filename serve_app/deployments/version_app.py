@@ -64,7 +64,9 @@ def request_routing(config: AppConfig) -> dict[str, Any]:
     if r.routing == "pow2":
         return {}
     a = r.affinity
-    kwargs = {"version": config.version_name, **dataclasses.asdict(a.affinity_config())}
+    # the replicas' adapter LRU is replayed at the picker: it needs their capacity
+    affinity = dataclasses.replace(a.affinity_config(), max_loras=config.lora.max_loras)
+    kwargs = {"version": config.version_name, **dataclasses.asdict(affinity)}
     return {
         "request_router_config": RequestRouterConfig(
             request_router_class=AFFINITY_ROUTER,

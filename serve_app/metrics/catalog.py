@@ -137,8 +137,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _c(
         "moeserve_router_routed_requests_total",
         ("version", "reason"),
-        "Requests sent to a router replica by reason: session, prefix_match, load_fallback, "
-        "no_match.",
+        "Requests sent to a router replica by reason: session, prefix_match, adapter_match, "
+        "load_fallback, no_match.",
     ),
     # ---- memory (router replicas and expert shards) ----
     _g(

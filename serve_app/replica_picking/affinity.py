@@ -1,20 +1,26 @@
 """Prefix-affine replica choice with a load bound. Pure: state, loads and the clock come in.
 
 A request is described by the chained block hashes of its prompt (serve_app.engine.block_hash,
-namespaced by the model digest: the very keys of the replicas' prefix caches) and its session
-key. AffinityState remembers, per block hash, which replicas were sent a prompt holding that
-block (LRU, bounded), and per session key the replica of the conversation. choose_replica then
+namespaced by the model digest: the very keys of the replicas' prefix caches), its session key
+and its LoRA adapter, if any. AffinityState remembers, per block hash, which replicas were sent
+a prompt holding that block (LRU, bounded), per session key the replica of the conversation,
+and per replica the adapters sent there (adapters.AdapterResidency). choose_replica then
 picks, in this order:
 
 1. session: the session's replica, while it is within the load bound;
 2. prefix_match: among replicas holding the longest tracked prefix (>= min_match_blocks), the
-   least loaded one within the bound;
-3. load_fallback: when 1 or 2 found a replica but every preferred one is past the bound, the
-   least loaded replica overall (it then holds the prefix too, so a hot prefix spreads);
-4. no_match: a prompt shorter than a block goes to the least loaded replica; an unseen prefix
-   goes to the within-bound replica that holds the fewest tracked
-   blocks (a new replica therefore takes new prefixes first), then the least loaded, then a
-   rendezvous hash of the prefix (the same on every ingress replica).
+   least loaded one within the bound. An adapter request's hashes chain from a root of its
+   adapter (replica_picking/key.py), so a prefix match implies the adapter was sent there too;
+3. adapter_match: a request with an adapter (no usable session or prefix replica) goes to the
+   least loaded within-bound replica where the adapter is resident;
+4. load_fallback: when 1, 2 or 3 found a replica but every preferred one is past the bound,
+   the least loaded replica overall (it then holds the prefix or adapter too: a hot one spreads);
+5. no_match: a base-model prompt shorter than a block goes to the least loaded replica; an
+   unseen prefix goes to the within-bound replica that holds the fewest tracked blocks (a new
+   replica therefore takes new prefixes first), then the least loaded, then a rendezvous hash
+   of the prefix (the same on every ingress replica). For an adapter resident nowhere, the
+   fewest resident adapters comes first: N adapters spread N / replicas per replica, so each
+   fits in its replica's max_loras and none is evicted by the others.
 
 The load bound ("bounded loads", Mirrokni et al. 2018): a replica with `load` requests in
 flight takes one more while load + 1 <= ceil(load_factor * (total + 1) / n), or while
@@ -36,7 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Reason = Literal["session", "prefix_match", "load_fallback", "no_match"]
+from serve_app.replica_picking.adapters import AdapterKey, AdapterResidency
+
+Reason = Literal["session", "prefix_match", "adapter_match", "load_fallback", "no_match"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,7 @@ class AffinityConfig:
     max_tracked_blocks: int = 65_536  # LRU bound of the block table (all replicas together)
     max_sessions: int = 65_536
     session_ttl_s: float = 600.0  # a session silent this long is placed afresh
+    max_loras: int = 8  # adapters a replica holds (its lora.max_loras): the LRU replayed here
 
     def __post_init__(self) -> None:
         if self.load_factor < 1:
@@ -56,7 +65,7 @@ class AffinityConfig:
             raise ValueError(f"max_kv_use must be in (0, 1], got {self.max_kv_use}")
         if self.min_load < 0:
             raise ValueError(f"min_load must be >= 0, got {self.min_load}")
-        for name in ("min_match_blocks", "max_tracked_blocks", "max_sessions"):
+        for name in ("min_match_blocks", "max_tracked_blocks", "max_sessions", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.session_ttl_s <= 0:
@@ -75,6 +84,7 @@ class RouteRequest:
     block_hashes: tuple[bytes, ...]  # chained hashes of the prompt's full blocks
     session_key: str | None = None  # `user` field or x-session-id header
     request_key: str = ""  # places a request with neither hashes nor session
+    adapter: AdapterKey | None = None  # the LoRA adapter it runs; None: the base model
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +92,19 @@ class Decision:
     replica: str
     reason: Reason
     matched_blocks: int  # of the chosen replica (tracked, not necessarily still cached)
+    adapter_resident: bool = False  # the request's adapter was believed held there
 
 
 class AffinityState:
-    """What one ingress remembers: block hash -> replicas, session -> replica (both LRU)."""
+    """What one ingress remembers: block hash -> replicas, session -> replica (both LRU),
+    replica -> adapters (the replicas' own LRU, replayed)."""
 
     def __init__(self, config: AffinityConfig):
         self.config = config
         self.blocks: OrderedDict[bytes, set[str]] = OrderedDict()
         self.sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.owned: Counter[str] = Counter()  # tracked blocks per replica
+        self.adapters = AdapterResidency(config.max_loras)
 
     def match_depths(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Per replica, how many leading blocks of the prompt it was sent (chained hashes: a
@@ -112,8 +125,11 @@ class AffinityState:
         return entry[0]
 
     def record(self, decision: Decision, request: RouteRequest, now: float) -> None:
-        """The request went to decision.replica: it now holds the prompt's blocks."""
+        """The request went to decision.replica: it now holds the prompt's blocks (and its
+        adapter)."""
         r = decision.replica
+        if request.adapter is not None:
+            self.adapters.record(r, request.adapter)
         for h in request.block_hashes:
             owners = self.blocks.get(h)
             if owners is None:
@@ -136,6 +152,7 @@ class AffinityState:
     def retain(self, replicas: Sequence[str]) -> None:
         """Forget replicas that are gone (their prefixes are placed again when seen)."""
         keep = set(replicas)
+        self.adapters.retain(replicas)
         gone = [r for r in self.owned if r not in keep]
         if not gone:
             return
@@ -185,31 +202,47 @@ def choose_replica(
     by_id = {r.replica: r for r in loads}
     ok = within_bound(loads, state.config)
     key = _placement_key(request)
+    adapter = request.adapter
+    holders = state.adapters.holders(adapter) & by_id.keys() if adapter else set()
 
     def least_loaded(ids) -> str:
         return min(ids, key=lambda r: (by_id[r].load, by_id[r].kv_use or 0.0, rendezvous(key, r)))
 
     depths = {r: d for r, d in state.match_depths(request.block_hashes).items() if r in by_id}
 
+    def decide(r: str, reason: Reason, matched: int | None = None) -> Decision:
+        depth = depths.get(r, 0) if matched is None else matched
+        return Decision(r, reason, depth, r in holders)
+
     def fallback() -> Decision:
-        r = least_loaded(ok or by_id)
-        return Decision(r, "load_fallback", depths.get(r, 0))
+        near = holders & ok  # the adapter's replicas within the bound, before any other
+        if near:
+            return decide(least_loaded(near), "adapter_match")
+        return decide(least_loaded(ok or by_id), "load_fallback")
 
     session = state.session(request.session_key, now)
     if session in by_id:
-        return Decision(session, "session", depths.get(session, 0)) if session in ok else fallback()
+        return decide(session, "session") if session in ok else fallback()
     best = max(depths.values(), default=0)
     if best >= state.config.min_match_blocks:
         top = [r for r, d in depths.items() if d == best and r in ok]
-        return Decision(least_loaded(top), "prefix_match", best) if top else fallback()
-    if not request.block_hashes:  # nothing to place: plain least loaded
-        return Decision(least_loaded(ok or by_id), "no_match", 0)
+        return decide(least_loaded(top), "prefix_match", best) if top else fallback()
+    if holders:
+        return fallback()
+    if not request.block_hashes and adapter is None:  # nothing to place: plain least loaded
+        return decide(least_loaded(ok or by_id), "no_match", 0)
     pool = ok or {least_loaded(by_id)}
-    r = min(pool, key=lambda r: (state.owned[r], by_id[r].load, rendezvous(key, r)))
-    return Decision(r, "no_match", depths.get(r, 0))
+
+    def placement(r: str) -> tuple:
+        spread = state.adapters.count(r) if adapter else 0
+        return (spread, state.owned[r], by_id[r].load, rendezvous(key, r))
+
+    return decide(min(pool, key=placement), "no_match")
 
 
 def _placement_key(request: RouteRequest) -> bytes | str:
     if request.block_hashes:
         return request.block_hashes[0]
+    if request.adapter is not None and not request.session_key:
+        return f"lora:{request.adapter.name}"  # every ingress places an adapter alike
     return request.session_key or request.request_key

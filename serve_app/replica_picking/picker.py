@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from serve_app.replica_picking import affinity
+from serve_app.replica_picking.adapters import AdapterKey
 from serve_app.replica_picking.affinity import Decision, ReplicaLoad, RouteRequest
 
 MAX_TRACKED_REQUESTS = 100_000
@@ -27,6 +28,7 @@ class ReplicaPicker:
         self.state = affinity.AffinityState(config)
         self._inflight: Counter[str] = Counter()  # this handle's requests per replica
         self._routed: dict[str, str] = {}  # internal request id -> replica
+        self._adapters: dict[str, AdapterKey] = {}  # internal request id -> its adapter
 
     def inflight(self, replica: str) -> int:
         return self._inflight[replica]
@@ -42,17 +44,25 @@ class ReplicaPicker:
         if internal is not None:
             first = self.completed(internal) is None
             self._hold(internal, decision.replica)
+            if route.adapter is not None:
+                self._adapters[internal] = route.adapter
         return Picked(decision, first)
 
     def sent(self, internal: str, replica: str) -> None:
-        """Serve sent the request to `replica` (another than picked when ours was full)."""
+        """Serve sent the request to `replica` (another than picked when ours was full): it
+        loads the request's adapter there."""
         if self._routed.get(internal) != replica:
+            adapter = self._adapters.get(internal)
             self.completed(internal)
             self._hold(internal, replica)
+            if adapter is not None:
+                self._adapters[internal] = adapter
+                self.state.adapters.record(replica, adapter)
 
     def completed(self, internal: str) -> str | None:
         """The request ended; the replica it was counted on, if any."""
         replica = self._routed.pop(internal, None)
+        self._adapters.pop(internal, None)
         if replica is not None:
             self._inflight[replica] -= 1
             if self._inflight[replica] <= 0:
@@ -71,5 +81,6 @@ class ReplicaPicker:
         if len(self._routed) >= MAX_TRACKED_REQUESTS:  # completions lost (cancelled early)
             self._routed.clear()
             self._inflight.clear()
+            self._adapters.clear()
         self._routed[internal] = replica
         self._inflight[replica] += 1

@@ -15,6 +15,7 @@ from serve_app.bench.routing_report import (
     format_table,
     make_prompts,
     mode_result,
+    request_adapters,
     targets,
 )
 
@@ -86,3 +87,55 @@ def test_each_mode_gets_its_routing_and_a_cold_redis_namespace():
     )
     with pytest.raises(ValueError, match="modes"):
         RoutingBenchConfig("m", RoutingWorkload(), modes=("random",))
+
+
+LORA_PAGE = """# TYPE moeserve_lora_loads_total counter
+moeserve_lora_loads_total{replica="r1",version="v"} 18.0
+moeserve_lora_loads_total{replica="r2",version="v"} 17.0
+moeserve_lora_loads_total{replica="r9",version="other"} 5.0
+# TYPE moeserve_lora_evictions_total counter
+moeserve_lora_evictions_total{replica="r1",version="v"} 10.0
+"""
+LORA_PAGE_LATER = LORA_PAGE.replace("18.0", "21.0").replace("10.0", "12.0")
+
+
+def test_adapter_workload_counters_and_the_resident_share():
+    w = RoutingWorkload(num_prefixes=2, requests_per_prefix=20, num_adapters=4)
+    names = request_adapters(w, 40)
+    assert set(names) == {"ad0", "ad1", "ad2", "ad3"} and names == request_adapters(w, 40)
+    assert request_adapters(RoutingWorkload(), 3) == [None, None, None]
+    with pytest.raises(ValueError, match="num_adapters"):
+        RoutingWorkload(num_adapters=-1)
+    before = cache_counters(samples(LORA_PAGE), "v")
+    assert before.lora_loads == {"r1": 18, "r2": 17} and before.lora_evictions == {"r1": 10}
+    delta = cache_counters(samples(LORA_PAGE_LATER), "v").minus(before)
+    rec = RequestRecord(True, 200, None, 0.0, 1.0, 0.25, [], 8, 516, True)
+    r = mode_result("prefix_affinity", summarize([rec], 1.0, 4), delta, adapter_requests=40)
+    # 3 loads for 40 adapter requests: 37 found their adapter resident
+    assert (r.adapter_loads, r.adapter_evictions, r.adapter_resident_share) == (3, 2, 37 / 40)
+    assert r.to_json()["adapter_resident_share"] == 37 / 40
+    assert targets({"prefix_affinity": r}, 2)["adapter_resident_share>=0.9"] is True
+    plain = mode_result("prefix_affinity", summarize([rec], 1.0, 4), delta)
+    assert plain.adapter_resident_share is None
+    assert "adapter_resident_share>=0.9" not in targets({"prefix_affinity": plain}, 2)
+    assert "0.93" in format_table({"prefix_affinity": r})
+
+
+def test_adapters_are_served_by_every_mode_and_load_as_peft(tmp_path):
+    from serve_app.bench.lora_adapters import write_random_adapters
+    from serve_app.lora.peft_format import load_adapter
+    from serve_app.model.loader import base_shapes
+    from tests.conftest import tiny_model_dir
+
+    model = tiny_model_dir("qwen3_moe")
+    dirs = write_random_adapters(model, tmp_path, ["ad0", "ad1"], rank=4)
+    a0 = load_adapter("ad0", dirs["ad0"], base_shapes(model), max_rank=8)
+    a1 = load_adapter("ad1", dirs["ad1"], base_shapes(model), max_rank=8)
+    assert a0.digest != a1.digest  # each one its own weights
+    w = RoutingWorkload(num_adapters=2)
+    cfg = RoutingBenchConfig("m", w, adapter_dirs=tuple(dirs.items()), max_loras=1)
+    for mode in ("pow2", "prefix_affinity"):
+        assert app_args(cfg, mode, "x")["lora"] == {"adapters": dirs, "max_loras": 1}
+    assert "lora" not in app_args(RoutingBenchConfig("m", RoutingWorkload()), "pow2", "x")
+    with pytest.raises(ValueError, match="adapter_dirs"):
+        RoutingBenchConfig("m", w)

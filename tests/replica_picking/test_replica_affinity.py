@@ -6,8 +6,10 @@ import pytest
 
 from serve_app.engine.block_hash import root_hash
 from serve_app.engine.kv_cache_manager import KVCacheManager
+from serve_app.engine.outputs import LoraRef
 from serve_app.engine.request import Request, SamplingParams
 from serve_app.messages import RouterInfo
+from serve_app.replica_picking.adapters import AdapterKey
 from serve_app.replica_picking.affinity import (
     AffinityConfig,
     AffinityState,
@@ -290,6 +292,10 @@ def test_route_keys_per_version_bad_ids_and_pow2_without_key():
         assert (
             ids["route"].block_hashes == route_request(list(range(9)), ns, None, "r2").block_hashes
         )
+        lora = LoraRef("x", "/x", 2)  # the request's adapter rides in its key
+        with_lora = await keys.kwargs("v1", affine, list(range(20)), None, "r8", lora)
+        assert with_lora == {"route": route_request(list(range(20)), ns, None, "r8", lora)}
+        assert with_lora["route"].adapter == AdapterKey("x", 2)
         assert await keys.kwargs("v1", affine, [1, -5, 3, 4], None, "r3") == {}
         assert await keys.kwargs("v2", pow2, list(range(9)), None, "r4") == {}
         assert await keys.kwargs("v2", pow2, list(range(9)), None, "r5") == {}

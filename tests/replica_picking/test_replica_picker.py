@@ -150,3 +150,19 @@ def test_picker_moves_a_request_serve_sent_elsewhere_and_counts_each_once():
     assert picker.completed("1") is None
     untracked = picker.pick(route, loads, 2.0, None)  # health, info: never held
     assert untracked.first and picker.num_inflight == 0
+
+
+def test_an_adapter_request_serve_sent_elsewhere_is_resident_there():
+    from serve_app.engine.outputs import LoraRef
+    from serve_app.replica_picking.adapters import AdapterKey
+
+    picker = ReplicaPicker(AffinityConfig(min_load=0))
+    loads = [ReplicaLoad("a", 0, None), ReplicaLoad("b", 0, None)]
+    route = route_request(list(range(12)), NS, None, "r", LoraRef("x", "/x", 3))
+    picked = picker.pick(route, loads, 0.0, "1").decision.replica
+    assert picker.state.adapters.holders(AdapterKey("x", 3)) == {picked}
+    other = "b" if picked == "a" else "a"
+    picker.sent("1", other)  # Serve found the picked replica full: `other` loads x
+    assert picker.state.adapters.holders(AdapterKey("x", 3)) == {"a", "b"}
+    picker.completed("1")
+    assert picker.num_inflight == 0

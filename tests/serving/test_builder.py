@@ -161,13 +161,15 @@ def test_prefix_affinity_routing_sets_the_request_router_of_the_routers(qwen3_ti
     from serve_app.replica_picking.affinity import AffinityConfig
 
     router = {"routing": "prefix_affinity", "affinity": {"load_factor": 1.25, "stats_period_s": 1}}
-    dep = _router(build_app({"model": str(qwen3_tiny), "version": "v7", "router": router}))
+    args = {"model": str(qwen3_tiny), "version": "v7", "router": router, "lora": {"max_loras": 3}}
+    dep = _router(build_app(args))
     cfg = dep._deployment_config.request_router_config
     assert cfg.get_request_router_class() is PrefixAffinityReplicaPicker
     assert cfg.request_routing_stats_period_s == 1
     kwargs = dict(cfg.request_router_kwargs)
     assert kwargs.pop("version") == "v7"
-    assert AffinityConfig(**kwargs) == AffinityConfig(load_factor=1.25)
+    # the picker replays the replicas' adapter LRU, so it gets their lora.max_loras
+    assert AffinityConfig(**kwargs) == AffinityConfig(load_factor=1.25, max_loras=3)
     # A rollout version's routers (their own app) carry their own version's router.
     from serve_app.deployments.version_app import build_version_app
 
