@@ -189,11 +189,16 @@ class RolloutControllerActor:
             self.loop_task = asyncio.get_running_loop().create_task(self._analysis_loop())
 
     async def _analysis_loop(self) -> None:
+        model_ticked = time.monotonic()
         while True:
-            await asyncio.sleep(max(TICK_FLOOR_S, self.ctl.state.analysis.interval_s))
+            # each rollout (the model's, every adapter's) analyses at its own interval
+            interval = self.ctl.state.analysis.interval_s
+            await asyncio.sleep(max(TICK_FLOOR_S, min(interval, self.adapters.min_interval())))
             try:
                 async with self.lock:
-                    await asyncio.to_thread(self.ctl.tick)
+                    if time.monotonic() - model_ticked >= interval - TICK_FLOOR_S / 2:
+                        model_ticked = time.monotonic()
+                        await asyncio.to_thread(self.ctl.tick)
                     await asyncio.to_thread(self.adapters.tick)
                     self._publish()
             except Exception:  # noqa: BLE001 - keep analysing; the next tick retries

@@ -12,6 +12,7 @@ rollback or abort leaves the stable one.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import PurePath
@@ -44,6 +45,7 @@ class AdapterControllers:
         self.stores, self.deployer, self.clock = stores, deployer, clock
         self.served: dict[str, str] = {}  # public name -> directory, as the app's config has it
         self.controllers: dict[str, RolloutController] = {}
+        self._ticked: dict[str, float] = {}  # name -> the clock at its last analysis
         self._index = stores("index")
         text = self._index.load()
         for name in json.loads(text) if text else []:
@@ -107,8 +109,19 @@ class AdapterControllers:
                 ctl.record(mine)
 
     def tick(self) -> None:
-        for ctl in self.controllers.values():
-            ctl.tick()
+        """One analysis of each adapter whose analysis.interval_s has passed since its last."""
+        now = self.clock()
+        for name, ctl in self.controllers.items():
+            last = self._ticked.get(name)
+            if last is None or now - last >= ctl.state.analysis.interval_s:
+                self._ticked[name] = now
+                ctl.tick()
+
+    def min_interval(self) -> float:
+        """The shortest analysis interval of the adapters' rollouts (inf: none)."""
+        return min(
+            (c.state.analysis.interval_s for c in self.controllers.values()), default=math.inf
+        )
 
     def status(self, public: str) -> dict[str, Any]:
         """The controller's status, with each version's engine adapter name as its app."""

@@ -177,3 +177,16 @@ def test_adapter_split_lists_every_weighted_version():
     ctl = ctls.get("sql")
     split = adapter_split("sql", ctl.state, ctl.configs, ctl.generation)
     assert set(split.refs) == {"v2", "sql-v1"} and split.error_rates == {}
+
+
+def test_each_adapter_is_analysed_at_its_own_interval():
+    ctls, clock, _ = make()
+    ctls.register({"chat": "/a/chat-v1"})
+    ctls.start("sql", "v2", {"model": "/a/sql-v2"}, CANARY_10, GATES)  # every 1 s
+    slow = AnalysisConfig(interval_s=30.0, min_samples=20, max_ttft_p99_ms=None)
+    ctls.start("chat", "v2", {"model": "/a/chat-v2"}, CANARY_10, slow)
+    assert ctls.min_interval() == 1.0
+    for _ in range(3):
+        ctls.tick()
+        clock.now += 1.0
+    assert (ctls.get("sql").analyses, ctls.get("chat").analyses) == (3, 1)
