@@ -31,6 +31,7 @@ class RouteHint:
     pinned: str | None = None
     session: str | None = None  # the session key only when the client gave one (replica affinity)
     lora: LoraRef | None = None  # the LoRA adapter the request's `model` named (None: base)
+    adapter_pinned: str | None = None  # x-moeserve-adapter-version: an adapter rollout's version
 
 
 class Submitted(NamedTuple):

@@ -9,15 +9,21 @@ OutputProcessor). The in-process server and the Serve ingress run this same code
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
+from serve_app.api.adapter_rollouts import AdapterRollouts, server_error
 from serve_app.api.adapters import AdapterCatalog
 from serve_app.api.client import CoreCall, EngineCore, RouteHint, Submitted
+from serve_app.api.errors import APIError
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams, resolve_max_tokens
 from serve_app.frontend.output_processor import OutputProcessor, RequestState
+from serve_app.rollout.adapter import AdapterChoice
+from serve_app.rollout.window import Outcome
 
 
 class FrontEnd:
@@ -29,10 +35,13 @@ class FrontEnd:
         version: str,
         max_model_len: int,
         adapters: dict[str, str] | None = None,
+        adapter_rollouts: AdapterRollouts | None = None,
     ):
-        """adapters: the LoRA adapters served from the start, name -> PEFT directory."""
+        """adapters: the LoRA adapters served from the start, name -> PEFT directory;
+        adapter_rollouts: the splits of adapters under a rollout (api/adapter_rollouts.py)."""
         self.core = core
         self.adapters = AdapterCatalog(model_name, adapters)
+        self.adapter_rollouts = adapter_rollouts or AdapterRollouts()
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
         self.model_name = model_name
@@ -57,8 +66,40 @@ class FrontEnd:
         ids = self.encode_prompt(prompt)
         self.check_prompt(ids, params)
         hint = hint or RouteHint()
-        state = self.processor.new_request(request_id, ids, params, hint.lora)
-        call = await self.core.add(request_id, state.requests, hint)
+        choice = self.adapter_rollouts.choose(hint, request_id)
+        if choice is None:
+            state = self.processor.new_request(request_id, ids, params, hint.lora)
+            call = await self.core.add(request_id, state.requests, hint)
+            return Submitted(_outputs(state, call), call.version)
+        return await self._submit_adapter_version(ids, params, request_id, hint, choice)
+
+    async def _submit_adapter_version(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        hint: RouteHint,
+        choice: AdapterChoice,
+    ) -> Submitted:
+        """A request for an adapter under a rollout, on the version the split chose. A failure
+        before the first token on a split-chosen candidate is retried once on the stable
+        version: a bad candidate costs the client no failed request (the controller still
+        counts the failure and rolls the candidate back)."""
+        rollouts, public = self.adapter_rollouts, hint.lora.name
+        t0 = time.monotonic()
+        state = self.processor.new_request(request_id, ids, params, choice.ref)
+        try:
+            rollouts.inject_fault(choice)
+            call = await self.core.add(request_id, state.requests, replace(hint, lora=choice.ref))
+        except Exception as e:
+            if server_error(e):
+                rollouts.report(public, Outcome(choice.version, ok=False))
+            if not choice.retry or not server_error(e):
+                raise
+            return await self._submit_adapter_version(
+                ids, params, request_id, hint, choice.on_stable()
+            )
+        call = rollouts.watch(call, public, choice.version, t0)
         return Submitted(_outputs(state, call), call.version)
 
     async def health(self) -> dict:
@@ -66,7 +107,16 @@ class FrontEnd:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load (or reload) adapter `name` from `path` in the engine, then serve it under that
-        name; InvalidRequestError (a 400) with the reason when it cannot be served."""
+        name; InvalidRequestError (a 400) with the reason when it cannot be served, a 409
+        while the name is under a rollout (its versions come from the rollout controller)."""
+        if self.adapter_rollouts.has(name):
+            raise APIError(
+                409,
+                f"the LoRA adapter `{name}` is under a rollout: use `moeserve rollout ... "
+                f"--adapter {name}`",
+                "conflict_error",
+                "lora_name",
+            )
         ref = self.adapters.next_ref(name, path)
         error = await self.core.load_adapter(ref)
         if error is not None:

@@ -38,6 +38,7 @@ from serve_app.metrics.http import (
     set_request_adapter,
     set_request_version,
 )
+from serve_app.rollout.adapter import ADAPTER_PIN_HEADER
 from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 
 # every body the routes take
@@ -252,7 +253,14 @@ def _route_hint(
     of one request go to one version."""
     session = session_key(user, request.headers.get(SESSION_HEADER))
     pinned = request.headers.get(PIN_HEADER) or None
-    return RouteHint(session_key=session or request_id, pinned=pinned, session=session, lora=lora)
+    adapter_pinned = request.headers.get(ADAPTER_PIN_HEADER) or None
+    return RouteHint(
+        session_key=session or request_id,
+        pinned=pinned,
+        session=session,
+        lora=lora,
+        adapter_pinned=adapter_pinned,
+    )
 
 
 def _served(client: EngineClient, lora: LoraRef | None, asked: str | None) -> str:

@@ -374,11 +374,28 @@ def _add_rollout(sub: argparse._SubParsersAction) -> None:
         )
         c.add_argument("--app", default="moeserve", help="the Serve application (moeserve)")
         c.add_argument("--json", action="store_true", help="print the status as JSON")
+        c.add_argument(
+            "--adapter",
+            default=None,
+            help="act on the rollout of this LoRA adapter name instead of the model's "
+            "(docs/lora.md)",
+        )
         return c
 
     s = command("start", "deploy a candidate version and start moving traffic to it")
-    s.add_argument("config", help="the candidate's app config (YAML; a Serve config works too)")
+    s.add_argument(
+        "config",
+        help="the candidate's app config (YAML; a Serve config works too); with --adapter, "
+        "the new adapter's PEFT directory",
+    )
     s.add_argument("--version", dest="version_name", help="version name (default: config's)")
+    s.add_argument(
+        "--from",
+        dest="stable_path",
+        default=None,
+        help="with --adapter, on its first rollout: the directory the adapter is served from "
+        "now (default: the app config's lora.adapters entry)",
+    )
     s.add_argument("--strategy", choices=["canary", "bluegreen"], default=None)
     s.add_argument("--steps", default=None, help="canary percents, e.g. 5,25,50,100")
     s.add_argument("--interval", default=None, help="least time per step, e.g. 60s, 5m")

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
+from serve_app.api.adapter_rollouts import AdapterRollouts
 from serve_app.api.client import RouteHint
 from serve_app.api.errors import http_status
 from serve_app.api.frontend import FrontEnd
@@ -224,7 +225,9 @@ class Ingress:
         base = Version(self.config.version_name, self.config.model, info.digest)
         controller, registered = get_or_create_controller(app, base)
         await registered
-        versions = TrafficSplit(base.name, self.router, controller)
+        adapters = AdapterRollouts()  # the front end's adapter splits, polled with the versions
+        served = {name: str(path) for name, path in self.config.lora.adapters.items()}
+        versions = TrafficSplit(base.name, self.router, controller, adapters, served)
         await versions.refresh()
         versions.start()
         inbox = OutputInbox(ray.util.get_node_ip_address())
@@ -233,7 +236,7 @@ class Ingress:
         core = RouterCore(versions, inbox)
         client = FrontEnd(
             core, tokenizer, self.config.model_name, versions.base, info.max_model_len,
-            self.config.lora.adapters,
+            self.config.lora.adapters, adapters,
         )  # fmt: skip
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())

@@ -20,7 +20,10 @@ import ray
 from ray import serve
 
 from serve_app.config import AppConfig
+from serve_app.engine.outputs import LoraRef
 from serve_app.metrics import use_ray_metrics
+from serve_app.rollout.adapter import AdapterSplit, internal_name
+from serve_app.rollout.adapter_controllers import AdapterControllers
 from serve_app.rollout.controller import RolloutController, VersionSplit
 from serve_app.rollout.deploy_wait import AppSnapshot, deploy_verdict
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy, Version
@@ -45,8 +48,8 @@ def version_app_name(app: str, version: str) -> str:
 class GcsStateStore:
     """The controller's JSON document in Ray's GCS key-value store."""
 
-    def __init__(self, app: str):
-        self.key = controller_name(app).encode()
+    def __init__(self, app: str, suffix: str = ""):
+        self.key = (controller_name(app) + (f"/{suffix}" if suffix else "")).encode()
 
     def load(self) -> str | None:
         from ray.experimental.internal_kv import _internal_kv_get
@@ -115,6 +118,30 @@ class ServeDeployer:
         serve.delete(self.app_name(version), _blocking=False)
 
 
+class AdapterDeployer:
+    """An adapter version needs no replicas of its own: "deploying" it loads it under its
+    internal name on one router replica of the base app, which checks it (a bad directory
+    fails the start before any traffic); the other replicas load it from its path on their
+    first request for it. delete() does nothing: engines evict unused adapters (LRU)."""
+
+    def __init__(self, app: str, public: str):
+        self.app, self.public = app, public
+
+    def app_name(self, version: str) -> str:
+        return internal_name(self.public, version)
+
+    def deploy(self, version: str, config: dict[str, Any]) -> str | None:
+        router = serve.get_deployment_handle("router", app_name=self.app)
+        ref = LoraRef(self.app_name(version), str(config["model"]), 0)
+        error = router.load_adapter.remote(ref).result(timeout_s=120)
+        if error is not None:
+            raise RolloutError(f"adapter {ref.path}: {error}")
+        return None
+
+    def delete(self, version: str) -> None:
+        pass
+
+
 def _snapshot(name: str) -> AppSnapshot | None:
     app = serve.status().applications.get(name)
     if app is None:
@@ -134,6 +161,9 @@ class RolloutControllerActor:
         self.app = app
         self.deployer = ServeDeployer(app)
         self.ctl = RolloutController(Version(**base), GcsStateStore(app), self.deployer)
+        self.adapters = AdapterControllers(
+            lambda key: GcsStateStore(app, key), lambda public: AdapterDeployer(app, public)
+        )
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
         self.metrics = use_ray_metrics()
@@ -159,25 +189,35 @@ class RolloutControllerActor:
             self.loop_task = asyncio.get_running_loop().create_task(self._analysis_loop())
 
     async def _analysis_loop(self) -> None:
+        model_ticked = time.monotonic()
         while True:
-            await asyncio.sleep(max(TICK_FLOOR_S, self.ctl.state.analysis.interval_s))
+            # each rollout (the model's, every adapter's) analyses at its own interval
+            interval = self.ctl.state.analysis.interval_s
+            await asyncio.sleep(max(TICK_FLOOR_S, min(interval, self.adapters.min_interval())))
             try:
                 async with self.lock:
-                    await asyncio.to_thread(self.ctl.tick)
+                    if time.monotonic() - model_ticked >= interval - TICK_FLOOR_S / 2:
+                        model_ticked = time.monotonic()
+                        await asyncio.to_thread(self.ctl.tick)
+                    await asyncio.to_thread(self.adapters.tick)
                     self._publish()
             except Exception:  # noqa: BLE001 - keep analysing; the next tick retries
                 log.exception("rollout analysis tick failed")
 
-    async def _event(self, fn, *args) -> dict[str, Any]:
+    async def _event(self, method: str, *args, adapter: str | None = None) -> dict[str, Any]:
+        """Run an operator event (a RolloutController method) on the model's controller, or
+        on an adapter's."""
         self._ensure_loop()
         async with self.lock:
             try:
-                await asyncio.to_thread(fn, *args)
+                # an adapter without a rollout raises RolloutError here
+                ctl = self.ctl if adapter is None else self.adapters.get(adapter)
+                await asyncio.to_thread(getattr(ctl, method), *args)
             except RolloutError as e:
                 return {"error": str(e)}
             finally:
                 self._publish()
-        return self.ctl.status()
+        return self.ctl.status() if adapter is None else self.adapters.status(adapter)
 
     # ---- ingress --------------------------------------------------------------------------
 
@@ -190,51 +230,96 @@ class RolloutControllerActor:
         return self.ctl.version_split()
 
     async def record(self, outcomes: list[list]) -> None:
-        self.ctl.record([Outcome.from_list(o) for o in outcomes])
+        items = [Outcome.from_list(o) for o in outcomes]
+        self.ctl.record([o for o in items if o.target is None])
+        self.adapters.record([o for o in items if o.target is not None])
+
+    async def adapter_splits(self, served: dict[str, str]) -> dict[str, AdapterSplit]:
+        """The splits of the adapters under a rollout. served: the adapters the ingress's
+        config serves, name -> directory (the stable side of a first adapter rollout); sent on
+        every poll, so a restarted controller knows them again."""
+        self.adapters.register(served)
+        return self.adapters.splits()
 
     # ---- operator (the CLI) ---------------------------------------------------------------
 
-    async def status(self) -> dict[str, Any]:
-        """The controller's status, and the version being deployed (not yet in the state)."""
+    async def status(self, adapter: str | None = None) -> dict[str, Any]:
+        """The controller's status, and the version being deployed (not yet in the state);
+        with `adapter`, that adapter's rollout."""
         self._ensure_loop()
+        if adapter is not None:
+            try:
+                return self.adapters.status(adapter)
+            except RolloutError as e:
+                return {"error": str(e)}
         return {**self.ctl.status(), "deploying": self.deployer.pending}
+
+    async def start_adapter(
+        self,
+        adapter: str,
+        version: str,
+        config: dict,
+        strategy: dict,
+        analysis: dict | None,
+        stable_path: str | None = None,
+    ) -> dict[str, Any]:
+        """Roll adapter `adapter` out to the directory config["model"] (rollout/adapter.py)."""
+        self._ensure_loop()
+        async with self.lock:
+            try:
+                await asyncio.to_thread(
+                    self.adapters.start,
+                    adapter,
+                    version,
+                    config,
+                    Strategy(**{**strategy, "steps": tuple(strategy["steps"])}),
+                    AnalysisConfig(**analysis) if analysis else None,
+                    stable_path,
+                )
+            except RolloutError as e:
+                return {"error": str(e)}
+        return self.adapters.status(adapter)
 
     async def start(
         self, version: str, config: dict, strategy: dict, analysis: dict | None
     ) -> dict[str, Any]:
         return await self._event(
-            self.ctl.start,
+            "start",
             version,
             config,
             Strategy(**{**strategy, "steps": tuple(strategy["steps"])}),
             AnalysisConfig(**analysis) if analysis else None,
         )
 
-    async def promote(self, full: bool = False) -> dict[str, Any]:
-        return await self._event(self.ctl.promote, full)
+    async def promote(self, full: bool = False, adapter: str | None = None) -> dict[str, Any]:
+        return await self._event("promote", full, adapter=adapter)
 
-    async def pause(self) -> dict[str, Any]:
-        return await self._event(self.ctl.pause)
+    async def pause(self, adapter: str | None = None) -> dict[str, Any]:
+        return await self._event("pause", adapter=adapter)
 
-    async def resume(self) -> dict[str, Any]:
-        return await self._event(self.ctl.resume)
+    async def resume(self, adapter: str | None = None) -> dict[str, Any]:
+        return await self._event("resume", adapter=adapter)
 
-    async def abort(self) -> dict[str, Any]:
+    async def abort(self, adapter: str | None = None) -> dict[str, Any]:
         """All traffic back to stable; while a candidate is still being deployed (its start
         holds the lock), that deploy is stopped and its app deleted instead."""
+        if adapter is not None:
+            return await self._event("abort", adapter=adapter)
         cancelled = self.deployer.cancel()
         if cancelled is None:
-            return await self._event(self.ctl.abort)
+            return await self._event("abort")
         async with self.lock:  # the start() that deployed it has unwound
             pass
         return {**self.ctl.status(), "deploying": None, "cancelled": cancelled}
 
-    async def undo(self, to_version: str | None = None) -> dict[str, Any]:
-        return await self._event(self.ctl.undo, to_version)
+    async def undo(
+        self, to_version: str | None = None, adapter: str | None = None
+    ) -> dict[str, Any]:
+        return await self._event("undo", to_version, adapter=adapter)
 
-    async def tick(self) -> dict[str, Any]:
+    async def tick(self, adapter: str | None = None) -> dict[str, Any]:
         """One analysis now (tests and `rollout status --analyze`)."""
-        return await self._event(self.ctl.tick)
+        return await self._event("tick", adapter=adapter)
 
 
 def get_or_create_controller(app: str, base: Version):

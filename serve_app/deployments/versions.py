@@ -14,6 +14,7 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.adapter_rollouts import AdapterRollouts
 from serve_app.api.client import RouteHint
 from serve_app.engine.errors import InvalidRequestError
 from serve_app.rollout.controller import VersionSplit
@@ -31,9 +32,20 @@ MAX_PENDING = 10_000
 class TrafficSplit:
     """The ingress's traffic split between model versions (the router replicas of each)."""
 
-    def __init__(self, base: str, base_handle: DeploymentHandle, controller):
+    def __init__(
+        self,
+        base: str,
+        base_handle: DeploymentHandle,
+        controller,
+        adapters: AdapterRollouts | None = None,
+        served_adapters: dict[str, str] | None = None,
+    ):
+        """adapters: the front end's adapter splits, kept up to date from the controller;
+        served_adapters: the LoRA adapters of the app's config, name -> directory."""
         self.base = base
         self.controller = controller
+        self.adapters = adapters
+        self.served_adapters = dict(served_adapters or {})
         self.split = VersionSplit(((base, 100),), {base: None}, base, -1)
         self._handles: dict[str, DeploymentHandle] = {base: base_handle}
         self._pending: list[list] = []
@@ -72,6 +84,9 @@ class TrafficSplit:
                 if app is not None and self.split.apps.get(name) != app:
                     self._handles.pop(name, None)
         self.split = split
+        if self.adapters is not None:
+            splits = await self.controller.adapter_splits.remote(self.served_adapters)
+            self.adapters.update(splits)
 
     async def _poll(self) -> None:
         while True:
@@ -84,9 +99,11 @@ class TrafficSplit:
     async def _flush(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
-            if not self._pending:
-                continue
             batch, self._pending = self._pending, []
+            if self.adapters is not None:
+                batch += self.adapters.take_outcomes()
+            if not batch:
+                continue
             try:
                 await asyncio.wait_for(self.controller.record.remote(batch), timeout=5)
             except Exception as e:  # noqa: BLE001 - outcomes are best effort

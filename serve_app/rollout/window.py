@@ -18,20 +18,23 @@ from serve_app.rollout.analysis import VersionMetrics
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One finished request. ok=False: a server-side failure (5xx, engine error), the kind the
-    error-rate gate counts; client errors (4xx) are not reported at all."""
+    error-rate gate counts; client errors (4xx) are not reported at all. target: the LoRA
+    adapter whose version this is (serve_app/rollout/adapter.py), None for a model version."""
 
     version: str
     ok: bool
     ttft_ms: float | None = None
     e2e_ms: float | None = None
+    target: str | None = None
 
     def to_list(self) -> list:
-        return [self.version, self.ok, self.ttft_ms, self.e2e_ms]
+        return [self.version, self.ok, self.ttft_ms, self.e2e_ms, self.target]
 
     @classmethod
     def from_list(cls, item: list) -> Outcome:
-        version, ok, ttft, e2e = item
-        return cls(str(version), bool(ok), _ms(ttft), _ms(e2e))
+        version, ok, ttft, e2e, *rest = item  # 4 items: from an ingress of an older build
+        target = rest[0] if rest else None
+        return cls(str(version), bool(ok), _ms(ttft), _ms(e2e), target)
 
 
 def _ms(value) -> float | None:

@@ -26,9 +26,10 @@ WATCH_S = 2.0
 def run_rollout(args: argparse.Namespace) -> int:
     try:
         if args.rollout_cmd == "start":
-            call = _start_call(args)  # validated before connecting to anything
+            # validated before connecting to anything
+            call = _adapter_start_call(args) if args.adapter else _start_call(args)
         controller = _connect(args.address, args.app)
-        if args.rollout_cmd == "start":
+        if args.rollout_cmd == "start" and not args.adapter:
             timeout = call["config"]["rollout"]["deploy_timeout_s"]
             print(
                 f"deploying {call['version']} (waiting for its replicas, at most {timeout:.0f} s; "
@@ -45,22 +46,23 @@ def run_rollout(args: argparse.Namespace) -> int:
         return 1
     _show(status, args.json)
     if args.rollout_cmd == "status" and args.watch:
-        return _watch(controller, args.json)
+        return _watch(controller, args.json, args.adapter)
     return 0
 
 
 def _dispatch(controller, args: argparse.Namespace, call: dict | None) -> dict[str, Any]:
     import ray
 
-    cmd = args.rollout_cmd
+    cmd, adapter = args.rollout_cmd, args.adapter
+    target = {"adapter": adapter} if adapter else {}  # no keyword: an older controller works
     if cmd == "start":
-        ref = controller.start.remote(**call)
+        ref = (controller.start_adapter if adapter else controller.start).remote(**call)
     elif cmd == "promote":
-        ref = controller.promote.remote(args.full)
+        ref = controller.promote.remote(args.full, **target)
     elif cmd == "undo":
-        ref = controller.undo.remote(args.to_version)
+        ref = controller.undo.remote(args.to_version, **target)
     else:
-        ref = getattr(controller, cmd).remote()
+        ref = getattr(controller, cmd).remote(**target)
     return ray.get(ref)
 
 
@@ -114,6 +116,45 @@ def _start_call(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _adapter_start_call(args: argparse.Namespace) -> dict[str, Any]:
+    """`rollout start --adapter NAME DIR`: the strategy of the flags over RolloutSettings'
+    defaults; the directory must hold a PEFT adapter here (the engines load it by this path)."""
+    from serve_app.config import RolloutSettings
+    from serve_app.rollout.adapter import check_version_name
+    from serve_app.rollout.adapter_controllers import default_version_name
+
+    path = Path(args.config).expanduser().resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{args.config}: not a PEFT adapter directory (no adapter_config.json)")
+    version = args.version_name or default_version_name(str(path))
+    check_version_name(version)
+    updates: dict[str, Any] = {}
+    if args.strategy:
+        updates["strategy"] = args.strategy
+    if args.steps:
+        updates["steps"] = [int(x) for x in args.steps.split(",") if x.strip()]
+    if args.interval:
+        updates["interval_s"] = parse_duration(args.interval)
+    if args.manual:
+        updates["auto"] = False
+    r = RolloutSettings.model_validate(updates)
+    strategy = r.strategy_config()
+    stable = str(Path(args.stable_path).expanduser().resolve()) if args.stable_path else None
+    return {
+        "adapter": args.adapter,
+        "version": version,
+        "config": {"model": str(path)},
+        "strategy": {
+            "kind": strategy.kind,
+            "steps": list(strategy.steps),
+            "interval_s": strategy.interval_s,
+            "auto": strategy.auto,
+        },
+        "analysis": r.analysis.model_dump(),
+        "stable_path": stable,
+    }
+
+
 def parse_duration(text: str) -> float:
     """'90', '90s', '5m', '1h' -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -153,13 +194,14 @@ def _connect(address: str | None, app: str):
     return get_controller(app)
 
 
-def _watch(controller, as_json: bool) -> int:
+def _watch(controller, as_json: bool, adapter: str | None = None) -> int:
     import ray
 
+    target = {"adapter": adapter} if adapter else {}
     try:
         while True:
             time.sleep(WATCH_S)
-            status = ray.get(controller.status.remote())
+            status = ray.get(controller.status.remote(**target))
             print()
             _show(status, as_json)
             if status["state"]["phase"] not in ACTIVE_PHASES:
@@ -181,6 +223,8 @@ def format_status(status: dict[str, Any]) -> str:
     cand = (s["candidate"] or {}).get("name")
     strategy = s["strategy"]
     head = f"phase {s['phase']}"
+    if status.get("adapter"):
+        head = f"adapter {status['adapter']} | {head}"
     if strategy and cand:
         steps = strategy["steps"]
         head += f" | {strategy['kind']}"
