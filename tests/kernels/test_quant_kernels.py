@@ -151,3 +151,33 @@ def test_quantized_linears_match_dequantized_linear_on_every_path(kernel, quant,
     torch.testing.assert_close(layer(x), F.linear(x, q.dequantize(), b), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(layer.dequantized(), q.dequantize(), atol=1e-6, rtol=1e-5)
     assert layer.weight_bytes < w.nbytes / 3
+
+
+@pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q.tag())
+def test_quantized_projections_of_one_input_run_as_one_call_over_shared_panels(kernel, quant):
+    """q / k / v as quantized linears: one fused kernel call (project_group), the same outputs
+    as each alone, each member's panels a view into the fused stack (no second copy); a
+    member whose bias is None adds zeros."""
+    from serve_app.model.layers.linear import project
+    from serve_app.model.quant import linear as quant_linear
+
+    k, sizes = 128, (96, 32, 64)
+    weights = [quantize(_rand(n, k, seed=i) * 0.1, quant, f"w{i}") for i, n in enumerate(sizes)]
+    cls = Int8Linear if quant.method == "int8" else Int4Linear
+    biases = [_rand(96, seed=7), None, _rand(64, seed=8)]
+    layers = [cls(w, b, torch.float32) for w, b in zip(weights, biases, strict=True)]
+    x = _rand(5, k, seed=9)
+    alone = [m(x) for m in layers]
+    before = sum(m.weight_bytes for m in layers)
+    outs = project(x, *layers)
+    entry = quant_linear._fused[layers[0]]
+    assert entry[1] is not None and entry[1].out_features == sum(sizes)
+    for out, ref, w, b in zip(outs, alone, weights, biases, strict=True):
+        torch.testing.assert_close(out, ref)
+        want = F.linear(x, w.dequantize(), b)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    fused_ptr = entry[1].kernel_args[0].data_ptr()
+    assert layers[0].stack.kernel_args[0].data_ptr() == fused_ptr  # a view, not a copy
+    assert sum(m.weight_bytes for m in layers) == before
+    # a member alone still runs (through its view) and gives the same answer
+    torch.testing.assert_close(layers[1](x), alone[1])

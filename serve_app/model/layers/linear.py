@@ -20,6 +20,7 @@ from torch import nn
 
 from serve_app.kernels import cpu as cpu_kernel
 from serve_app.lora import batch as lora
+from serve_app.model.quant import linear as quant_linear
 
 # first module of a group -> (weight versions it was packed from, panels, bias or None)
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -30,7 +31,8 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     plus the LoRA delta of each row's adapter where a LoRA batch is active.
 
     NOTE: the outputs may be column slices of one [T, N] tensor (not contiguous). Quantized
-    linears (serve_app/model/quant/linear.py) run their own op, one call each."""
+    linears (serve_app/model/quant/linear.py) run their own kernel, one call for the group
+    where their panels join (`project_group`), else one each."""
     outs = _base(x, linears)
     batch = lora.current()
     if batch is not None:
@@ -41,7 +43,8 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
 
 def _base(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
     if not all(type(m) is nn.Linear for m in linears):
-        return tuple(m(x) for m in linears)
+        fused = quant_linear.project_group(x, linears) if len(linears) > 1 else None
+        return fused if fused is not None else tuple(m(x) for m in linears)
     kernel = cpu_kernel.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     rows = x.shape[0]
     if kernel is None or (kernel.blocking.mkl_rows and rows > kernel.blocking.mkl_rows):

@@ -17,6 +17,8 @@ Shapes: T tokens, K input features, N output features.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -120,6 +122,58 @@ class Bf16Linear(QuantLinear):
 
     def _op_applies(self) -> bool:
         return False
+
+
+# first module of a group -> (the members' stacks when fused, the fused stack, bias or None)
+_fused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def project_group(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...] | None:
+    """(m(x) for m in linears) as one kernel call, for quantized linears that read the same
+    input (q, k and v; gate and up) held in the kernel's panels of one scheme; None where they
+    are not. The first call joins their panels into one stack and re-makes each member's as a
+    view into it (no second copy); the outputs are column slices of one [T, N] tensor."""
+    first = linears[0]
+    entry = _fused.get(first)
+    if entry is None or any(m.stack is not s for m, s in zip(linears, entry[0], strict=False)):
+        entry = _fuse(linears)
+        _fused[first] = entry
+    if entry[1] is None:
+        return None
+    _, fused, bias = entry
+    x2 = x.reshape(-1, first.in_features)
+    y = fused.matmul(x2, [(0, 0, x2.shape[0])])
+    if bias is not None:
+        y += bias
+    y = y.view(*x.shape[:-1], fused.out_features)
+    return tuple(y.split([m.out_features for m in linears], dim=-1))
+
+
+def _fuse(linears) -> tuple:
+    stacks = [m.stack for m in linears]
+    lead = stacks[0]
+    joinable = all(isinstance(m, QuantLinear) for m in linears) and all(
+        s is not None
+        and s.packed
+        and type(s) is type(lead)
+        and s.in_features == lead.in_features
+        and getattr(s, "group", 0) == getattr(lead, "group", 0)
+        for s in stacks
+    )
+    if not joinable:
+        return stacks, None, None
+    fused, views = lead.cat_outputs(stacks[1:])
+    for m, v in zip(linears, views, strict=True):
+        m.stack = v
+    biases = [m.bias for m in linears]
+    ref = next((b for b in biases if b is not None), None)
+    bias = None
+    if ref is not None:
+        bias = torch.cat(
+            [b if b is not None else ref.new_zeros(m.out_features)
+             for b, m in zip(biases, linears, strict=True)]
+        )  # fmt: skip
+    return views, fused, bias
 
 
 def _one_matrix(w: QuantWeight) -> QuantWeight:

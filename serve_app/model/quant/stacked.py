@@ -31,6 +31,27 @@ class _Stacked:
             self, **{f: torch.cat([getattr(self, f), getattr(other, f)]) for f in self.STACKED}
         )
 
+    def cat_outputs(self, others: list) -> tuple:
+        """These matrices' outputs then each of `others`' (same scheme, inputs and layout) as
+        one stack, and each part re-made as a view into it (dim 1 is the outputs, or their
+        panels, in every field; with one matrix on dim 0 a dim-1 slice is contiguous):
+        (fused, the parts as views, self's first), so the parts keep no copy of their own."""
+        parts = [self, *others]
+        if any(getattr(p, self.STACKED[0]).shape[0] != 1 for p in parts):
+            raise ValueError("cat_outputs joins single matrices (dense linears)")
+        total = sum(p.out_features for p in parts)
+        fields = {f: torch.cat([getattr(p, f) for p in parts], 1) for f in self.STACKED}
+        fused = dataclasses.replace(self, out_features=total, **fields)
+        views, start = [], 0
+        for p in parts:
+            cut = {}
+            for f, t in fields.items():  # dim 1 counts outputs or panels: in proportion
+                lo, n = (start * t.shape[1]) // total, (p.out_features * t.shape[1]) // total
+                cut[f] = t[:, lo : lo + n]
+            views.append(dataclasses.replace(p, **cut))
+            start += p.out_features
+        return fused, views
+
     def select(self, keep: list[int]):
         return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in self.STACKED})
 
