@@ -59,22 +59,11 @@ class CpuKernels:
         self._mlp.restype = None
         self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P]
         self._mlp.argtypes += [_P, _I64, _I64, ctypes.c_int]
-        self._attn = lib.moeserve_paged_decode
-        self._attn.restype = None
-        self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
-        self._attn.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
-        self._shared = lib.moeserve_shared_prefix
-        self._shared.restype = None
-        self._shared.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64]
-        self._shared.argtypes += [_I64, ctypes.c_float, _P, _P, ctypes.c_int]
-        self._mqa = lib.moeserve_mqa_decode
-        self._mqa.restype = None
-        self._mqa.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64]
-        self._mqa.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
-        self._prefill = lib.moeserve_paged_prefill
-        self._prefill.restype = None
-        self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
-        self._prefill.argtypes += [_I64, _I64, ctypes.c_float, _I64, _P, ctypes.c_int]
+        # the attention kernels by KV cache dtype (bf16 rows widened as loaded: kv_elem.h)
+        self._attention = {
+            torch.float32: _AttentionFns(lib, ""),
+            torch.bfloat16: _AttentionFns(lib, "_bf16"),
+        }
         self._norm = lib.moeserve_rms_norm
         self._norm.restype = None
         self._norm.argtypes = [_P, _I64, _I64, _P, _P, ctypes.c_float, _I64, _I64, _P, _P]
@@ -226,11 +215,14 @@ class CpuKernels:
     def paged_decode_applies(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> bool:
-        """q [T, H, D]; k_cache [N, B, Hkv, D]: float32 on the CPU, within the kernel's sizes."""
+        """q [T, H, D] float32; k_cache [N, B, Hkv, D] float32 or bfloat16 (v_cache alike): on
+        the CPU, within the kernel's sizes."""
         _, b, _, d = k_cache.shape
         return (
             q.device.type == "cpu"
-            and q.dtype == k_cache.dtype == torch.float32
+            and q.dtype == torch.float32
+            and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in self._attention
             and k_cache.is_contiguous()
             and v_cache.is_contiguous()
             and q.shape[1] <= self.max_heads
@@ -259,6 +251,7 @@ class CpuKernels:
         to the rest of its own; starts must be 0 then."""
         n, h, d = q.shape
         _, b, hkv, _ = k_cache.shape
+        fns = self._attention[k_cache.dtype]
         q = q.contiguous()
         tables = block_tables.to(torch.int64).contiguous()
         lens = ctx_lens.to(torch.int64).contiguous()
@@ -268,7 +261,7 @@ class CpuKernels:
         if shared is not None:
             init_out = torch.zeros_like(q)
             init_lse = torch.full((n, h), float("-inf"))
-            self._shared(
+            fns.shared(
                 _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(shared.rows), _ptr(shared.starts),
                 _ptr(shared.tables), _I64(shared.tables.shape[1]), _ptr(shared.prefix_lens),
                 _I64(len(shared.prefix_lens)), _I64(h), _I64(hkv), _I64(d), _I64(b),
@@ -282,13 +275,13 @@ class CpuKernels:
             _ptr(init_lse) if init_lse is not None else None,
         )
         if hkv == 1 and h >= MQA_MIN_HEADS:
-            self._mqa(
+            fns.mqa(
                 _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
                 _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(d), _I64(b),
                 ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
             )  # fmt: skip
             return out
-        self._attn(
+        fns.decode(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
             _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
             ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
@@ -313,12 +306,35 @@ class CpuKernels:
         if not (q.is_contiguous() and out.is_contiguous()):
             raise ValueError("paged_prefill needs contiguous q and out")
         qt = (blocking or self.blocking).query_tile(h // hkv)
-        self._prefill(
+        self._attention[k_cache.dtype].prefill(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(seqs.tables), _I64(seqs.tables.shape[1]),
             _ptr(seqs.q_starts), _ptr(seqs.q_lens), _ptr(seqs.ctx_lens), _I64(len(seqs.q_lens)),
             _I64(h), _I64(hkv), _I64(d), _I64(b), _I64(window or 0), ctypes.c_float(scale),
             _I64(qt), _ptr(out), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
+
+
+class _AttentionFns:
+    """The paged attention entry points built for one KV cache dtype (suffix "" float32,
+    "_bf16" bfloat16); q, out and the shared-prefix state are float32 in both."""
+
+    def __init__(self, lib: ctypes.CDLL, suffix: str):
+        def bind(name: str, argtypes: list) -> ctypes._CFuncPtr:
+            fn = getattr(lib, f"moeserve_{name}{suffix}")
+            fn.restype, fn.argtypes = None, argtypes
+            return fn
+
+        f, th = ctypes.c_float, ctypes.c_int
+        self.decode = bind(
+            "paged_decode", [_P, _P, _P, _P, _I64, _P, _P, *[_I64] * 5, f, _P, _P, _P, th]
+        )
+        self.shared = bind("shared_prefix", [*[_P] * 6, _I64, _P, *[_I64] * 5, f, _P, _P, th])
+        self.mqa = bind(
+            "mqa_decode", [_P, _P, _P, _P, _I64, _P, _P, *[_I64] * 4, f, _P, _P, _P, th]
+        )
+        self.prefill = bind(
+            "paged_prefill", [*[_P] * 4, _I64, _P, _P, _P, *[_I64] * 6, f, _I64, _P, th]
+        )
 
 
 class SharedPrefixes:

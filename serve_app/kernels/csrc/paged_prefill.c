@@ -19,11 +19,12 @@
    the query at position s when p <= s and, with a window W > 0, p > s - W.
    D is a multiple of 16 up to 576 (DeepSeek's MLA latent row: keys and values are the same
    rows there); B up to 64; qt x G up to 64 (checked by the caller).
-   serve_app/kernels/cpu.py builds and loads it. */
+   The cache is float32 here, bfloat16 in paged_prefill_bf16.c (kv_elem.h: K elements and V
+   rows widened as they are loaded). serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 #include <stdlib.h>
 
-#include "simd.h"
+#include "kv_elem.h"
 
 #define MAX_R 64  /* query rows of a task: qt x G */
 #define MAX_RV (MAX_R / VL)
@@ -43,9 +44,9 @@ typedef struct {
     float m[MAX_R], l[MAX_R];      /* running max and sum per row */
     float pos[MAX_R];              /* position of each row's query token (-1: padding) */
     float kpos[MAX_KC + KB];       /* position of each key of the step (+inf: padding) */
-    const float *kr[MAX_KC + KB];  /* this step's K and V rows, in place in the cache */
-    const float *vr[MAX_KC + KB];
-    float zero[MAX_D];             /* K of padding keys */
+    const kv_t *kr[MAX_KC + KB];   /* this step's K and V rows, in place in the cache */
+    const kv_t *vr[MAX_KC + KB];
+    kv_t zero[MAX_D];              /* K of padding keys (all bits 0: 0.0 in either type) */
 } Scratch;
 
 /* st[t0..t0+NK)[0..VL RV) = the NK keys' rows of K . the transposed query rows: NK x RV
@@ -54,7 +55,7 @@ typedef struct {
 #define SCORES(RV, NK)                                                                      \
     static void scores_##RV(Scratch *w, int64_t t0, int64_t D) {                            \
         vn a[NK][RV];                                                                       \
-        const float *k[NK];                                                                 \
+        const kv_t *k[NK];                                                                  \
         for (int j = 0; j < NK; j++) {                                                      \
             k[j] = w->kr[t0 + j];                                                           \
             for (int c = 0; c < RV; c++) a[j][c] = (vn){0};                                 \
@@ -63,7 +64,7 @@ typedef struct {
             vn qv[RV];                                                                      \
             for (int c = 0; c < RV; c++) qv[c] = loadn(&w->qt[d][VL * c]);                  \
             for (int j = 0; j < NK; j++) {                                                  \
-                const float kv = k[j][d];                                                   \
+                const float kv = kv_at(k[j], d);                                            \
                 for (int c = 0; c < RV; c++) a[j][c] += kv * qv[c];                         \
             }                                                                               \
         }                                                                                   \
@@ -89,9 +90,9 @@ static void pv_rows(Scratch *w, int64_t r0, int64_t d0, int64_t nk) {
     for (int i = 0; i < RB; i++)
         for (int c = 0; c < PV_NV; c++) a[i][c] = loadn(&w->acc[r0 + i][d0 + VL * c]);
     for (int64_t t = 0; t < nk; t++) {
-        const float *vt = w->vr[t] + d0;
+        const kv_t *vt = w->vr[t] + d0;
         vn v[PV_NV];
-        for (int c = 0; c < PV_NV; c++) v[c] = loadn(vt + VL * c);
+        for (int c = 0; c < PV_NV; c++) v[c] = loadkv(vt + VL * c);
         for (int i = 0; i < RB; i++) {
             const vn p = splat(w->st[t][r0 + i]);
             for (int c = 0; c < PV_NV; c++) a[i][c] += p * v[c];
@@ -107,14 +108,14 @@ static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t 
         for (int i = 0; i < RB; i++) {
             const float p = w->st[t][r0 + i];
             for (int64_t d = d0; d < D; d += VL)
-                storen(&w->acc[r0 + i][d], loadn(&w->acc[r0 + i][d]) + p * loadn(w->vr[t] + d));
+                storen(&w->acc[r0 + i][d], loadn(&w->acc[r0 + i][d]) + p * loadkv(w->vr[t] + d));
         }
 }
 
 /* Rows [0, R) of the scratch (queries in w->qt, positions in w->pos, state in m, l, acc)
    attend to the keys at positions [p_begin, p_end) of one KV head through `table`, in steps of
    whole blocks. */
-static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float *v_cache,
+static void attend_rows(Scratch *w, int64_t R, const kv_t *k_cache, const kv_t *v_cache,
                         const int64_t *table, int64_t p_begin, int64_t p_end, int64_t hk,
                         int64_t Hkv, int64_t D, int64_t B, int64_t window) {
     const int64_t RV = (R + VL - 1) / VL, row = Hkv * D;
@@ -184,7 +185,7 @@ static void reset_rows(Scratch *w, int64_t R, int64_t D) {
         for (int64_t d = 0; d < D; d++) w->acc[r][d] = 0.0f;
     }
     for (int64_t d = 0; d < D; d++) {
-        w->zero[d] = 0.0f;
+        w->zero[d] = 0;
         for (int64_t r = R; r < RV * VL; r++) w->qt[d][r] = 0.0f;
     }
 }
@@ -194,7 +195,7 @@ static void load_row(Scratch *w, int64_t r, const float *src, int64_t D, float s
     w->pos[r] = pos;
 }
 
-static void prefill_task(const float *q, const float *k_cache, const float *v_cache,
+static void prefill_task(const float *q, const kv_t *k_cache, const kv_t *v_cache,
                          const int64_t *table, int64_t q_len, int64_t ctx_len, int64_t tok0,
                          int64_t ntok, int64_t hk, int64_t H, int64_t Hkv, int64_t D,
                          int64_t B, int64_t window, float scale, float *out, Scratch *w) {
@@ -233,11 +234,13 @@ static int64_t item_of(const int64_t *cs, int64_t *i, int64_t c) {
     return *i;
 }
 
+#ifndef MOESERVE_KV_BF16 /* one copy of the limits: both cache types share them */
 /* 0: max query rows per task (qt x G), 1: max head dim, 2: max block size */
 int64_t moeserve_paged_prefill_limits(int64_t which) {
     const int64_t limits[] = {MAX_R, MAX_D, MAX_B};
     return limits[which];
 }
+#endif
 
 typedef void (*task_fn)(const void *args, int64_t task, int64_t *item, Scratch *w);
 
@@ -255,7 +258,8 @@ static void run_tasks(int64_t tasks, task_fn fn, const void *args, int num_threa
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
     const int64_t *block_tables, *q_start, *q_lens, *ctx_lens, *tile_start;
     int64_t max_blocks, H, Hkv, D, B, window, qt;
     float scale;
@@ -275,12 +279,11 @@ static void prefill_tile(const void *args, int64_t task, int64_t *item, Scratch 
                  a->window, a->scale, a->out + at, w);
 }
 
-void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v_cache,
-                            const int64_t *block_tables, int64_t max_blocks,
-                            const int64_t *q_start, const int64_t *q_lens,
-                            const int64_t *ctx_lens, int64_t n, int64_t H, int64_t Hkv,
-                            int64_t D, int64_t B, int64_t window, float scale, int64_t qt,
-                            float *out, int num_threads) {
+void KV_NAME(moeserve_paged_prefill)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *block_tables,
+    int64_t max_blocks, const int64_t *q_start, const int64_t *q_lens, const int64_t *ctx_lens,
+    int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t B, int64_t window, float scale,
+    int64_t qt, float *out, int num_threads) {
     /* tasks: (sequence, query tile, KV head); tiles of one sequence are listed last-first so
        the long (late) tiles start early under dynamic scheduling */
     int64_t *tile_start = chunk_starts(q_lens, n, qt);
@@ -291,7 +294,8 @@ void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
     const int64_t *rows, *starts, *tables, *prefix_lens, *chunk_start;
     int64_t max_blocks, H, Hkv, D, B;
     float scale;
@@ -332,11 +336,11 @@ static void shared_chunk(const void *args, int64_t task, int64_t *item, Scratch 
    log-sum-exp, from which moeserve_paged_decode continues over each sequence's own keys.
    q, out [n, H, D] (the decode rows); lse [n, H]; group g covers rows[starts[g]..starts[g+1])
    and keys [0, prefix_lens[g]) through tables[g]. */
-void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v_cache,
-                            const int64_t *rows, const int64_t *starts, const int64_t *tables,
-                            int64_t max_blocks, const int64_t *prefix_lens, int64_t groups,
-                            int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale, float *out,
-                            float *lse, int num_threads) {
+void KV_NAME(moeserve_shared_prefix)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *rows,
+    const int64_t *starts, const int64_t *tables, int64_t max_blocks, const int64_t *prefix_lens,
+    int64_t groups, int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale, float *out,
+    float *lse, int num_threads) {
     int64_t *sizes = malloc(sizeof(int64_t) * (size_t)(groups + 1));
     for (int64_t i = 0; i < groups; i++) sizes[i] = starts[i + 1] - starts[i];
     int64_t *chunk_start = chunk_starts(sizes, groups, MAX_R / (H / Hkv));
@@ -348,7 +352,9 @@ void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache, *init_out, *init_lse;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
+    const float *init_out, *init_lse;
     const int64_t *tables, *starts, *ctx_lens;
     int64_t max_blocks, H, D, B, per, chunks;
     float scale;
@@ -386,11 +392,11 @@ static void mqa_rows(const void *args, int64_t task, int64_t *item, Scratch *w) 
    1.5-2x slower on an AVX2 Zen 3 for 16 heads of 576). Tasks are (sequence, `per` heads);
    init_out / init_lse continue after a shared prefix as in moeserve_paged_decode.
    q, out [n, H, D]; cache [num_blocks, B, 1, D]. */
-void moeserve_mqa_decode(const float *q, const float *k_cache, const float *v_cache,
-                         const int64_t *block_tables, int64_t max_blocks,
-                         const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
-                         int64_t D, int64_t B, float scale, float *out, const float *init_out,
-                         const float *init_lse, int num_threads) {
+void KV_NAME(moeserve_mqa_decode)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *block_tables,
+    int64_t max_blocks, const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
+    int64_t D, int64_t B, float scale, float *out, const float *init_out, const float *init_lse,
+    int num_threads) {
     /* few sequences: split their heads, a vector of rows at least, so every thread works */
     int64_t per = H < MAX_R ? H : MAX_R;
     if (n < 2 * num_threads && per > VL) {
