@@ -26,18 +26,9 @@ static inline vn loadkv(const kv_t *p) {
     memcpy(&out, &w, sizeof out);
     return out;
 }
-
-/* one cache element, widened */
-static inline float kv_at(const kv_t *p, int64_t i) {
-    const uint32_t w = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &w, sizeof f);
-    return f;
-}
 #else
 typedef float kv_t;
 #define KV_NAME(name) name
 static inline vn loadkv(const kv_t *p) { return loadn(p); }
-static inline float kv_at(const kv_t *p, int64_t i) { return p[i]; }
 #endif
 #endif

@@ -19,8 +19,8 @@
    the query at position s when p <= s and, with a window W > 0, p > s - W.
    D is a multiple of 16 up to 576 (DeepSeek's MLA latent row: keys and values are the same
    rows there); B up to 64; qt x G up to 64 (checked by the caller).
-   The cache is float32 here, bfloat16 in paged_prefill_bf16.c (kv_elem.h: K elements and V
-   rows widened as they are loaded). serve_app/kernels/cpu.py builds and loads it. */
+   The cache is float32 here, bfloat16 in paged_prefill_bf16.c (kv_elem.h): there a step's K
+   rows are widened into the scratch once, and V rows as they are loaded. serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -44,9 +44,14 @@ typedef struct {
     float m[MAX_R], l[MAX_R];      /* running max and sum per row */
     float pos[MAX_R];              /* position of each row's query token (-1: padding) */
     float kpos[MAX_KC + KB];       /* position of each key of the step (+inf: padding) */
-    const kv_t *kr[MAX_KC + KB];   /* this step's K and V rows, in place in the cache */
-    const kv_t *vr[MAX_KC + KB];
-    kv_t zero[MAX_D];              /* K of padding keys (all bits 0: 0.0 in either type) */
+    const float *kr[MAX_KC + KB];  /* this step's K rows (float32: in place in the cache) */
+    const kv_t *vr[MAX_KC + KB];   /* and V rows, in place */
+    float zero[MAX_D];             /* K of padding keys */
+#ifdef MOESERVE_KV_BF16
+    /* this step's K rows widened once: the scores broadcast every K element to all rows, and
+       a scalar widen per broadcast made the bf16 MQA decode ~1.4x slower than float32 */
+    float kf[MAX_KC][MAX_D];
+#endif
 } Scratch;
 
 /* st[t0..t0+NK)[0..VL RV) = the NK keys' rows of K . the transposed query rows: NK x RV
@@ -55,7 +60,7 @@ typedef struct {
 #define SCORES(RV, NK)                                                                      \
     static void scores_##RV(Scratch *w, int64_t t0, int64_t D) {                            \
         vn a[NK][RV];                                                                       \
-        const kv_t *k[NK];                                                                  \
+        const float *k[NK];                                                                 \
         for (int j = 0; j < NK; j++) {                                                      \
             k[j] = w->kr[t0 + j];                                                           \
             for (int c = 0; c < RV; c++) a[j][c] = (vn){0};                                 \
@@ -64,7 +69,7 @@ typedef struct {
             vn qv[RV];                                                                      \
             for (int c = 0; c < RV; c++) qv[c] = loadn(&w->qt[d][VL * c]);                  \
             for (int j = 0; j < NK; j++) {                                                  \
-                const float kv = kv_at(k[j], d);                                            \
+                const float kv = k[j][d];                                                   \
                 for (int c = 0; c < RV; c++) a[j][c] += kv * qv[c];                         \
             }                                                                               \
         }                                                                                   \
@@ -126,7 +131,13 @@ static void attend_rows(Scratch *w, int64_t R, const kv_t *k_cache, const kv_t *
         const int64_t nkc = KEYS_PER_CALL[RV], nk = end - p0, nkb = (nk + nkc - 1) / nkc * nkc;
         for (int64_t t = 0; t < nk; t++) {
             const int64_t p = p0 + t, slot = table[p / B] * B + p % B;
+#ifdef MOESERVE_KV_BF16
+            for (int64_t d = 0; d < D; d += VL)
+                storen(&w->kf[t][d], loadkv(k_cache + slot * row + hk * D + d));
+            w->kr[t] = w->kf[t];
+#else
             w->kr[t] = k_cache + slot * row + hk * D;
+#endif
             w->vr[t] = v_cache + slot * row + hk * D;
             w->kpos[t] = (float)p;
         }
@@ -185,7 +196,7 @@ static void reset_rows(Scratch *w, int64_t R, int64_t D) {
         for (int64_t d = 0; d < D; d++) w->acc[r][d] = 0.0f;
     }
     for (int64_t d = 0; d < D; d++) {
-        w->zero[d] = 0;
+        w->zero[d] = 0.0f;
         for (int64_t r = R; r < RV * VL; r++) w->qt[d][r] = 0.0f;
     }
 }
