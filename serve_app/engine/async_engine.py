@@ -156,7 +156,11 @@ class AsyncLLMEngine:
             "waiting": s.num_waiting,
             "kv_blocks_used": s.kv_blocks_used,
             "kv_blocks_total": s.kv_blocks_total,
-            "kv_cache": {"format": s.kv_format, "block_bytes": s.kv_block_bytes},
+            "kv_cache": {
+                "format": s.kv_format,
+                "dtype": s.kv_dtype,
+                "block_bytes": s.kv_block_bytes,
+            },
             "weights": {"bytes": s.weight_bytes, "quantization": s.quantization},
             "prefix_cache": prefix,
         }

@@ -38,6 +38,7 @@ class LLMEngine:
         self.num_kv_blocks = parts.num_kv_blocks
         self.kv_block_bytes = parts.kv_block_bytes
         self.kv_format = parts.spec.kv_format.tag()
+        self.kv_dtype = str(parts.kv_dtype).removeprefix("torch.")  # "float32", "bfloat16"
         self.weight_bytes = parts.weight_bytes
         self.quantization = parts.quantization
         self.max_model_len = parts.max_model_len
@@ -213,6 +214,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             kv_format=self.kv_format,
             kv_block_bytes=self.kv_block_bytes,
+            kv_dtype=self.kv_dtype,
             weight_bytes=self.weight_bytes,
             quantization=self.quantization,
             **self._lora_stats(),

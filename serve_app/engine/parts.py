@@ -48,6 +48,7 @@ class EngineParts:
     runner: ModelRunner  # the model, its KV pool of num_kv_blocks blocks, the sampler
     num_kv_blocks: int
     kv_block_bytes: int  # one block in the pool, all layers (K/V or MLA latent rows)
+    kv_dtype: torch.dtype  # what the pool holds (bfloat16 under the CPU's bf16 float32 compute)
     max_model_len: int  # the model's limit (or config.max_model_len), at most the pool's
     model_digest: str
     connector: KVConnector | None
@@ -70,14 +71,15 @@ def build_parts(
         torch.set_num_threads(config.num_threads)  # on the engine thread: see async_engine
     device = resolve_device(config.device)
     tune_host_allocator()
-    # bfloat16 on the CPU: bf16 weights, float32 compute (serve_app/model/quant/precision.py)
+    # bfloat16 on the CPU: bf16 weights and KV cache, float32 compute
+    # (serve_app/model/quant/precision.py)
     prec = precision(resolve_dtype(config.dtype, device), device, quantization(config))
     dtype, quant = prec.compute, prec.weights
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     model = load_model(config.model, device, dtype, experts, spec, quant)
     held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
     fmt = checkpoint_format(spec.hf_config)
-    block_bytes = kv_block_bytes(spec, config.block_size, dtype)
+    block_bytes = kv_block_bytes(spec, config.block_size, prec.kv)  # bf16: half, twice the blocks
     blocks = num_kv_blocks(config, device, block_bytes)
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, blocks * config.block_size
@@ -87,7 +89,7 @@ def build_parts(
         blocks,
         config.block_size,
         device,
-        dtype,
+        prec.kv,
         config.num_micro_batches if experts.is_remote else 1,
     )
     lora = LoraRegistry(
@@ -96,8 +98,9 @@ def build_parts(
     )  # fmt: skip
     for name, path in config.lora_adapters:
         lora.load(name, path)
-    # KV dtype: what a block holds where it is shared (the connector may compress it).
-    kv_dtype = str(dtype) if connector is None else connector.kv_dtype(str(dtype))
+    # KV dtype: what a block holds where it is shared (the connector may compress it); a bf16
+    # pool's blocks never share a namespace with a float32 pool's (the codec checks it too)
+    kv_dtype = str(prec.kv) if connector is None else connector.kv_dtype(str(prec.kv))
     digest = model_digest(
         config.model,
         dtype=str(dtype),
@@ -108,11 +111,12 @@ def build_parts(
         **({"checkpoint": fmt.tag()} if fmt is not None else {}),  # pre-quantized: its format
     )
     log.info(
-        "engine ready: %s on %s/%s (weights %s), %d KV blocks of %d, max_model_len %d",
+        "engine ready: %s on %s/%s (weights %s, KV %s), %d KV blocks of %d, max_model_len %d",
         spec.architecture,
         device,
         dtype,
         held.tag(),
+        prec.kv,
         blocks,
         config.block_size,
         max_model_len,
@@ -125,6 +129,7 @@ def build_parts(
         runner=runner,
         num_kv_blocks=blocks,
         kv_block_bytes=block_bytes,
+        kv_dtype=prec.kv,
         max_model_len=max_model_len,
         model_digest=digest,
         connector=None if connector is None else connector(runner, digest),

@@ -22,6 +22,7 @@ class EngineStats:
     expert_tokens: tuple[int, ...] = ()  # tokens routed to each expert id, all MoE layers
     kv_format: str = ""  # KVFormat.tag(): what a block holds (MHA K/V or MLA latent rows)
     kv_block_bytes: int = 0  # bytes of one block in the pool, all layers
+    kv_dtype: str = ""  # what the pool holds: "float32", "bfloat16" (engine.dtype bfloat16)
     weight_bytes: int = 0  # the replica's weights as held, in-process experts included
     quantization: str = "none"  # Quantization.tag() of those weights
     lora_resident: int = 0  # LoRA adapters held

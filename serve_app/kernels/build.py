@@ -18,10 +18,19 @@ from serve_app.kernels.settings import KernelSettings
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
+# paged_*_bf16.c: the attention kernels again over a bfloat16 KV cache (csrc/kv_elem.h)
 SOURCES = tuple(
-    CSRC / f for f in ("grouped_mm.c", "paged_decode.c", "paged_prefill.c", "rms_norm.c")
+    CSRC / f
+    for f in (
+        "grouped_mm.c",
+        "paged_decode.c",
+        "paged_prefill.c",
+        "rms_norm.c",
+        "paged_decode_bf16.c",
+        "paged_prefill_bf16.c",
+    )
 )
-HEADERS = (CSRC / "simd.h",)
+HEADERS = (CSRC / "simd.h", CSRC / "kv_elem.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
 

@@ -32,6 +32,7 @@ import torch
 
 from serve_app.kernels import settings, tuning
 from serve_app.kernels.build import open_library
+from serve_app.kernels.paged_args import AttentionFns, PrefillBatch, SharedPrefixes
 from serve_app.kernels.tuning import Blocking
 
 logger = logging.getLogger(__name__)
@@ -59,22 +60,11 @@ class CpuKernels:
         self._mlp.restype = None
         self._mlp.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P]
         self._mlp.argtypes += [_P, _I64, _I64, ctypes.c_int]
-        self._attn = lib.moeserve_paged_decode
-        self._attn.restype = None
-        self._attn.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64]
-        self._attn.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
-        self._shared = lib.moeserve_shared_prefix
-        self._shared.restype = None
-        self._shared.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64]
-        self._shared.argtypes += [_I64, ctypes.c_float, _P, _P, ctypes.c_int]
-        self._mqa = lib.moeserve_mqa_decode
-        self._mqa.restype = None
-        self._mqa.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64]
-        self._mqa.argtypes += [ctypes.c_float, _P, _P, _P, ctypes.c_int]
-        self._prefill = lib.moeserve_paged_prefill
-        self._prefill.restype = None
-        self._prefill.argtypes = [_P, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64]
-        self._prefill.argtypes += [_I64, _I64, ctypes.c_float, _I64, _P, ctypes.c_int]
+        # the attention kernels by KV cache dtype (bf16 rows widened as loaded: kv_elem.h)
+        self._attention = {
+            torch.float32: AttentionFns(lib, ""),
+            torch.bfloat16: AttentionFns(lib, "_bf16"),
+        }
         self._norm = lib.moeserve_rms_norm
         self._norm.restype = None
         self._norm.argtypes = [_P, _I64, _I64, _P, _P, ctypes.c_float, _I64, _I64, _P, _P]
@@ -226,11 +216,14 @@ class CpuKernels:
     def paged_decode_applies(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> bool:
-        """q [T, H, D]; k_cache [N, B, Hkv, D]: float32 on the CPU, within the kernel's sizes."""
+        """q [T, H, D] float32; k_cache [N, B, Hkv, D] float32 or bfloat16 (v_cache alike): on
+        the CPU, within the kernel's sizes."""
         _, b, _, d = k_cache.shape
         return (
             q.device.type == "cpu"
-            and q.dtype == k_cache.dtype == torch.float32
+            and q.dtype == torch.float32
+            and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in self._attention
             and k_cache.is_contiguous()
             and v_cache.is_contiguous()
             and q.shape[1] <= self.max_heads
@@ -259,6 +252,7 @@ class CpuKernels:
         to the rest of its own; starts must be 0 then."""
         n, h, d = q.shape
         _, b, hkv, _ = k_cache.shape
+        fns = self._attention[k_cache.dtype]
         q = q.contiguous()
         tables = block_tables.to(torch.int64).contiguous()
         lens = ctx_lens.to(torch.int64).contiguous()
@@ -268,7 +262,7 @@ class CpuKernels:
         if shared is not None:
             init_out = torch.zeros_like(q)
             init_lse = torch.full((n, h), float("-inf"))
-            self._shared(
+            fns.shared(
                 _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(shared.rows), _ptr(shared.starts),
                 _ptr(shared.tables), _I64(shared.tables.shape[1]), _ptr(shared.prefix_lens),
                 _I64(len(shared.prefix_lens)), _I64(h), _I64(hkv), _I64(d), _I64(b),
@@ -282,13 +276,13 @@ class CpuKernels:
             _ptr(init_lse) if init_lse is not None else None,
         )
         if hkv == 1 and h >= MQA_MIN_HEADS:
-            self._mqa(
+            fns.mqa(
                 _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
                 _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(d), _I64(b),
                 ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
             )  # fmt: skip
             return out
-        self._attn(
+        fns.decode(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _I64(tables.shape[1]),
             _ptr(lens), _ptr(starts), _I64(n), _I64(h), _I64(hkv), _I64(d), _I64(b),
             ctypes.c_float(scale), _ptr(out), *init, ctypes.c_int(torch.get_num_threads()),
@@ -313,50 +307,12 @@ class CpuKernels:
         if not (q.is_contiguous() and out.is_contiguous()):
             raise ValueError("paged_prefill needs contiguous q and out")
         qt = (blocking or self.blocking).query_tile(h // hkv)
-        self._prefill(
+        self._attention[k_cache.dtype].prefill(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(seqs.tables), _I64(seqs.tables.shape[1]),
             _ptr(seqs.q_starts), _ptr(seqs.q_lens), _ptr(seqs.ctx_lens), _I64(len(seqs.q_lens)),
             _I64(h), _I64(hkv), _I64(d), _I64(b), _I64(window or 0), ctypes.c_float(scale),
             _I64(qt), _ptr(out), ctypes.c_int(torch.get_num_threads()),
         )  # fmt: skip
-
-
-class SharedPrefixes:
-    """Groups of decoding sequences whose block tables begin with the same blocks: rows
-    [starts[g], starts[g+1]) of `rows` (indices into the decode batch) share the first
-    prefix_lens[g] keys, through tables[g] (int64, contiguous)."""
-
-    __slots__ = ("rows", "starts", "tables", "prefix_lens", "row_starts")
-
-    def __init__(self, groups: list[tuple[list[int], list[int], int]]):
-        """groups: (decode rows, the shared blocks, shared keys) each."""
-        rows = [r for g in groups for r in g[0]]
-        self.rows = torch.tensor(rows, dtype=torch.int64)
-        bounds = [0]
-        for g in groups:
-            bounds.append(bounds[-1] + len(g[0]))
-        self.starts = torch.tensor(bounds, dtype=torch.int64)
-        width = max(len(g[1]) for g in groups)
-        self.tables = torch.zeros(len(groups), width, dtype=torch.int64)
-        for i, g in enumerate(groups):
-            self.tables[i, : len(g[1])] = torch.tensor(g[1], dtype=torch.int64)
-        self.prefix_lens = torch.tensor([g[2] for g in groups], dtype=torch.int64)
-        self.row_starts = torch.tensor([g[2] for g in groups for _ in g[0]], dtype=torch.int64)
-
-
-class PrefillBatch:
-    """The prefill chunks of a step as the prefill kernel reads them (int64, contiguous)."""
-
-    __slots__ = ("tables", "q_starts", "q_lens", "ctx_lens")
-
-    def __init__(self, tables: list[torch.Tensor], q_starts, q_lens, ctx_lens):
-        width = max(len(t) for t in tables)
-        self.tables = torch.zeros(len(tables), width, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            self.tables[i, : len(t)] = t
-        self.q_starts = torch.tensor(q_starts, dtype=torch.int64)
-        self.q_lens = torch.tensor(q_lens, dtype=torch.int64)
-        self.ctx_lens = torch.tensor(ctx_lens, dtype=torch.int64)
 
 
 def applies(w: torch.Tensor) -> bool:

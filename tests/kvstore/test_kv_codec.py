@@ -92,3 +92,24 @@ def test_encode_refuses_wrong_shape_dtype_and_hash():
         encode_block(H, kv().astype(np.float16), LAYOUT)
     with pytest.raises(ValueError):
         encode_block(b"short", kv(), LAYOUT)
+
+
+def test_the_dtype_travels_in_the_header_so_bf16_and_float32_blocks_never_mix():
+    """A bf16 pool's block (engine.dtype bfloat16: the 16-bit patterns of float32 rounded to
+    nearest even) round-trips bit-exactly; a reader of the other dtype refuses it, raw or INT8
+    (whose payloads are the same size for either dtype: the header's dtype field refuses it)."""
+    bf16 = KVLayout(3, 4, 2, 8, "bfloat16")
+    x = kv(2, bf16)
+    bits = (x.view(np.uint32) + 0x7FFF + ((x.view(np.uint32) >> 16) & 1)) >> 16  # RNE
+    bits = bits.astype(np.uint16)
+    data = encode_block(H, bits, bf16)
+    assert len(data) == HEADER_SIZE + x.size * 2  # half a float32 entry
+    np.testing.assert_array_equal(decode_block(data, H, bf16), bits)
+    with pytest.raises(CodecError, match="dtype=bfloat16"):
+        decode_block(data, H, LAYOUT)
+    with pytest.raises(CodecError, match="dtype=float32"):
+        decode_block(encode_block(H, kv(3), LAYOUT), H, bf16)
+    for writer, reader in ((bf16, LAYOUT), (LAYOUT, bf16)):
+        entry = encode_block(H, kv(4, writer), writer, int8=True)
+        with pytest.raises(CodecError, match="dtype="):
+            decode_block(entry, H, reader, int8=True)

@@ -13,10 +13,11 @@
    MLA latent row, 512 + 64, which is both key and value there); the caller checks the limits.
    With one KV head (MLA's absorbed multi-query form) and few sequences, a sequence's query
    heads are split across tasks, or one thread would do a whole batch-1 step alone.
-   serve_app/kernels/cpu.py builds and loads it. */
+   The cache is float32 here, bfloat16 in paged_decode_bf16.c (kv_elem.h: rows widened as they
+   are loaded). serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 
-#include "simd.h"
+#include "kv_elem.h"
 
 #define MAX_H 64     /* query heads */
 #define MAX_D 576    /* head dim */
@@ -26,7 +27,7 @@
 
 /* Sequence attention for KV heads [h0, h0 + nh): their K/V rows are adjacent in the cache, so
    a task over several heads reads each token's K and V as one contiguous stream. */
-static void decode_task(const float *q, const float *k_cache, const float *v_cache,
+static void decode_task(const float *q, const kv_t *k_cache, const kv_t *v_cache,
                         const int64_t *table, int64_t start, int64_t len, float *out,
                         int64_t G, int64_t D, int64_t B, int64_t Hkv, int64_t h0, int64_t nh,
                         float scale, const float *init_out, const float *init_lse) {
@@ -60,14 +61,14 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
         const int64_t blk = table[p0 / B];
         const int64_t t0 = p0 < start ? start - p0 : 0;
         const int64_t t1 = len - p0 < B ? len - p0 : B;
-        const float *kb = k_cache + blk * B * row + h0 * D;
-        const float *vb = v_cache + blk * B * row + h0 * D;
+        const kv_t *kb = k_cache + blk * B * row + h0 * D;
+        const kv_t *vb = v_cache + blk * B * row + h0 * D;
         /* the next block sits anywhere in the cache, out of the hardware prefetcher's sight:
            fetch its K while this block's scores are computed, its V during this block's P @ V */
         const int64_t nxt = p0 + B < len ? table[p0 / B + 1] : blk;
         const char *k_next = (const char *)(k_cache + nxt * B * row + h0 * D);
         const char *v_next = (const char *)(v_cache + nxt * B * row + h0 * D);
-        const int64_t lines = (nh * D * 4 + 63) / 64; /* per key */
+        const int64_t esz = sizeof(kv_t), lines = (nh * D * esz + 63) / 64; /* per key */
         /* scores of 16 keys at a time: keys in memory order, one vector of partial products
            per (query head, key), then one transpose-and-add tree per head for all 16 keys (no
            serial horizontal sum per key) */
@@ -75,15 +76,16 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
             const int64_t lo = t0 > c ? t0 : c, hi = t1 < c + 16 ? t1 : c + 16;
             if (lo >= hi) continue;
             for (int64_t t = 0; t < 16; t++) {
-                const float *kr = kb + (c + t) * row;
+                const kv_t *kr = kb + (c + t) * row;
                 const int in = c + t >= lo && c + t < hi;
                 for (int64_t ln = 0; ln < lines; ln++)
-                    __builtin_prefetch(k_next + (c + t) * row * 4 + ln * 64);
+                    __builtin_prefetch(k_next + (c + t) * row * esz + ln * 64);
                 for (int64_t hk = 0; hk < nh; hk++, kr += D) {
                     for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
                         vn p = (vn){0};
                         if (in)
-                            for (int64_t i = 0; i < nv; i++) p += qv[g * nv + i] * loadn(kr + i * VL);
+                            for (int64_t i = 0; i < nv; i++)
+                                p += qv[g * nv + i] * loadkv(kr + i * VL);
                         part[g][t] = p;
                     }
                 }
@@ -109,10 +111,11 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
             m[g] = mx;
         }
         for (int64_t t = t0; t < t1; t++) {
-            for (int64_t ln = 0; ln < lines; ln++) __builtin_prefetch(v_next + t * row * 4 + ln * 64);
+            for (int64_t ln = 0; ln < lines; ln++)
+                __builtin_prefetch(v_next + t * row * esz + ln * 64);
             for (int64_t hk = 0; hk < nh; hk++) {
                 vn vv[VD];
-                for (int64_t i = 0; i < nv; i++) vv[i] = loadn(vb + t * row + hk * D + i * VL);
+                for (int64_t i = 0; i < nv; i++) vv[i] = loadkv(vb + t * row + hk * D + i * VL);
                 for (int64_t g = hk * G; g < (hk + 1) * G; g++) {
                     const float pr = s[g][t];
                     for (int64_t i = 0; i < nv; i++) acc[g * nv + i] += pr * vv[i];
@@ -126,19 +129,20 @@ static void decode_task(const float *q, const float *k_cache, const float *v_cac
     }
 }
 
+#ifndef MOESERVE_KV_BF16 /* one copy of the limits: both cache types share them */
 /* 0: max query heads, 1: max head dim, 2: max heads x head dim, 3: max block size, 4: head
    dims must be a multiple of this */
 int64_t moeserve_paged_decode_limits(int64_t which) {
     const int64_t limits[] = {MAX_H, MAX_D, MAX_HD, MAX_B, 16};
     return limits[which];
 }
+#endif
 
-void moeserve_paged_decode(const float *q, const float *k_cache, const float *v_cache,
-                           const int64_t *block_tables, int64_t max_blocks,
-                           const int64_t *ctx_lens, const int64_t *starts, int64_t n,
-                           int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale,
-                           float *out, const float *init_out, const float *init_lse,
-                           int num_threads) {
+void KV_NAME(moeserve_paged_decode)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *block_tables,
+    int64_t max_blocks, const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
+    int64_t Hkv, int64_t D, int64_t B, float scale, float *out, const float *init_out,
+    const float *init_lse, int num_threads) {
     const int64_t G = H / Hkv;
     if (Hkv == 1 && n < 4 * num_threads) {
         /* multi-query: tasks of (sequence, slice of query heads), each a G = gs group over the

@@ -19,11 +19,12 @@
    the query at position s when p <= s and, with a window W > 0, p > s - W.
    D is a multiple of 16 up to 576 (DeepSeek's MLA latent row: keys and values are the same
    rows there); B up to 64; qt x G up to 64 (checked by the caller).
-   serve_app/kernels/cpu.py builds and loads it. */
+   The cache is float32 here, bfloat16 in paged_prefill_bf16.c (kv_elem.h): there a step's K
+   rows are widened into the scratch once, and V rows as they are loaded. serve_app/kernels/cpu.py builds and loads it. */
 #include <math.h>
 #include <stdlib.h>
 
-#include "simd.h"
+#include "kv_elem.h"
 
 #define MAX_R 64  /* query rows of a task: qt x G */
 #define MAX_RV (MAX_R / VL)
@@ -43,9 +44,14 @@ typedef struct {
     float m[MAX_R], l[MAX_R];      /* running max and sum per row */
     float pos[MAX_R];              /* position of each row's query token (-1: padding) */
     float kpos[MAX_KC + KB];       /* position of each key of the step (+inf: padding) */
-    const float *kr[MAX_KC + KB];  /* this step's K and V rows, in place in the cache */
-    const float *vr[MAX_KC + KB];
+    const float *kr[MAX_KC + KB];  /* this step's K rows (float32: in place in the cache) */
+    const kv_t *vr[MAX_KC + KB];   /* and V rows, in place */
     float zero[MAX_D];             /* K of padding keys */
+#ifdef MOESERVE_KV_BF16
+    /* this step's K rows widened once: the scores broadcast every K element to all rows, and
+       a scalar widen per broadcast made the bf16 MQA decode ~1.4x slower than float32 */
+    float kf[MAX_KC][MAX_D];
+#endif
 } Scratch;
 
 /* st[t0..t0+NK)[0..VL RV) = the NK keys' rows of K . the transposed query rows: NK x RV
@@ -89,9 +95,9 @@ static void pv_rows(Scratch *w, int64_t r0, int64_t d0, int64_t nk) {
     for (int i = 0; i < RB; i++)
         for (int c = 0; c < PV_NV; c++) a[i][c] = loadn(&w->acc[r0 + i][d0 + VL * c]);
     for (int64_t t = 0; t < nk; t++) {
-        const float *vt = w->vr[t] + d0;
+        const kv_t *vt = w->vr[t] + d0;
         vn v[PV_NV];
-        for (int c = 0; c < PV_NV; c++) v[c] = loadn(vt + VL * c);
+        for (int c = 0; c < PV_NV; c++) v[c] = loadkv(vt + VL * c);
         for (int i = 0; i < RB; i++) {
             const vn p = splat(w->st[t][r0 + i]);
             for (int c = 0; c < PV_NV; c++) a[i][c] += p * v[c];
@@ -107,14 +113,14 @@ static void pv_rows_tail(Scratch *w, int64_t r0, int64_t d0, int64_t D, int64_t 
         for (int i = 0; i < RB; i++) {
             const float p = w->st[t][r0 + i];
             for (int64_t d = d0; d < D; d += VL)
-                storen(&w->acc[r0 + i][d], loadn(&w->acc[r0 + i][d]) + p * loadn(w->vr[t] + d));
+                storen(&w->acc[r0 + i][d], loadn(&w->acc[r0 + i][d]) + p * loadkv(w->vr[t] + d));
         }
 }
 
 /* Rows [0, R) of the scratch (queries in w->qt, positions in w->pos, state in m, l, acc)
    attend to the keys at positions [p_begin, p_end) of one KV head through `table`, in steps of
    whole blocks. */
-static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float *v_cache,
+static void attend_rows(Scratch *w, int64_t R, const kv_t *k_cache, const kv_t *v_cache,
                         const int64_t *table, int64_t p_begin, int64_t p_end, int64_t hk,
                         int64_t Hkv, int64_t D, int64_t B, int64_t window) {
     const int64_t RV = (R + VL - 1) / VL, row = Hkv * D;
@@ -125,7 +131,13 @@ static void attend_rows(Scratch *w, int64_t R, const float *k_cache, const float
         const int64_t nkc = KEYS_PER_CALL[RV], nk = end - p0, nkb = (nk + nkc - 1) / nkc * nkc;
         for (int64_t t = 0; t < nk; t++) {
             const int64_t p = p0 + t, slot = table[p / B] * B + p % B;
+#ifdef MOESERVE_KV_BF16
+            for (int64_t d = 0; d < D; d += VL)
+                storen(&w->kf[t][d], loadkv(k_cache + slot * row + hk * D + d));
+            w->kr[t] = w->kf[t];
+#else
             w->kr[t] = k_cache + slot * row + hk * D;
+#endif
             w->vr[t] = v_cache + slot * row + hk * D;
             w->kpos[t] = (float)p;
         }
@@ -194,7 +206,7 @@ static void load_row(Scratch *w, int64_t r, const float *src, int64_t D, float s
     w->pos[r] = pos;
 }
 
-static void prefill_task(const float *q, const float *k_cache, const float *v_cache,
+static void prefill_task(const float *q, const kv_t *k_cache, const kv_t *v_cache,
                          const int64_t *table, int64_t q_len, int64_t ctx_len, int64_t tok0,
                          int64_t ntok, int64_t hk, int64_t H, int64_t Hkv, int64_t D,
                          int64_t B, int64_t window, float scale, float *out, Scratch *w) {
@@ -233,11 +245,13 @@ static int64_t item_of(const int64_t *cs, int64_t *i, int64_t c) {
     return *i;
 }
 
+#ifndef MOESERVE_KV_BF16 /* one copy of the limits: both cache types share them */
 /* 0: max query rows per task (qt x G), 1: max head dim, 2: max block size */
 int64_t moeserve_paged_prefill_limits(int64_t which) {
     const int64_t limits[] = {MAX_R, MAX_D, MAX_B};
     return limits[which];
 }
+#endif
 
 typedef void (*task_fn)(const void *args, int64_t task, int64_t *item, Scratch *w);
 
@@ -255,7 +269,8 @@ static void run_tasks(int64_t tasks, task_fn fn, const void *args, int num_threa
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
     const int64_t *block_tables, *q_start, *q_lens, *ctx_lens, *tile_start;
     int64_t max_blocks, H, Hkv, D, B, window, qt;
     float scale;
@@ -275,12 +290,11 @@ static void prefill_tile(const void *args, int64_t task, int64_t *item, Scratch 
                  a->window, a->scale, a->out + at, w);
 }
 
-void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v_cache,
-                            const int64_t *block_tables, int64_t max_blocks,
-                            const int64_t *q_start, const int64_t *q_lens,
-                            const int64_t *ctx_lens, int64_t n, int64_t H, int64_t Hkv,
-                            int64_t D, int64_t B, int64_t window, float scale, int64_t qt,
-                            float *out, int num_threads) {
+void KV_NAME(moeserve_paged_prefill)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *block_tables,
+    int64_t max_blocks, const int64_t *q_start, const int64_t *q_lens, const int64_t *ctx_lens,
+    int64_t n, int64_t H, int64_t Hkv, int64_t D, int64_t B, int64_t window, float scale,
+    int64_t qt, float *out, int num_threads) {
     /* tasks: (sequence, query tile, KV head); tiles of one sequence are listed last-first so
        the long (late) tiles start early under dynamic scheduling */
     int64_t *tile_start = chunk_starts(q_lens, n, qt);
@@ -291,7 +305,8 @@ void moeserve_paged_prefill(const float *q, const float *k_cache, const float *v
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
     const int64_t *rows, *starts, *tables, *prefix_lens, *chunk_start;
     int64_t max_blocks, H, Hkv, D, B;
     float scale;
@@ -332,11 +347,11 @@ static void shared_chunk(const void *args, int64_t task, int64_t *item, Scratch 
    log-sum-exp, from which moeserve_paged_decode continues over each sequence's own keys.
    q, out [n, H, D] (the decode rows); lse [n, H]; group g covers rows[starts[g]..starts[g+1])
    and keys [0, prefix_lens[g]) through tables[g]. */
-void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v_cache,
-                            const int64_t *rows, const int64_t *starts, const int64_t *tables,
-                            int64_t max_blocks, const int64_t *prefix_lens, int64_t groups,
-                            int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale, float *out,
-                            float *lse, int num_threads) {
+void KV_NAME(moeserve_shared_prefix)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *rows,
+    const int64_t *starts, const int64_t *tables, int64_t max_blocks, const int64_t *prefix_lens,
+    int64_t groups, int64_t H, int64_t Hkv, int64_t D, int64_t B, float scale, float *out,
+    float *lse, int num_threads) {
     int64_t *sizes = malloc(sizeof(int64_t) * (size_t)(groups + 1));
     for (int64_t i = 0; i < groups; i++) sizes[i] = starts[i + 1] - starts[i];
     int64_t *chunk_start = chunk_starts(sizes, groups, MAX_R / (H / Hkv));
@@ -348,7 +363,9 @@ void moeserve_shared_prefix(const float *q, const float *k_cache, const float *v
 }
 
 typedef struct {
-    const float *q, *k_cache, *v_cache, *init_out, *init_lse;
+    const float *q;
+    const kv_t *k_cache, *v_cache;
+    const float *init_out, *init_lse;
     const int64_t *tables, *starts, *ctx_lens;
     int64_t max_blocks, H, D, B, per, chunks;
     float scale;
@@ -386,11 +403,11 @@ static void mqa_rows(const void *args, int64_t task, int64_t *item, Scratch *w) 
    1.5-2x slower on an AVX2 Zen 3 for 16 heads of 576). Tasks are (sequence, `per` heads);
    init_out / init_lse continue after a shared prefix as in moeserve_paged_decode.
    q, out [n, H, D]; cache [num_blocks, B, 1, D]. */
-void moeserve_mqa_decode(const float *q, const float *k_cache, const float *v_cache,
-                         const int64_t *block_tables, int64_t max_blocks,
-                         const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
-                         int64_t D, int64_t B, float scale, float *out, const float *init_out,
-                         const float *init_lse, int num_threads) {
+void KV_NAME(moeserve_mqa_decode)(
+    const float *q, const kv_t *k_cache, const kv_t *v_cache, const int64_t *block_tables,
+    int64_t max_blocks, const int64_t *ctx_lens, const int64_t *starts, int64_t n, int64_t H,
+    int64_t D, int64_t B, float scale, float *out, const float *init_out, const float *init_lse,
+    int num_threads) {
     /* few sequences: split their heads, a vector of rows at least, so every thread works */
     int64_t per = H < MAX_R ? H : MAX_R;
     if (n < 2 * num_threads && per > VL) {

@@ -5,13 +5,19 @@ N blocks, B block size, S context length (cached + new tokens) of a sequence.
 The KV cache of one layer is a pair of tensors [N, B, Hkv, D]; a token at position p of a
 request lives in slot block_table[p // B] * B + p % B of the flattened [N * B, Hkv, D] view.
 
-On the CPU in float32, the C kernels of serve_app/kernels/cpu.py read K/V in place through the
-block tables: one call for all decoding sequences and one for all prefill chunks of a step (no
-gather of the cached context, no masks). Otherwise (GPU, other dtypes, no C compiler) this is
-plain torch: decoding sequences are batched into one SDPA call per group over padded contexts,
-prefill chunks run one sequence at a time with SDPA, and context K/V are copied out of the pool
-whole blocks at a time into a reused workspace: per-slot gathers and fresh buffers each layer
-cost more than the attention itself (see docs/benchmarks.md).
+The cache may hold a narrower dtype than the compute (bfloat16 under float32 compute: the CPU's
+`engine.dtype: bfloat16`, serve_app/model/quant/precision.py): rows are rounded to it (nearest
+even) when written and widened back to the compute dtype when read, so attention itself always
+accumulates in the compute dtype.
+
+On the CPU in float32 (over a float32 or bfloat16 cache), the C kernels of
+serve_app/kernels/cpu.py read K/V in place through the block tables: one call for all decoding
+sequences and one for all prefill chunks of a step (no gather of the cached context, no masks).
+Otherwise (GPU, other dtypes, no C compiler) this is plain torch: decoding sequences are batched
+into one SDPA call per group over padded contexts, prefill chunks run one sequence at a time with
+SDPA, and context K/V are copied out of the pool whole blocks at a time into a reused workspace:
+per-slot gathers and fresh buffers each layer cost more than the attention itself (see
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -203,9 +209,10 @@ def find_shared_prefixes(
 
 def write_rows(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
     """Scatter the new tokens' rows x [T, heads, dim] into their slots of a [N, B, heads, dim]
-    cache tensor (K, V, or MLA's latent)."""
+    cache tensor (K, V, or MLA's latent), converted to the cache's dtype (float32 -> bfloat16
+    rounds to nearest even: torch's conversion, the bit layout the C kernels widen back)."""
     n, b, heads, d = cache.shape
-    cache.view(n * b, heads, d).index_copy_(0, slots, x)
+    cache.view(n * b, heads, d).index_copy_(0, slots, x.to(cache.dtype))
 
 
 def write_kv(
@@ -276,7 +283,7 @@ def _torch_decode(q, kv_cache, meta, scale, window, out) -> None:
     for g, group in enumerate(meta.decode_groups):
         s, e = group.token_start, group.token_start + group.blocks.shape[0]
         nd, span = group.blocks.shape[0], group.blocks.shape[1] * b
-        kd, vd = meta.workspace.gather(k_cache, v_cache, group.blocks.reshape(-1))
+        kd, vd = _widened(meta.workspace.gather(k_cache, v_cache, group.blocks.reshape(-1)), q)
         kd = kd.view(nd, span, *kd.shape[1:]).transpose(1, 2)  # [n, Hkv, span, D]
         vd = vd.view(nd, span, *vd.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(
@@ -294,10 +301,10 @@ def _torch_prefill(q, k, v, kv_cache, meta, scale, window, out) -> None:
     k_cache, v_cache = kv_cache
     for i, seq in enumerate(meta.prefills):
         s, e = seq.token_start, seq.token_start + seq.q_len
-        if not seq.has_cached:  # nothing cached before this chunk: use the fresh K/V
-            kp, vp = k[s:e], v[s:e]
+        if not seq.has_cached:  # nothing cached before this chunk: the fresh K/V, as cached
+            kp, vp = _widened((k[s:e].to(k_cache.dtype), v[s:e].to(v_cache.dtype)), q)
         else:
-            kp, vp = meta.workspace.gather(k_cache, v_cache, seq.ctx_blocks)
+            kp, vp = _widened(meta.workspace.gather(k_cache, v_cache, seq.ctx_blocks), q)
         mask = meta.prefill_mask(i, window, kp.shape[0])
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1),
@@ -309,3 +316,8 @@ def _torch_prefill(q, k, v, kv_cache, meta, scale, window, out) -> None:
             enable_gqa=True,
         )
         out[s:e] = o.transpose(0, 1)
+
+
+def _widened(kv: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor):
+    """K/V as read from the cache, in q's dtype (a no-op when the cache holds it already)."""
+    return tuple(t if t.dtype == q.dtype else t.to(q.dtype) for t in kv)

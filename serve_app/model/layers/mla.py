@@ -11,7 +11,8 @@ the cache in place (keys and values are the same rows; values are their first kv
 Checkpoints whose rope dims come in interleaved (x0, x1) pairs (DeepSeek-V2, V3 with
 rope_interleave) get the q and k_pe rows of their projections permuted once at load into the
 rotate_half layout, which gives the same scores with the one rope kernel; the cached k_pe is
-then in that layout (serve_app/model/kv_format.py ROPE_LAYOUT).
+then in that layout (serve_app/model/kv_format.py ROPE_LAYOUT). The latent cache may be
+bfloat16 under float32 compute (attention.py): every path reads the latents as cached.
 
 A prefill chunk with nothing cached before it attends in expanded form instead (as vLLM and
 SGLang do): kv_b_proj expands its own latents to per-head K (nope + rope) and V, and causal
@@ -139,6 +140,8 @@ class MLAttention(nn.Module):
             out = torch.bmm(o[..., : m.kv_lora_rank].transpose(0, 1), self.w_uv).transpose(0, 1)
         else:
             out = x.new_empty(t, h, m.v_head_dim)
+        if fresh and cache.dtype != latent.dtype:  # the latents as cached (bf16-rounded)
+            latent = latent.to(cache.dtype).to(latent.dtype)
         for seq in fresh:
             s, e = seq.token_start, seq.token_start + seq.q_len
             out[s:e] = self._expanded(q_nope[s:e], q_pe[s:e], latent[s:e, 0])
@@ -153,6 +156,7 @@ class MLAttention(nn.Module):
         (docs/benchmarks.md, "DeepSeek"). Causal: the query at position p sees keys [0, p]."""
         n, h, width = q.shape
         keys = meta.workspace.gather(cache, cache, seq.ctx_blocks)[0][: seq.ctx_len, 0]
+        keys = keys.to(q.dtype)  # a bfloat16 cache widened
         first = seq.ctx_len - n
         pos = torch.arange(first, seq.ctx_len, device=q.device)
         rows = q.reshape(n * h, width)
