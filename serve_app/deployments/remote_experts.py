@@ -213,12 +213,12 @@ class RemoteExperts(ExpertExecutor):
 def _expert_adapters(batch: LoraBatch | None, layer: int) -> tuple[torch.Tensor, list] | None:
     """(each row's table slot [T], the table of tags) for the adapters of `batch` with
     expert LoRA in `layer`; None when no row runs one (the base-model form goes out)."""
-    if batch is None or batch.experts(layer) is None:
+    if batch is None or not any(a.adapts_experts(layer) for a in batch.adapters):
         return None
     table: list[AdapterTag] = []
     remap = []  # the batch's adapter slot -> its table slot, -1: no expert LoRA here
     for a in batch.adapters:
-        if (layer, "gate_up") in a.experts or (layer, "down") in a.experts:
+        if a.adapts_experts(layer):
             remap.append(len(table))
             table.append(AdapterTag(a.name, a.path, a.digest))
         else:

@@ -130,6 +130,14 @@ class LoraAdapter:
     rank: int  # the largest rank of any module (an expert pair of gate and up counts 2r)
     linears: dict[str, LoraWeights] = field(default_factory=dict)
     experts: dict[tuple[int, str], ExpertLoraWeights] = field(default_factory=dict)
+    # (layer, projection) of expert LoRA applied elsewhere (by the expert shards, from their
+    # own slices): a router over remote experts keeps which, not the factors
+    experts_elsewhere: frozenset[tuple[int, str]] = frozenset()
+
+    def adapts_experts(self, layer: int) -> bool:
+        """Whether the adapter changes routed experts of `layer` (here or on the shards)."""
+        keys = ((layer, "gate_up"), (layer, "down"))
+        return any(k in self.experts or k in self.experts_elsewhere for k in keys)
 
     @property
     def nbytes(self) -> int:

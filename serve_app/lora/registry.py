@@ -8,8 +8,8 @@ gates. MLA's `kv_b_proj` is not a target (it runs split into the absorbed W_UK /
 are the embeddings and the LM head; an adapter for any of them is refused with one line.
 Routed-expert LoRA is applied where the experts run: in this process (serve_app.experts.local),
 or on the expert shard actors, which load their experts' slices of the adapter from the same
-path on first sight (serve_app.experts.shard_lora; the router's copy of the expert factors
-is then only what it checks and tags the rows with).
+path on first sight (serve_app.experts.shard_lora); a router over remote experts then keeps
+only which layers the adapter's expert LoRA covers (`experts_elsewhere`), not the factors.
 
 A request names its adapter with a `LoraRef` (name, path, revision): an adapter not held, or
 held at another revision, is loaded from the path then (a replica that started after the
@@ -36,11 +36,13 @@ class LoraRegistry:
         targets: dict[str, torch.Tensor | None],
         max_rank: int,
         max_loras: int = 8,
+        experts_in_process: bool = True,
     ):
         self.shapes = shapes
         self.targets = targets
         self.max_rank = max_rank
         self.max_loras = max_loras
+        self.experts_in_process = experts_in_process
         self._held: OrderedDict[str, tuple[int, str, LoraAdapter]] = OrderedDict()
         self._lock = threading.Lock()  # requests are prepared on the caller's thread
         self.num_loads = 0
@@ -99,4 +101,8 @@ class LoraRegistry:
                 raise LoraError(f"LoRA adapter {adapter.path}: LoRA on {module} is not supported")
             order = self.targets[module]
             linears[module] = w if order is None else LoraWeights(w.a, w.b[order].contiguous())
+        if not self.experts_in_process:  # the shards hold (and apply) their experts' slices
+            return replace(
+                adapter, linears=linears, experts={}, experts_elsewhere=frozenset(adapter.experts)
+            )
         return replace(adapter, linears=linears)

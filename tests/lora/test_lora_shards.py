@@ -82,7 +82,10 @@ def test_expert_lora_on_shards_matches_peft_merged(adapters, tmp_path):
             name, i = names[j % len(names)], j // len(names)
             want = base_refs[i][0] if name is None else alone[name][i]
             assert res.choices[0].token_ids == want, (name, LORA_PROMPTS[i])
-        # each shard holds both adapters, only its own experts' rows, no linears
+        # the router keeps no expert factors; each shard holds both adapters, only its own
+        # experts' rows, no linears
+        on_router = llm.engine.lora.get("all")
+        assert not on_router.experts and on_router.experts_elsewhere and on_router.linears
         full = load_adapter("all", adapters["all"], base_shapes(model_dir), 64)
         for shard in shards:
             assert sorted(shard.adapters.names()) == sorted(adapters)
