@@ -33,6 +33,7 @@ class ExpertShardActor:
         num_threads: int,
         quantization: str = "none",
         group_size: int | None = None,
+        max_loras: int = 8,
     ):
         # NOTE: explicit, because Ray sets OMP_NUM_THREADS=1 for actors with num_cpus=0.
         threads = max(1, num_threads)
@@ -44,7 +45,8 @@ class ExpertShardActor:
         # the routers' engine.quantization and dtype, read as they read them (bf16 on the CPU:
         # bf16 experts, float32 activations)
         prec = precision(resolve_dtype(dtype, dev), dev, Quantization(quantization, group_size))
-        self.shard = ExpertShard(model_dir, owned, dev, prec.compute, prec.weights)
+        # max_loras: the LoRA adapters whose expert slices it keeps (the routers' lora.max_loras)
+        self.shard = ExpertShard(model_dir, owned, dev, prec.compute, prec.weights, max_loras)
         metrics = use_ray_metrics()  # host and accelerator memory of this shard's node / GPU
         name = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
 
@@ -79,6 +81,8 @@ class ExpertShardActor:
         return {
             "owned": self.shard.owned,
             "weight_bytes": self.shard.num_bytes(),
+            "lora_adapters": self.shard.adapters.names(),
+            "lora_bytes": self.shard.adapters.nbytes,
             "pid": os.getpid(),
             "device": str(self.shard.device),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -6,6 +6,10 @@ channel (serve_app.experts.channel: a TCP connection per shard); Ray only resolv
 recreates the shards. A shard that died is re-resolved (the Serve controller recreates it) and
 its slice re-sent until call_timeout_s; after that the step fails with ExpertsUnavailableError
 (HTTP 503) instead of hanging.
+
+LoRA: when rows of the micro-batch run adapters with expert LoRA in the layer, each slice
+carries its rows' adapter slots and the table of those adapters (name, path, digest); the shard
+loads its experts' slices on first sight and applies them (serve_app.experts.shard_lora).
 """
 
 from __future__ import annotations
@@ -21,18 +25,27 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from serve_app.engine.errors import ExpertsUnavailableError
-from serve_app.experts.channel import ChannelError, ShardLink, ShardRefused
+from serve_app.experts.channel import ChannelAddress, ChannelError, ShardLink, ShardRefused
 from serve_app.experts.dispatch import Dispatcher, ShardSlice
 from serve_app.experts.load import ExpertLoadCounter
 from serve_app.experts.placement import Placement
 from serve_app.experts.shard import as_tensor, to_numpy
-from serve_app.experts.wire import decode_response, encode_request
+from serve_app.experts.wire import AdapterTag, LoraRows, decode_response, encode_request
+from serve_app.lora import batch as lora_batch
+from serve_app.lora.batch import LoraBatch
 from serve_app.model.expert_executor import ExpertExecutor, ExpertFuture
 
 log = logging.getLogger(__name__)
 
 # shard index -> a handle to the live actor; raises ValueError while it is being recreated
 ShardResolver = Callable[[int], Any]
+# (handle, timeout in s) -> where its expert channel listens
+AddressOf = Callable[[Any, float], ChannelAddress]
+
+
+def actor_address(handle: Any, timeout_s: float) -> ChannelAddress:
+    """An ExpertShardActor's channel address, asked over Ray."""
+    return ray.get(handle.channel_address.remote(), timeout=timeout_s)
 
 
 class RemoteExperts(ExpertExecutor):
@@ -42,8 +55,12 @@ class RemoteExperts(ExpertExecutor):
         resolve: ShardResolver,
         call_timeout_s: float = 60.0,
         retry_interval_s: float = 0.2,
+        address_of: AddressOf = actor_address,
     ):
+        """`address_of` asks a resolved shard where it listens (tests that run ExpertShards
+        in this process, without Ray, pass their servers' addresses)."""
         self.dispatcher = Dispatcher(placement)
+        self._address_of = address_of
         self.call_timeout_s = call_timeout_s
         self.retry_interval_s = retry_interval_s
         self._resolve = resolve
@@ -83,13 +100,15 @@ class RemoteExperts(ExpertExecutor):
         slices = self.dispatcher.split(x, topk_ids, topk_weights)
         self.load.record(topk_ids, slices)
         deadline = time.monotonic() + self.call_timeout_s
-        links = [self._send(layer, sl, deadline) for sl in slices]
-        return _RemoteFuture(self, layer, x, slices, links, deadline)
+        adapters = _expert_adapters(lora_batch.current(), layer)
+        bodies = [_encode(sl, adapters) for sl in slices]
+        links = [
+            self._send(layer, sl, body, deadline) for sl, body in zip(slices, bodies, strict=True)
+        ]
+        return _RemoteFuture(self, layer, x, slices, bodies, links, deadline)
 
-    def _send(self, layer: int, sl: ShardSlice, deadline: float) -> ShardLink:
+    def _send(self, layer: int, sl: ShardSlice, body: bytes, deadline: float) -> ShardLink:
         """Start the shard's call; returns the link it went out on."""
-        x, ids, w = to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights)
-        body = encode_request(x, ids, w)
         while True:
             link = self._link(sl.shard, deadline)
             try:
@@ -104,8 +123,7 @@ class RemoteExperts(ExpertExecutor):
             handle = self._handle(shard, deadline)
             try:
                 left = max(0.1, deadline - time.monotonic())
-                address = ray.get(handle.channel_address.remote(), timeout=left)
-                self._links[shard] = ShardLink(address)
+                self._links[shard] = ShardLink(self._address_of(handle, left))
             except GetTimeoutError:
                 raise self._silent(shard) from None
             except (RayActorError, ChannelError) as e:
@@ -160,7 +178,9 @@ class RemoteExperts(ExpertExecutor):
 
         return list(await asyncio.gather(*(ask(s) for s in range(len(self._handles)))))
 
-    def _wait(self, layer: int, sl: ShardSlice, link: ShardLink, deadline: float) -> torch.Tensor:
+    def _wait(
+        self, layer: int, sl: ShardSlice, body: bytes, link: ShardLink, deadline: float
+    ) -> torch.Tensor:
         while True:
             try:
                 body = link.receive(deadline)
@@ -171,7 +191,7 @@ class RemoteExperts(ExpertExecutor):
                 raise ExpertsUnavailableError(f"expert shard {sl.shard} failed: {e}") from e
             except ChannelError as e:
                 self._lost(sl.shard, e, deadline)
-                link = self._send(layer, sl, deadline)
+                link = self._send(layer, sl, body, deadline)
                 continue
             try:
                 return as_tensor(decode_response(body))
@@ -190,20 +210,48 @@ class RemoteExperts(ExpertExecutor):
             link.close()
 
 
-class _RemoteFuture(ExpertFuture):
-    __slots__ = ("executor", "layer", "like", "slices", "links", "deadline")
+def _expert_adapters(batch: LoraBatch | None, layer: int) -> tuple[torch.Tensor, list] | None:
+    """(each row's table slot [T], the table of tags) for the adapters of `batch` with
+    expert LoRA in `layer`; None when no row runs one (the base-model form goes out)."""
+    if batch is None or not any(a.adapts_experts(layer) for a in batch.adapters):
+        return None
+    table: list[AdapterTag] = []
+    remap = []  # the batch's adapter slot -> its table slot, -1: no expert LoRA here
+    for a in batch.adapters:
+        if a.adapts_experts(layer):
+            remap.append(len(table))
+            table.append(AdapterTag(a.name, a.path, a.digest))
+        else:
+            remap.append(-1)
+    lut = torch.tensor([*remap, -1], dtype=torch.int64)  # slot -1 reads the last entry: -1
+    return lut[batch.slot_of_row.cpu()], table
 
-    def __init__(self, executor, layer, like, slices, links, deadline):
+
+def _encode(sl: ShardSlice, adapters: tuple[torch.Tensor, list] | None) -> bytes:
+    x, ids, w = to_numpy(sl.x), to_numpy(sl.topk_ids), to_numpy(sl.topk_weights)
+    if adapters is None:
+        return encode_request(x, ids, w)
+    slots, table = adapters
+    mine = slots[sl.token_idx.cpu()]
+    if not bool((mine >= 0).any()):
+        return encode_request(x, ids, w)  # none of this shard's rows runs an adapter here
+    return encode_request(x, ids, w, LoraRows(mine.numpy(), tuple(table)))
+
+
+class _RemoteFuture(ExpertFuture):
+    __slots__ = ("executor", "layer", "like", "slices", "bodies", "links", "deadline")
+
+    def __init__(self, executor, layer, like, slices, bodies, links, deadline):
         self.executor: RemoteExperts = executor
         self.layer, self.like, self.slices = layer, like, slices
-        self.links, self.deadline = links, deadline
+        self.bodies, self.links, self.deadline = bodies, links, deadline
 
     def result(self) -> torch.Tensor:
         ex = self.executor
         try:
             parts = [
-                (sl, ex._wait(self.layer, sl, link, self.deadline))
-                for sl, link in zip(self.slices, self.links, strict=True)
+                (sl, ex._wait(self.layer, sl, body, link, self.deadline))
+                for sl, body, link in zip(self.slices, self.bodies, self.links, strict=True)
             ]
         except ExpertsUnavailableError:
             # Answers to this call (and to a second micro-batch's) may still be on their way:

@@ -132,6 +132,7 @@ def expert_shard_actors(config: AppConfig, placement: Placement) -> list[Deploym
                 threads,
                 config.engine.quantization,
                 config.engine.quantization_group_size,
+                config.lora.max_loras,
             ),
             actor_options={
                 "num_cpus": e.num_cpus,

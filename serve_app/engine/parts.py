@@ -94,7 +94,7 @@ def build_parts(
     )
     lora = LoraRegistry(
         base_shapes(config.model, spec), lora_targets.targets(model), config.max_lora_rank,
-        experts_in_process=not experts.is_remote, max_loras=config.max_loras,
+        max_loras=config.max_loras, experts_in_process=not experts.is_remote,
     )  # fmt: skip
     for name, path in config.lora_adapters:
         lora.load(name, path)

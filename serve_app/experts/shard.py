@@ -2,7 +2,9 @@
 
 Plain torch, no Ray: serve_app.deployments.expert_actor wraps it as an actor; tests use it directly.
 Between processes the payloads take the wire form of serve_app.experts.wire; the shard
-converts at its edge so the compute stays torch.
+converts at its edge so the compute stays torch. Rows that run a LoRA adapter come with its
+tag; the shard holds its experts' slices of each adapter (serve_app.experts.shard_lora) and
+applies them in the same run_experts as in-process experts.
 Shapes: Ts tokens sent to this shard, K experts per token, D hidden.
 """
 
@@ -12,8 +14,11 @@ import numpy as np
 import torch
 
 from serve_app.experts.local import ExpertWeights, run_experts
+from serve_app.experts.shard_lora import ShardAdapters
 from serve_app.experts.weights import load_expert_weights
-from serve_app.experts.wire import decode_request, encode_response
+from serve_app.experts.wire import LoraRows, decode_call, encode_response
+from serve_app.lora.batch import ExpertLora, LoraBatch
+from serve_app.model.loader import base_shapes
 from serve_app.model.quant.scheme import NO_QUANT, Quantization
 from serve_app.platform.transfer import to_device, to_host
 
@@ -26,6 +31,7 @@ class ExpertShard:
         device: torch.device,
         dtype: torch.dtype,
         quant: Quantization = NO_QUANT,
+        max_loras: int = 8,
     ):
         self.model_dir = model_dir
         self.owned = sorted(owned)
@@ -33,6 +39,7 @@ class ExpertShard:
         self.dtype = dtype
         self.quant = quant  # the experts are quantized at load, as the routers' config says
         self.layers = self._load(self.owned)
+        self.adapters = ShardAdapters(lambda: base_shapes(model_dir), device, max_loras)
 
     def _load(self, experts: list[int]) -> dict[int, ExpertWeights]:
         return load_expert_weights(
@@ -68,9 +75,15 @@ class ExpertShard:
 
     @torch.inference_mode()
     def forward(
-        self, layer: int, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray
+        self,
+        layer: int,
+        x: np.ndarray,
+        topk_ids: np.ndarray,
+        topk_weights: np.ndarray,
+        lora: LoraRows | None = None,
     ) -> np.ndarray:
-        """x [Ts, D], ids [Ts, K] (-1 = not this shard's slot), weights [Ts, K] -> [Ts, D]."""
+        """x [Ts, D], ids [Ts, K] (-1 = not this shard's slot), weights [Ts, K], each row's
+        adapter (None: all base) -> [Ts, D]."""
         weights = self.layers[layer]
         asked = topk_ids[topk_ids >= 0]
         # NOTE: an expert this shard does not hold would silently contribute 0 (a wrong
@@ -81,15 +94,27 @@ class ExpertShard:
         xt = to_device(as_tensor(x), self.device, self.dtype)
         ids = to_device(as_tensor(topk_ids), self.device)
         w = to_device(as_tensor(topk_weights), self.device)
-        y = run_experts(weights, xt, ids, w)
+        y = run_experts(weights, xt, ids, w, self._expert_lora(layer, weights, lora))
         return to_numpy(y)
+
+    def _expert_lora(
+        self, layer: int, weights: ExpertWeights, lora: LoraRows | None
+    ) -> ExpertLora | None:
+        """The rows' adapters as run_experts takes them, sliced to the experts of `weights`."""
+        if lora is None:
+            return None
+        held = [self.adapters.resolve(tag, weights.expert_ids) for tag in lora.tags]
+        per_row = [None if s < 0 else held[s] for s in lora.slots.tolist()]
+        batch = LoraBatch.build(per_row, self.device)
+        return None if batch is None else batch.experts(layer)
 
     def forward_bytes(self, layer: int, body: bytes | memoryview) -> bytes:
         """forward() on the expert channel's frames (serve_app.experts.channel): an
         encode_request body in, an encode_response body out."""
-        return encode_response(self.forward(layer, *decode_request(body)))
+        return encode_response(self.forward(layer, *decode_call(body)))
 
     def num_bytes(self) -> int:
+        """The experts' weights (the adapter slices held: `adapters.nbytes`)."""
         return sum(w.nbytes for w in self.layers.values())
 
 

@@ -124,13 +124,19 @@ class ExpertLora:
             if w is None:
                 continue
             rows = (slots == i).nonzero().squeeze(1)
+            experts = expert_ids[rows]
+            if w.index is not None:  # a packed slice: experts without a row add nothing
+                experts = w.index[experts]
+                kept = experts >= 0
+                rows, experts = rows[kept], experts[kept]
             if rows.numel() == 0:
                 continue
-            y[rows] += _bgmv(x[rows], w, expert_ids[rows]).to(y.dtype)
+            y[rows] += _bgmv(x[rows], w, experts).to(y.dtype)
 
 
 def _bgmv(x: torch.Tensor, w: ExpertLoraWeights, experts: torch.Tensor) -> torch.Tensor:
-    """Row j: (x[j] @ a[e_j].T) @ b[e_j].T, e_j = experts[j]. x [n, K] -> [n, N]."""
+    """Row j: (x[j] @ a[e_j].T) @ b[e_j].T, e_j = experts[j] (rows of a and b). x [n, K] ->
+    [n, N]."""
     a = w.a.to(x.dtype)[experts]  # [n, r, K]
     b = w.b.to(x.dtype)[experts]  # [n, N, r]
     shrunk = torch.bmm(a, x[:, :, None])  # [n, r, 1]

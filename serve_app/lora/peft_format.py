@@ -85,10 +85,29 @@ class LoraWeights:
 
 @dataclass(frozen=True, slots=True)
 class ExpertLoraWeights:
-    """One layer's routed experts, one fused projection: delta W_e = b[e] @ a[e]."""
+    """One layer's routed experts, one fused projection: delta W_e = b[e] @ a[e].
 
-    a: torch.Tensor  # [E, r, in]
-    b: torch.Tensor  # [E, out, r]
+    Dense (`index` None): row e is global expert e. Packed (an expert shard's slice): only the
+    experts it holds that the adapter changes have rows, and index[e] is expert e's row, -1
+    where it has none (that expert's delta is zero here), so a shard holds what its experts
+    really carry of the adapter and nothing per expert it does not own.
+    """
+
+    a: torch.Tensor  # [E, r, in] (packed: [E_kept, r, in])
+    b: torch.Tensor  # [E, out, r] (packed: [E_kept, out, r])
+    index: torch.Tensor | None = None  # [E] int64: global expert -> row, -1: none
+
+    def select(self, experts: list[int]) -> ExpertLoraWeights | None:
+        """The packed slice of `experts` (global ids) with a non-zero update; None if none."""
+        assert self.index is None, "select() cuts a dense adapter"
+        e = self.a.shape[0]
+        ids = [i for i in experts if i < e]
+        changed = [i for i in ids if bool(self.a[i].any()) and bool(self.b[i].any())]
+        if not changed:
+            return None
+        index = torch.full((e,), -1, dtype=torch.int64)
+        index[changed] = torch.arange(len(changed))
+        return ExpertLoraWeights(self.a[changed].contiguous(), self.b[changed].contiguous(), index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +130,14 @@ class LoraAdapter:
     rank: int  # the largest rank of any module (an expert pair of gate and up counts 2r)
     linears: dict[str, LoraWeights] = field(default_factory=dict)
     experts: dict[tuple[int, str], ExpertLoraWeights] = field(default_factory=dict)
+    # (layer, projection) of expert LoRA applied elsewhere (by the expert shards, from their
+    # own slices): a router over remote experts keeps which, not the factors
+    experts_elsewhere: frozenset[tuple[int, str]] = frozenset()
+
+    def adapts_experts(self, layer: int) -> bool:
+        """Whether the adapter changes routed experts of `layer` (here or on the shards)."""
+        keys = ((layer, "gate_up"), (layer, "down"))
+        return any(k in self.experts or k in self.experts_elsewhere for k in keys)
 
     @property
     def nbytes(self) -> int:

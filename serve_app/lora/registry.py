@@ -5,8 +5,11 @@ up to `max_loras` (least recently used evicted first).
 What the model applies comes from the model itself (`targets`: module name -> the row order
 its weight was loaded in, None when unchanged): every linear of the decoder layers and the MoE
 gates. MLA's `kv_b_proj` is not a target (it runs split into the absorbed W_UK / W_UV), nor
-are the embeddings and the LM head; an adapter for any of them is refused with one line, as is
-expert LoRA where the experts are not in this process (the expert shards hold no adapters yet).
+are the embeddings and the LM head; an adapter for any of them is refused with one line.
+Routed-expert LoRA is applied where the experts run: in this process (serve_app.experts.local),
+or on the expert shard actors, which load their experts' slices of the adapter from the same
+path on first sight (serve_app.experts.shard_lora); a router over remote experts then keeps
+only which layers the adapter's expert LoRA covers (`experts_elsewhere`), not the factors.
 
 A request names its adapter with a `LoraRef` (name, path, revision): an adapter not held, or
 held at another revision, is loaded from the path then (a replica that started after the
@@ -32,14 +35,14 @@ class LoraRegistry:
         shapes: BaseShapes,
         targets: dict[str, torch.Tensor | None],
         max_rank: int,
-        experts_in_process: bool,
         max_loras: int = 8,
+        experts_in_process: bool = True,
     ):
         self.shapes = shapes
         self.targets = targets
         self.max_rank = max_rank
-        self.experts_in_process = experts_in_process
         self.max_loras = max_loras
+        self.experts_in_process = experts_in_process
         self._held: OrderedDict[str, tuple[int, str, LoraAdapter]] = OrderedDict()
         self._lock = threading.Lock()  # requests are prepared on the caller's thread
         self.num_loads = 0
@@ -98,9 +101,8 @@ class LoraRegistry:
                 raise LoraError(f"LoRA adapter {adapter.path}: LoRA on {module} is not supported")
             order = self.targets[module]
             linears[module] = w if order is None else LoraWeights(w.a, w.b[order].contiguous())
-        if adapter.experts and not self.experts_in_process:
-            raise LoraError(
-                f"LoRA adapter {adapter.path}: expert LoRA needs the experts in this process "
-                "(expert shard actors hold no adapters yet)"
+        if not self.experts_in_process:  # the shards hold (and apply) their experts' slices
+            return replace(
+                adapter, linears=linears, experts={}, experts_elsewhere=frozenset(adapter.experts)
             )
         return replace(adapter, linears=linears)

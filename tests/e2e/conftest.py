@@ -80,7 +80,26 @@ def qv_adapter(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_serve: RayServe, qv_adapter: Path) -> ServeApp:
+def expert_adapters(tmp_path_factory) -> dict[str, Path]:
+    """Expert LoRA adapters of the tiny Qwen3-MoE, served by `serve_app` over its 2 expert
+    shard actors: `xall` on every linear incl. each routed expert (per-expert modules) and
+    `x3d` on q/v and the 3-D expert `target_parameters`."""
+    from tests.conftest import tiny_model_dir
+    from tests.lora.test_lora_parity import CASES
+    from tests.lora.test_peft_format import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("lora-experts")
+    kinds = {"xall": "all", "x3d": "experts3d"}
+    return {
+        name: make_peft_adapter(
+            tiny_model_dir("qwen3_moe"), root / name, seed=i + 1, **CASES["qwen3_moe"][kind]
+        )
+        for i, (name, kind) in enumerate(kinds.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_serve: RayServe, qv_adapter: Path, expert_adapters: dict[str, Path]) -> ServeApp:
     from ray import serve
 
     from serve_app.builder import build_app
@@ -95,7 +114,10 @@ def serve_app(ray_serve: RayServe, qv_adapter: Path) -> ServeApp:
             "engine": {"num_kv_blocks": 256, "max_model_len": 1024},
             "router": {"num_replicas": 1, "num_cpus": 0},
             "experts": {"num_cpus": 0, "call_timeout_s": 60},
-            "lora": {"adapters": {"qv": str(qv_adapter)}},
+            "lora": {
+                "adapters": {"qv": str(qv_adapter)}
+                | {name: str(path) for name, path in expert_adapters.items()}
+            },
         }
     )
     serve.run(app, name="moeserve", route_prefix="/", blocking=False)

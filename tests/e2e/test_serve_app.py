@@ -262,3 +262,43 @@ def test_a_lora_adapter_over_http_with_two_expert_actors(serve_app, qv_adapter):
         )
     assert with_qv[0].choices[0].text != base[0].choices[0].text
     _wait_idle(serve_app)
+
+
+def test_expert_lora_over_http_with_two_expert_actors(serve_app, expert_adapters, tmp_path):
+    """Adapters with routed-expert LoRA (per-expert modules; 3-D target_parameters), their
+    expert slices applied on the 2 shard actors: greedy tokens of transformers + PEFT's merged
+    model (through the in-process engine's text), and the same when base and both adapters
+    run in one batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.lora.test_lora_parity import merged_checkpoint
+    from tests.model.test_parity import hf_reference
+
+    client = _client(serve_app)
+    local = LLM(
+        str(serve_app.model), num_kv_blocks=128, max_model_len=512,
+        lora_adapters=tuple((n, str(p)) for n, p in expert_adapters.items()),
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    want = {None: [r.choices[0].text for r in local.generate(prompts, params)]}
+    for name, path in expert_adapters.items():
+        ref_dir = merged_checkpoint(serve_app.model, path, tmp_path / f"merged-{name}")
+        refs = hf_reference(ref_dir, local.tokenizer, prompts, 12)
+        ours = local.generate(prompts, params, lora=name)
+        assert [r.choices[0].token_ids for r in ours] == [r[0] for r in refs]
+        want[name] = [r.choices[0].text for r in ours]
+        assert want[name] != want[None]
+
+    def ask(job: tuple[str | None, int]) -> str:
+        name, i = job
+        kwargs = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        got = client.completions.create(model=name or "tiny", prompt=prompts[i], **kwargs)
+        return got.choices[0].text
+
+    jobs = [(name, i) for name in want for i in range(len(prompts))]
+    for job in jobs:  # alone
+        assert ask(job) == want[job[0]][job[1]], job
+    with ThreadPoolExecutor(len(jobs)) as pool:  # together: batches mix base and adapters
+        assert list(pool.map(ask, jobs)) == [want[n][i] for n, i in jobs]
+    _wait_idle(serve_app)

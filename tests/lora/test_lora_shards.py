@@ -1,0 +1,122 @@
+"""Expert LoRA on expert shards: the engine over 2 ExpertShards behind real expert channels (in
+this process, no Ray) gives transformers + PEFT's merged model's greedy tokens for an adapter on
+every linear incl. each routed expert and for 3-D expert `target_parameters`; a batch mixing
+the base model and both adapters gives each request its tokens alone; each shard holds only
+its own experts' slices; and a shard refuses an adapter that is not the router's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve_app.deployments.remote_experts import RemoteExperts
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.request import SamplingParams
+from serve_app.experts.channel import ShardServer
+from serve_app.experts.placement import place_experts
+from serve_app.experts.shard import ExpertShard
+from serve_app.experts.shard_lora import ShardAdapters
+from serve_app.experts.wire import AdapterTag
+from serve_app.lora.peft_format import ExpertLoraWeights, load_adapter
+from serve_app.model.config import load_model_spec
+from serve_app.model.loader import base_shapes
+from serve_app.runtime.factory import build_engine
+from serve_app.runtime.llm import LLM
+from tests.conftest import tiny_model_dir
+from tests.lora.test_lora_parity import CASES, LORA_NEW, LORA_PROMPTS, merged_checkpoint
+from tests.lora.test_peft_format import make_peft_adapter
+from tests.model.test_parity import TOP, assert_matches, hf_reference
+
+peft = pytest.importorskip("peft")
+
+ARCH = "qwen3_moe"  # "all": per-expert modules (experts.N.gate_proj ...); "experts3d": 3-D
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    model_dir = tiny_model_dir(ARCH)
+    return {
+        kind: make_peft_adapter(model_dir, root / kind, seed=i + 1, **kw)
+        for i, (kind, kw) in enumerate(CASES[ARCH].items())
+    }
+
+
+def sharded_llm(adapters: dict, num_shards: int = 2):
+    """An LLM whose routed experts run on `num_shards` ExpertShards over the expert channel."""
+    model = str(tiny_model_dir(ARCH))
+    placement = place_experts(load_model_spec(model).num_experts, num_shards)
+    shards = [ExpertShard(model, list(s), torch.device("cpu"), torch.float32)
+              for s in placement.shards]  # fmt: skip
+    servers = [ShardServer(s.forward_bytes, "127.0.0.1") for s in shards]
+    experts = RemoteExperts(
+        placement, lambda s: servers[s], call_timeout_s=30, address_of=lambda h, _t: h.address
+    )
+    config = EngineConfig(
+        model=model, block_size=16, num_kv_blocks=256, max_num_batched_tokens=64,
+        lora_adapters=tuple((k, str(d)) for k, d in adapters.items()),
+    )  # fmt: skip
+    engine = build_engine(config, experts)
+    assert engine.runner.num_micro_batches == 2  # the ping-pong path carries the slots too
+    return LLM.over(engine), shards, servers
+
+
+def test_expert_lora_on_shards_matches_peft_merged(adapters, tmp_path):
+    model_dir = tiny_model_dir(ARCH)
+    llm, shards, servers = sharded_llm(adapters)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=LORA_NEW, ignore_eos=True, logprobs=TOP)
+        base_refs = hf_reference(model_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
+        alone = {}
+        for kind, adapter_dir in adapters.items():
+            ref_dir = merged_checkpoint(model_dir, adapter_dir, tmp_path / f"merged-{kind}")
+            refs = hf_reference(ref_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
+            assert [r[0] for r in refs] != [r[0] for r in base_refs], "the adapter is a no-op"
+            results = llm.generate(LORA_PROMPTS, params, lora=kind)
+            assert_matches(results, refs, LORA_PROMPTS)
+            alone[kind] = [r.choices[0].token_ids for r in results]
+        names = [None, *adapters]
+        prompts = [p for p in LORA_PROMPTS for _ in names]
+        mixed = llm.generate(prompts, params, lora=[n for _ in LORA_PROMPTS for n in names])
+        for j, res in enumerate(mixed):
+            name, i = names[j % len(names)], j // len(names)
+            want = base_refs[i][0] if name is None else alone[name][i]
+            assert res.choices[0].token_ids == want, (name, LORA_PROMPTS[i])
+        # the router keeps no expert factors; each shard holds both adapters, only its own
+        # experts' rows, no linears
+        on_router = llm.engine.lora.get("all")
+        assert not on_router.experts and on_router.experts_elsewhere and on_router.linears
+        full = load_adapter("all", adapters["all"], base_shapes(model_dir), 64)
+        for shard in shards:
+            assert sorted(shard.adapters.names()) == sorted(adapters)
+            ids = next(iter(shard.layers.values())).expert_ids
+            held = shard.adapters.resolve(AdapterTag("all", str(adapters["all"]), full.digest), ids)
+            assert not held.linears
+            for key, w in held.experts.items():
+                kept = (w.index >= 0).nonzero().squeeze(1).tolist()
+                assert kept == shard.owned
+                torch.testing.assert_close(w.a, full.experts[key].a[kept], rtol=0, atol=0)
+        assert shards[0].adapters.num_loads == 2  # once per adapter: the rest hit
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_select_packs_only_the_experts_an_adapter_changes():
+    a = torch.zeros(4, 2, 3)
+    b = torch.zeros(4, 5, 2)
+    a[1], b[1], a[3], b[3] = 1.0, 2.0, 3.0, 4.0
+    part = ExpertLoraWeights(a, b).select([0, 1, 2])
+    assert part.index.tolist() == [-1, 0, -1, -1] and part.a.shape == (1, 2, 3)
+    assert ExpertLoraWeights(a, b).select([0, 2]) is None
+
+
+def test_a_shard_refuses_an_adapter_that_is_not_the_routers(adapters):
+    model_dir = tiny_model_dir(ARCH)
+    held = ShardAdapters(lambda: base_shapes(model_dir), torch.device("cpu"))
+    path = str(adapters["experts3d"])
+    with pytest.raises(ValueError, match="changed since the router loaded it"):
+        held.resolve(AdapterTag("x", path, "0" * 32), [0, 1])
+    with pytest.raises(ValueError, match="expert shard cannot load LoRA adapter 'y'"):
+        held.resolve(AdapterTag("y", path + "-gone", "0" * 32), [0, 1])
+    assert held.names() == [] and held.nbytes == 0
