@@ -79,7 +79,7 @@ def build_parts(
     model = load_model(config.model, device, dtype, experts, spec, quant)
     held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
     fmt = checkpoint_format(spec.hf_config)
-    lora = lora_registry(config, spec, model, experts_in_process=not experts.is_remote)
+    lora = lora_registry(config, spec, model, not experts.is_remote, device)
     block_bytes = kv_block_bytes(spec, config.block_size, dtype)
     blocks, lora_blocks = num_kv_blocks(config, device, block_bytes, lora.limits.max_bytes or 0)
     max_model_len = min(
@@ -140,7 +140,11 @@ def build_parts(
 
 
 def lora_registry(
-    config: EngineConfig, spec: ModelSpec, model: torch.nn.Module, experts_in_process: bool
+    config: EngineConfig,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    experts_in_process: bool,
+    device: torch.device,
 ) -> LoraRegistry:
     """The adapters' registry, its byte budget computed from the model's LoRA targets."""
     shapes, targets = base_shapes(config.model, spec), lora_targets.targets(model)
@@ -150,7 +154,7 @@ def lora_registry(
         max_bytes=lora_budget_bytes(config.max_loras, largest, config.max_lora_memory_gb),
         max_cpu_loras=config.max_cpu_loras,
     )
-    return LoraRegistry(shapes, targets, config.max_lora_rank, experts_in_process, limits)
+    return LoraRegistry(shapes, targets, config.max_lora_rank, experts_in_process, limits, device)
 
 
 def quantization(config: EngineConfig) -> Quantization:

@@ -34,7 +34,14 @@ from typing import NamedTuple
 import torch
 
 from serve_app.lora import PIN_REFUSED
-from serve_app.lora.peft_format import BaseShapes, LoraAdapter, LoraError, LoraWeights, load_adapter
+from serve_app.lora.peft_format import (
+    BaseShapes,
+    ExpertLoraWeights,
+    LoraAdapter,
+    LoraError,
+    LoraWeights,
+    load_adapter,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +115,12 @@ class LoraRegistry:
         max_rank: int,
         experts_in_process: bool,
         limits: LoraLimits | None = None,
+        device: torch.device | None = None,
     ):
+        """device: where resident factors live, the engine's (on the CPU the fitted factors of
+        unpermuted modules are the parsed tensors themselves: no copy)."""
         self.shapes = shapes
+        self.device = device or torch.device("cpu")
         self.targets = targets
         self.max_rank = max_rank
         self.experts_in_process = experts_in_process
@@ -242,14 +253,19 @@ class LoraRegistry:
     def _fit(self, adapter: LoraAdapter) -> LoraAdapter:
         """Refuse what the model does not apply; permute B rows to the model's row order."""
         linears: dict[str, LoraWeights] = {}
+        dev = self.device
         for module, w in adapter.linears.items():
             if module not in self.targets:
                 raise LoraError(f"LoRA adapter {adapter.path}: LoRA on {module} is not supported")
             order = self.targets[module]
-            linears[module] = w if order is None else LoraWeights(w.a, w.b[order].contiguous())
+            b = w.b if order is None else w.b[order].contiguous()
+            linears[module] = LoraWeights(w.a.to(dev), b.to(dev))
         if adapter.experts and not self.experts_in_process:
             raise LoraError(
                 f"LoRA adapter {adapter.path}: expert LoRA needs the experts in this process "
                 "(expert shard actors hold no adapters yet)"
             )
-        return replace(adapter, linears=linears)
+        experts = {
+            k: ExpertLoraWeights(w.a.to(dev), w.b.to(dev)) for k, w in adapter.experts.items()
+        }
+        return replace(adapter, linears=linears, experts=experts)
