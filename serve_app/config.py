@@ -284,8 +284,9 @@ class LoraSettings(BaseModel):
         _engine("max_lora_memory_gb"),
         ge=0,
         description="Bytes (GiB) the resident adapters may take, out of the KV pool's memory "
-        "(not on top of it); the least recently used are evicted to fit. null: max_loras x the "
-        "largest adapter max_lora_rank allows on this model; 0: no adapter can be served.",
+        "(not on top of it); the least recently used are evicted to fit. null: with adapters "
+        "at start, max_loras x the largest adapter max_lora_rank allows on this model (at most "
+        "half the pool), without, no budget; 0: no adapter can be served.",
     )
     pinned: list[str] = Field(
         default_factory=list,

@@ -278,8 +278,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--max-lora-memory-gb",
         type=float,
         default=None,
-        help="GiB the resident LoRA adapters may take, out of the KV pool's memory (default: "
-        "--max-loras x the largest adapter max_lora_rank allows; docs/lora.md, Memory)",
+        help="GiB the resident LoRA adapters may take, out of the KV pool's memory (default, "
+        "with --lora: --max-loras x the largest adapter allowed, at most half the pool; "
+        "docs/lora.md, Memory)",
     )
     p.add_argument(
         "--stream-interval",

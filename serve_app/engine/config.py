@@ -80,8 +80,9 @@ class EngineConfig:
     max_loras_per_batch: int | None = None
     # Adapters in host memory (resident ones included, vLLM's meaning); None: 2 x max_loras.
     max_cpu_loras: int | None = None
-    # Resident adapters' byte budget, taken out of the KV pool's; None: max_loras x the largest
-    # adapter max_lora_rank allows on this model (lora/memory.py); 0: no adapter fits.
+    # Resident adapters' byte budget, taken out of the KV pool's; None: with lora_adapters,
+    # max_loras x the largest adapter max_lora_rank allows (at most half the pool), without,
+    # no budget (lora/memory.py); 0: no adapter fits.
     max_lora_memory_gb: float | None = None
     # Adapters (of lora_adapters) never evicted; at most max_loras - 1.
     lora_pinned: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from serve_app.engine.config import ConfigError, EngineConfig
-from serve_app.engine.kv_budget import num_kv_blocks
+from serve_app.engine.kv_budget import kv_memory, num_kv_blocks
 from serve_app.engine.kv_connector import KVConnector, KVConnectorFactory
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
 from serve_app.lora.memory import lora_budget_bytes, max_adapter_bytes
@@ -79,9 +79,10 @@ def build_parts(
     model = load_model(config.model, device, dtype, experts, spec, quant)
     held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
     fmt = checkpoint_format(spec.hf_config)
-    lora = lora_registry(config, spec, model, not experts.is_remote, device)
+    memory = kv_memory(config, device)
+    lora = lora_registry(config, spec, model, not experts.is_remote, device, memory)
     block_bytes = kv_block_bytes(spec, config.block_size, dtype)
-    blocks, lora_blocks = num_kv_blocks(config, device, block_bytes, lora.limits.max_bytes or 0)
+    blocks, lora_blocks = num_kv_blocks(config, memory, block_bytes, lora.limits.max_bytes or 0)
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, blocks * config.block_size
     )
@@ -145,13 +146,21 @@ def lora_registry(
     model: torch.nn.Module,
     experts_in_process: bool,
     device: torch.device,
+    pool_memory: float | None,
 ) -> LoraRegistry:
-    """The adapters' registry, its byte budget computed from the model's LoRA targets."""
+    """The adapters' registry, its byte budget computed from the model's LoRA targets and the
+    KV pool's memory (None: an explicit block count)."""
     shapes, targets = base_shapes(config.model, spec), lora_targets.targets(model)
     largest = max_adapter_bytes(shapes, list(targets), config.max_lora_rank, experts_in_process)
     limits = LoraLimits(
         max_loras=config.max_loras,
-        max_bytes=lora_budget_bytes(config.max_loras, largest, config.max_lora_memory_gb),
+        max_bytes=lora_budget_bytes(
+            config.max_loras,
+            largest,
+            config.max_lora_memory_gb,
+            serves_adapters=bool(config.lora_adapters),
+            kv_memory=pool_memory,
+        ),
         max_cpu_loras=config.max_cpu_loras,
     )
     return LoraRegistry(shapes, targets, config.max_lora_rank, experts_in_process, limits, device)

@@ -2,11 +2,12 @@
 
 The reserve is taken out of the KV pool's budget before its blocks are allocated (vLLM and
 S-LoRA reserve adapter memory the same way): adapters are budgeted against the KV cache, not on
-top of it. Without an explicit budget it is `max_loras` times the largest adapter the config
-allows on this model: `max_lora_rank` x (in + out) x 4 bytes (float32 factors, as
-peft_format.py holds them) for every module the model applies LoRA to, plus the routed
-experts' [E, r, in] / [E, out, r] per MoE layer and projection where the experts are in this
-process (an adapter there may hold them; elsewhere it is refused, so they are not counted).
+top of it. Without an explicit budget, an engine serving adapters reserves `max_loras` times
+the largest adapter the config allows on this model (at most half the pool's memory):
+`max_lora_rank` x (in + out) x 4 bytes (float32 factors, as peft_format.py holds them) for
+every module the model applies LoRA to, plus the routed experts' [E, r, in] / [E, out, r] per
+MoE layer and projection where the experts are in this process (an adapter there may hold
+them; elsewhere it is refused, so they are not counted).
 """
 
 from __future__ import annotations
@@ -34,8 +35,25 @@ def max_adapter_bytes(
     return total * FACTOR_BYTES
 
 
-def lora_budget_bytes(max_loras: int, largest: int, explicit_gb: float | None) -> int:
-    """The resident adapters' byte budget: explicit GiB, else max_loras x the largest."""
+def lora_budget_bytes(
+    max_loras: int,
+    largest: int,
+    explicit_gb: float | None,
+    serves_adapters: bool,
+    kv_memory: float | None,
+) -> int | None:
+    """The resident adapters' byte budget (None: none, adapters held by count only).
+
+    explicit_gb: exactly that. Else, like vLLM's `enable_lora`, only an engine that serves
+    adapters from the start reserves: max_loras x the largest, at most half the KV pool's
+    memory (`kv_memory`; None where the pool is an explicit block count, nothing to halve).
+    NOTE: the cap keeps a default config starting on a large MoE, where the largest adapter
+    (every expert at max_lora_rank) is hundreds of MiB; the registry still refuses an adapter
+    that does not fit, naming the sizes.
+    """
     if explicit_gb is not None:
         return int(explicit_gb * (1 << 30))
-    return max_loras * largest
+    if not serves_adapters:
+        return None
+    wanted = max_loras * largest
+    return wanted if kv_memory is None else min(wanted, int(kv_memory // 2))

@@ -27,15 +27,17 @@ def rank_bytes(r: int) -> int:
     return r * (16 + 8) * 4
 
 
-def write_adapter(root: Path, name: str, r: int = 2, seed: int = 0) -> str:
+def write_adapter(
+    root: Path, name: str, r: int = 2, seed: int = 0, module: str = Q, shape=(8, 16)
+) -> str:
     out = root / name
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": r}))
     g = torch.Generator().manual_seed(seed)
     save_file(
         {
-            f"base_model.model.{Q}.lora_A.weight": torch.randn(r, 16, generator=g),
-            f"base_model.model.{Q}.lora_B.weight": torch.randn(8, r, generator=g),
+            f"base_model.model.{module}.lora_A.weight": torch.randn(r, shape[1], generator=g),
+            f"base_model.model.{module}.lora_B.weight": torch.randn(shape[0], r, generator=g),
         },
         str(out / "adapter_model.safetensors"),
     )
@@ -147,29 +149,37 @@ def test_reserve_is_max_loras_times_the_largest_adapter():
     targets = [Q, "model.layers.0.mlp.gate"]
     assert max_adapter_bytes(shapes, targets, 16, experts_in_process=False) == linears
     assert max_adapter_bytes(shapes, targets, 16, experts_in_process=True) == linears + experts
-    assert lora_budget_bytes(8, 1000, None) == 8000
-    assert lora_budget_bytes(8, 1000, 0.5) == 1 << 29
+    assert lora_budget_bytes(8, 1000, 0.5, True, 1e9) == 1 << 29  # explicit: as given
+    assert lora_budget_bytes(8, 1000, 0.0, False, None) == 0
+    assert lora_budget_bytes(8, 1000, None, True, None) == 8000  # explicit block count
+    assert lora_budget_bytes(8, 1000, None, True, 10_000) == 5000  # at most half the pool
+    assert lora_budget_bytes(8, 1000, None, False, 1e9) is None  # serves no adapters: none
 
 
-def test_the_kv_pool_gives_up_the_adapters_reserve(qwen3_tiny):
-    """max_loras x the largest adapter max_lora_rank allows (every decoder linear and the
-    in-process experts of the tiny Qwen3-MoE) comes out of the KV pool's memory."""
+def test_the_kv_pool_gives_up_the_adapters_reserve(qwen3_tiny, tmp_path):
+    """An engine serving adapters: max_loras x the largest adapter max_lora_rank allows (every
+    decoder linear and the in-process experts of the tiny Qwen3-MoE) comes out of the KV
+    pool's memory. One serving none reserves nothing."""
     from serve_app.model.loader import base_shapes
     from serve_app.runtime.factory import build_engine
 
     shapes = base_shapes(qwen3_tiny)
     decoder = [k for k in shapes.linears if k.startswith("model.layers.")]
     reserve = 4 * max_adapter_bytes(shapes, decoder, 8, experts_in_process=True)
+    q = "model.layers.0.self_attn.q_proj"
+    path = write_adapter(tmp_path, "q", r=4, module=q, shape=shapes.linears[q])
     gb = 0.01
     common = dict(model=str(qwen3_tiny), kv_cache_memory_gb=gb, max_loras=4, max_lora_rank=8)
-    none = build_engine(EngineConfig(**common, max_lora_memory_gb=0))
-    lora = build_engine(EngineConfig(**common))
+    none = build_engine(EngineConfig(**common))
+    lora = build_engine(EngineConfig(**common, lora_adapters=(("q", path),)))
     try:
         budget, block = gb * (1 << 30), none.kv_block_bytes
         assert (none.num_kv_blocks, none.lora_kv_blocks) == (int(budget // block), 0)
-        assert lora.lora.limits.max_bytes == reserve
+        assert none.lora.limits.max_bytes is None
+        assert lora.lora.limits.max_bytes == reserve < budget // 2
         assert lora.num_kv_blocks == int((budget - reserve) // block)
         assert lora.stats().kv_lora_blocks == none.num_kv_blocks - lora.num_kv_blocks > 0
+        assert lora.lora.memory().resident_bytes == 4 * sum(shapes.linears[q]) * 4
     finally:
         none.close()
         lora.close()
