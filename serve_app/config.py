@@ -273,6 +273,26 @@ class LoraSettings(BaseModel):
         "request that would exceed it waits, and no adapter waits for ever (docs/lora.md). At "
         "most max_loras; null: no cap.",
     )
+    max_cpu_loras: int | None = Field(
+        _engine("max_cpu_loras"),
+        ge=1,
+        description="Adapters kept in host memory, the resident ones included (vLLM's name and "
+        "meaning): an evicted adapter among them is made resident again without reading its "
+        "directory. At least max_loras; null: 2 x max_loras (docs/lora.md, Memory).",
+    )
+    max_lora_memory_gb: float | None = Field(
+        _engine("max_lora_memory_gb"),
+        ge=0,
+        description="Bytes (GiB) the resident adapters may take, out of the KV pool's memory "
+        "(not on top of it); the least recently used are evicted to fit. null: with adapters "
+        "at start, max_loras x the largest adapter max_lora_rank allows on this model (at most "
+        "half the pool), without, no budget; 0: no adapter can be served.",
+    )
+    pinned: list[str] = Field(
+        default_factory=list,
+        description="Adapters of `adapters` never evicted (at most max_loras - 1); unloading "
+        "one through the admin route still works.",
+    )
 
     @model_validator(mode="after")
     def _names(self) -> LoraSettings:
@@ -282,6 +302,17 @@ class LoraSettings(BaseModel):
         n = self.max_loras_per_batch
         if n is not None and n > self.max_loras:
             raise ValueError(f"lora.max_loras_per_batch ({n}) must not exceed max_loras")
+        cpu = self.max_cpu_loras
+        if cpu is not None and cpu < self.max_loras:
+            raise ValueError(f"lora.max_cpu_loras ({cpu}) must be at least max_loras")
+        unknown = sorted(set(self.pinned) - set(self.adapters))
+        if unknown:
+            raise ValueError(f"lora.pinned names adapters not in lora.adapters: {unknown}")
+        if len(set(self.pinned)) > self.max_loras - 1:
+            raise ValueError(
+                f"lora.pinned pins {len(set(self.pinned))} adapters, at most max_loras - 1 = "
+                f"{self.max_loras - 1} may be"
+            )
         return self
 
 
@@ -333,6 +364,9 @@ class AppConfig(BaseModel):
             max_loras=self.lora.max_loras,
             max_lora_rank=self.lora.max_lora_rank,
             max_loras_per_batch=self.lora.max_loras_per_batch,
+            max_cpu_loras=self.lora.max_cpu_loras,
+            max_lora_memory_gb=self.lora.max_lora_memory_gb,
+            lora_pinned=tuple(dict.fromkeys(self.lora.pinned)),
             **self.engine.model_dump(),
         )
 

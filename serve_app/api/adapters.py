@@ -25,6 +25,11 @@ from serve_app.engine.outputs import LoraRef
 class LoadLoraAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1, max_length=200, description="the name requests use")
     lora_path: str = Field(min_length=1, description="a PEFT LoRA directory on the server")
+    pinned: bool = Field(
+        False,
+        description="never evicted from the engines (SGLang's `pinned`); at most max_loras - 1 "
+        "adapters may be pinned. Unloading it still works.",
+    )
 
 
 class UnloadLoraAdapterRequest(BaseModel):
@@ -38,7 +43,9 @@ class _Entry:
 
 
 class AdapterCatalog:
-    def __init__(self, base: str, adapters: dict[str, str] | None = None):
+    def __init__(
+        self, base: str, adapters: dict[str, str] | None = None, pinned: tuple[str, ...] = ()
+    ):
         self.base = base
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -46,7 +53,8 @@ class AdapterCatalog:
         # name still counts up, so no engine keeps serving the weights it held before
         self._revisions: dict[str, int] = {}
         for name, path in (adapters or {}).items():
-            self._entries[name] = _Entry(LoraRef(name, str(path), 0), int(time.time()))
+            ref = LoraRef(name, str(path), 0, name in pinned)
+            self._entries[name] = _Entry(ref, int(time.time()))
             self._revisions[name] = 0
 
     def resolve(self, model: str | None) -> LoraRef | None:
@@ -61,7 +69,7 @@ class AdapterCatalog:
             raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model")
         return entry.ref
 
-    def next_ref(self, name: str, path: str) -> LoraRef:
+    def next_ref(self, name: str, path: str, pinned: bool = False) -> LoraRef:
         """The ref a load of `name` from `path` will hold once the engine has taken it."""
         if name == self.base or ":" in name:
             raise APIError(
@@ -69,7 +77,7 @@ class AdapterCatalog:
             )
         with self._lock:
             last = self._revisions.get(name, -1)
-        return LoraRef(name, path, last + 1)
+        return LoraRef(name, path, last + 1, pinned)
 
     def put(self, ref: LoraRef) -> None:
         with self._lock:

@@ -87,9 +87,9 @@ class EngineClient(Protocol):
     max_model_len: int
     adapters: AdapterCatalog  # the LoRA adapters served, by name (api/adapters.py)
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Load (or reload) a LoRA adapter and serve it as `name` (InvalidRequestError if it
-        cannot be served)."""
+    async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
+        """Load (or reload) a LoRA adapter and serve it as `name`, pinned or not
+        (InvalidRequestError if it cannot be served)."""
         ...
 
     async def unload_adapter(self, name: str) -> None: ...

@@ -22,6 +22,7 @@ from serve_app.engine.errors import InvalidRequestError
 from serve_app.engine.outputs import RequestOutput
 from serve_app.engine.request import SamplingParams, resolve_max_tokens
 from serve_app.frontend.output_processor import OutputProcessor, RequestState
+from serve_app.lora import PIN_REFUSED
 from serve_app.rollout.adapter import AdapterChoice
 from serve_app.rollout.window import Outcome
 
@@ -36,11 +37,13 @@ class FrontEnd:
         max_model_len: int,
         adapters: dict[str, str] | None = None,
         adapter_rollouts: AdapterRollouts | None = None,
+        pinned: tuple[str, ...] = (),
     ):
         """adapters: the LoRA adapters served from the start, name -> PEFT directory;
-        adapter_rollouts: the splits of adapters under a rollout (api/adapter_rollouts.py)."""
+        adapter_rollouts: the splits of adapters under a rollout (api/adapter_rollouts.py);
+        pinned: those of `adapters` never evicted (lora.pinned)."""
         self.core = core
-        self.adapters = AdapterCatalog(model_name, adapters)
+        self.adapters = AdapterCatalog(model_name, adapters, pinned)
         self.adapter_rollouts = adapter_rollouts or AdapterRollouts()
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
@@ -105,10 +108,11 @@ class FrontEnd:
     async def health(self) -> dict:
         return await self.core.health()
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
         """Load (or reload) adapter `name` from `path` in the engine, then serve it under that
-        name; InvalidRequestError (a 400) with the reason when it cannot be served, a 409
-        while the name is under a rollout (its versions come from the rollout controller)."""
+        name (pinned: never evicted); InvalidRequestError (a 400) with the reason when it
+        cannot be served or pinned, a 409 while the name is under a rollout (its versions come
+        from the rollout controller)."""
         if self.adapter_rollouts.has(name):
             raise APIError(
                 409,
@@ -117,10 +121,11 @@ class FrontEnd:
                 "conflict_error",
                 "lora_name",
             )
-        ref = self.adapters.next_ref(name, path)
+        ref = self.adapters.next_ref(name, path, pinned)
         error = await self.core.load_adapter(ref)
         if error is not None:
-            raise InvalidRequestError(error, "lora_path")
+            param = "pinned" if error.startswith(PIN_REFUSED) else "lora_path"
+            raise InvalidRequestError(error, param)
         self.adapters.put(ref)
 
     async def unload_adapter(self, name: str) -> None:

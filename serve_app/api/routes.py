@@ -163,7 +163,7 @@ def build_api_routes(
 
     @v1.post("/load_lora_adapter", dependencies=[Depends(authorize_admin)])
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> dict:
-        await client.load_adapter(body.lora_name, body.lora_path)
+        await client.load_adapter(body.lora_name, body.lora_path, body.pinned)
         return {"object": "lora_adapter", "id": body.lora_name, "loaded": True}
 
     @v1.post("/unload_lora_adapter", dependencies=[Depends(authorize_admin)])

@@ -268,6 +268,21 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "a request over it waits its turn (docs/lora.md)",
     )
     p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="LoRA adapters kept in host memory, resident ones included (default: 2 x "
+        "--max-loras); an evicted one among them is reloaded without a disk read",
+    )
+    p.add_argument(
+        "--max-lora-memory-gb",
+        type=float,
+        default=None,
+        help="GiB the resident LoRA adapters may take, out of the KV pool's memory (default, "
+        "with --lora: --max-loras x the largest adapter allowed, at most half the pool; "
+        "docs/lora.md, Memory)",
+    )
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,

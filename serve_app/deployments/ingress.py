@@ -236,7 +236,7 @@ class Ingress:
         core = RouterCore(versions, inbox)
         client = FrontEnd(
             core, tokenizer, self.config.model_name, versions.base, info.max_model_len,
-            self.config.lora.adapters, adapters,
+            self.config.lora.adapters, adapters, pinned=tuple(self.config.lora.pinned),
         )  # fmt: skip
         raw = os.environ.get(self.config.api_key_env, "")
         keys = frozenset(k.strip() for k in raw.split(",") if k.strip())

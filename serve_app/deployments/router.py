@@ -97,7 +97,7 @@ class Router:
         """Load (or reload) a LoRA adapter now; the reason it cannot be served, or None."""
         lora = self.engine.engine.lora
         try:  # off the replica's event loop: it reads the adapter's files
-            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision)
+            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision, ref.pinned)
         except LoraError as e:
             return str(e)
         return None

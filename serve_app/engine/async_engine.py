@@ -160,9 +160,29 @@ class AsyncLLMEngine:
                 "format": s.kv_format,
                 "dtype": s.kv_dtype,
                 "block_bytes": s.kv_block_bytes,
+                "lora_blocks": s.kv_lora_blocks,  # given up to the adapters' reserve
             },
             "weights": {"bytes": s.weight_bytes, "quantization": s.quantization},
             "prefix_cache": prefix,
+            "lora": self._lora_health(),
+        }
+
+    def _lora_health(self) -> dict:
+        """From the registry itself (it locks), not the last step's stats: an admin load or
+        unload on an idle engine shows at once."""
+        lora = self.engine.lora
+        mem = lora.memory()
+        return {
+            "max_loras": lora.max_loras,
+            "resident": mem.resident,
+            "resident_bytes": mem.resident_bytes,
+            "budget_bytes": mem.budget_bytes,
+            "host": mem.host,
+            "host_bytes": mem.host_bytes,
+            "pinned": list(mem.pinned),
+            "loads_disk": lora.num_disk_loads,
+            "loads_host": lora.num_host_loads,
+            "evictions": lora.num_evictions,
         }
 
     @property

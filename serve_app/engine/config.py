@@ -78,6 +78,14 @@ class EngineConfig:
     # distinct adapters in one step (the base model does not count), fair: engine/lora_cap.py;
     # None: no cap. At most max_loras, so a step's adapters can all be held.
     max_loras_per_batch: int | None = None
+    # Adapters in host memory (resident ones included, vLLM's meaning); None: 2 x max_loras.
+    max_cpu_loras: int | None = None
+    # Resident adapters' byte budget, taken out of the KV pool's; None: with lora_adapters,
+    # max_loras x the largest adapter max_lora_rank allows (at most half the pool), without,
+    # no budget (lora/memory.py); 0: no adapter fits.
+    max_lora_memory_gb: float | None = None
+    # Adapters (of lora_adapters) never evicted; at most max_loras - 1.
+    lora_pinned: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         b = self.block_size
@@ -146,8 +154,27 @@ class EngineConfig:
             "lora_adapters",
             f"names must be unique and non-empty, got {names}",
         )
+        self._check_lora_memory(names)
         require(
             self.max_waiting_requests >= 1,
             "max_waiting_requests",
             f"must be >= 1, got {self.max_waiting_requests}",
         )
+
+    def _check_lora_memory(self, names: list[str]) -> None:
+        cpu = self.max_cpu_loras
+        require(
+            cpu is None or cpu >= self.max_loras,
+            "max_cpu_loras",
+            f"must be >= max_loras ({self.max_loras}) (or null), got {cpu}",
+        )
+        gb = self.max_lora_memory_gb
+        require(gb is None or gb >= 0, "max_lora_memory_gb", f"must be >= 0 (or null), got {gb}")
+        pinned = self.lora_pinned
+        require(
+            len(pinned) <= self.max_loras - 1,
+            "lora_pinned",
+            f"pins {len(pinned)} adapters, at most max_loras - 1 = {self.max_loras - 1} may be",
+        )
+        unknown = sorted(set(pinned) - set(names))
+        require(not unknown, "lora_pinned", f"names adapters not loaded at start: {unknown}")

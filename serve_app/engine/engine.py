@@ -36,6 +36,7 @@ class LLMEngine:
         self.eos_token_ids = parts.eos_token_ids
         self.runner = parts.runner
         self.num_kv_blocks = parts.num_kv_blocks
+        self.lora_kv_blocks = parts.lora_kv_blocks
         self.kv_block_bytes = parts.kv_block_bytes
         self.kv_format = parts.spec.kv_format.tag()
         self.kv_dtype = str(parts.kv_dtype).removeprefix("torch.")  # "float32", "bfloat16"
@@ -97,7 +98,7 @@ class LLMEngine:
         if request.lora is not None:
             ref = request.lora
             try:
-                adapter = self.lora.resolve(ref.name, ref.path, ref.revision)
+                adapter = self.lora.resolve(ref.name, ref.path, ref.revision, ref.pinned)
             except LoraError as e:
                 raise InvalidRequestError(str(e), "model") from e
             req.lora, req.hash_root = adapter, adapter_root(self.kv.root_hash, adapter.digest)
@@ -209,6 +210,7 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             kv_blocks_total=self.num_kv_blocks,
             kv_blocks_used=self.num_kv_blocks - self.kv.num_free_blocks,
+            kv_lora_blocks=self.lora_kv_blocks,
             prefix_queried_tokens=self.kv.num_queried_tokens,
             prefix_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
@@ -230,10 +232,17 @@ class LLMEngine:
         """Per step: nothing to walk in an engine that never loaded an adapter."""
         lora = self.lora
         if not lora.num_loads:
-            return {"lora_max": lora.max_loras}
+            return {"lora_max": lora.max_loras, "lora_budget_bytes": lora.limits.max_bytes}
+        mem = lora.memory()
         return {
-            "lora_resident": len(lora.names()),
+            "lora_resident": mem.resident,
+            "lora_resident_bytes": mem.resident_bytes,
+            "lora_budget_bytes": mem.budget_bytes,
+            "lora_host": mem.host,
+            "lora_host_bytes": mem.host_bytes,
+            "lora_pinned": mem.pinned,
             "lora_loads": lora.num_loads,
+            "lora_host_loads": lora.num_host_loads,
             "lora_evictions": lora.num_evictions,
             "lora_max": lora.max_loras,
             "lora_running": _adapter_names(self.scheduler.running),

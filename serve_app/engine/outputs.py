@@ -34,11 +34,13 @@ class SamplerOutput:
 class LoraRef:
     """The LoRA adapter a request runs: its name, the PEFT directory it loads from ("": one
     the engine already holds, e.g. from its config) and the name's revision (each load
-    through the API bumps it, so an engine holding an older revision reloads it)."""
+    through the API bumps it, so an engine holding an older revision reloads it). A pinned
+    adapter is never evicted from an engine that makes it resident (docs/lora.md, "Memory")."""
 
     name: str
     path: str = ""
     revision: int = 0
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,11 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from serve_app.engine.config import ConfigError, EngineConfig
-from serve_app.engine.kv_budget import num_kv_blocks
+from serve_app.engine.kv_budget import kv_memory, num_kv_blocks
 from serve_app.engine.kv_connector import KVConnector, KVConnectorFactory
 from serve_app.engine.model_runner import ModelRunner, kv_block_bytes
-from serve_app.lora.registry import LoraRegistry
+from serve_app.lora.memory import lora_budget_bytes, max_adapter_bytes
+from serve_app.lora.registry import LoraLimits, LoraRegistry
 from serve_app.model import lora_targets
 from serve_app.model.config import ModelSpec
 from serve_app.model.digest import model_digest
@@ -47,6 +48,7 @@ class EngineParts:
     eos_token_ids: frozenset[int]
     runner: ModelRunner  # the model, its KV pool of num_kv_blocks blocks, the sampler
     num_kv_blocks: int
+    lora_kv_blocks: int  # blocks the pool gave up to the LoRA adapters' reserve
     kv_block_bytes: int  # one block in the pool, all layers (K/V or MLA latent rows)
     kv_dtype: torch.dtype  # what the pool holds (bfloat16 under the CPU's bf16 float32 compute)
     max_model_len: int  # the model's limit (or config.max_model_len), at most the pool's
@@ -79,8 +81,10 @@ def build_parts(
     model = load_model(config.model, device, dtype, experts, spec, quant)
     held = held_quantization(spec, quant)  # a pre-quantized checkpoint's own scheme
     fmt = checkpoint_format(spec.hf_config)
+    memory = kv_memory(config, device)
+    lora = lora_registry(config, spec, model, not experts.is_remote, device, memory)
     block_bytes = kv_block_bytes(spec, config.block_size, prec.kv)  # bf16: half, twice the blocks
-    blocks = num_kv_blocks(config, device, block_bytes)
+    blocks, lora_blocks = num_kv_blocks(config, memory, block_bytes, lora.limits.max_bytes or 0)
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, blocks * config.block_size
     )
@@ -92,12 +96,9 @@ def build_parts(
         prec.kv,
         config.num_micro_batches if experts.is_remote else 1,
     )
-    lora = LoraRegistry(
-        base_shapes(config.model, spec), lora_targets.targets(model), config.max_lora_rank,
-        max_loras=config.max_loras, experts_in_process=not experts.is_remote,
-    )  # fmt: skip
+    pinned = set(config.lora_pinned)
     for name, path in config.lora_adapters:
-        lora.load(name, path)
+        lora.load(name, path, pinned=name in pinned)
     # KV dtype: what a block holds where it is shared (the connector may compress it); a bf16
     # pool's blocks never share a namespace with a float32 pool's (the codec checks it too)
     kv_dtype = str(prec.kv) if connector is None else connector.kv_dtype(str(prec.kv))
@@ -111,7 +112,8 @@ def build_parts(
         **({"checkpoint": fmt.tag()} if fmt is not None else {}),  # pre-quantized: its format
     )
     log.info(
-        "engine ready: %s on %s/%s (weights %s, KV %s), %d KV blocks of %d, max_model_len %d",
+        "engine ready: %s on %s/%s (weights %s, KV %s), %d KV blocks of %d (%d given up to "
+        "LoRA adapters: %d bytes), max_model_len %d",
         spec.architecture,
         device,
         dtype,
@@ -119,6 +121,8 @@ def build_parts(
         prec.kv,
         blocks,
         config.block_size,
+        lora_blocks,
+        lora.limits.max_bytes or 0,
         max_model_len,
     )
     return EngineParts(
@@ -128,6 +132,7 @@ def build_parts(
         eos_token_ids=_eos_token_ids(config.model, tokenizer),
         runner=runner,
         num_kv_blocks=blocks,
+        lora_kv_blocks=lora_blocks,
         kv_block_bytes=block_bytes,
         kv_dtype=prec.kv,
         max_model_len=max_model_len,
@@ -138,6 +143,32 @@ def build_parts(
         quantization=held.tag(),
         lora=lora,
     )
+
+
+def lora_registry(
+    config: EngineConfig,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    experts_in_process: bool,
+    device: torch.device,
+    pool_memory: float | None,
+) -> LoraRegistry:
+    """The adapters' registry, its byte budget computed from the model's LoRA targets and the
+    KV pool's memory (None: an explicit block count)."""
+    shapes, targets = base_shapes(config.model, spec), lora_targets.targets(model)
+    largest = max_adapter_bytes(shapes, list(targets), config.max_lora_rank, experts_in_process)
+    limits = LoraLimits(
+        max_loras=config.max_loras,
+        max_bytes=lora_budget_bytes(
+            config.max_loras,
+            largest,
+            config.max_lora_memory_gb,
+            serves_adapters=bool(config.lora_adapters),
+            kv_memory=pool_memory,
+        ),
+        max_cpu_loras=config.max_cpu_loras,
+    )
+    return LoraRegistry(shapes, targets, config.max_lora_rank, experts_in_process, limits, device)
 
 
 def quantization(config: EngineConfig) -> Quantization:

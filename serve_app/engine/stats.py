@@ -25,9 +25,16 @@ class EngineStats:
     kv_dtype: str = ""  # what the pool holds: "float32", "bfloat16" (engine.dtype bfloat16)
     weight_bytes: int = 0  # the replica's weights as held, in-process experts included
     quantization: str = "none"  # Quantization.tag() of those weights
+    kv_lora_blocks: int = 0  # blocks the KV pool gave up to the LoRA adapters' reserve
     lora_resident: int = 0  # LoRA adapters held
-    lora_loads: int = 0  # cumulative
+    lora_loads: int = 0  # cumulative, from disk and from the host tier
+    lora_host_loads: int = 0  # of which from the host tier (no disk read)
     lora_evictions: int = 0
     lora_max: int = 0  # the most held at once (max_loras)
     lora_running: tuple[str, ...] = ()  # adapters of running requests
     lora_waiting: tuple[str, ...] = ()  # adapters of waiting requests
+    lora_resident_bytes: int = 0
+    lora_budget_bytes: int | None = None  # the resident adapters' budget (None: none)
+    lora_host: int = 0  # evicted adapters kept in host memory
+    lora_host_bytes: int = 0
+    lora_pinned: tuple[str, ...] = ()

@@ -83,7 +83,22 @@ CATALOG: tuple[MetricSpec, ...] = (
         TOKEN_LATENCY_BUCKETS_S,
     ),
     _g("moeserve_lora_resident_adapters", REPLICA, "LoRA adapters held by a router replica."),
-    _c("moeserve_lora_loads_total", REPLICA, "LoRA adapters loaded by a router replica."),
+    _c(
+        "moeserve_lora_loads_total",
+        (*REPLICA, "source"),
+        "LoRA adapters made resident by a router replica; source disk, or host (no disk read).",
+    ),
+    _g("moeserve_lora_resident_bytes", REPLICA, "Bytes of the LoRA adapters a replica holds."),
+    _g(
+        "moeserve_lora_memory_budget_bytes",
+        REPLICA,
+        "The resident LoRA adapters' byte budget, taken out of the KV pool's memory.",
+    ),
+    _g(
+        "moeserve_lora_host_adapters",
+        REPLICA,
+        "LoRA adapters evicted from a replica but kept in host memory (reloaded without disk).",
+    ),
     _c("moeserve_lora_evictions_total", REPLICA, "LoRA adapters evicted (LRU) by a replica."),
     _g(
         "moeserve_lora_requests_info",

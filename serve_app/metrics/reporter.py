@@ -69,7 +69,13 @@ class EngineReporter:
         self._count("moeserve_preemptions_total", s.num_preemptions)
         if s.lora_max:
             m.set("moeserve_lora_resident_adapters", s.lora_resident, **labels)
-            self._count("moeserve_lora_loads_total", s.lora_loads)
+            m.set("moeserve_lora_resident_bytes", s.lora_resident_bytes, **labels)
+            if s.lora_budget_bytes is not None:
+                m.set("moeserve_lora_memory_budget_bytes", s.lora_budget_bytes, **labels)
+            m.set("moeserve_lora_host_adapters", s.lora_host, **labels)
+            disk = s.lora_loads - s.lora_host_loads
+            self._count("moeserve_lora_loads_total", disk, source="disk")
+            self._count("moeserve_lora_loads_total", s.lora_host_loads, source="host")
             self._count("moeserve_lora_evictions_total", s.lora_evictions)
             self._lora_info(s)
         for tier, queried, hit in (

@@ -35,7 +35,7 @@ class LocalCore:
     async def load_adapter(self, ref: LoraRef) -> str | None:
         lora = self.engine.engine.lora
         try:  # off the event loop: it reads the adapter's files
-            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision)
+            await asyncio.to_thread(lora.load, ref.name, ref.path, ref.revision, ref.pinned)
         except LoraError as e:
             return str(e)
         return None
@@ -94,5 +94,6 @@ class LocalEngineClient(FrontEnd):
         max_model_len = engine.engine.max_model_len
         adapters = dict(config.lora_adapters)  # the engine loaded them at start
         super().__init__(
-            LocalCore(engine), tokenizer, model_name, model_name, max_model_len, adapters
-        )
+            LocalCore(engine), tokenizer, model_name, model_name, max_model_len, adapters,
+            pinned=config.lora_pinned,
+        )  # fmt: skip

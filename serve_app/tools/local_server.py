@@ -65,6 +65,8 @@ def run_server(args: argparse.Namespace) -> int:
             lora_adapters=tuple(args.lora or ()),
             max_loras=args.max_loras,
             max_loras_per_batch=args.max_loras_per_batch,
+            max_cpu_loras=args.max_cpu_loras,
+            max_lora_memory_gb=args.max_lora_memory_gb,
             dtype=args.dtype,
         )
     except ConfigError as e:

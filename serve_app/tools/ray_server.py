@@ -125,6 +125,8 @@ def app_config(args: argparse.Namespace, num_cpus: int):
             "adapters": dict(getattr(args, "lora", None) or []),
             "max_loras": getattr(args, "max_loras", 8),
             "max_loras_per_batch": getattr(args, "max_loras_per_batch", None),
+            "max_cpu_loras": getattr(args, "max_cpu_loras", None),
+            "max_lora_memory_gb": getattr(args, "max_lora_memory_gb", None),
         },
     }
     if policy := getattr(args, "prefix_write_policy", None):

@@ -39,7 +39,7 @@ def adapters(qwen3_tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(qwen3_tiny, adapters):
     config = EngineConfig(
-        model=str(qwen3_tiny), num_kv_blocks=128, max_lora_rank=16,
+        model=str(qwen3_tiny), num_kv_blocks=128, max_lora_rank=16, max_loras=3,
         lora_adapters=(("qv", str(adapters["qv"])),),
     )  # fmt: skip
     engine = build_async_engine(config)
@@ -106,6 +106,34 @@ def test_load_and_unload_at_run_time_with_the_key(served, adapters, offline):
     assert "all" not in engine.engine.lora.names()
     with pytest.raises(openai.NotFoundError, match="is not loaded"):
         client.post("/unload_lora_adapter", body={"lora_name": "all"}, cast_to=object)
+    inproc.wait_idle(engine)
+
+
+def test_pinned_adapters_stay_and_one_pin_too_many_is_a_400(served, adapters, offline):
+    """max_loras 3: two pins leave one slot that turns; a third pin is refused on `pinned`;
+    /health reports the pins and the adapters' bytes within their budget."""
+    import httpx
+
+    engine, client, url = served
+    for name in ("p1", "p2"):
+        body = {"lora_name": name, "lora_path": str(adapters["qv"]), "pinned": True}
+        client.post("/load_lora_adapter", body=body, cast_to=object)
+    assert complete(client, "qv") == offline["qv"]
+    body = {"lora_name": "all", "lora_path": str(adapters["all"])}
+    client.post("/load_lora_adapter", body=body, cast_to=object)  # evicts qv, never p1 / p2
+    assert complete(client, "p1") == offline["qv"]
+    assert complete(client, "qv") == offline["qv"]  # back from the host tier
+    lora = httpx.get(f"{url}/health").json()["lora"]
+    assert sorted(lora["pinned"]) == ["p1", "p2"] and lora["resident"] == 3
+    assert 0 < lora["resident_bytes"] <= lora["budget_bytes"] and lora["loads_host"] >= 1
+    with pytest.raises(openai.BadRequestError, match="cannot pin LoRA adapter p3") as e:
+        body = {"lora_name": "p3", "lora_path": str(adapters["qv"]), "pinned": True}
+        client.post("/load_lora_adapter", body=body, cast_to=object)
+    assert e.value.body["param"] == "pinned"
+    assert "p3" not in {m.id for m in client.models.list().data}
+    for name in ("p1", "p2", "all"):  # an explicit unload of a pinned adapter works
+        client.post("/unload_lora_adapter", body={"lora_name": name}, cast_to=object)
+    assert httpx.get(f"{url}/health").json()["lora"]["pinned"] == []
     inproc.wait_idle(engine)
 
 

@@ -196,8 +196,9 @@ def test_lora_adapters_per_replica_and_vllm_style_info():
                 prefix_queried_tokens=0, prefix_hit_tokens=0, num_preemptions=0)  # fmt: skip
     feed = iter([
         EngineStats(**base, lora_resident=2, lora_loads=2, lora_max=4, lora_running=("a", "b")),
-        EngineStats(**base, lora_resident=3, lora_loads=4, lora_evictions=1, lora_max=4,
-                    lora_running=("c",), lora_waiting=("a",)),
+        EngineStats(**base, lora_resident=3, lora_loads=4, lora_host_loads=1, lora_evictions=1,
+                    lora_max=4, lora_running=("c",), lora_waiting=("a",), lora_host=2,
+                    lora_resident_bytes=300, lora_budget_bytes=400),
     ])  # fmt: skip
     rep = EngineReporter(m, "v1", "r1", lambda: next(feed))
     rep.report()
@@ -205,7 +206,11 @@ def test_lora_adapters_per_replica_and_vllm_style_info():
     got = page(m)
     labels = (("replica", "r1"), ("version", "v1"))
     assert got[("moeserve_lora_resident_adapters", labels)] == 3
-    assert got[("moeserve_lora_loads_total", labels)] == 4
+    assert got[("moeserve_lora_loads_total", (*labels[:1], ("source", "disk"), *labels[1:]))] == 3
+    assert got[("moeserve_lora_loads_total", (*labels[:1], ("source", "host"), *labels[1:]))] == 1
+    assert got[("moeserve_lora_resident_bytes", labels)] == 300
+    assert got[("moeserve_lora_memory_budget_bytes", labels)] == 400
+    assert got[("moeserve_lora_host_adapters", labels)] == 2
     assert got[("moeserve_lora_evictions_total", labels)] == 1
     info = {k[1]: v for k, v in got.items() if k[0] == "moeserve_lora_requests_info"}
     old = (("max_lora", "4"), ("running_lora_adapters", "a,b"), ("waiting_lora_adapters", ""))
