@@ -71,16 +71,15 @@ static inline void row_q8(const int8_t *p, vn *w) {
     for (int j = 0; j < NV; j++) w[j] = widen_s8(p + j * VL);
 }
 
-/* One K row of an int4 panel (NB/2 bytes: low nibbles columns 0..15, high 16..31), dequantized
-   with the group's scale and shifted zero (zero - 8 * scale). */
-static inline void row_q4(const uint8_t *p, const vn *s, const vn *z, vn *w) {
+/* One K row of an int4 panel (NB/2 bytes: low nibbles columns 0..15, high 16..31) as floats
+   0..15 (the group's scale and zero are applied by the tile). */
+static inline void row_q4(const uint8_t *p, vn *w) {
     v16u8 b;
     memcpy(&b, p, sizeof b);
     const v16u8 lo = b & 15, hi = b >> 4;
     for (int j = 0; j < NV; j++) {
         const int col = j * VL; /* columns col .. col + VL */
-        const vn q = widen_u8(col < 16 ? lo : hi, (col % 16) / VL);
-        w[j] = q * s[j] + z[j];
+        w[j] = widen_u8(col < 16 ? lo : hi, (col % 16) / VL);
     }
 }
 
@@ -115,31 +114,42 @@ static inline __attribute__((always_inline)) void store_tile(vn acc[][NV], int r
     }
 
 /* The same over an int4 panel: kc is a multiple of the group, and `sz` points at the scales and
-   zeros of the chunk's first group; each K row is dequantized once, in registers. */
+   zeros of the chunk's first group. The K loop multiplies the raw nibbles (0..15) and each
+   group's scale and zero are applied once at its end: sum_k x (q s + z') = s sum_k x q +
+   z' sum_k x, z' = zero - 8 s, so a K row costs its widening and the rows' FMAs, no dequantizing
+   FMA per weight vector. Each group's part is added to `out` (L1-resident) at the group's end,
+   so the tile holds no second set of accumulators. */
 #define TILE_Q4(ROWS)                                                                          \
     static void q4_##ROWS(const float *x, int64_t ldx, int64_t kc, const int8_t *panel_s,      \
                           const float *scale, int64_t group, const float *sz, float *out,      \
                           int64_t ldo, int add) {                                              \
         (void)scale;                                                                           \
         const uint8_t *panel = (const uint8_t *)panel_s;                                       \
-        vn acc[ROWS][NV] = {0}, w[NV], s[NV], z[NV];                                           \
         for (int64_t g0 = 0; g0 < kc; g0 += group) {                                           \
-            const float *gs = sz + (g0 / group) * 2 * NB;                                      \
-            for (int j = 0; j < NV; j++) {                                                     \
-                s[j] = loadn(gs + j * VL);                                                     \
-                z[j] = loadn(gs + NB + j * VL) - 8.0f * s[j];                                  \
+            vn acc[ROWS][NV] = {0}, w[NV];                                                     \
+            float xs[ROWS];                                                                    \
+            for (int m = 0; m < ROWS; m++) {                                                   \
+                vn v = {0};                                                                    \
+                for (int64_t k = g0; k < g0 + group; k += VL) v += loadn(x + m * ldx + k);     \
+                xs[m] = hsumn(v);                                                              \
             }                                                                                  \
             for (int64_t k = g0; k < g0 + group; k++) {                                        \
-                row_q4(panel + k * (NB / 2), s, z, w);                                         \
+                row_q4(panel + k * (NB / 2), w);                                               \
                 for (int m = 0; m < ROWS; m++) {                                               \
                     const float xv = x[m * ldx + k];                                           \
                     for (int j = 0; j < NV; j++) acc[m][j] += xv * w[j];                       \
                 }                                                                              \
             }                                                                                  \
+            const float *gs = sz + (g0 / group) * 2 * NB;                                      \
+            for (int m = 0; m < ROWS; m++)                                                     \
+                for (int j = 0; j < NV; j++) {                                                 \
+                    const vn s = loadn(gs + j * VL);                                           \
+                    const vn z = loadn(gs + NB + j * VL) - 8.0f * s;                           \
+                    acc[m][j] = acc[m][j] * s + xs[m] * z;                                     \
+                }                                                                              \
+            store_tile(acc, ROWS, out, ldo, add || g0 > 0);                                    \
         }                                                                                      \
-        store_tile(acc, ROWS, out, ldo, add);                                                  \
     }
-
 
 /* VL columns of one K-row pair of a bf16 panel (4 bytes a column): the rows k and k + 1 as
    float vectors (bf16 is the top half of a float's bits). */
