@@ -89,9 +89,8 @@ def load_candidate(path: str, app: str, version: str | None) -> AppConfig:
     return config
 
 
-def _start_call(args: argparse.Namespace) -> dict[str, Any]:
-    config = load_candidate(args.config, args.app, args.version_name)
-    r = config.rollout
+def _strategy_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The rollout settings `rollout start`'s flags override (those given)."""
     updates: dict[str, Any] = {}
     if args.strategy:
         updates["strategy"] = args.strategy
@@ -101,6 +100,13 @@ def _start_call(args: argparse.Namespace) -> dict[str, Any]:
         updates["interval_s"] = parse_duration(args.interval)
     if args.manual:
         updates["auto"] = False
+    return updates
+
+
+def _start_call(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_candidate(args.config, args.app, args.version_name)
+    r = config.rollout
+    updates = _strategy_flags(args)
     r = type(r).model_validate({**r.model_dump(), **updates})
     strategy = r.strategy_config()
     return {
@@ -128,15 +134,7 @@ def _adapter_start_call(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{args.config}: not a PEFT adapter directory (no adapter_config.json)")
     version = args.version_name or default_version_name(str(path))
     check_version_name(version)
-    updates: dict[str, Any] = {}
-    if args.strategy:
-        updates["strategy"] = args.strategy
-    if args.steps:
-        updates["steps"] = [int(x) for x in args.steps.split(",") if x.strip()]
-    if args.interval:
-        updates["interval_s"] = parse_duration(args.interval)
-    if args.manual:
-        updates["auto"] = False
+    updates = _strategy_flags(args)
     r = RolloutSettings.model_validate(updates)
     strategy = r.strategy_config()
     stable = str(Path(args.stable_path).expanduser().resolve()) if args.stable_path else None

@@ -12,7 +12,7 @@ import torch
 
 from serve_app.engine.async_engine import AsyncLLMEngine
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.kv_budget import num_kv_blocks
+from serve_app.engine.kv_budget import kv_memory, num_kv_blocks
 from serve_app.engine.model_runner import kv_block_bytes
 from serve_app.model.config import load_model_spec
 from serve_app.model.quant.precision import precision
@@ -30,7 +30,10 @@ def test_the_same_budget_holds_twice_the_bf16_blocks(qwen3_tiny):
     fp32 = kv_block_bytes(spec, 16, torch.float32)
     bf16 = kv_block_bytes(spec, 16, torch.bfloat16)
     assert fp32 == 2 * bf16 == spec.kv_format.elements_per_token(spec.num_layers) * 16 * 4
-    assert num_kv_blocks(config, CPU, bf16) == 2 * num_kv_blocks(config, CPU, fp32)
+    memory = kv_memory(config, CPU)
+    assert (
+        num_kv_blocks(config, memory, bf16).blocks == 2 * num_kv_blocks(config, memory, fp32).blocks
+    )
 
 
 def test_precision_puts_the_kv_cache_in_bf16_only_with_bf16_weights():

@@ -48,6 +48,29 @@ def merged_checkpoint(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     return out
 
 
+def check_adapters_alone_and_mixed(llm: LLM, model_dir: Path, adapters: dict, tmp_path) -> None:
+    """Each adapter alone gives transformers' greedy tokens on PEFT's merged model (and is not
+    a no-op); one batch of the base model and every adapter, each prompt under each, gives each
+    request its tokens alone."""
+    params = SamplingParams(temperature=0, max_tokens=LORA_NEW, ignore_eos=True, logprobs=TOP)
+    base_refs = hf_reference(model_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
+    alone = {}
+    for kind, adapter_dir in adapters.items():
+        ref_dir = merged_checkpoint(model_dir, adapter_dir, tmp_path / f"merged-{kind}")
+        refs = hf_reference(ref_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
+        assert [r[0] for r in refs] != [r[0] for r in base_refs], "the adapter is a no-op"
+        results = llm.generate(LORA_PROMPTS, params, lora=kind)
+        assert_matches(results, refs, LORA_PROMPTS)
+        alone[kind] = [r.choices[0].token_ids for r in results]
+    names = [None, *adapters]
+    prompts = [p for p in LORA_PROMPTS for _ in names]
+    mixed = llm.generate(prompts, params, lora=[n for _ in LORA_PROMPTS for n in names])
+    for j, res in enumerate(mixed):
+        name, i = names[j % len(names)], j // len(names)
+        want = base_refs[i][0] if name is None else alone[name][i]
+        assert res.choices[0].token_ids == want, (name, LORA_PROMPTS[i])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_adapters_match_peft_merged_transformers(arch, tmp_path):
@@ -60,24 +83,7 @@ def test_adapters_match_peft_merged_transformers(arch, tmp_path):
         str(model_dir), block_size=16, num_kv_blocks=256, max_num_batched_tokens=64,
         lora_adapters=tuple((k, str(d)) for k, d in adapters.items()),
     )  # fmt: skip
-    params = SamplingParams(temperature=0, max_tokens=LORA_NEW, ignore_eos=True, logprobs=TOP)
-    base_refs = hf_reference(model_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
-    alone = {}
-    for kind, adapter_dir in adapters.items():
-        ref_dir = merged_checkpoint(model_dir, adapter_dir, tmp_path / f"merged-{kind}")
-        refs = hf_reference(ref_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
-        assert [r[0] for r in refs] != [r[0] for r in base_refs], "the adapter is a no-op"
-        results = llm.generate(LORA_PROMPTS, params, lora=kind)
-        assert_matches(results, refs, LORA_PROMPTS)
-        alone[kind] = [r.choices[0].token_ids for r in results]
-    # one batch: the base model and every adapter, each prompt under each
-    names = [None, *adapters]
-    prompts = [p for p in LORA_PROMPTS for _ in names]
-    mixed = llm.generate(prompts, params, lora=[n for _ in LORA_PROMPTS for n in names])
-    for j, res in enumerate(mixed):
-        name, i = names[j % len(names)], j // len(names)
-        want = base_refs[i][0] if name is None else alone[name][i]
-        assert res.choices[0].token_ids == want, (name, LORA_PROMPTS[i])
+    check_adapters_alone_and_mixed(llm, model_dir, adapters, tmp_path)
 
 
 def test_reloading_an_adapter_never_reuses_its_old_kv(tmp_path):

@@ -11,7 +11,6 @@ import torch
 
 from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.request import SamplingParams
 from serve_app.experts.channel import ShardServer
 from serve_app.experts.placement import place_experts
 from serve_app.experts.shard import ExpertShard
@@ -23,9 +22,8 @@ from serve_app.model.loader import base_shapes
 from serve_app.runtime.factory import build_engine
 from serve_app.runtime.llm import LLM
 from tests.conftest import tiny_model_dir
-from tests.lora.test_lora_parity import CASES, LORA_NEW, LORA_PROMPTS, merged_checkpoint
+from tests.lora.test_lora_parity import CASES, check_adapters_alone_and_mixed
 from tests.lora.test_peft_format import make_peft_adapter
-from tests.model.test_parity import TOP, assert_matches, hf_reference
 
 peft = pytest.importorskip("peft")
 
@@ -65,23 +63,7 @@ def test_expert_lora_on_shards_matches_peft_merged(adapters, tmp_path):
     model_dir = tiny_model_dir(ARCH)
     llm, shards, servers = sharded_llm(adapters)
     try:
-        params = SamplingParams(temperature=0, max_tokens=LORA_NEW, ignore_eos=True, logprobs=TOP)
-        base_refs = hf_reference(model_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
-        alone = {}
-        for kind, adapter_dir in adapters.items():
-            ref_dir = merged_checkpoint(model_dir, adapter_dir, tmp_path / f"merged-{kind}")
-            refs = hf_reference(ref_dir, llm.tokenizer, LORA_PROMPTS, LORA_NEW)
-            assert [r[0] for r in refs] != [r[0] for r in base_refs], "the adapter is a no-op"
-            results = llm.generate(LORA_PROMPTS, params, lora=kind)
-            assert_matches(results, refs, LORA_PROMPTS)
-            alone[kind] = [r.choices[0].token_ids for r in results]
-        names = [None, *adapters]
-        prompts = [p for p in LORA_PROMPTS for _ in names]
-        mixed = llm.generate(prompts, params, lora=[n for _ in LORA_PROMPTS for n in names])
-        for j, res in enumerate(mixed):
-            name, i = names[j % len(names)], j // len(names)
-            want = base_refs[i][0] if name is None else alone[name][i]
-            assert res.choices[0].token_ids == want, (name, LORA_PROMPTS[i])
+        check_adapters_alone_and_mixed(llm, model_dir, adapters, tmp_path)
         # the router keeps no expert factors; each shard holds both adapters, only its own
         # experts' rows, no linears
         on_router = llm.engine.lora.get("all")

@@ -9,28 +9,10 @@ from serve_app.rollout.adapter import adapter_split, choose_adapter, internal_na
 from serve_app.rollout.adapter_controllers import AdapterControllers
 from serve_app.rollout.state import AnalysisConfig, RolloutError, Strategy
 from serve_app.rollout.window import Outcome
+from tests.rollout.test_rollout_controller import Clock, MemoryStore
 
 CANARY_10 = Strategy("canary", (10, 100), interval_s=3600.0)
 GATES = AnalysisConfig(interval_s=1.0, window_s=600.0, min_samples=20, max_ttft_p99_ms=None)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class MemoryStore:
-    def __init__(self):
-        self.text = None
-
-    def load(self):
-        return self.text
-
-    def save(self, text):
-        self.text = text
 
 
 class Stores(dict):
