@@ -32,10 +32,16 @@ _I64 = ctypes.c_int64
 
 
 class Factors(NamedTuple):
-    """One slot's packed factors: a [E, r, K], bt [E, r, N] (B transposed), float32."""
+    """One slot's packed factors: a [E, r, K], bt [E, r, N] (B transposed), float32; their
+    addresses and sizes read once here (the per-call loop runs per adapter and module)."""
 
     a: torch.Tensor
     bt: torch.Tensor
+    a_ptr: int
+    bt_ptr: int
+    rank: int
+    k: int
+    n: int
 
 
 def pack(a: torch.Tensor, b: torch.Tensor) -> Factors:
@@ -45,9 +51,10 @@ def pack(a: torch.Tensor, b: torch.Tensor) -> Factors:
     object itself, which serve_app/lora/batch.py uses as the weak cache key."""
     a3 = a.detach() if a.dim() == 3 else a.detach()[None]
     b3 = b.detach() if b.dim() == 3 else b.detach()[None]
-    return Factors(
-        a3.to(torch.float32).contiguous(), b3.to(torch.float32).transpose(1, 2).contiguous()
-    )
+    a3 = a3.to(torch.float32).contiguous()
+    bt = b3.to(torch.float32).transpose(1, 2).contiguous()
+    _, r, k = a3.shape
+    return Factors(a3, bt, a3.data_ptr(), bt.data_ptr(), r, k, bt.shape[2])
 
 
 class LoraKernels:
@@ -87,9 +94,9 @@ class LoraKernels:
         for i, f in enumerate(factors):
             if f is None:
                 continue
-            if f.a.shape[1] > self.max_rank or f.a.shape[2] != k or f.bt.shape[2] != n:
+            if f.rank > self.max_rank or f.k != k or f.n != n:
                 raise ValueError(f"LoRA factors {tuple(f.a.shape)} do not fit rows [{rows}, {k}]")
-            a_ptr[i], bt_ptr[i], ranks[i] = f.a.data_ptr(), f.bt.data_ptr(), f.a.shape[1]
+            a_ptr[i], bt_ptr[i], ranks[i] = f.a_ptr, f.bt_ptr, f.rank
         self._bgmv(
             x.data_ptr(), x.stride(0), rows, k, slots.data_ptr(),
             experts.data_ptr() if experts is not None else None, a_ptr, bt_ptr, ranks, m,
