@@ -130,7 +130,8 @@ void moeserve_lora_bgmv(const float *x, int64_t ldx, int64_t rows, int64_t k,
     }
     for (int64_t i = 0; i < m; i++) sorted[i] = items[i].row;
     const int par = num_threads > 1 && fmas >= PAR_MIN_FMAS && n_blocks > 1;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (par)
+    /* dynamic: on shared cores a descheduled thread must not hold half the blocks */
+#pragma omp parallel for schedule(dynamic, 8) num_threads(num_threads) if (par)
     for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t i = block[b], s = items[i].key / n_experts, e = items[i].key % n_experts;
         const int64_t rk = rank[s];
