@@ -2,7 +2,8 @@
 ranks, interleaved and contiguous adapters, routed experts, column-slice outputs, sizes off
 the vector width, the parallel path; rows of the base model (or of an adapter that does not
 adapt the module) are left exactly as they were. And LoraBatch gives the same deltas with the
-kernel as with its torch fallback (MOESERVE_CPU_KERNEL=0)."""
+kernel as with its torch fallback (MOESERVE_CPU_KERNEL=0), and with a rank above the kernel's
+(which runs torch)."""
 
 from __future__ import annotations
 
@@ -107,9 +108,10 @@ def _adapter(i: int, rank: int, k: int, n: int, e: int) -> LoraAdapter:
     return LoraAdapter(f"a{i}", "", str(i), rank, lin if i != 2 else {}, ex)
 
 
-def test_lora_batch_kernel_matches_its_torch_fallback(monkeypatch):
+@pytest.mark.parametrize("ranks", [(4, 16, 8), (4, 300, 8)])  # 300: above the kernel's, torch
+def test_lora_batch_kernel_matches_its_torch_fallback(monkeypatch, ranks):
     k, n, e, rows = 32, 24, 4, 18
-    adapters = [_adapter(i, r, k, n, e) for i, r in enumerate((4, 16, 8))]
+    adapters = [_adapter(i, r, k, n, e) for i, r in enumerate(ranks)]
     per_row = [None if r % 5 == 0 else adapters[r % 3] for r in range(rows)]
     batch = LoraBatch.build(per_row, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
