@@ -6,26 +6,34 @@ row); the decoder makes it the active batch while that micro-batch's layers run
 linears, the MoE gate, the in-process experts. With no adapter in the step there is no batch
 and nothing is added.
 
-Linears: rows are grouped by adapter once per micro-batch (a slice when they are
-contiguous, which is the usual case: the runner keeps a request's rows together), and each
-group adds (x @ A.T) @ B.T to its rows (vLLM's CPU punica path does the same with
-torch ops, `vllm/lora/ops/torch_ops/lora_ops.py`). Experts: each routed row gathers its
-expert's factors (BGMV over (adapter, expert)).
+Each row's adapter slot (`slot_of_row`) is worked out once per micro-batch, here, not per
+module. On the CPU in float32 with the kernels built, a module's delta over every row is one
+call of serve_app/kernels/lora.py (BGMV: each row gathers its adapter's factors, and for
+routed experts its expert's), over factors packed once per adapter (B transposed) and kept
+while the adapter lives. Elsewhere (or MOESERVE_CPU_KERNEL=0) torch ops: linears add
+(x @ A.T) @ B.T per adapter group (a slice when its rows are contiguous, the usual case: the
+runner keeps a request's rows together), as vLLM's CPU punica path does
+(`vllm/lora/ops/torch_ops/lora_ops.py`); experts gather per row.
 Shapes: T rows, K in features, N out features, r rank, E experts.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from serve_app.lora.peft_format import ExpertLoraWeights, LoraAdapter
+from serve_app.kernels import lora as lora_kernel
+from serve_app.lora.peft_format import ExpertLoraWeights, LoraAdapter, LoraWeights
 
 _local = threading.local()
+# id of an adapter's A tensor (per module) -> its kernel factors, dropped with that tensor (a
+# plain dict and a finalizer: torch's WeakIdKeyDictionary cost ~3 us a lookup, 8 a module)
+_packed: dict[int, lora_kernel.Factors] = {}
 
 
 @contextmanager
@@ -66,18 +74,20 @@ class LoraBatch:
         adapters: list[LoraAdapter] = []
         index: dict[int, int] = {}
         slots = []
-        for a in per_row:
+        rows_of: list[list[int]] = []  # per slot, its rows
+        for r, a in enumerate(per_row):
             if a is None:
                 slots.append(-1)
                 continue
             if id(a) not in index:
                 index[id(a)] = len(adapters)
                 adapters.append(a)
+                rows_of.append([])
             slots.append(index[id(a)])
+            rows_of[slots[-1]].append(r)
         slot_of_row = torch.tensor(slots, dtype=torch.int64, device=device)
         groups = []
-        for i, a in enumerate(adapters):
-            rows = [r for r, s in enumerate(slots) if s == i]
+        for a, rows in zip(adapters, rows_of, strict=True):
             if rows[-1] - rows[0] + 1 == len(rows):
                 groups.append(_Group(a, slice(rows[0], rows[-1] + 1)))
             else:
@@ -89,6 +99,14 @@ class LoraBatch:
         x [T, K], y [T, N] (a column slice of a wider output is fine)."""
         if name is None:
             return
+        kernel = lora_kernel.load() if x.device.type == "cpu" else None
+        if kernel is not None and kernel.applies(x, y):
+            factors = [_factors(a.linears.get(name), kernel) for a in self.adapters]
+            if all(f is None for f in factors):
+                return
+            if all(f is not False for f in factors):
+                kernel.bgmv_(x, self.slot_of_row, None, factors, y)
+                return
         for g in self._groups:
             w = g.adapter.linears.get(name)
             if w is None:
@@ -119,6 +137,13 @@ class ExpertLora:
         """y += the `proj` ("gate_up" / "down") delta of each routed row: row j is token
         token_idx[j]'s slot for global expert expert_ids[j]. x [n, K], y [n, N]."""
         slots = self.batch.slot_of_row[token_idx]
+        kernel = lora_kernel.load() if x.device.type == "cpu" else None
+        if kernel is not None and kernel.applies(x, y):
+            factors = [_factors(a.experts.get((self.layer, proj)), kernel)
+                       for a in self.batch.adapters]  # fmt: skip
+            if all(f is not False for f in factors):
+                kernel.bgmv_(x, slots, expert_ids.contiguous(), factors, y)
+                return
         for i, adapter in enumerate(self.batch.adapters):
             w = adapter.experts.get((self.layer, proj))
             if w is None:
@@ -141,3 +166,20 @@ def _bgmv(x: torch.Tensor, w: ExpertLoraWeights, experts: torch.Tensor) -> torch
     b = w.b.to(x.dtype)[experts]  # [n, N, r]
     shrunk = torch.bmm(a, x[:, :, None])  # [n, r, 1]
     return torch.bmm(b, shrunk)[:, :, 0]
+
+
+def _factors(
+    w: LoraWeights | ExpertLoraWeights | None, kernel: lora_kernel.LoraKernels
+) -> lora_kernel.Factors | None | bool:
+    """w's kernel factors, packed on first use; None: no factors (the module is not adapted);
+    False: a rank the kernel does not take (the caller runs torch)."""
+    if w is None:
+        return None
+    if w.a.shape[-2] > kernel.max_rank:
+        return False
+    f = _packed.get(id(w.a))
+    if f is None:
+        f = _packed[id(w.a)] = lora_kernel.pack(w.a, w.b)
+        # NOTE: the factors must not reference w.a itself (pack detaches), or it never dies
+        weakref.finalize(w.a, _packed.pop, id(w.a), None)
+    return f
