@@ -136,27 +136,44 @@ class ExpertLora:
     ) -> None:  # fmt: skip
         """y += the `proj` ("gate_up" / "down") delta of each routed row: row j is token
         token_idx[j]'s slot for global expert expert_ids[j]. x [n, K], y [n, N]."""
-        slots = self.batch.slot_of_row[token_idx]
+        slots, experts = self._rows_in_factors(proj, self.batch.slot_of_row[token_idx], expert_ids)
         kernel = lora_kernel.load() if x.device.type == "cpu" else None
         if kernel is not None and kernel.applies(x, y):
             factors = [_factors(a.experts.get((self.layer, proj)), kernel)
                        for a in self.batch.adapters]  # fmt: skip
             if all(f is not False for f in factors):
-                kernel.bgmv_(x, slots, expert_ids.contiguous(), factors, y)
+                kernel.bgmv_(x, slots, experts, factors, y)
                 return
         for i, adapter in enumerate(self.batch.adapters):
             w = adapter.experts.get((self.layer, proj))
             if w is None:
                 continue
             rows = (slots == i).nonzero().squeeze(1)
-            experts = expert_ids[rows]
-            if w.index is not None:  # a packed slice: experts without a row add nothing
-                experts = w.index[experts]
-                kept = experts >= 0
-                rows, experts = rows[kept], experts[kept]
             if rows.numel() == 0:
                 continue
-            y[rows] += _bgmv(x[rows], w, experts).to(y.dtype)
+            y[rows] += _bgmv(x[rows], w, experts[rows]).to(y.dtype)
+
+    def _rows_in_factors(
+        self, proj: str, slots: torch.Tensor, expert_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each routed row's (slot, row of its adapter's factors): the global expert id, or
+        through a packed slice's index (a shard's experts), where an expert without a row
+        adds nothing (slot -1, as the base model)."""
+        experts = expert_ids.contiguous()
+        sliced = [
+            (i, w.index)
+            for i, a in enumerate(self.batch.adapters)
+            if (w := a.experts.get((self.layer, proj))) is not None and w.index is not None
+        ]
+        if not sliced:
+            return slots.contiguous(), experts
+        slots, experts = slots.clone(), experts.clone()
+        for i, index in sliced:
+            mine = slots == i
+            mapped = index[expert_ids[mine]]
+            experts[mine] = mapped.clamp_min(0)
+            slots[mine] = torch.where(mapped >= 0, i, -1)
+        return slots, experts
 
 
 def _bgmv(x: torch.Tensor, w: ExpertLoraWeights, experts: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_bf16_engine_pool_health_and_digest(qwen3_tiny):
         assert bf16.model_digest != fp32.model_digest
         for engine, name in ((fp32, "float32"), (bf16, "bfloat16")):
             view = AsyncLLMEngine.__new__(AsyncLLMEngine)  # only the health() view, no thread
-            view.dead_error, view._stats = None, engine.stats()
+            view.dead_error, view._stats, view.engine = None, engine.stats(), engine
             kv = json.loads(json.dumps(view.health()))["kv_cache"]
             assert kv["dtype"] == name and kv["block_bytes"] == engine.kv_block_bytes
             assert kv["format"] == engine.spec.kv_format.tag()

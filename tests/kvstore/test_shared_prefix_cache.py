@@ -474,7 +474,7 @@ def test_embedded_redis_is_started_shared_taken_over_and_stopped(qwen3_tiny, tmp
 def test_health_reports_the_shared_cache(pair):
     _, b = pair
     eng = AsyncLLMEngine.__new__(AsyncLLMEngine)  # only the health() view, no loop thread
-    eng.dead_error, eng._stats = None, b.engine.stats()
+    eng.dead_error, eng._stats, eng.engine = None, b.engine.stats(), b.engine
     health = json.loads(json.dumps(eng.health()))
     pc = health["prefix_cache"]
     assert pc["remote_hit_tokens"] == b.engine.stats().prefix_remote_hit_tokens > 0
