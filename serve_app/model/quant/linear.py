@@ -135,7 +135,8 @@ def project_group(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...] | None:
     view into it (no second copy); the outputs are column slices of one [T, N] tensor."""
     first = linears[0]
     entry = _fused.get(first)
-    if entry is None or any(m.stack is not s for m, s in zip(linears, entry[0], strict=False)):
+    held = [getattr(m, "stack", None) for m in linears]  # None: not a kernel-path QuantLinear
+    if entry is None or any(h is not s for h, s in zip(held, entry[0], strict=True)):
         entry = _fuse(linears)
         _fused[first] = entry
     if entry[1] is None:
@@ -150,7 +151,7 @@ def project_group(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...] | None:
 
 
 def _fuse(linears) -> tuple:
-    stacks = [m.stack for m in linears]
+    stacks = [getattr(m, "stack", None) for m in linears]
     lead = stacks[0]
     joinable = all(isinstance(m, QuantLinear) for m in linears) and all(
         s is not None
