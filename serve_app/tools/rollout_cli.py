@@ -103,15 +103,10 @@ def _strategy_flags(args: argparse.Namespace) -> dict[str, Any]:
     return updates
 
 
-def _start_call(args: argparse.Namespace) -> dict[str, Any]:
-    config = load_candidate(args.config, args.app, args.version_name)
-    r = config.rollout
-    updates = _strategy_flags(args)
-    r = type(r).model_validate({**r.model_dump(), **updates})
+def _strategy_body(r) -> dict[str, Any]:
+    """The strategy and analysis gates of RolloutSettings `r`, as the controller takes them."""
     strategy = r.strategy_config()
     return {
-        "version": config.version_name,
-        "config": config.model_dump(),
         "strategy": {
             "kind": strategy.kind,
             "steps": list(strategy.steps),
@@ -119,6 +114,18 @@ def _start_call(args: argparse.Namespace) -> dict[str, Any]:
             "auto": strategy.auto,
         },
         "analysis": r.analysis.model_dump(),
+    }
+
+
+def _start_call(args: argparse.Namespace) -> dict[str, Any]:
+    config = load_candidate(args.config, args.app, args.version_name)
+    r = config.rollout
+    updates = _strategy_flags(args)
+    r = type(r).model_validate({**r.model_dump(), **updates})
+    return {
+        "version": config.version_name,
+        "config": config.model_dump(),
+        **_strategy_body(r),
     }
 
 
@@ -136,19 +143,12 @@ def _adapter_start_call(args: argparse.Namespace) -> dict[str, Any]:
     check_version_name(version)
     updates = _strategy_flags(args)
     r = RolloutSettings.model_validate(updates)
-    strategy = r.strategy_config()
     stable = str(Path(args.stable_path).expanduser().resolve()) if args.stable_path else None
     return {
         "adapter": args.adapter,
         "version": version,
         "config": {"model": str(path)},
-        "strategy": {
-            "kind": strategy.kind,
-            "steps": list(strategy.steps),
-            "interval_s": strategy.interval_s,
-            "auto": strategy.auto,
-        },
-        "analysis": r.analysis.model_dump(),
+        **_strategy_body(r),
         "stable_path": stable,
     }
 
