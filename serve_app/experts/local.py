@@ -118,7 +118,7 @@ def run_experts(
     n = len(order) - counts[sentinel]  # slots this layer's experts serve
     if n == 0:
         return torch.zeros_like(x)
-    order = order[:n]
+    order, foreign = order[:n], order[n:]
     token_idx = order // k
     xs = x[token_idx]
     starts = [0]
@@ -134,7 +134,9 @@ def run_experts(
     # torch runs row by row (~10% of a prefill step) or through a sort (a third of a quantized
     # decode step); planes, not [token, k] rows, so the sum is elementwise (a sum over the
     # middle dim cost 4% of a decode run)
-    slots = (x.new_zeros if n < len(flat_ids) else x.new_empty)(len(flat_ids), x.shape[1])
+    slots = x.new_empty(len(flat_ids), x.shape[1])
+    if len(foreign):  # slots another shard serves add 0 here (only those rows are zeroed)
+        slots.index_fill_(0, (foreign % k) * x.shape[0] + foreign // k, 0.0)
     dest = (order % k) * x.shape[0] + token_idx
     if lora is not None or not w.mlp_into(xs, spans, row_weights, dest, slots):
         inter = w.intermediate_size
