@@ -171,15 +171,9 @@ class AsyncLLMEngine:
         """From the registry itself (it locks), not the last step's stats: an admin load or
         unload on an idle engine shows at once."""
         lora = self.engine.lora
-        mem = lora.memory()
         return {
+            **lora.memory()._asdict(),
             "max_loras": lora.max_loras,
-            "resident": mem.resident,
-            "resident_bytes": mem.resident_bytes,
-            "budget_bytes": mem.budget_bytes,
-            "host": mem.host,
-            "host_bytes": mem.host_bytes,
-            "pinned": list(mem.pinned),
             "loads_disk": lora.num_disk_loads,
             "loads_host": lora.num_host_loads,
             "evictions": lora.num_evictions,

@@ -233,14 +233,8 @@ class LLMEngine:
         lora = self.lora
         if not lora.num_loads:
             return {"lora_max": lora.max_loras, "lora_budget_bytes": lora.limits.max_bytes}
-        mem = lora.memory()
         return {
-            "lora_resident": mem.resident,
-            "lora_resident_bytes": mem.resident_bytes,
-            "lora_budget_bytes": mem.budget_bytes,
-            "lora_host": mem.host,
-            "lora_host_bytes": mem.host_bytes,
-            "lora_pinned": mem.pinned,
+            **{f"lora_{k}": v for k, v in lora.memory()._asdict().items()},
             "lora_loads": lora.num_loads,
             "lora_host_loads": lora.num_host_loads,
             "lora_evictions": lora.num_evictions,
