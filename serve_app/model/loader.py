@@ -178,17 +178,31 @@ def _reset_buffers(model: CausalLM, spec: ModelSpec, device: torch.device) -> No
 def base_shapes(model_dir: str | Path, spec: ModelSpec | None = None) -> BaseShapes:
     """What a LoRA adapter is checked against (serve_app/lora/peft_format.py): the float
     linears of the checkpoint by module name (from its safetensors headers; a pre-quantized
-    linear has no float `weight` and is not listed) and each MoE layer's routed experts."""
+    linear's [N, K] from its format's tensors, CheckpointFormat.shape) and each MoE layer's
+    routed experts."""
     spec = spec or load_model_spec(model_dir)
+    fmt = checkpoint_format(spec.hf_config)
+    marker = None if fmt is None else "." + fmt.marker
     linears: dict[str, tuple[int, int]] = {}
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if not name.endswith(".weight") or expert_key(spec, name) is not None:
+            names = set(f.keys())
+            for name in names:
+                if expert_key(spec, name) is not None:
                     continue
-                shape = tuple(f.get_slice(name).get_shape())
-                if len(shape) == 2:
-                    linears[name.removesuffix(".weight")] = (shape[0], shape[1])
+                if name.endswith(".weight"):
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if len(shape) == 2:
+                        linears[name.removesuffix(".weight")] = (shape[0], shape[1])
+                elif marker is not None and name.endswith(marker):  # a pre-quantized linear
+                    prefix = name.removesuffix(marker)
+                    shapes = {
+                        s: tuple(f.get_slice(f"{prefix}.{s}").get_shape())
+                        for s in fmt.suffixes
+                        if f"{prefix}.{s}" in names
+                    }
+                    read = lambda s, p=prefix, f=f: f.get_tensor(f"{p}.{s}")  # noqa: E731
+                    linears[prefix] = fmt.shape(shapes, read)
     experts = {
         layer: (spec.num_experts, spec.moe_intermediate_size, spec.hidden_size)
         for layer, moe in enumerate(spec.moe_layers)

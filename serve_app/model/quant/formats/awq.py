@@ -16,6 +16,7 @@ import torch
 
 from serve_app.model.quant.formats.base import (
     CheckpointFormat,
+    Reader,
     check_group,
     int4_from_zero_points,
     unpack_int32,
@@ -43,6 +44,10 @@ class AWQFormat(CheckpointFormat):
         self.group = check_group(
             "awq", int(config.get("group_size", config.get("q_group_size", 128)))
         )
+
+    def shape(self, shapes: Mapping[str, tuple[int, ...]], read: Reader) -> tuple[int, int]:
+        k, words = shapes["qweight"]  # [K, N / 8]
+        return words * 8, k
 
     def load(self, t: Mapping[str, torch.Tensor], name: str) -> Int4Weight:
         q = unpack_int32(t["qweight"], 4, 1, AWQ_ORDER).t().contiguous()  # [N, K]

@@ -11,7 +11,7 @@ Shapes: N outputs, K inputs, G group size, W packed words.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -19,6 +19,7 @@ from serve_app.model.quant.methods import GROUP_SIZES
 from serve_app.model.quant.scheme import Int4Weight, Int8Weight, Quantization, QuantizationError
 
 Loaded = Int8Weight | Int4Weight | torch.Tensor
+Reader = Callable[[str], torch.Tensor]
 
 
 class CheckpointFormat(ABC):
@@ -31,7 +32,8 @@ class CheckpointFormat(ABC):
     - `marker`: the tensor suffix whose presence marks a quantized linear; `suffixes`: every
       tensor suffix one linear may have (the loader gathers them for `load`);
     - `load(tensors, name)`: suffix -> tensor of one linear, to our weight [N, K]; a
-      QuantizationError (one line naming `name`) for what does not map.
+      QuantizationError (one line naming `name`) for what does not map;
+    - `shape(shapes, read)`: its [N, K] from the headers.
     """
 
     method: str  # config.json's quant_method
@@ -42,6 +44,12 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def load(self, tensors: Mapping[str, torch.Tensor], name: str) -> Loaded: ...
+
+    @abstractmethod
+    def shape(self, shapes: Mapping[str, tuple[int, ...]], read: Reader) -> tuple[int, int]:
+        """(N, K) of one linear from its tensors' header shapes (suffix -> shape), without
+        loading it: what a LoRA adapter is checked against. `read(suffix)` reads a tensor
+        where the format stores the shape as a value (a few bytes)."""
 
     def tag(self) -> str:
         """For the digest and reports: 'gptq-int4-g128', 'fp8-block128x128'."""

@@ -26,6 +26,7 @@ import torch
 
 from serve_app.model.quant.formats.base import (
     CheckpointFormat,
+    Reader,
     check_group,
     int4_from_zero_points,
     unpack_int32,
@@ -76,6 +77,16 @@ class CompressedTensorsFormat(CheckpointFormat):
 
     def tag(self) -> str:
         return f"compressed-{super().tag().removeprefix(self.method + '-')}"
+
+    def shape(self, shapes: Mapping[str, tuple[int, ...]], read: Reader) -> tuple[int, int]:
+        if "weight_shape" in shapes:
+            n, k = (int(v) for v in read("weight_shape").tolist())
+        elif "weight_packed" in shapes:  # no stored shape: K as packed (no padding)
+            n, words = shapes["weight_packed"]
+            k = words * 32 // self.bits
+        else:
+            n, k = shapes["weight"]
+        return n, k
 
     def load(self, t: Mapping[str, torch.Tensor], name: str) -> Int4Weight | Int8Weight:
         s = t["weight_scale"].float()

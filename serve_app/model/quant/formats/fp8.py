@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from serve_app.model.quant.formats.base import CheckpointFormat
+from serve_app.model.quant.formats.base import CheckpointFormat, Reader
 from serve_app.model.quant.scheme import QuantizationError
 
 
@@ -36,6 +36,10 @@ class FP8BlockFormat(CheckpointFormat):
 
     def tag(self) -> str:
         return f"fp8-block{self.block[0]}x{self.block[1]}"
+
+    def shape(self, shapes: Mapping[str, tuple[int, ...]], read: Reader) -> tuple[int, int]:
+        n, k = shapes["weight"]
+        return n, k
 
     def load(self, t: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         w, s = t["weight"], t["weight_scale_inv"].float()

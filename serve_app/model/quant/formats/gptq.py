@@ -22,6 +22,7 @@ import torch
 
 from serve_app.model.quant.formats.base import (
     CheckpointFormat,
+    Reader,
     check_group,
     group_of_runs,
     int4_from_zero_points,
@@ -51,6 +52,10 @@ class GPTQFormat(CheckpointFormat):
                 f"gptq checkpoint: bits {self.bits} with group_size {group} is not supported "
                 "(4 bits in groups, or 8 bits with group_size -1)"
             )
+
+    def shape(self, shapes: Mapping[str, tuple[int, ...]], read: Reader) -> tuple[int, int]:
+        words, n = shapes["qweight"]  # [K * bits / 32, N]
+        return n, words * 32 // self.bits
 
     def load(self, t: Mapping[str, torch.Tensor], name: str) -> Int8Weight:
         q = unpack_int32(t["qweight"], self.bits, 0).t()  # [N, K]
