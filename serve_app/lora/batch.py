@@ -94,26 +94,40 @@ class LoraBatch:
                 groups.append(_Group(a, torch.tensor(rows, dtype=torch.int64, device=device)))
         return cls(adapters, slot_of_row, groups)
 
-    def add_linear_(self, name: str | None, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add_linear_(
+        self, name: str | None, x: torch.Tensor, y: torch.Tensor, rows: slice | None = None
+    ) -> None:
         """y[rows] += (x[rows] @ A.T) @ B.T for each adapter that adapts module `name`.
-        x [T, K], y [T, N] (a column slice of a wider output is fine)."""
+        x [T, K], y [T, N] (a column slice of a wider output is fine); with `rows`, x and y
+        hold only those rows of the micro-batch (MLA's expanded prefill chunk)."""
         if name is None:
             return
+        slots = self.slot_of_row if rows is None else self.slot_of_row[rows]
         kernel = lora_kernel.load() if x.device.type == "cpu" else None
         if kernel is not None and kernel.applies(x, y):
             factors = [_factors(a.linears.get(name), kernel) for a in self.adapters]
             if all(f is None for f in factors):
                 return
             if all(f is not False for f in factors):
-                kernel.bgmv_(x, self.slot_of_row, None, factors, y)
+                kernel.bgmv_(x, slots, None, factors, y)
                 return
-        for g in self._groups:
+        groups = self._groups if rows is None else [
+            _Group(a, (slots == i).nonzero().squeeze(1)) for i, a in enumerate(self.adapters)
+        ]  # fmt: skip
+        for g in groups:
             w = g.adapter.linears.get(name)
             if w is None:
                 continue
             xs = x[g.rows]
             delta = (xs @ w.a.to(xs.dtype).T) @ w.b.to(xs.dtype).T
             y[g.rows] += delta.to(y.dtype)
+
+    def linear_groups(self, name: str | None) -> list[tuple[LoraWeights, slice | torch.Tensor]]:
+        """(factors, rows) of each adapter in the batch that adapts module `name`: for a
+        module run in another form than its weight (MLA's absorbed kv_b_proj)."""
+        if name is None:
+            return []
+        return [(w, g.rows) for g in self._groups if (w := g.adapter.linears.get(name)) is not None]
 
     def experts(self, layer: int) -> ExpertLora | None:
         """The routed experts' LoRA of `layer` in this batch, or None if no adapter has any."""

@@ -11,8 +11,8 @@ in two tiers (docs/lora.md, "Memory"):
 
 What the model applies comes from the model itself (`targets`: module name -> the row order
 its weight was loaded in, None when unchanged): every linear of the decoder layers and the MoE
-gates. MLA's `kv_b_proj` is not a target (it runs split into the absorbed W_UK / W_UV), nor
-are the embeddings and the LM head; an adapter for any of them is refused with one line.
+gates (MLA's `kv_b_proj` included: its delta follows the absorbed W_UK / W_UV, mla.py). The
+embeddings and the LM head are not; an adapter for either is refused with one line.
 Routed-expert LoRA is applied where the experts run: in this process (serve_app.experts.local),
 or on the expert shard actors, which load their experts' slices of the adapter from the same
 path on first sight (serve_app.experts.shard_lora); a router over remote experts then keeps

@@ -4,7 +4,9 @@
 each target (`module.lora_name`), which is how `project()` and the MoE gate find an adapter's
 factors for it. `targets(model)` lists them with the row order their weight was loaded in
 (MLA permutes the rope rows of q_b_proj / q_proj and kv_a_proj_with_mqa at load, so an
-adapter's B rows must be permuted alike).
+adapter's B rows must be permuted alike). MLA's `kv_b_proj` is a target too: its delta is
+applied in the absorbed form by MLAttention (serve_app/model/layers/mla.py), as a linear in
+the expanded one.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# run in another form than their checkpoint weight (MLA's absorbed W_UK / W_UV)
-NOT_TARGETS = frozenset({"kv_b_proj"})
-
 
 def tag(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if not name.startswith("model.layers.") or name.rsplit(".", 1)[-1] in NOT_TARGETS:
+        if not name.startswith("model.layers."):
             continue
         w = getattr(m, "weight", None)
         gate_like = isinstance(w, torch.Tensor) and w.dim() == 2  # the MoE gate

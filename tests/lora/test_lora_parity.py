@@ -32,7 +32,7 @@ CASES = {
     },
     "qwen2_moe": {"all": {"target_modules": "all-linear"}},
     "mixtral": {"experts3d": {"target_modules": ["o_proj"], "target_parameters": EXPERTS_3D}},
-    "deepseek_v3": {"all": {"target_modules": "all-linear", "exclude_modules": ["kv_b_proj"]}},
+    "deepseek_v3": {"all": {"target_modules": "all-linear"}},
     "deepseek_v2": {"qv": {"target_modules": ["q_proj", "kv_a_proj_with_mqa"]}},
 }
 

@@ -26,9 +26,12 @@ from serve_app.model.quant import linear as quant_linear
 _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+def project(
+    x: torch.Tensor, *linears: nn.Linear, rows: slice | None = None
+) -> tuple[torch.Tensor, ...]:
     """(F.linear(x, m.weight, m.bias) for m in linears), as one kernel call where it applies,
-    plus the LoRA delta of each row's adapter where a LoRA batch is active.
+    plus the LoRA delta of each row's adapter where a LoRA batch is active (`rows`: the rows
+    of the micro-batch that x holds, None: all of them).
 
     NOTE: the outputs may be column slices of one [T, N] tensor (not contiguous). Quantized
     linears (serve_app/model/quant/linear.py) run their own kernel, one call for the group
@@ -37,7 +40,7 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     batch = lora.current()
     if batch is not None:
         for m, y in zip(linears, outs, strict=True):
-            batch.add_linear_(getattr(m, "lora_name", None), x, y)
+            batch.add_linear_(getattr(m, "lora_name", None), x, y, rows)
     return outs
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app.lora import batch as lora
 from serve_app.model.config import ModelSpec
 from serve_app.model.layers.attention import AttentionMetadata, attend, write_rows
 from serve_app.model.layers.linear import project
@@ -126,8 +127,11 @@ class MLAttention(nn.Module):
         for p in meta.prefills:
             (cached if p.has_cached or not self.expand_fresh_prefills else fresh).append(p)
         if meta.decode_groups or cached:
+            kv_b_lora = self._kv_b_lora(q_nope.dtype)
             # [H, T, N] @ [H, N, R] -> the query against the latent, then its rope part
             q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
+            for a, b_k, _, rows in kv_b_lora:  # W_UK + B_k A per head
+                q_lat[rows] += torch.einsum("thn,hnr->thr", q_nope[rows], b_k) @ a
             q_abs = torch.cat([q_lat, q_pe], dim=-1)
             o = q_abs.new_empty(q_abs.shape)
             if meta.decode_groups:
@@ -138,13 +142,15 @@ class MLAttention(nn.Module):
                 o[s:e] = self._absorbed_chunk(q_abs[s:e], cache, seq, meta)
             # values are the latent's first R dims; W_UV per head: [H, T, R] @ [H, R, V]
             out = torch.bmm(o[..., : m.kv_lora_rank].transpose(0, 1), self.w_uv).transpose(0, 1)
+            for a, _, b_v, rows in kv_b_lora:  # W_UV + (B_v A).T per head
+                out[rows] += torch.einsum("thr,hvr->thv", o[rows, :, : m.kv_lora_rank] @ a.T, b_v)
         else:
             out = x.new_empty(t, h, m.v_head_dim)
         if fresh and cache.dtype != latent.dtype:  # the latents as cached (bf16-rounded)
             latent = latent.to(cache.dtype).to(latent.dtype)
         for seq in fresh:
             s, e = seq.token_start, seq.token_start + seq.q_len
-            out[s:e] = self._expanded(q_nope[s:e], q_pe[s:e], latent[s:e, 0])
+            out[s:e] = self._expanded(q_nope[s:e], q_pe[s:e], latent[s:e, 0], slice(s, e))
         return project(out.reshape(t, h * m.v_head_dim), self.o_proj)[0]
 
     def _absorbed_chunk(self, q, cache, seq, meta: AttentionMetadata) -> torch.Tensor:
@@ -172,11 +178,25 @@ class MLAttention(nn.Module):
             out[r0:r1] = torch.softmax(scores.view(r1 - r0, -1), dim=-1) @ keys
         return out.view(n, h, width)
 
-    def _expanded(self, q_nope, q_pe, latent) -> torch.Tensor:
+    def _kv_b_lora(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        """kv_b_proj's LoRA in the absorbed form, per adapter of the batch that adapts it:
+        (A [r, R], B_k [H, N, r], B_v [H, V, r], the rows it runs). Torch ops (no C kernel):
+        W_UK's delta is B_k A, so q_nope @ B_k then @ A; W_UV's, o @ A.T then @ B_v.T."""
+        batch = lora.current()
+        if batch is None:
+            return []
+        m, h, out = self.mla, self.num_heads, []
+        for w, rows in batch.linear_groups(getattr(self.kv_b_proj, "lora_name", None)):
+            a, b = w.a.to(dtype), w.b.to(dtype).view(h, m.qk_nope_head_dim + m.v_head_dim, -1)
+            out.append((a, b[:, : m.qk_nope_head_dim], b[:, m.qk_nope_head_dim :], rows))
+        return out
+
+    def _expanded(self, q_nope, q_pe, latent, rows: slice) -> torch.Tensor:
         """Causal attention of one chunk over its own tokens, K/V expanded from its latents:
-        [n, H, N], [n, H, P], [n, L] -> [n, H, V]."""
+        [n, H, N], [n, H, P], [n, L] -> [n, H, V]; `rows`: its tokens in the batch (the
+        LoRA delta of kv_b_proj is that of their adapter)."""
         m, n, h = self.mla, latent.shape[0], self.num_heads
-        kv = project(latent[:, : m.kv_lora_rank].contiguous(), self.kv_b_proj)[0]
+        kv = project(latent[:, : m.kv_lora_rank].contiguous(), self.kv_b_proj, rows=rows)[0]
         kv = kv.view(n, h, m.qk_nope_head_dim + m.v_head_dim)
         k_pe = latent[:, None, m.kv_lora_rank :].expand(n, h, m.qk_rope_head_dim)
         k = torch.cat([kv[..., : m.qk_nope_head_dim], k_pe], dim=-1)
