@@ -84,12 +84,15 @@ class AdapterCatalog:
             self._entries[ref.name] = _Entry(ref, int(time.time()))
             self._revisions[ref.name] = max(ref.revision, self._revisions.get(ref.name, -1))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> LoraRef:
+        """Stop serving `name`; the ref it was served by (the engines drop that revision)."""
         with self._lock:
-            if self._entries.pop(name, None) is None:
-                raise APIError(
-                    404, f"The LoRA adapter `{name}` is not loaded.", "not_found_error", "lora_name"
-                )
+            entry = self._entries.pop(name, None)
+        if entry is None:
+            raise APIError(
+                404, f"The LoRA adapter `{name}` is not loaded.", "not_found_error", "lora_name"
+            )
+        return entry.ref
 
     def cards(self, max_model_len: int) -> list[dict]:
         """/v1/models entries of the adapters, `parent` the base model (as vLLM lists them)."""

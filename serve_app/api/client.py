@@ -77,7 +77,9 @@ class EngineCore(Protocol):
         """Load (and so check) a LoRA adapter now; the reason it cannot be served, or None."""
         ...
 
-    async def unload_adapter(self, name: str) -> None: ...
+    async def unload_adapter(self, ref: LoraRef) -> None:
+        """Drop the adapter `ref` names, at its revision or older (a newer load stays)."""
+        ...
 
 
 class EngineClient(Protocol):

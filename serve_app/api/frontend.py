@@ -129,8 +129,8 @@ class FrontEnd:
         self.adapters.put(ref)
 
     async def unload_adapter(self, name: str) -> None:
-        self.adapters.remove(name)  # new requests naming it get a 404 from here on
-        await self.core.unload_adapter(name)
+        ref = self.adapters.remove(name)  # new requests naming it get a 404 from here on
+        await self.core.unload_adapter(ref)
 
 
 async def _outputs(state: RequestState, call: CoreCall) -> AsyncIterator[RequestOutput]:

@@ -77,6 +77,10 @@ class ExpertShardActor:
     def drop_experts(self, experts: list[int]) -> list[int]:
         return self.shard.drop_experts(experts)
 
+    def drop_lora(self, name: str) -> bool:
+        """Forget LoRA adapter `name` (unloaded through the API); True if it was held."""
+        return self.shard.adapters.drop(name)
+
     def info(self) -> dict:
         return {
             "owned": self.shard.owned,

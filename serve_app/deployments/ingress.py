@@ -32,6 +32,7 @@ from serve_app.deployments.rollout_actor import get_or_create_controller
 from serve_app.deployments.versions import TrafficSplit
 from serve_app.engine.errors import EngineError
 from serve_app.engine.outputs import EngineOutput, EngineRequest, LoraRef
+from serve_app.lora.unloads import Unload
 from serve_app.messages import Refused
 from serve_app.metrics import use_ray_metrics
 from serve_app.replica_picking.key import RouteKeys
@@ -101,10 +102,23 @@ class RouterCore:
         from ref.path on their first request that names it."""
         return await self.versions.handle(self.versions.stable).load_adapter.remote(ref)
 
-    async def unload_adapter(self, name: str) -> None:
-        """The ingress stops routing it at once; the replica this reaches drops it now, the
-        others when their LRU evicts it (docs/lora.md)."""
-        await self.versions.handle(self.versions.stable).unload_adapter.remote(name)
+    async def unload_adapter(self, ref: LoraRef) -> None:
+        """To one router replica of each live version: it drops the adapter now, with its
+        version's expert shards, and its version's other replicas within a second or two
+        (deployments/adapter_unloads.py; docs/lora.md). A failure on the stable version is
+        raised; on another, logged (its replicas keep the adapter until their LRU evicts it)."""
+        unload = Unload(ref.name, ref.revision)
+        stable = self.versions.stable
+        versions = [stable, *(v for v in self.versions.split.apps if v != stable)]
+        results = await asyncio.gather(
+            *(self.versions.handle(v).unload_adapter.remote(unload) for v in versions),
+            return_exceptions=True,
+        )
+        for version, result in zip(versions, results, strict=True):
+            if isinstance(result, BaseException):
+                if version == stable:
+                    raise result
+                log.warning("unload of %s on version %s failed: %s", ref.name, version, result)
 
 
 CHANNEL_GRACE_S = 30.0  # after the call returned, how long its last records may take

@@ -165,6 +165,11 @@ class RemoteExperts(ExpertExecutor):
         For health reports, not the step."""
         return await self._ask_each(lambda handle: handle.info.remote(), timeout_s)
 
+    async def drop_adapter(self, name: str, timeout_s: float = 5.0) -> list[bool | None]:
+        """Every shard forgets LoRA adapter `name` (an admin unload): per shard, whether it
+        held it, or None where it did not answer (it evicts by LRU then)."""
+        return await self._ask_each(lambda handle: handle.drop_lora.remote(name), timeout_s)
+
     async def _ask_each(self, call: Callable[[Any], Any], timeout_s: float) -> list[Any]:
         """call(handle) on every shard at once; None for a shard that fails or is silent."""
 

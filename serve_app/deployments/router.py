@@ -20,6 +20,7 @@ from ray import serve
 
 from autoscaling.signals import RouterSignals
 from serve_app.config import AppConfig
+from serve_app.deployments.adapter_unloads import UnloadSync, shares_unloads
 from serve_app.deployments.output_channel import OutputOutbox, ReplyTo
 from serve_app.deployments.remote_experts import RemoteExperts
 from serve_app.deployments.replica_picker import KV_USE_STAT
@@ -29,6 +30,7 @@ from serve_app.engine.outputs import EngineRequest, LoraRef
 from serve_app.experts.balancer import Versioned
 from serve_app.experts.placement import Placement, place_experts
 from serve_app.lora.peft_format import LoraError
+from serve_app.lora.unloads import Unload
 from serve_app.messages import PlacementReport, Refused, RouterInfo
 from serve_app.metrics import use_ray_metrics
 from serve_app.metrics.reporter import start_engine_reporter
@@ -57,7 +59,7 @@ class Router:
         self.config = config
         spec = load_model_spec(config.model)  # once for this process, passed down
         self.experts = remote_experts(config, spec) if config.expert_parallel_size else None
-        replica = serve.get_replica_context().replica_id.unique_id
+        self.replica = replica = serve.get_replica_context().replica_id.unique_id
         self.placement_sync: PlacementSync | None = None
         if self.experts is not None and config.experts.rebalance.enabled:
             # Before serving: a router started after a rebalance dispatches by its placement.
@@ -79,6 +81,12 @@ class Router:
             use_ray_metrics(), self.engine, config.version_name, replica, shard_tokens
         )
         self.outbox: OutputOutbox | None = None  # made on the replica's event loop
+        lora = self.engine.engine.lora
+        self.unloads = (
+            UnloadSync(lambda u: lora.unload(u.name, up_to=u.revision))
+            if shares_unloads(config)
+            else None
+        )
 
     async def info(self) -> RouterInfo:
         engine = self.engine.engine
@@ -102,8 +110,16 @@ class Router:
             return str(e)
         return None
 
-    async def unload_adapter(self, name: str) -> bool:
-        return self.engine.engine.lora.unload(name)
+    async def unload_adapter(self, unload: Unload) -> bool:
+        """Drop a LoRA adapter (an admin unload; a newer revision of the name stays): here now,
+        on the expert shards now, on the other router replicas at their next unload sync
+        (deployments/adapter_unloads.py). Whether this replica held it."""
+        held = self.engine.engine.lora.unload(unload.name, up_to=unload.revision)
+        if self.experts is not None:
+            await self.experts.drop_adapter(unload.name)
+        if self.unloads is not None:
+            await asyncio.to_thread(self.unloads.unload, unload)
+        return held
 
     async def generate_to(
         self,
@@ -155,8 +171,10 @@ class Router:
         """The engine's health; `degraded` (HTTP 503 on /health) while an expert shard does
         not answer, e.g. no node has the resources to recreate it. With expert shards,
         `weights.shard_bytes` lists each shard's weight bytes as held (None: no answer);
-        `weights.bytes` is this replica's own (everything but the routed experts)."""
+        `weights.bytes` is this replica's own (everything but the routed experts). `replica`:
+        which router replica answered (Serve's replica id)."""
         h = self.engine.health()
+        h["replica"] = self.replica
         if self.experts is not None:
             h["expert_shard_retries"] = self.experts.num_retries
             # one info() per shard: liveness and the bytes each holds (which rebalancing moves)

@@ -5,7 +5,8 @@ the rollout controller (deployments/rollout_actor.py) deploys every other versio
 build_version_app, as its own application. The shards are deployment-scoped actors of the
 router deployment (Ray Serve 2.60): one set of N shards is shared by all M router replicas,
 started before the routers, recreated by the Serve controller when one dies, and removed with
-the application.
+the application. So is the adapter unload log of a deployment that may run several router
+replicas (deployments/adapter_unloads.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ray.serve import Application, Deployment
 from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
 from serve_app.config import AppConfig, AutoscalingSettings
+from serve_app.deployments.adapter_unloads import unloads_actor
 from serve_app.deployments.balancer_actor import ExpertBalancerActor
 from serve_app.deployments.expert_actor import ExpertShardActor
 from serve_app.deployments.router import (
@@ -50,7 +52,7 @@ def router_deployment(config: AppConfig) -> Deployment:
             "resources": dict(r.resources),
         },
         health_check_period_s=10,
-        deployment_actors=expert_actors(config),
+        deployment_actors=expert_actors(config) + unloads_actor(config),
         **request_routing(config),
     )
 

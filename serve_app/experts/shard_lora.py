@@ -7,7 +7,8 @@ files did not change in between: the shard would otherwise apply other weights t
 router's linears), and keeps, per MoE layer and projection, the packed slice of the experts it
 owns that the adapter changes (`ExpertLoraWeights.select`): its memory grows with what the
 adapter really holds for these experts, not with a dense slot per adapter. Least recently used
-adapters are evicted beyond `max_loras`; a call keeps references to those it runs.
+adapters are evicted beyond `max_loras`, an unloaded one is dropped when the router replica
+that took the unload says so (`drop`); a call keeps references to those it runs.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class ShardAdapters:
                 )
         # the linears run on the router: the shard keeps none of them
         return LoraAdapter(full.name, full.path, full.digest, full.rank, {}, experts)
+
+    def drop(self, name: str) -> bool:
+        """Forget adapter `name` (an admin unload); a later call naming it loads it again."""
+        with self._lock:
+            return self._held.pop(name, None) is not None
 
     def names(self) -> list[str]:
         with self._lock:

@@ -172,12 +172,17 @@ class LoraRegistry:
         with self._lock:
             return self._admit(name, _Held(revision, str(path), parsed, None, pinned), "disk")
 
-    def unload(self, name: str) -> bool:
-        """Drop `name` from both tiers, pinned or not."""
+    def unload(self, name: str, up_to: int | None = None) -> bool:
+        """Drop `name` from both tiers, pinned or not; with `up_to`, only a revision at most
+        that (a newer load of the name stays: serve_app/lora/unloads.py)."""
         with self._lock:
-            resident = self._resident.pop(name, None)
-            host = self._host.pop(name, None)
-            return resident is not None or host is not None
+            dropped = False
+            for tier in (self._resident, self._host):
+                held = tier.get(name)
+                if held is not None and (up_to is None or held.revision <= up_to):
+                    del tier[name]
+                    dropped = True
+            return dropped
 
     def get(self, name: str) -> LoraAdapter | None:
         with self._lock:

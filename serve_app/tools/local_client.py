@@ -40,8 +40,8 @@ class LocalCore:
             return str(e)
         return None
 
-    async def unload_adapter(self, name: str) -> None:
-        self.engine.engine.lora.unload(name)
+    async def unload_adapter(self, ref: LoraRef) -> None:
+        self.engine.engine.lora.unload(ref.name, up_to=ref.revision)
 
 
 class _LocalCall:

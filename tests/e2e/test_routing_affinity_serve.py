@@ -5,12 +5,16 @@ PrefixAffinityReplicaPicker. Shuffled requests over a few shared prefixes (token
 prefix sent as text) must all succeed, each prefix must stay on one replica (so every repeat
 is a local prefix-cache hit), both replicas must take prefixes, and /metrics must count the
 choices by reason. A session (x-session-id) stays on its replica across different prompts.
+A LoRA adapter pinned by the config (so on both replicas) unloaded through one replica is gone
+from both (the version's unload log, serve_app/deployments/adapter_unloads.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,7 +34,7 @@ PREFIX_BLOCKS = 6  # 96 shared tokens
 
 
 @pytest.fixture(scope="module")
-def affine(ray_serve: RayServe) -> str:
+def affine(ray_serve: RayServe, qv_adapter: Path) -> str:
     from ray import serve
 
     from serve_app.builder import build_app
@@ -50,6 +54,8 @@ def affine(ray_serve: RayServe) -> str:
                 "routing": "prefix_affinity",
                 "affinity": {"stats_period_s": 1},
             },
+            # pinned on both replicas from their start: test_an_unload_reaches_both_replicas
+            "lora": {"adapters": {"qv": str(qv_adapter)}, "pinned": ["qv"]},
         }
     )
     serve.run(app, name=APP, route_prefix=PREFIX, blocking=False)
@@ -125,3 +131,37 @@ def test_a_text_prompt_is_hashed_like_its_tokens_and_a_session_sticks(affine):
     c = settled(affine, before.total_queried + 2 * len(ids) + 1 + 120).minus(before)
     assert c.routed.get("prefix_match") == 1 and c.routed.get("session") == 2, c.routed
     assert sum(c.local_hit.values()) >= blocks * BLOCK - BLOCK, c
+
+
+def pins_by_replica(min_replicas: int = 2, timeout: float = 60.0) -> dict[str, list[str]]:
+    """Each router replica's pinned adapters from its health, asked through a handle (4 calls
+    at a time: the picker spreads them by load) until `min_replicas` answered."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("router", app_name=APP)
+
+    async def ask() -> list[dict]:
+        return await asyncio.gather(*(handle.health.remote() for _ in range(4)))
+
+    seen: dict[str, list[str]] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < min_replicas:
+        assert time.monotonic() < deadline, f"only {sorted(seen)} answered"
+        seen.update({h["replica"]: h["lora"]["pinned"] for h in asyncio.run(ask())})
+    return seen
+
+
+def test_an_unload_reaches_both_replicas(affine):
+    from ray import serve
+
+    from serve_app.lora.unloads import Unload
+
+    assert list(pins_by_replica().values()) == [["qv"], ["qv"]]
+    handle = serve.get_deployment_handle("router", app_name=APP)
+    t0 = time.monotonic()
+    handle.unload_adapter.remote(Unload("qv", 0)).result(timeout_s=30)  # what the ingress sends
+    while any(pins_by_replica().values()):
+        assert time.monotonic() - t0 < 10, pins_by_replica()  # SYNC_INTERVAL_S is 1 s
+        time.sleep(0.2)
+    h = pins_by_replica()
+    assert len(h) == 2 and not any(h.values()), h

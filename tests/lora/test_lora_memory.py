@@ -125,6 +125,18 @@ def test_pinned_adapters_are_never_evicted(dirs):
     assert reg.names() == ["d", "e"] and reg.memory().pinned == ("e",)
 
 
+def test_an_unload_up_to_a_revision_keeps_a_newer_load(dirs):
+    reg = registry(max_loras=2, max_cpu_loras=4)
+    reg.load("a", dirs["a"], revision=3, pinned=True)
+    assert not reg.unload("a", up_to=2)  # an older revision's unload, arriving late: a stays
+    assert reg.names() == ["a"] and reg.memory().pinned == ("a",)
+    assert reg.unload("a", up_to=3) and reg.names() == [] and reg.memory().pinned == ()
+    for n in "bcd":
+        reg.load(n, dirs[n])
+    assert reg.names() == ["c", "d"] and reg.host_names() == ["b"]
+    assert reg.unload("b", up_to=0) and reg.host_names() == []  # from the host tier too
+
+
 def test_pinned_bytes_leave_no_room(tmp_path):
     a, b = write_adapter(tmp_path, "a", r=4), write_adapter(tmp_path, "b", r=4)
     reg = registry(max_loras=4, max_bytes=rank_bytes(6))

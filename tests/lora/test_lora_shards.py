@@ -102,3 +102,16 @@ def test_a_shard_refuses_an_adapter_that_is_not_the_routers(adapters):
     with pytest.raises(ValueError, match="expert shard cannot load LoRA adapter 'y'"):
         held.resolve(AdapterTag("y", path + "-gone", "0" * 32), [0, 1])
     assert held.names() == [] and held.nbytes == 0
+
+
+def test_a_shard_drops_an_unloaded_adapter_and_loads_it_again_when_named(adapters):
+    model_dir = tiny_model_dir(ARCH)
+    held = ShardAdapters(lambda: base_shapes(model_dir), torch.device("cpu"))
+    path = str(adapters["experts3d"])
+    tag = AdapterTag("x", path, load_adapter("x", path, base_shapes(model_dir), 64).digest)
+    held.resolve(tag, [0, 1])
+    assert held.names() == ["x"] and held.nbytes > 0
+    assert held.drop("x") and not held.drop("x")
+    assert held.names() == [] and held.nbytes == 0
+    held.resolve(tag, [0, 1])  # a request routed before the unload still runs
+    assert held.names() == ["x"] and held.num_loads == 2

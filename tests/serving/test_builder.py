@@ -56,6 +56,16 @@ def test_the_expert_balancer_is_one_more_deployment_actor_when_enabled(qwen3_tin
     assert not _router(in_process)._deployment_config.deployment_actors
 
 
+def test_the_adapter_unload_log_is_a_deployment_actor_when_routers_may_be_several(qwen3_tiny):
+    def actors(router: dict) -> list[str]:
+        app = build_app({"model": str(qwen3_tiny), "router": router})
+        return [a.name for a in _router(app)._deployment_config.deployment_actors]
+
+    assert actors({"num_replicas": 2}) == ["adapter-unloads"]
+    assert actors({"autoscaling": {"min_replicas": 1, "max_replicas": 2}}) == ["adapter-unloads"]
+    assert actors({"num_replicas": 1}) == []  # the replica an unload reaches is the only one
+
+
 def test_router_autoscaling_and_fixed_replicas(qwen3_tiny):
     fixed = _router(build_app({"model": str(qwen3_tiny), "router": {"num_replicas": 3}}))
     assert fixed._deployment_config.num_replicas == 3
