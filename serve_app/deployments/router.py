@@ -138,7 +138,7 @@ class Router:
         ids = [r.request_id for r in requests]
         try:
             await self._inject_fault()
-            await self.engine.compile_grammar(requests[0].params)
+            await self.engine.before_add(requests[0])
             if self.outbox is None:
                 self.outbox = OutputOutbox()
             sink = self.outbox.sink(reply, stream, ids, self.engine.abort)

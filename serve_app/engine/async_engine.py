@@ -35,7 +35,7 @@ from serve_app.engine.errors import (
 )
 from serve_app.engine.latency_window import RecentLatencies
 from serve_app.engine.outputs import EngineOutput, EngineRequest
-from serve_app.engine.request import Request, SamplingParams
+from serve_app.engine.request import Request
 from serve_app.engine.stats import EngineStats
 from serve_app.platform import sched
 from serve_app.platform.device import name_os_thread
@@ -86,13 +86,18 @@ class AsyncLLMEngine:
 
     # ---- public API -------------------------------------------------------------------------
 
-    async def compile_grammar(self, params: SamplingParams) -> None:
-        """Wait, off the event loop and off the step loop, for the request's grammar to be
-        compiled (cached by schema); raises InvalidRequestError for a bad one. Calling it
-        before add_request keeps add_request from blocking on a first compile."""
-        fut = self.engine.compile_grammar(params)
+    async def before_add(self, request: EngineRequest) -> None:
+        """The slow parts of admitting `request`, off the event loop and off the step loop:
+        its grammar compiled (cached by schema) and its LoRA adapter made resident (a disk or
+        host-tier load); raises InvalidRequestError for a bad grammar or adapter. Awaiting it
+        before add_request_to keeps that from blocking every stream of the replica on a first
+        compile or an adapter load (the adapter may be evicted again in between: then
+        add_request_to loads it once more, on the loop)."""
+        fut = self.engine.compile_grammar(request.params)
         if fut is not None:
             await asyncio.wrap_future(fut)
+        if request.lora is not None:
+            await asyncio.to_thread(self.engine.resolve_adapter, request.lora)
 
     def add_request_to(self, requests: list[EngineRequest], sink: OutputSink) -> None:
         """Validate now (raising InvalidRequestError etc.), then feed the sequences' items to

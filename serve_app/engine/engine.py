@@ -13,13 +13,13 @@ import logging
 from serve_app.engine.block_hash import adapter_root, root_hash
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache_manager import KVCacheManager
-from serve_app.engine.outputs import EngineOutput, EngineRequest
+from serve_app.engine.outputs import EngineOutput, EngineRequest, LoraRef
 from serve_app.engine.parts import EngineParts
 from serve_app.engine.request import Request, RequestStatus, SamplingParams, resolve_max_tokens
 from serve_app.engine.scheduler import Scheduler, SchedulerConfig
 from serve_app.engine.stats import EngineStats
 from serve_app.engine.structured import GrammarCompiler
-from serve_app.lora.peft_format import LoraError
+from serve_app.lora.peft_format import LoraAdapter, LoraError
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,19 @@ class LLMEngine:
             )
         req = Request(request.request_id, ids, params, self.eos_token_ids, max_tokens)
         if request.lora is not None:
-            ref = request.lora
-            try:
-                adapter = self.lora.resolve(ref.name, ref.path, ref.revision, ref.pinned)
-            except LoraError as e:
-                raise InvalidRequestError(str(e), "model") from e
+            adapter = self.resolve_adapter(request.lora)
             req.lora, req.hash_root = adapter, adapter_root(self.kv.root_hash, adapter.digest)
         if params.structured is not None:  # one matcher per sequence
             req.grammar = self.grammars.matcher(params.structured)
         return req
+
+    def resolve_adapter(self, ref: LoraRef) -> LoraAdapter:
+        """The adapter `ref` names, made resident (loaded from the host tier or `ref.path`
+        where it is not); InvalidRequestError naming why it cannot be."""
+        try:
+            return self.lora.resolve(ref.name, ref.path, ref.revision, ref.pinned)
+        except LoraError as e:
+            raise InvalidRequestError(str(e), "model") from e
 
     def compile_grammar(self, params: SamplingParams):
         """Start compiling the request's grammar on the pool; a future (None: no grammar).

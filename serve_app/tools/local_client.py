@@ -24,7 +24,7 @@ class LocalCore:
     async def add(
         self, request_id: str, requests: list[EngineRequest], hint: RouteHint
     ) -> _LocalCall:
-        await self.engine.compile_grammar(requests[0].params)
+        await self.engine.before_add(requests[0])
         call = _LocalCall(self.engine, [r.request_id for r in requests])
         self.engine.add_request_to(requests, call.queue)
         return call

@@ -200,3 +200,36 @@ def test_a_name_loaded_again_after_an_unload_gets_a_newer_revision():
     catalog.remove("a")
     again = catalog.next_ref("a", "/v2")
     assert (first.revision, again.revision) == (1, 2)  # engines holding /v1 reload it
+
+
+def test_an_on_demand_adapter_load_runs_off_the_event_loop(qwen3_tiny, adapters, monkeypatch):
+    """A request naming an adapter the engine does not hold loads it on a worker thread
+    (before_add), not on the event loop that streams every other request; a bad one is a 400
+    there."""
+    import asyncio
+    import threading
+
+    from serve_app.engine.errors import InvalidRequestError
+    from serve_app.engine.outputs import EngineRequest, LoraRef
+    from serve_app.lora.registry import LoraRegistry
+
+    engine = build_async_engine(EngineConfig(model=str(qwen3_tiny), num_kv_blocks=32))
+    threads = []
+    real = LoraRegistry.resolve
+    monkeypatch.setattr(
+        LoraRegistry, "resolve", lambda s, *a: threads.append(threading.get_ident()) or real(s, *a)
+    )
+    params = SamplingParams(max_tokens=2, temperature=0)
+
+    async def admit(ref: LoraRef) -> int:
+        await engine.before_add(EngineRequest("r", [1, 2, 3], params, ref))
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(admit(LoraRef("qv", str(adapters["qv"]), 0)))
+        assert threads and loop_thread not in threads
+        assert engine.engine.lora.get("qv") is not None  # resident: add_request_to only hits
+        with pytest.raises(InvalidRequestError, match="is not a directory"):
+            asyncio.run(admit(LoraRef("gone", str(adapters["qv"]) + "-gone", 0)))
+    finally:
+        engine.shutdown()
