@@ -368,6 +368,12 @@ class ChatCompletionRequest(_SamplingFields):
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.effective_tool_choice != "none"
 
+    @property
+    def tool_calls_finish_reason(self) -> str:
+        """A choice that called tools ends with `tool_calls` under auto / required and with
+        `stop` under a named tool_choice (OpenAI's API; vLLM's serving_chat does the same)."""
+        return "stop" if self.effective_tool_choice == "named" else "tool_calls"
+
     def _tool_grammar(self) -> GrammarSpec | None:
         """The grammar of tool_choice required / named. Every tool is checked first, whatever
         tool_choice says: a bad name or parameters schema is a 400 naming its path."""

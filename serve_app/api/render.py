@@ -205,10 +205,17 @@ class Chat(Renderer):
         }
 
     def __init__(
-        self, request_id: str, model: str, tokenizer: Any, n: int, tool_calls: bool = False
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: Any,
+        n: int,
+        tool_calls: bool = False,
+        calls_finish: str = "tool_calls",
     ):
         super().__init__(request_id, model, tokenizer, n)
         self.parse_tools = tool_calls  # parse <tool_call> output into tool_calls
+        self.calls_finish = calls_finish  # a choice's finish_reason when it called tools
         self._parsers: dict[int, ToolCallParser] = {}
         self.calls: dict[int, list[dict]] = {}
 
@@ -226,7 +233,7 @@ class Chat(Renderer):
     def _reason(self, idx: int, reason: str | None) -> str | None:
         parser = self._parsers.get(idx)
         if reason == "stop" and parser is not None and parser.num_calls:
-            return "tool_calls"
+            return self.calls_finish
         return reason
 
     def accumulate(self, i: int, out: RequestOutput) -> None:

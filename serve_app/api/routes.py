@@ -208,6 +208,7 @@ def build_api_routes(
             client.tokenizer,
             params.n,
             body.parses_tool_calls,
+            body.tool_calls_finish_reason,
         )
         return await _respond(
             request, body.stream, body.stream_opts, [submitted], kind, stream_interval

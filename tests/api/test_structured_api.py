@@ -221,7 +221,7 @@ def test_named_tool_choice_arguments_validate(client):
             max_tokens=120,
         )
         c = r.choices[0]
-        assert c.finish_reason == "tool_calls", c.message
+        assert c.finish_reason == "stop", c.message  # OpenAI's for a named tool_choice
         (call,) = c.message.tool_calls
         assert call.function.name == "get_weather" and call.id.startswith("call_")
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["get_weather"])

@@ -66,7 +66,7 @@ def test_named_tool_call_streamed_and_not_over_serve(serve_app):
     )
     r = client.chat.completions.create(**kw)
     (call,) = r.choices[0].message.tool_calls
-    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert r.choices[0].finish_reason == "stop" and call.function.name == "get_weather"
     params = WEATHER["function"]["parameters"]
     jsonschema.validate(json.loads(call.function.arguments), params)
     args, names = "", []
