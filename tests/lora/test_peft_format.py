@@ -74,7 +74,7 @@ def test_factors_reproduce_peft_merge(arch, kind, tmp_path):
         torch.testing.assert_close(ours[name], delta, rtol=1e-5, atol=1e-6, msg=name)
     if kind == "experts3d":
         assert {p for _, p in adapter.experts} == {"gate_up", "down"}
-    # PEFT saves all-linear expert LoRA per expert (gate and up apart): stacked, rank 2r
+    # PEFT's all-linear gives the experts' gate_up_proj rank 2r (its rank_pattern)
     assert adapter.rank == (8 if kind == "all" else 4) and adapter.nbytes > 0
 
 
