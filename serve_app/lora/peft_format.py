@@ -46,6 +46,7 @@ _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>[AB])\.weight$")
 _EXPERT_MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)$")
 _FUSED_EXPERTS_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts$")
+_MOE_BLOCK_RE = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
 # per-expert projection name -> (fused projection, half: 0 gate / 1 up / None whole)
 _PER_EXPERT = {
     "gate_proj": ("gate_up", 0),
@@ -113,10 +114,22 @@ class ExpertLoraWeights:
 @dataclass(frozen=True, slots=True)
 class BaseShapes:
     """What the base checkpoint holds: linear weights by module name -> (out, in), and per MoE
-    layer its routed experts' (E, I, D) (gate_up is [E, 2I, D], down [E, D, I])."""
+    layer its routed experts' (E, I, D) (gate_up is [E, 2I, D], down [E, D, I]).
+    `moe_module` is the checkpoint's name of the MoE block (Mixtral: block_sparse_moe)."""
 
     linears: dict[str, tuple[int, int]]
     experts: dict[int, tuple[int, int, int]]
+    moe_module: str | None = "mlp"
+
+    def checkpoint_module(self, module: str) -> str:
+        """An adapter's module name under the checkpoint's names. transformers 5 calls every
+        MoE block `mlp` (it renames Mixtral's block_sparse_moe on load), so PEFT on it names
+        Mixtral's gate `model.layers.N.mlp.gate`; PEFT on transformers 4 used the checkpoint's
+        name. A name the checkpoint has is kept."""
+        if module in self.linears or self.moe_module in (None, "mlp"):
+            return module
+        renamed = _MOE_BLOCK_RE.sub(rf"\1.{self.moe_module}.", module)
+        return renamed if renamed in self.linears else module
 
 
 @dataclass(frozen=True)
@@ -205,6 +218,7 @@ def load_adapter(name: str, path: str | Path, base: BaseShapes, max_rank: int) -
         elif depth:
             raise LoraError(f"LoRA adapter {path}: nested LoRA on {module} is not supported")
         else:
+            module = base.checkpoint_module(module)
             linears[module] = _checked_linear(path, module, scaled, base)
     experts = {key: _stack_per_expert(path, key, parts, base) for key, parts in per_expert.items()}
     for layer, by_depth in fused.items():

@@ -208,4 +208,4 @@ def base_shapes(model_dir: str | Path, spec: ModelSpec | None = None) -> BaseSha
         for layer, moe in enumerate(spec.moe_layers)
         if moe
     }
-    return BaseShapes(linears, experts)
+    return BaseShapes(linears, experts, spec.traits.moe_module)

@@ -82,10 +82,10 @@ def qv_adapter(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def expert_adapters(tmp_path_factory) -> dict[str, Path]:
     """Expert LoRA adapters of the tiny Qwen3-MoE, served by `serve_app` over its 2 expert
-    shard actors: `xall` on every linear incl. each routed expert (per-expert modules) and
-    `x3d` on q/v and the 3-D expert `target_parameters`."""
+    shard actors: `xall` on every linear incl. the routed experts (PEFT's all-linear: 3-D
+    factors) and `x3d` on q_proj and the 3-D expert `target_parameters`."""
     from tests.conftest import tiny_model_dir
-    from tests.lora.test_lora_parity import CASES
+    from tests.lora.peft_cases import CASES
     from tests.lora.test_peft_format import make_peft_adapter
 
     root = tmp_path_factory.mktemp("lora-experts")

@@ -264,14 +264,14 @@ def test_a_lora_adapter_over_http_with_two_expert_actors(serve_app, qv_adapter):
     _wait_idle(serve_app)
 
 
-def test_expert_lora_over_http_with_two_expert_actors(serve_app, expert_adapters, tmp_path):
-    """Adapters with routed-expert LoRA (per-expert modules; 3-D target_parameters), their
+def test_expert_lora_over_http_with_two_expert_actors(serve_app, expert_adapters):
+    """Adapters with routed-expert LoRA (all-linear; 3-D target_parameters), their
     expert slices applied on the 2 shard actors: greedy tokens of transformers + PEFT's merged
     model (through the in-process engine's text), and the same when base and both adapters
     run in one batch."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.lora.test_lora_parity import merged_checkpoint
+    from tests.lora.peft_cases import merged_checkpoint
     from tests.model.test_parity import hf_reference
 
     client = _client(serve_app)
@@ -283,7 +283,7 @@ def test_expert_lora_over_http_with_two_expert_actors(serve_app, expert_adapters
     prompts = PROMPTS[:2]
     want = {None: [r.choices[0].text for r in local.generate(prompts, params)]}
     for name, path in expert_adapters.items():
-        ref_dir = merged_checkpoint(serve_app.model, path, tmp_path / f"merged-{name}")
+        ref_dir = merged_checkpoint(serve_app.model, path)
         refs = hf_reference(ref_dir, local.tokenizer, prompts, 12)
         ours = local.generate(prompts, params, lora=name)
         assert [r.choices[0].token_ids for r in ours] == [r[0] for r in refs]

@@ -10,7 +10,7 @@ import pytest
 
 from serve_app.model.loader import base_shapes
 from serve_app.runtime.llm import LLM
-from tests.lora.test_lora_parity import check_adapters_alone_and_mixed
+from tests.lora.peft_cases import check_adapters_alone_and_mixed, engine_kwargs
 from tests.lora.test_peft_format import make_peft_adapter
 from tests.model.quant_formats_packing import prequantized
 
@@ -32,11 +32,8 @@ def test_adapters_on_a_prequantized_base_match_peft_merged_on_its_dequantized_we
         name: make_peft_adapter(ref, tmp_path / name, seed=i + 1, **kw)
         for i, (name, kw) in enumerate(cases.items())
     }
-    llm = LLM(
-        str(model), block_size=16, num_kv_blocks=256, max_num_batched_tokens=64,
-        lora_adapters=tuple((k, str(d)) for k, d in adapters.items()),
-    )  # fmt: skip
-    check_adapters_alone_and_mixed(llm, ref, adapters, tmp_path)
+    llm = LLM(str(model), **engine_kwargs(adapters))
+    check_adapters_alone_and_mixed(llm, ref, adapters)
 
 
 @pytest.mark.parametrize("kind", ["gptq", "awq", "ct-int4", "ct-int8", "fp8"])

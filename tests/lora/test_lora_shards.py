@@ -1,8 +1,10 @@
-"""Expert LoRA on expert shards: the engine over 2 ExpertShards behind real expert channels (in
-this process, no Ray) gives transformers + PEFT's merged model's greedy tokens for an adapter on
-every linear incl. each routed expert and for 3-D expert `target_parameters`; a batch mixing
-the base model and both adapters gives each request its tokens alone; each shard holds only
-its own experts' slices; and a shard refuses an adapter that is not the router's."""
+"""Expert LoRA on expert shards: for every MoE architecture, the engine over 2 ExpertShards
+behind real expert channels (in this process, no Ray) gives transformers + PEFT's merged
+model's greedy tokens for each adapter kind of peft_cases.py (q/v only, every linear incl. the
+routed experts as 3-D factors and per expert, 3-D expert `target_parameters`); a batch mixing
+the base model and every adapter gives each request its tokens alone; each shard holds only
+its own experts' slices of the adapters with expert LoRA; and a shard refuses an adapter that
+is not the router's."""
 
 from __future__ import annotations
 
@@ -22,27 +24,16 @@ from serve_app.model.loader import base_shapes
 from serve_app.runtime.factory import build_engine
 from serve_app.runtime.llm import LLM
 from tests.conftest import tiny_model_dir
-from tests.lora.test_lora_parity import CASES, check_adapters_alone_and_mixed
-from tests.lora.test_peft_format import make_peft_adapter
+from tests.lora.peft_cases import CASES, check_adapters_alone_and_mixed, engine_kwargs
 
 peft = pytest.importorskip("peft")
 
-ARCH = "qwen3_moe"  # "all": per-expert modules (experts.N.gate_proj ...); "experts3d": 3-D
+MOE_ARCHS = sorted(a for a, kinds in CASES.items() if "experts3d" in kinds)
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    model_dir = tiny_model_dir(ARCH)
-    return {
-        kind: make_peft_adapter(model_dir, root / kind, seed=i + 1, **kw)
-        for i, (kind, kw) in enumerate(CASES[ARCH].items())
-    }
-
-
-def sharded_llm(adapters: dict, num_shards: int = 2):
+def sharded_llm(arch: str, adapters: dict, num_shards: int = 2):
     """An LLM whose routed experts run on `num_shards` ExpertShards over the expert channel."""
-    model = str(tiny_model_dir(ARCH))
+    model = str(tiny_model_dir(arch))
     placement = place_experts(load_model_spec(model).num_experts, num_shards)
     shards = [ExpertShard(model, list(s), torch.device("cpu"), torch.float32)
               for s in placement.shards]  # fmt: skip
@@ -50,35 +41,38 @@ def sharded_llm(adapters: dict, num_shards: int = 2):
     experts = RemoteExperts(
         placement, lambda s: servers[s], call_timeout_s=30, address_of=lambda h, _t: h.address
     )
-    config = EngineConfig(
-        model=model, block_size=16, num_kv_blocks=256, max_num_batched_tokens=64,
-        lora_adapters=tuple((k, str(d)) for k, d in adapters.items()),
-    )  # fmt: skip
-    engine = build_engine(config, experts)
+    engine = build_engine(EngineConfig(model=model, **engine_kwargs(adapters)), experts)
     assert engine.runner.num_micro_batches == 2  # the ping-pong path carries the slots too
     return LLM.over(engine), shards, servers
 
 
-def test_expert_lora_on_shards_matches_peft_merged(adapters, tmp_path):
-    model_dir = tiny_model_dir(ARCH)
-    llm, shards, servers = sharded_llm(adapters)
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_lora_on_shards_matches_peft_merged(arch, parity_adapters):
+    model_dir = tiny_model_dir(arch)
+    adapters = parity_adapters(arch)
+    llm, shards, servers = sharded_llm(arch, adapters)
     try:
-        check_adapters_alone_and_mixed(llm, model_dir, adapters, tmp_path)
-        # the router keeps no expert factors; each shard holds both adapters, only its own
-        # experts' rows, no linears
+        check_adapters_alone_and_mixed(llm, model_dir, adapters)
+        # the router keeps no expert factors; each shard holds the adapters with expert LoRA,
+        # only its own experts' rows, no linears
+        full = {k: load_adapter(k, d, base_shapes(model_dir), 64) for k, d in adapters.items()}
+        with_experts = sorted(k for k, a in full.items() if a.experts)
+        assert with_experts == ["all", "experts3d", "per_expert"]
         on_router = llm.engine.lora.get("all")
         assert not on_router.experts and on_router.experts_elsewhere and on_router.linears
-        full = load_adapter("all", adapters["all"], base_shapes(model_dir), 64)
         for shard in shards:
-            assert sorted(shard.adapters.names()) == sorted(adapters)
+            assert sorted(shard.adapters.names()) == with_experts
             ids = next(iter(shard.layers.values())).expert_ids
-            held = shard.adapters.resolve(AdapterTag("all", str(adapters["all"]), full.digest), ids)
-            assert not held.linears
-            for key, w in held.experts.items():
-                kept = (w.index >= 0).nonzero().squeeze(1).tolist()
-                assert kept == shard.owned
-                torch.testing.assert_close(w.a, full.experts[key].a[kept], rtol=0, atol=0)
-        assert shards[0].adapters.num_loads == 2  # once per adapter: the rest hit
+            for kind in with_experts:
+                tag = AdapterTag(kind, str(adapters[kind]), full[kind].digest)
+                held = shard.adapters.resolve(tag, ids)
+                assert not held.linears
+                for key, w in held.experts.items():
+                    kept = (w.index >= 0).nonzero().squeeze(1).tolist()
+                    assert kept == shard.owned
+                    a = full[kind].experts[key].a[kept]
+                    torch.testing.assert_close(w.a, a, rtol=0, atol=0)
+        assert shards[0].adapters.num_loads == len(with_experts)  # once each: the rest hit
     finally:
         for s in servers:
             s.close()
@@ -93,8 +87,9 @@ def test_select_packs_only_the_experts_an_adapter_changes():
     assert ExpertLoraWeights(a, b).select([0, 2]) is None
 
 
-def test_a_shard_refuses_an_adapter_that_is_not_the_routers(adapters):
-    model_dir = tiny_model_dir(ARCH)
+def test_a_shard_refuses_an_adapter_that_is_not_the_routers(parity_adapters):
+    model_dir = tiny_model_dir("qwen3_moe")
+    adapters = parity_adapters("qwen3_moe")
     held = ShardAdapters(lambda: base_shapes(model_dir), torch.device("cpu"))
     path = str(adapters["experts3d"])
     with pytest.raises(ValueError, match="changed since the router loaded it"):
@@ -104,8 +99,9 @@ def test_a_shard_refuses_an_adapter_that_is_not_the_routers(adapters):
     assert held.names() == [] and held.nbytes == 0
 
 
-def test_a_shard_drops_an_unloaded_adapter_and_loads_it_again_when_named(adapters):
-    model_dir = tiny_model_dir(ARCH)
+def test_a_shard_drops_an_unloaded_adapter_and_loads_it_again_when_named(parity_adapters):
+    model_dir = tiny_model_dir("qwen3_moe")
+    adapters = parity_adapters("qwen3_moe")
     held = ShardAdapters(lambda: base_shapes(model_dir), torch.device("cpu"))
     path = str(adapters["experts3d"])
     tag = AdapterTag("x", path, load_adapter("x", path, base_shapes(model_dir), 64).digest)
