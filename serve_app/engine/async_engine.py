@@ -175,9 +175,10 @@ class AsyncLLMEngine:
     def _lora_health(self) -> dict:
         """From the registry itself (it locks), not the last step's stats: an admin load or
         unload on an idle engine shows at once."""
-        lora = self.engine.lora
+        lora, mem = self.engine.lora, self.engine.lora.memory()
         return {
-            **lora.memory()._asdict(),
+            **mem._asdict(),
+            "pinned": list(mem.pinned),  # JSON's shape, also where the dict is not serialized
             "max_loras": lora.max_loras,
             "loads_disk": lora.num_disk_loads,
             "loads_host": lora.num_host_loads,
