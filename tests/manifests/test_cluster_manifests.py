@@ -65,8 +65,12 @@ def test_cluster_manifest_places_routers_and_experts_on_gpu_node_types(qwen3_tin
     router = app._bound_deployment.init_args[0]._bound_deployment
     opts = router._replica_config.ray_actor_options
     assert opts["num_gpus"] == 1 and opts["resources"] == {"router": 1}
-    shards = router._deployment_config.deployment_actors
+    actors = router._deployment_config.deployment_actors
+    shards = [a for a in actors if a.name.startswith("experts-")]
     assert len(shards) == args["expert_parallel_size"]
+    # several router replicas: their adapter unload log too, on no GPU
+    (log,) = [a for a in actors if a.name == "adapter-unloads"]
+    assert log.actor_options == {"num_cpus": 0}
     for shard in shards:
         assert shard.actor_options["num_gpus"] == 1
         assert shard.actor_options["resources"] == {"expert": 1}
