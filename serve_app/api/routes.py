@@ -45,9 +45,10 @@ from serve_app.rollout.split import PIN_HEADER, SESSION_HEADER, session_key
 RequestBody = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
 
-def api_keys_from_env() -> frozenset[str]:
-    """MOESERVE_API_KEY: one key or a comma-separated list. Unset = no auth."""
-    raw = os.environ.get("MOESERVE_API_KEY", "")
+def api_keys_from_env(name: str = "MOESERVE_API_KEY") -> frozenset[str]:
+    """The environment variable `name` (the app config's api_key_env): one key or a
+    comma-separated list. Unset = no auth."""
+    raw = os.environ.get(name, "")
     return frozenset(k.strip() for k in raw.split(",") if k.strip())
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from serve_app.api.adapter_rollouts import AdapterRollouts
 from serve_app.api.client import RouteHint
 from serve_app.api.errors import http_status
 from serve_app.api.frontend import FrontEnd
-from serve_app.api.routes import create_app
+from serve_app.api.routes import api_keys_from_env, create_app
 from serve_app.config import AppConfig
 from serve_app.deployments.output_channel import OutputInbox
 from serve_app.deployments.output_wire import ErrorRecord, Record
@@ -252,11 +251,9 @@ class Ingress:
             core, tokenizer, self.config.model_name, versions.base, info.max_model_len,
             self.config.lora.adapters, adapters, pinned=tuple(self.config.lora.pinned),
         )  # fmt: skip
-        raw = os.environ.get(self.config.api_key_env, "")
-        keys = frozenset(k.strip() for k in raw.split(",") if k.strip())
         return create_app(
             client,
-            api_keys=keys,
+            api_keys=api_keys_from_env(self.config.api_key_env),
             stream_interval=self.config.streaming.stream_interval,
             unknown_fields=self.config.api.unknown_fields,
         )

@@ -112,13 +112,19 @@ def _start_background(args: argparse.Namespace) -> int:
         )
     PID_FILE.write_text(str(proc.pid))
     url = f"http://{args.host}:{args.port}"
+    from serve_app.api.routes import api_keys_from_env
+
+    # with MOESERVE_API_KEY set the server wants it on /v1 too: the poll sends one of the keys
+    keys = sorted(api_keys_from_env())
+    auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(exit_line(proc.returncode, log_since(start)), file=sys.stderr)
             return 1
         try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+            request = urllib.request.Request(f"{url}/v1/models", headers=auth)
+            with urllib.request.urlopen(request, timeout=2) as r:
                 model = json.load(r)["data"][0]["id"]
             break
         except OSError:
@@ -131,7 +137,10 @@ def _start_background(args: argparse.Namespace) -> int:
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 32})
     print(f"moeserve is up at {url} (pid {proc.pid}, log {LOG_FILE})")
     print(f"  {_prefix_cache_line(url, args.ray)}")
-    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+    key_header = ' -H "Authorization: Bearer $MOESERVE_API_KEY"' if keys else ""
+    print(
+        f"  curl {url}/v1/completions{key_header} -H 'Content-Type: application/json' -d '{body}'"
+    )
     print("  stop it with: make stop")
     return 0
 

@@ -5,6 +5,7 @@ where the cache is (embedded / a URL without its password / not connected and wh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from serve_app.config import REDIS_URL_ENV
 from serve_app.kvstore.stats import describe_store
 from serve_app.tools.ray_server import shared_cache_preflight
 from serve_app.tools.run_files import failure_cause
-from tests.conftest import subprocess_env
+from tests.conftest import free_port, subprocess_env
 
 
 def args(redis_url=None) -> argparse.Namespace:
@@ -139,3 +140,25 @@ def test_background_start_that_fails_prints_its_cause(tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("server exited with 1: OSError: ") and str(tmp_path / "none") in line
     assert "earlier start" not in line and line.endswith(f"(full log: {run_dir / 'server.log'})")
+
+
+def test_a_background_start_with_an_api_key_comes_up_and_prints_a_curl_that_sends_it(
+    tmp_path, qwen3_tiny
+):
+    """With MOESERVE_API_KEY set, /v1 wants the key: the readiness poll sends it (it waited
+    600 s on 401s before), and the printed curl sends "$MOESERVE_API_KEY", never the key."""
+    env = subprocess_env(MOESERVE_RUN_DIR=str(tmp_path), MOESERVE_API_KEY="k-secret")
+    cli = [sys.executable, "-m", "serve_app.cli"]
+    up = subprocess.run(
+        [*cli, "serve", "--model", str(qwen3_tiny), "--port", str(free_port()), "--background"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr + (tmp_path / "server.log").read_text()
+        assert "k-secret" not in up.stdout
+        curl = next(line for line in up.stdout.splitlines() if "curl " in line).strip()
+        assert '-H "Authorization: Bearer $MOESERVE_API_KEY"' in curl
+        out = subprocess.run(["bash", "-c", curl], env=env, capture_output=True, text=True)
+        assert json.loads(out.stdout)["usage"]["completion_tokens"] >= 1, out.stdout
+    finally:
+        subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True, timeout=120)
