@@ -113,14 +113,7 @@ class FrontEnd:
         name (pinned: never evicted); InvalidRequestError (a 400) with the reason when it
         cannot be served or pinned, a 409 while the name is under a rollout (its versions come
         from the rollout controller)."""
-        if self.adapter_rollouts.has(name):
-            raise APIError(
-                409,
-                f"the LoRA adapter `{name}` is under a rollout: use `moeserve rollout ... "
-                f"--adapter {name}`",
-                "conflict_error",
-                "lora_name",
-            )
+        self._not_under_rollout(name)
         ref = self.adapters.next_ref(name, path, pinned)
         error = await self.core.load_adapter(ref)
         if error is not None:
@@ -129,8 +122,21 @@ class FrontEnd:
         self.adapters.put(ref)
 
     async def unload_adapter(self, name: str) -> None:
+        """Stop serving `name` and drop it from the engines; a 409 while it is under a rollout
+        (its versions are the rollout controller's: abort or promote it first)."""
+        self._not_under_rollout(name)
         ref = self.adapters.remove(name)  # new requests naming it get a 404 from here on
         await self.core.unload_adapter(ref)
+
+    def _not_under_rollout(self, name: str) -> None:
+        if self.adapter_rollouts.has(name):
+            raise APIError(
+                409,
+                f"the LoRA adapter `{name}` is under a rollout: use `moeserve rollout ... "
+                f"--adapter {name}` (promote or abort it first)",
+                "conflict_error",
+                "lora_name",
+            )
 
 
 async def _outputs(state: RequestState, call: CoreCall) -> AsyncIterator[RequestOutput]:

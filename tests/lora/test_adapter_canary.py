@@ -94,6 +94,9 @@ def test_adapter_canary_splits_sticky_then_rolls_a_regression_back_and_promotes(
     body = {"lora_name": "sql", "lora_path": dirs["v2"]}  # the rollout owns the name's versions
     with pytest.raises(openai.ConflictError, match="under a rollout"):
         client.post("/load_lora_adapter", body=body, cast_to=object)
+    with pytest.raises(openai.ConflictError, match="under a rollout"):  # nor unloaded under it
+        client.post("/unload_lora_adapter", body={"lora_name": "sql"}, cast_to=object)
+    assert complete(client, "pinned", pin="v2") == texts["v2"]  # both versions still serve
 
     # 90/10 split, sticky per session: two requests per session, where the pure split says
     split = ctls.splits()["sql"]
@@ -107,7 +110,7 @@ def test_adapter_canary_splits_sticky_then_rolls_a_regression_back_and_promotes(
     sync(front, ctls)
     m = ctls.get("sql").metrics
     on_v2 = sum(v == "v2" for v in want.values())
-    assert m("v2").requests == 2 * on_v2 + 1  # + the pinned one
+    assert m("v2").requests == 2 * on_v2 + 2  # + the two pinned ones
     assert m("v2").errors == 0
 
     # an injected regression: every candidate request fails before its first token, is
