@@ -122,11 +122,18 @@ class FrontEnd:
         self.adapters.put(ref)
 
     async def unload_adapter(self, name: str) -> None:
-        """Stop serving `name` and drop it from the engines; a 409 while it is under a rollout
-        (its versions are the rollout controller's: abort or promote it first)."""
-        self._not_under_rollout(name)
+        """Stop serving `name` and drop it from the engines, with the version a finished
+        rollout of it left serving; a 409 while a rollout of it runs (more than one live
+        version: promote or abort it first)."""
+        split = self.adapter_rollouts.splits.get(name)
+        live = [v for v, w in split.weights if w > 0] if split is not None else []
+        if len(live) > 1:
+            self._not_under_rollout(name)
         ref = self.adapters.remove(name)  # new requests naming it get a 404 from here on
         await self.core.unload_adapter(ref)
+        for version in live:
+            if split.refs[version] != ref:
+                await self.core.unload_adapter(split.refs[version])
 
     def _not_under_rollout(self, name: str) -> None:
         if self.adapter_rollouts.has(name):

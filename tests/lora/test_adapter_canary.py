@@ -137,3 +137,11 @@ def test_adapter_canary_splits_sticky_then_rolls_a_regression_back_and_promotes(
     sync(front, ctls)
     assert {complete(client, u) for u in sessions[:4]} == {texts["v2"]}
     inproc.wait_idle(engine)
+
+    # after the rollout, an unload drops the name and the version it left serving
+    served_ref = ctls.splits()["sql"].refs["v4"]
+    assert engine.engine.lora.get(served_ref.name) is not None
+    client.post("/unload_lora_adapter", body={"lora_name": "sql"}, cast_to=object)
+    assert engine.engine.lora.get(served_ref.name) is None
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "after")
