@@ -21,7 +21,7 @@ from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.engine.outputs import LoraRef
-from serve_app.metrics import use_ray_metrics
+from serve_app.metrics import Metrics, use_ray_metrics
 from serve_app.rollout.adapter import AdapterSplit, internal_name
 from serve_app.rollout.adapter_controllers import AdapterControllers
 from serve_app.rollout.controller import RolloutController, VersionSplit
@@ -153,6 +153,27 @@ def _snapshot(name: str) -> AppSnapshot | None:
     )
 
 
+def adapter_rollout_label(app: str, adapter: str) -> str:
+    """The `app` label of an adapter's rollout series."""
+    return f"{app}:{adapter}"
+
+
+def publish_rollout(
+    metrics: Metrics, label: str, ctl: RolloutController, reported: dict[str, dict[str, int]]
+) -> None:
+    """Weights and phase as gauges (re-sent each interval: Ray drops silent gauges), and the
+    rollbacks since the last call as counter increments; `reported` keeps what was counted per
+    label (a label not in it: none yet)."""
+    s = ctl.state
+    canary = s.active and s.strategy is not None and s.strategy.kind == "canary"
+    metrics.record_rollout(label, s.weight_map(), s.phase, s.step_index + 1 if canary else 0)
+    seen = reported.get(label, {})
+    for reason, n in ctl.rollbacks.items():
+        for _ in range(n - seen.get(reason, 0)):
+            metrics.record_rollback(label, reason)
+    reported[label] = dict(ctl.rollbacks)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RolloutControllerActor:
     """Serialises every state change; runs the analysis every analysis.interval_s."""
@@ -167,20 +188,20 @@ class RolloutControllerActor:
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
         self.metrics = use_ray_metrics()
-        self.reported_rollbacks = dict(self.ctl.rollbacks)  # counted by an earlier process
+        # per `app` label: the rollbacks counted so far (those restored: by an earlier process)
+        self.reported = {self.app: dict(self.ctl.rollbacks)} | {
+            adapter_rollout_label(app, name): dict(ctl.rollbacks)
+            for name, ctl in self.adapters.controllers.items()
+        }
 
     def _publish(self) -> None:
-        """Weights and phase as gauges (re-sent each interval: Ray drops silent gauges), and
-        new rollbacks as counter increments."""
-        s = self.ctl.state
+        """Each rollout's gauges, the model's under the app's name and each adapter's under
+        `<app>:<adapter>` (docs/lora.md, "Adapter rollouts")."""
         try:
-            canary = s.active and s.strategy is not None and s.strategy.kind == "canary"
-            step = s.step_index + 1 if canary else 0
-            self.metrics.record_rollout(self.app, s.weight_map(), s.phase, step)
-            for reason, n in self.ctl.rollbacks.items():
-                for _ in range(n - self.reported_rollbacks.get(reason, 0)):
-                    self.metrics.record_rollback(self.app, reason)
-            self.reported_rollbacks = dict(self.ctl.rollbacks)
+            publish_rollout(self.metrics, self.app, self.ctl, self.reported)
+            for name, ctl in list(self.adapters.controllers.items()):
+                publish_rollout(self.metrics, adapter_rollout_label(self.app, name), ctl,
+                                self.reported)  # fmt: skip
         except Exception:  # noqa: BLE001 - metrics never stop a rollout
             log.exception("rollout metrics failed")
 

@@ -130,6 +130,7 @@ def test_adapter_canary_splits_sticky_then_rolls_a_regression_back_and_promotes(
     assert ctl.state.phase == "failed" and ctl.rollbacks == {"manual": 1, "error_rate": 1}
     sync(front, ctls)
     assert ctls.splits()["sql"].weights == (("v1", 100),)
+    check_rollout_gauges(ctls)
 
     # a promote makes the candidate the name's only split version
     ctls.start("sql", "v4", {"model": dirs["v2"]}, CANARY_10, GATES)
@@ -145,3 +146,22 @@ def test_adapter_canary_splits_sticky_then_rolls_a_regression_back_and_promotes(
     assert engine.engine.lora.get(served_ref.name) is None
     with pytest.raises(openai.NotFoundError):
         complete(client, "after")
+
+
+def check_rollout_gauges(ctls) -> None:
+    """The controller actor's gauges of an adapter's rollout, under `<app>:<adapter>`: its
+    weights, phase and each rollback once (publishing again counts none twice)."""
+    import asyncio
+
+    from serve_app.deployments.rollout_actor import adapter_rollout_label, publish_rollout
+    from serve_app.metrics.backends import LocalBackend
+    from serve_app.metrics.recorder import Metrics
+
+    metrics, reported, label = Metrics(LocalBackend()), {}, adapter_rollout_label("app", "sql")
+    for _ in range(2):
+        publish_rollout(metrics, label, ctls.get("sql"), reported)
+    page = asyncio.run(metrics.backend.exposition())
+    assert 'moeserve_rollout_weight_ratio{app="app:sql",version="v1"} 1.0' in page
+    assert 'moeserve_rollout_state{app="app:sql",state="failed"} 1.0' in page
+    for reason in ("manual", "error_rate"):
+        assert f'moeserve_rollout_rollbacks_total{{app="app:sql",reason="{reason}"}} 1.0' in page
