@@ -32,6 +32,7 @@ class AdapterKey:
 
     name: str
     revision: int = 0
+    pinned: bool = False  # the replicas never evict it (lora.pinned / "pinned": true)
 
 
 class AdapterResidency:
@@ -42,6 +43,7 @@ class AdapterResidency:
             raise ValueError(f"max_loras must be >= 1, got {max_loras}")
         self.max_loras = max_loras
         self._held: dict[str, OrderedDict[str, int]] = {}
+        self._pinned: dict[str, set[str]] = {}  # replica -> names it holds pinned
 
     def holders(self, adapter: AdapterKey) -> set[str]:
         """Replicas that would serve `adapter` without loading it."""
@@ -61,11 +63,17 @@ class AdapterResidency:
         held = self._held.setdefault(replica, OrderedDict())
         held[adapter.name] = max(adapter.revision, held.get(adapter.name, -1))
         held.move_to_end(adapter.name)
-        while len(held) > self.max_loras:
-            held.popitem(last=False)
+        if adapter.pinned:
+            self._pinned.setdefault(replica, set()).add(adapter.name)
+        pins = self._pinned.get(replica, set())
+        # the replica's LRU (lora/registry.py): the least recent unpinned one goes first
+        unpinned = [n for n in held if n not in pins]
+        while len(held) > self.max_loras and unpinned:
+            del held[unpinned.pop(0)]
 
     def retain(self, replicas: Sequence[str]) -> None:
         """Forget replicas that are gone."""
         keep = set(replicas)
         for r in [r for r in self._held if r not in keep]:
             del self._held[r]
+            self._pinned.pop(r, None)

@@ -61,7 +61,7 @@ def route_request(
     request_id: str,
     lora: LoraRef | None = None,
 ) -> RouteRequest:
-    adapter = AdapterKey(lora.name, lora.revision) if lora is not None else None
+    adapter = AdapterKey(lora.name, lora.revision, lora.pinned) if lora is not None else None
     root = adapter_route_root(ns.root, adapter) if adapter else ns.root
     ids = token_ids[: ns.max_blocks * ns.block_size]
     hashes = extend_block_hashes([], ids, ns.block_size, root)

@@ -59,6 +59,17 @@ def test_residency_replays_the_replicas_lru_by_name_and_revision():
         AdapterResidency(0)
 
 
+def test_residency_never_replays_the_eviction_of_a_pinned_adapter():
+    """The replicas' LRU skips pinned adapters (lora/registry.py): so does the replay."""
+    res = AdapterResidency(max_loras=2)
+    res.record("a", AdapterKey("p", 0, pinned=True))
+    for name in ("x", "y", "z"):
+        res.record("a", AdapterKey(name, 0))
+    assert res.held("a") == ["p", "z"] and res.holders(AdapterKey("p")) == {"a"}
+    pinned = LoraRef("p", "/adapters/p", 0, True)
+    assert route_request([1, 2, 3], NS, None, "r", pinned).adapter == AdapterKey("p", 0, True)
+
+
 def test_adapter_keys_are_their_own_namespace():
     base, x, y = req(1, 3), req(1, 3, "x"), req(1, 3, "y")
     assert base.adapter is None and x.adapter == AdapterKey("x", 0)
